@@ -1,0 +1,190 @@
+"""The `localmoe` command: a thin layer over the core. Errors become one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from localmoe import __version__
+from localmoe.errors import LocalmoeError
+from localmoe.units import human_bytes
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from localmoe.engine import GenerationConfig
+    from localmoe.session import Session
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    if not prompt.strip():
+        raise LocalmoeError("the prompt is empty")
+    session = Session(args.model)
+    overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
+                                   ("seed", args.seed)) if v is not None}
+    session.config = GenerationConfig(**{**session.model.defaults, **overrides})
+    try:
+        reply = session.ask(prompt)
+        if args.json:
+            reply.run()
+            _print_json(reply.to_dict())
+        else:
+            for piece in reply:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if sys.stderr.isatty():
+                s = reply.stats
+                rate = f"{s.tokens_per_s:.1f} tok/s" if s.tokens_per_s else "-"
+                ttft = f"{s.ttft_s:.2f}s" if s.ttft_s is not None else "-"
+                print(f"\x1b[2m{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}\x1b[0m",
+                      file=sys.stderr)
+    finally:
+        session.close()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from localmoe import models
+    from localmoe.layout import read_layout
+
+    entries = []
+    for ref in models.list_models():
+        try:
+            layout, error = read_layout(ref.path), None
+        except LocalmoeError as exc:
+            layout, error = None, str(exc)
+        entries.append((ref, layout, error))
+    if args.json:
+        _print_json([{**ref.to_dict(), "layout": lay.to_dict() if lay else None, "error": err}
+                     for ref, lay, err in entries])
+        return 0
+    if not entries:
+        print("no models installed")
+        return 0
+    rows = []
+    for ref, lay, err in entries:
+        if lay is None:
+            rows.append([ref.id, ref.source, f"unreadable: {err}", "", "", "", "", ""])
+            continue
+        experts = f"{lay.n_experts} (top-{lay.n_experts_used})" if lay.is_moe else "dense"
+        rows.append([ref.id, ref.source, lay.architecture, str(lay.n_layers), experts, lay.quantization,
+                     human_bytes(lay.file_bytes), str(lay.context_length)])
+    print(_table(rows, ["ID", "SOURCE", "ARCH", "LAYERS", "EXPERTS", "QUANT", "SIZE", "CONTEXT"]))
+    return 0
+
+
+def cmd_hw(args: argparse.Namespace) -> int:
+    from localmoe import hardware
+
+    hw = hardware.detect()
+    if args.json:
+        _print_json(hw.to_dict())
+        return 0
+    print(f"CPU      {hw.cpu_model} ({hw.physical_cores} cores, {hw.logical_cores} threads, {hw.arch})")
+    print(f"RAM      {human_bytes(hw.ram_available_bytes)} available of {human_bytes(hw.ram_total_bytes)}")
+    print(f"Swap     {human_bytes(hw.swap_free_bytes)} free of {human_bytes(hw.swap_total_bytes)}")
+    if not hw.gpus:
+        print("GPU      none detected (CPU only)")
+    for g in hw.gpus:
+        print(f"GPU {g.index}    {g.name}: {human_bytes(g.vram_free_bytes)} free of "
+              f"{human_bytes(g.vram_total_bytes)} ({g.source})")
+    print(f"Disk     {human_bytes(hw.disk_free_bytes)} free in {hw.data_dir}")
+    cached = " (cached)" if hw.bandwidth_cached else ""
+    print(f"Memory   {hw.memory_bandwidth_gbps} GB/s copy bandwidth{cached}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from localmoe.recorder import Recorder
+
+    with Recorder() as rec:
+        rows = rec.recent_exchanges(args.n)
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no exchanges recorded yet")
+        return 0
+    for r in reversed(rows):
+        rate = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
+        meta = " · ".join(x for x in (r["created_at"][:19].replace("T", " "), r.get("model") or "",
+                                      r.get("status") or "", rate) if x)
+        print(f"# {meta}  (conversation {r['conversation_id']})")
+        print(f"> {r['prompt']}")
+        print(r["answer"] or "(no answer)")
+        print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from localmoe.ui.app import run_app
+
+    return run_app(model=getattr(args, "model", None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="localmoe",
+        description="Local, offline chat with Mixture-of-Experts models. With no command, starts the chat UI.",
+    )
+    p.add_argument("--version", action="version", version=f"localmoe {__version__}")
+    p.set_defaults(func=cmd_chat)
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    a = sub.add_parser("ask", help="answer one prompt and record it", description="Answer one prompt, streaming "
+                       "it to stdout, and record the exchange.")
+    a.add_argument("prompt", help="the question ('-' reads standard input)")
+    a.add_argument("-m", "--model", help="model id or path to a .gguf file (default: the embedded model)")
+    a.add_argument("--json", action="store_true", help="print one JSON object with the answer and its stats")
+    a.add_argument("--max-tokens", type=int, help="stop after this many tokens (default 512)")
+    a.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    a.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    a.set_defaults(func=cmd_ask)
+
+    m = sub.add_parser("models", help="list installed models", description="List embedded and installed "
+                       "models with their layout (architecture, layers, experts, quantisation).")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    h = sub.add_parser("hw", help="show this machine's hardware", description="Show CPU, RAM, GPUs, disk "
+                       "and measured memory bandwidth.")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=cmd_hw)
+
+    lg = sub.add_parser("logs", help="show recent exchanges", description="Show recent recorded exchanges.")
+    lg.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    lg.add_argument("--json", action="store_true")
+    lg.set_defaults(func=cmd_logs)
+
+    c = sub.add_parser("chat", help="start the chat UI (the default)", description="Start the terminal chat UI.")
+    c.add_argument("-m", "--model", help="model id or path to a .gguf file")
+    c.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except LocalmoeError as exc:
+        print(f"localmoe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nlocalmoe: interrupted (the question and the partial answer are recorded)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,65 @@
+"""The engine protocol: load a model, stream an answer to chat messages (cancellable), report stats, close.
+
+Each backend (llama.cpp today, the native PyTorch MoE engine next) implements this and nothing more, so the
+session, CLI and UI never know which one runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+
+
+@dataclass
+class GenerationConfig:
+    max_tokens: int = 512
+    temperature: float = 0.2
+    top_p: float = 0.9
+    top_k: int = 40
+    seed: int | None = None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens sampled and handed out; an end-of-generation token is not counted
+    ttft_s: float | None = None  # request → first token, prompt processing included
+    tokens_per_s: float | None = None  # decode rate after the first token
+    wall_s: float = 0.0
+    stop_reason: str = "stop"  # stop | length | cancelled | interrupted | error
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Engine(Protocol):
+    model_id: str
+    backend: str
+
+    def load(self) -> None:
+        """Load weights; idempotent, so callers may load ahead of the first question."""
+
+    def stream(
+        self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        """Yield text pieces; stops before decoding another token once `cancel` is set."""
+
+    @property
+    def stats(self) -> GenerationStats:
+        """Stats of the last (or current) generation."""
+
+    def close(self) -> None:
+        """Free the model."""
+
+
+def create_engine(ref: Any, **options: Any) -> Engine:
+    """The engine for a resolved ModelRef."""
+    if ref.backend == "llama.cpp":
+        from localmoe.engine.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(ref.path, model_id=ref.id, **options)
+    raise ValueError(f"unknown backend {ref.backend!r}")

@@ -1,0 +1,176 @@
+"""GGUF models through llama-cpp-python.
+
+We drive `Llama.generate` (one token per step) rather than `create_completion`: it lets us stop between two
+decode steps the moment the user cancels, count exactly the tokens that were computed, and detokenise
+incrementally without the completion API's look-ahead buffering.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from localmoe import chat_template
+from localmoe.engine import GenerationConfig, GenerationStats, Message
+from localmoe.errors import LocalmoeError
+from localmoe.layout import read_layout
+
+DEFAULT_CTX = 4096
+
+
+def default_threads() -> int:
+    # llama.cpp decodes fastest with one thread per physical core; hyperthreads only add contention.
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+class LlamaCppEngine:
+    backend = "llama.cpp"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        model_id: str | None = None,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.model_id = model_id or self.path.stem.lower()
+        # Validates the file (signature, truncation, shapes) with a clear message before llama.cpp sees it.
+        self.layout = read_layout(self.path)
+        trained = self.layout.context_length or DEFAULT_CTX
+        self.n_ctx = min(n_ctx or DEFAULT_CTX, trained)
+        self.n_threads = n_threads or default_threads()
+        self._llm: Any = None
+        self._load_lock = threading.Lock()
+        # One generation at a time per model: llama.cpp contexts are not re-entrant.
+        self._gen_lock = threading.Lock()
+        self._stats = GenerationStats()
+        self.load_s: float | None = None
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._stats
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    def load(self) -> None:
+        with self._load_lock:
+            if self._llm is not None:
+                return
+            from llama_cpp import Llama
+
+            t0 = time.perf_counter()
+            try:
+                self._llm = Llama(
+                    model_path=str(self.path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise LocalmoeError(f"llama.cpp could not load {self.path.name}: {exc}") from None
+            self.load_s = time.perf_counter() - t0
+            meta = self._llm.metadata
+            self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") == "true"
+            self._bos = self._token_text(self._llm.token_bos())
+            self._eos = self._token_text(self._llm.token_eos())
+
+    def close(self) -> None:
+        with self._load_lock:
+            if self._llm is not None:
+                self._llm.close()
+                self._llm = None
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def prompt_tokens(self, messages: list[Message]) -> list[int]:
+        self.load()
+        text = chat_template.render(
+            self.layout.chat_template, messages, bos_token=self._bos, eos_token=self._eos
+        )
+        add_bos = self._add_bos and not (self._bos and text.startswith(self._bos))
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def stream(
+        self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        with self._gen_lock:
+            yield from self._stream(messages, config, cancel)
+
+    def _stream(
+        self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        import llama_cpp
+
+        t0 = time.perf_counter()
+        tokens = self.prompt_tokens(messages)
+        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
+        room = self.n_ctx - len(tokens)
+        if room <= 0:
+            stats.stop_reason = "error"
+            raise LocalmoeError(
+                f"the conversation is {len(tokens)} tokens but {self.model_id} holds {self.n_ctx}: "
+                "start a new conversation"
+            )
+        budget = min(config.max_tokens, room)
+        llm = self._llm
+        vocab = llm._model.vocab
+        if config.seed is not None:
+            llm.set_seed(config.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        t_first = t_last = None
+        received = 0  # decode steps, the end-of-generation token included
+        gen = llm.generate(
+            tokens,
+            temp=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            min_p=0.0,
+            repeat_penalty=1.0,
+        )
+        try:
+            for token in gen:
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.ttft_s = now - t0
+                t_last = now
+                received += 1
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    stats.stop_reason = "stop"
+                    break
+                stats.completion_tokens += 1
+                piece = decoder.decode(llm.detokenize([token]))
+                if piece:
+                    yield piece
+                if stats.completion_tokens >= budget:
+                    break
+                # Checked before resuming the generator, which is where the next decode step happens.
+                if cancel is not None and cancel.is_set():
+                    stats.stop_reason = "cancelled"
+                    break
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        except GeneratorExit:
+            stats.stop_reason = "cancelled"
+            raise
+        finally:
+            gen.close()
+            stats.wall_s = time.perf_counter() - t0
+            if t_first is not None and t_last is not None and received > 1 and t_last > t_first:
+                stats.tokens_per_s = (received - 1) / (t_last - t_first)

@@ -1,0 +1,98 @@
+"""Which models exist on this machine and how a name on the command line becomes a file."""
+
+from __future__ import annotations
+
+import importlib.util
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from localmoe import paths
+from localmoe.errors import LocalmoeError, UsageError
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    id: str
+    path: Path
+    source: str  # "embedded" | "installed" | "file"
+    backend: str = "llama.cpp"
+    defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": str(self.path), "source": self.source, "backend": self.backend}
+
+
+@cache
+def catalog() -> list[dict[str, Any]]:
+    text = files("localmoe.assets").joinpath("catalog.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)["model"]
+
+
+def _sampling(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in ("temperature", "top_p", "top_k") if k in entry}
+
+
+def embedded_models() -> list[ModelRef]:
+    """Catalog models whose weights ship in an installed package, found with find_spec (never imported)."""
+    found = []
+    for entry in catalog():
+        if entry.get("source") != "embedded":
+            continue
+        spec = importlib.util.find_spec(entry["package"])
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(loc) / entry["filename"]
+            if candidate.is_file():
+                found.append(ModelRef(entry["id"], candidate, "embedded", defaults=_sampling(entry)))
+                break
+    return found
+
+
+def installed_models() -> list[ModelRef]:
+    """GGUF files the user put (or `pull`ed) into `<data dir>/models`."""
+    d = paths.models_dir()
+    if not d.is_dir():
+        return []
+    return [ModelRef(p.stem.lower(), p, "installed") for p in sorted(d.glob("*.gguf"))]
+
+
+def list_models() -> list[ModelRef]:
+    return embedded_models() + installed_models()
+
+
+def default_model() -> ModelRef:
+    available = list_models()
+    if not available:
+        raise LocalmoeError(
+            "no model installed: run `make setup` (installs the embedded SmolLM2) "
+            f"or put a .gguf file in {paths.models_dir()}"
+        )
+    return available[0]
+
+
+def resolve(name: str | None) -> ModelRef:
+    """A model id, alias or path to a .gguf file → ModelRef; None means the default model."""
+    if not name:
+        return default_model()
+    available = list_models()
+    for ref in available:
+        if name == ref.id:
+            return ref
+    aliases = {a: e["id"] for e in catalog() for a in e.get("aliases", [])}
+    if name in aliases:
+        for ref in available:
+            if ref.id == aliases[name]:
+                return ref
+        raise LocalmoeError(f"model {name!r} is in the catalog but not installed (run `make setup`)")
+    p = Path(name).expanduser()
+    if p.suffix.lower() == ".gguf" or p.exists() or "/" in name:
+        if not p.exists():
+            raise LocalmoeError(f"model file not found: {p}")
+        if not p.is_file():
+            raise LocalmoeError(f"model path is not a file: {p}")
+        return ModelRef(p.stem.lower(), p.resolve(), "file")
+    known = ", ".join(r.id for r in available) or "none"
+    raise UsageError(f"unknown model {name!r} (installed: {known}; or pass a path to a .gguf file)")

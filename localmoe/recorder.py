@@ -1,0 +1,214 @@
+"""Every exchange goes into one SQLite file, with versioned migrations (the simonw/llm way).
+
+Migrations are small functions applied in order at open and recorded in `_migrations`; a file written by a
+newer localmoe (a migration we do not know) is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from localmoe import paths
+from localmoe.errors import LocalmoeError
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "create table conversations (id integer primary key, title text, model text, created_at text)"
+    )
+    db.execute(
+        """create table messages (
+            id integer primary key,
+            conversation_id integer references conversations(id),
+            role text, content text, model text, created_at text)"""
+    )
+    db.execute("create index idx_messages_conversation_id on messages(conversation_id)")
+
+
+@migration
+def m002_generations(db: sqlite_utils.Database) -> None:
+    # An answer starts `pending` and ends `complete`, `cancelled`, `interrupted` or `error`;
+    # `reply_to` ties it to the question it answers.
+    db.execute("alter table messages add column status text not null default 'complete'")
+    db.execute("alter table messages add column reply_to integer references messages(id)")
+    db.execute("alter table messages add column completed_at text")
+    db.execute(
+        """create table generations (
+            message_id integer primary key references messages(id),
+            model text, backend text,
+            prompt_tokens integer, completion_tokens integer,
+            ttft_s real, tokens_per_s real, wall_s real, stop_reason text, created_at text)"""
+    )
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """All-or-nothing writes, DDL included: the connection runs in autocommit mode and we BEGIN ourselves,
+    because Python's implicit transactions do not cover DDL and `with conn:` blocks commit early."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextmanager
+def _db_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        msg = str(exc)
+        if "full" in msg:
+            msg += " (free some disk space; nothing already recorded was lost)"
+        raise LocalmoeError(f"database {path}: {msg}") from None
+
+
+class Recorder:
+    """The SQLite log. Open it, record through its methods, close it; safe to keep open for a whole session."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else paths.db_path()
+        with _db_errors(self.path):
+            # Shared by the UI thread and generation workers; sqlite serialises calls, the lock our transactions.
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
+            self.db = sqlite_utils.Database(conn)
+            self._lock = threading.RLock()
+            # WAL keeps the file consistent if we die mid-write; FULL sync so an answer reported is on disk.
+            self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            migrate(self.db, self.path)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_conversation(self, model: str, title: str | None = None) -> int:
+        with self._write():
+            cur = self.db.execute(
+                "insert into conversations (title, model, created_at) values (?, ?, ?)", [title, model, now()]
+            )
+            return int(cur.lastrowid)
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        model: str | None = None,
+        status: str = "complete",
+        reply_to: int | None = None,
+    ) -> int:
+        row = {
+            "conversation_id": conversation_id,
+            "role": role,
+            "content": content,
+            "model": model,
+            "created_at": now(),
+            "status": status,
+            "reply_to": reply_to,
+            "completed_at": now() if status == "complete" else None,
+        }
+        with self._write():
+            cur = self.db.execute(
+                f"insert into messages ({', '.join(row)}) values ({', '.join('?' * len(row))})", list(row.values())
+            )
+            return int(cur.lastrowid)
+
+    def finish_message(self, message_id: int, content: str, status: str, stats: dict[str, Any] | None) -> None:
+        """Store an answer's final text and its generation stats in one transaction."""
+        with self._write():
+            self.db.execute(
+                "update messages set content = ?, status = ?, completed_at = ? where id = ?",
+                [content, status, now(), message_id],
+            )
+            if stats is not None:
+                row = {"message_id": message_id, "created_at": now(), **stats}
+                self.db.execute(
+                    f"insert or replace into generations ({', '.join(row)}) "
+                    f"values ({', '.join('?' * len(row))})",
+                    list(row.values()),
+                )
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        with _db_errors(self.path), self._lock, transaction(self.db.conn):
+            yield
+
+    def conversation_messages(self, conversation_id: int) -> list[dict[str, Any]]:
+        with _db_errors(self.path):
+            return list(
+                self.db.query(
+                    "select * from messages where conversation_id = ? order by id", [conversation_id]
+                )
+            )
+
+    def recent_exchanges(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The last `limit` questions with their answers and stats, newest first."""
+        sql = """
+            select q.id as question_id, q.conversation_id, q.content as prompt, q.created_at,
+                   a.id as answer_id, a.content as answer, a.model, a.status,
+                   g.prompt_tokens, g.completion_tokens, g.ttft_s, g.tokens_per_s, g.wall_s, g.stop_reason
+            from messages q
+            left join messages a on a.reply_to = q.id and a.role = 'assistant'
+            left join generations g on g.message_id = a.id
+            where q.role = 'user'
+            order by q.id desc
+            limit ?
+        """
+        with _db_errors(self.path):
+            return list(self.db.query(sql, [limit]))
+
+
+def migrate(
+    db: sqlite_utils.Database, path: Path | None = None, migrations: list[Migration] | None = None
+) -> list[str]:
+    """Apply the migrations this file lacks (all of MIGRATIONS unless told); returns their names."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    db.execute("create table if not exists _migrations (name text primary key, applied_at text)")
+    done = {r["name"] for r in db["_migrations"].rows}
+    known = [m.__name__ for m in migrations]
+    newer = sorted(done - set(known))
+    if newer:
+        raise LocalmoeError(
+            f"database {path or db.conn} was written by a newer localmoe (it has migration {newer[-1]}); "
+            "upgrade localmoe or set LOCALMOE_HOME to another directory"
+        )
+    applied = []
+    for fn in migrations:
+        if fn.__name__ in done:
+            continue
+        with transaction(db.conn):  # a crash leaves the file at the previous version
+            fn(db)
+            db.execute("insert into _migrations (name, applied_at) values (?, ?)", [fn.__name__, now()])
+        applied.append(fn.__name__)
+    return applied

@@ -1,0 +1,144 @@
+"""A conversation with one model: the engine stays loaded, every exchange is recorded as it happens.
+
+The CLI, the TUI and (later) the HTTP server all talk to this class; none of them touches engines or SQL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from localmoe import models
+from localmoe.engine import Engine, GenerationConfig, GenerationStats, Message, create_engine
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.recorder import Recorder
+
+MAX_PROMPT_CHARS = 200_000
+
+
+class Reply:
+    """One answer being produced. Iterate it for text pieces; when iteration ends (or is abandoned, or
+    interrupted) the answer and its stats are in the database."""
+
+    def __init__(self, session: Session, question_id: int, answer_id: int, history: list[Message],
+                 cancel: threading.Event | None) -> None:
+        self.session = session
+        self.question_id = question_id
+        self.message_id = answer_id
+        self.conversation_id = session.conversation_id
+        self.model = session.model.id
+        self.backend = session.engine.backend
+        self._history = history
+        self._cancel = cancel
+        self._pieces: list[str] = []
+        self.stats: GenerationStats | None = None
+        self.status = "pending"
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def __iter__(self) -> Iterator[str]:
+        engine = self.session.engine
+        status = "interrupted"  # what a Ctrl-C or a crash mid-stream leaves behind
+        try:
+            for piece in engine.stream(self._history, self.session.config, self._cancel):
+                self._pieces.append(piece)
+                yield piece
+            status = "cancelled" if engine.stats.stop_reason == "cancelled" else "complete"
+        except LocalmoeError:
+            status = "error"
+            raise
+        except GeneratorExit:
+            status = "cancelled"
+            raise
+        finally:
+            self.stats = engine.stats
+            if status in ("interrupted", "error"):
+                self.stats.stop_reason = status
+            self.status = status
+            self.session._finish(self)
+
+    def run(self) -> Reply:
+        """Consume the whole answer (for callers that do not stream)."""
+        for _ in self:
+            pass
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.stats or GenerationStats()
+        return {
+            "answer": self.text,
+            "model": self.model,
+            "backend": self.backend,
+            "status": self.status,
+            "conversation_id": self.conversation_id,
+            "message_id": self.message_id,
+            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
+            "timing": {"ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s, "wall_s": s.wall_s},
+            "stop_reason": s.stop_reason,
+        }
+
+
+class Session:
+    def __init__(
+        self,
+        model: models.ModelRef | str | None = None,
+        *,
+        recorder: Recorder | None = None,
+        config: GenerationConfig | None = None,
+        system_prompt: str | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.model = model if isinstance(model, models.ModelRef) else models.resolve(model)
+        self.recorder = recorder or Recorder()
+        self.config = config or GenerationConfig(**self.model.defaults)
+        self.system_prompt = system_prompt
+        self.engine = engine or create_engine(self.model)
+        self.conversation_id: int | None = None
+        self.history: list[Message] = []
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        self.engine.load()
+
+    def new_conversation(self) -> None:
+        self.conversation_id = None
+        self.history = []
+
+    def ask(self, prompt: str, cancel: threading.Event | None = None) -> Reply:
+        """Record the question now (so it survives anything that happens next) and return the Reply to stream."""
+        prompt = prompt.strip()
+        if not prompt:
+            raise UsageError("the prompt is empty")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise UsageError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        rec = self.recorder
+        with self._lock:
+            if self.conversation_id is None:
+                self.conversation_id = rec.new_conversation(self.model.id, title=prompt[:80])
+                if self.system_prompt:
+                    rec.add_message(self.conversation_id, "system", self.system_prompt)
+                    self.history = [{"role": "system", "content": self.system_prompt}]
+            question_id = rec.add_message(self.conversation_id, "user", prompt)
+            answer_id = rec.add_message(
+                self.conversation_id, "assistant", "", model=self.model.id, status="pending", reply_to=question_id
+            )
+            self.history.append({"role": "user", "content": prompt})
+            return Reply(self, question_id, answer_id, list(self.history), cancel)
+
+    def _finish(self, reply: Reply) -> None:
+        stats = reply.stats.to_dict() if reply.stats else None
+        if stats is not None:
+            stats.update(model=reply.model, backend=reply.backend)
+        self.recorder.finish_message(reply.message_id, reply.text, reply.status, stats)
+        if reply.text:
+            self.history.append({"role": "assistant", "content": reply.text})
+        elif self.history and self.history[-1]["role"] == "user":
+            # No answer to show the model next turn; keep the question recorded but out of the context.
+            self.history.pop()
+
+    def close(self) -> None:
+        self.engine.close()
+        self.recorder.close()

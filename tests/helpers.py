@@ -1,0 +1,17 @@
+"""Shared by the test modules (imported as `helpers`: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(*args: str, home: Path | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if home is not None:
+        env["LOCALMOE_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "localmoe", *args], capture_output=True, text=True, env=env, timeout=timeout, **kw
+    )

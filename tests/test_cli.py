@@ -1,0 +1,167 @@
+"""The `localmoe` command from a user's shell: real subprocesses, the real embedded model, a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from localmoe import __version__
+from helpers import run_cli
+
+HW_KEYS = {
+    "os", "arch", "cpu_model", "physical_cores", "logical_cores", "ram_total_bytes", "ram_available_bytes",
+    "swap_total_bytes", "swap_free_bytes", "gpus", "data_dir", "disk_free_bytes", "memory_bandwidth_gbps",
+    "bandwidth_cached", "fingerprint",
+}
+
+
+def db_rows(home, sql):
+    conn = sqlite3.connect(home / "localmoe.db")
+    try:
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
+def test_ask_json_records_the_exchange(home):
+    r = run_cli("ask", "What is the capital of France?", "--json", "--temperature", "0", "--max-tokens", "40")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "Paris" in out["answer"]
+    assert out["model"] == "smollm2-135m-instruct"
+    assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["completion_tokens"] > 0
+    assert out["timing"]["ttft_s"] > 0 and out["timing"]["tokens_per_s"] > 0
+    [row] = db_rows(home, "select m.content, m.status, g.* from messages m join generations g "
+                          "on g.message_id = m.id where m.role = 'assistant'")
+    assert row["content"] == out["answer"] and row["status"] == "complete"
+    assert row["completion_tokens"] == out["usage"]["completion_tokens"]
+    assert row["message_id"] == out["message_id"]
+    [q] = db_rows(home, "select * from messages where role = 'user'")
+    assert q["content"] == "What is the capital of France?" and q["conversation_id"] == out["conversation_id"]
+
+
+def test_ask_streams_plain_text_and_logs_show_it(home):
+    r = run_cli("ask", "Name a color.", "--temperature", "0", "--max-tokens", "20")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    logs = run_cli("logs", "--json", "-n", "5")
+    [entry] = json.loads(logs.stdout)
+    assert entry["prompt"] == "Name a color." and entry["answer"].strip() == r.stdout.strip()
+    text = run_cli("logs")
+    assert "> Name a color." in text.stdout
+
+
+def test_models_json(home):
+    r = run_cli("models", "--json")
+    assert r.returncode == 0, r.stderr
+    [m] = json.loads(r.stdout)
+    assert m["id"] == "smollm2-135m-instruct" and m["source"] == "embedded"
+    assert m["layout"]["architecture"] == "llama" and m["layout"]["is_moe"] is False
+
+
+def test_hw_json_has_documented_keys_and_caches_bandwidth(home):
+    first = json.loads(run_cli("hw", "--json").stdout)
+    assert HW_KEYS <= set(first)
+    assert first["memory_bandwidth_gbps"] > 0 and first["ram_total_bytes"] > 0
+    assert first["physical_cores"] >= 1 and isinstance(first["gpus"], list)
+    second = json.loads(run_cli("hw", "--json").stdout)
+    assert second["bandwidth_cached"] is True
+    assert second["memory_bandwidth_gbps"] == first["memory_bandwidth_gbps"]
+
+
+def test_version_and_help():
+    assert run_cli("--version").stdout.strip() == f"localmoe {__version__}"
+    for cmd in ([], ["ask"], ["models"], ["hw"], ["logs"], ["chat"]):
+        r = run_cli(*cmd, "--help")
+        assert r.returncode == 0 and "usage: localmoe" in r.stdout
+
+
+def assert_clean_failure(r: subprocess.CompletedProcess, pattern: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("localmoe: error:") and pattern in lines[0], lines[0]
+
+
+def test_bad_inputs_fail_cleanly_and_keep_the_database(home, tmp_path, smollm):
+    assert run_cli("ask", "Say hi.", "--max-tokens", "5").returncode == 0
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(smollm.path.read_bytes()[: 1024 * 1024])
+    renamed = tmp_path / "notes.gguf"
+    renamed.write_text("shopping list: eggs, flour\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+
+    assert_clean_failure(run_cli("ask", "hi", "--model", str(tmp_path / "missing.gguf")), "not found")
+    assert_clean_failure(run_cli("ask", "hi", "--model", str(truncated)), "truncated")
+    assert_clean_failure(run_cli("ask", "hi", "--model", str(renamed)), "not a GGUF")
+    assert_clean_failure(run_cli("ask", "   "), "empty")
+    assert_clean_failure(run_cli("ask", "hi", "--model", "no-such-model"), "unknown model")
+    assert_clean_failure(run_cli("ask", "hi", home=blocker / "home"), "cannot create data directory")
+    assert_clean_failure(run_cli("logs", home=blocker / "home"), "cannot create data directory")
+
+    # the earlier exchange is intact and nothing half-written was added
+    rows = db_rows(home, "select role, status from messages order by id")
+    assert rows == [{"role": "user", "status": "complete"}, {"role": "assistant", "status": "complete"}]
+
+
+def test_newer_database_is_refused_cleanly(home):
+    assert run_cli("logs").returncode == 0
+    conn = sqlite3.connect(home / "localmoe.db")
+    conn.execute("insert into _migrations values ('m999_future', 'x')")
+    conn.commit()
+    conn.close()
+    assert_clean_failure(run_cli("logs"), "newer localmoe")
+
+
+def _start_long_answer(home):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localmoe", "ask", "Write a very long story about a dragon who bakes bread.",
+         "--max-tokens", "2000", "--temperature", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # wait until the answer is streaming
+    first = proc.stdout.read(20)
+    assert first, proc.stderr.read()
+    return proc
+
+
+def test_ctrl_c_keeps_the_question_and_the_partial_answer(home):
+    proc = _start_long_answer(home)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err
+    q, a = db_rows(home, "select role, content, status from messages order by id")
+    assert q["content"].startswith("Write a very long story") and q["status"] == "complete"
+    assert a["status"] == "interrupted" and len(a["content"]) >= 20
+    [g] = db_rows(home, "select * from generations")
+    assert 0 < g["completion_tokens"] < 2000 and g["stop_reason"] == "interrupted"
+
+
+def test_a_crash_mid_answer_never_corrupts_the_file(home):
+    proc = _start_long_answer(home)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait(timeout=30)
+    rows = db_rows(home, "select role, status from messages order by id")  # integrity_check inside
+    assert rows[0] == {"role": "user", "status": "complete"}
+    assert rows[1]["status"] == "pending"
+    # and the file is still usable
+    r = run_cli("ask", "Say hi.", "--max-tokens", "5")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["models"], ["hw"]])
+def test_human_output(cmd, home):
+    r = run_cli(*cmd)
+    assert r.returncode == 0 and r.stdout.strip()

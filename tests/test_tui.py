@@ -1,0 +1,110 @@
+"""The chat UI driven through Textual's pilot, on the real embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+from textual.widgets import Input, Markdown, Static
+
+from localmoe.engine import GenerationConfig
+from localmoe.ui.app import LocalmoeApp
+from localmoe.ui.chat import Answer, ChatScreen, Question
+
+
+async def wait_for(pilot, predicate, timeout: float = 90.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out waiting for the UI"
+        await pilot.pause(0.05)
+
+
+async def type_and_send(pilot, text: str) -> None:
+    await pilot.click("#prompt")
+    await pilot.press(*text)
+    await pilot.press("enter")
+
+
+def test_typed_question_gets_a_streamed_answer(home):
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=60, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            assert isinstance(screen, ChatScreen)
+            # the prompt takes input before the model has finished loading
+            assert app.focused is screen.query_one("#prompt", Input)
+            await type_and_send(pilot, "What is the capital of France?")
+            answer = screen.query_one(Answer)
+            await wait_for(pilot, lambda: answer.done)
+            assert answer.status == "complete", screen.query_one(".stats", Static).render()
+            assert "Paris" in answer.text
+            assert "Paris" in answer.query_one(Markdown).source
+            assert screen.query_one(Question).render().plain == "What is the capital of France?"
+            stats = str(answer.query_one(".stats", Static).render())
+            assert "tok/s" in stats and "first token" in stats and "smollm2-135m-instruct" in stats
+            assert screen.sub_title == "smollm2-135m-instruct"
+
+            # a second question keeps the first on screen and goes to the same conversation
+            await type_and_send(pilot, "And of Germany?")
+            await wait_for(pilot, lambda: len(screen.query(Answer)) == 2 and screen.query(Answer)[1].done)
+            assert len(screen.query(Question)) == 2
+            cid = screen.session.conversation_id
+
+            # new conversation: the screen clears and the next question starts a new one
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            assert len(screen.query(Answer)) == 0
+            await type_and_send(pilot, "Hello!")
+            await wait_for(pilot, lambda: len(screen.query(Answer)) == 1 and screen.query(Answer)[0].done)
+            assert screen.session.conversation_id != cid
+
+    asyncio.run(run())
+    conn = sqlite3.connect(home / "localmoe.db")
+    rows = conn.execute("select conversation_id, role, status from messages order by id").fetchall()
+    assert [r[1] for r in rows] == ["user", "assistant"] * 3
+    assert all(r[2] == "complete" for r in rows)
+    assert len({r[0] for r in rows}) == 2
+
+
+def test_stop_key_ends_a_long_answer_early(home):
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=1500, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            await type_and_send(pilot, "Write a very long story about a dragon who bakes bread.")
+            answer = screen.query_one(Answer)
+            await wait_for(pilot, lambda: len(answer.text) > 20)
+            # the UI stays responsive while tokens stream: it takes the stop key
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: answer.done, timeout=10)
+            assert answer.status == "cancelled"
+            assert answer.stats.stop_reason == "cancelled"
+            assert 0 < answer.stats.completion_tokens < 1500
+            assert "stopped" in str(answer.query_one(".stats", Static).render())
+            return answer.stats.completion_tokens
+
+    n = asyncio.run(run())
+    conn = sqlite3.connect(home / "localmoe.db")
+    status, tokens = conn.execute(
+        "select m.status, g.completion_tokens from messages m join generations g on g.message_id = m.id"
+    ).fetchone()
+    assert status == "cancelled" and tokens == n
+
+
+def test_bad_model_shows_an_error_not_a_crash(home, tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model")
+
+    async def run() -> None:
+        app = LocalmoeApp(model=str(bad))
+        async with app.run_test() as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.sub_title == "no model")
+            assert "not a GGUF" in str(screen.query_one("#notice", Static).render())
+            await type_and_send(pilot, "hi")
+            answer = screen.query_one(Answer)
+            await wait_for(pilot, lambda: answer.done)
+            assert answer.status == "error"
+
+    asyncio.run(run())

@@ -1,0 +1,37 @@
+"""The Textual application: one chat screen over a Session."""
+
+from __future__ import annotations
+
+from importlib.resources import as_file, files
+
+from textual.app import App
+
+from localmoe.engine import GenerationConfig
+from localmoe.ui.chat import ChatScreen
+
+_STYLES = files("localmoe.assets").joinpath("styles/app.tcss")
+
+
+class LocalmoeApp(App):
+    TITLE = "localmoe"
+
+    def __init__(self, model: str | None = None, config: GenerationConfig | None = None) -> None:
+        with as_file(_STYLES) as css:
+            self.CSS_PATH = str(css)
+            super().__init__()
+        self.model_name = model
+        self.config = config
+
+    def on_mount(self) -> None:
+        self.push_screen(ChatScreen(self.model_name, self.config))
+
+    def on_unmount(self) -> None:
+        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+        if chat is not None and chat.session is not None:
+            if chat._cancel is not None:
+                chat._cancel.set()
+
+
+def run_app(model: str | None = None) -> int:
+    LocalmoeApp(model=model).run()
+    return 0

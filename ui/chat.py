@@ -1,0 +1,200 @@
+"""The chat screen: the conversation, a prompt, and the stats of each answer.
+
+Loading and generation run in thread workers; they talk back with posted messages, which are thread-safe and
+never block the decode loop on the UI.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Markdown, Static
+
+from localmoe.engine import GenerationConfig, GenerationStats
+from localmoe.errors import LocalmoeError
+from localmoe.session import Session
+
+UPDATE_INTERVAL_S = 0.05  # re-render the streaming answer at most 20 times a second
+
+
+def stats_line(model: str, stats: GenerationStats, status: str) -> str:
+    parts = [model, f"{stats.completion_tokens} tokens"]
+    if stats.tokens_per_s:
+        parts.append(f"{stats.tokens_per_s:.1f} tok/s")
+    if stats.ttft_s is not None:
+        parts.append(f"first token {stats.ttft_s:.2f} s")
+    if status != "complete":
+        parts.append({"cancelled": "stopped"}.get(status, status))
+    return " · ".join(parts)
+
+
+class Question(Static):
+    pass
+
+
+class Answer(VerticalScroll, can_focus=False):
+    """One answer: markdown that grows as tokens arrive, and a stats line once it is done."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.model = model
+        self.text = ""
+        self.done = False
+        self.stats: GenerationStats | None = None
+        self.status = "pending"
+
+    def compose(self) -> ComposeResult:
+        yield Markdown("", classes="body")
+        yield Static("…", classes="stats")
+
+    async def show(self, text: str) -> None:
+        self.text = text
+        await self.query_one(Markdown).update(text)
+
+    def finish(self, stats: GenerationStats | None, status: str, error: str | None = None) -> None:
+        self.done, self.stats, self.status = True, stats, status
+        line = self.query_one(".stats", Static)
+        if error:
+            self.add_class("error")
+            line.update(f"error: {error}")
+        elif stats is not None:
+            line.update(stats_line(self.model, stats, status))
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop answer"),
+        Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("ctrl+q", "app.quit", "Quit"),
+    ]
+
+    class Chunk(Message):
+        def __init__(self, answer: Answer, text: str) -> None:
+            super().__init__()
+            self.answer, self.text = answer, text
+
+    class Done(Message):
+        def __init__(self, answer: Answer, text: str, stats: GenerationStats | None, status: str,
+                     error: str | None = None) -> None:
+            super().__init__()
+            self.answer, self.text, self.stats, self.status, self.error = answer, text, stats, status, error
+
+    class Loaded(Message):
+        def __init__(self, model: str | None, error: str | None, load_s: float | None) -> None:
+            super().__init__()
+            self.model, self.error, self.load_s = model, error, load_s
+
+    def __init__(self, model: str | None = None, config: GenerationConfig | None = None) -> None:
+        super().__init__()
+        self.model_name = model
+        self.config = config
+        self.session: Session | None = None
+        self.load_error: str | None = None
+        self._ready = threading.Event()
+        self._cancel: threading.Event | None = None
+        self.generating = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="conversation"):
+            yield Static("Loading the model… you can type your question now.", id="notice")
+        yield Input(placeholder="Ask anything (Enter to send, Esc to stop, Ctrl+N for a new chat)", id="prompt")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "localmoe"
+        self.sub_title = "loading model…"
+        self.query_one("#prompt", Input).focus()
+        self.load_model()
+
+    @work(thread=True, exclusive=True, group="load")
+    def load_model(self) -> None:
+        try:
+            session = Session(self.model_name, config=self.config)
+            self.session = session
+            t0 = time.perf_counter()
+            session.load()
+            self.post_message(self.Loaded(session.model.id, None, time.perf_counter() - t0))
+        except LocalmoeError as exc:
+            self.load_error = str(exc)
+            self.post_message(self.Loaded(None, str(exc), None))
+        finally:
+            self._ready.set()
+
+    def on_chat_screen_loaded(self, message: Loaded) -> None:
+        notice = self.query_one("#notice", Static)
+        if message.error:
+            self.sub_title = "no model"
+            notice.update(f"Could not start the model: {message.error}")
+            return
+        self.sub_title = message.model or ""
+        notice.update(f"{message.model} is ready (loaded in {message.load_s:.1f} s). Ask a question below.")
+
+    @on(Input.Submitted, "#prompt")
+    async def ask(self, event: Input.Submitted) -> None:
+        prompt = event.value.strip()
+        if not prompt:
+            return
+        if self.generating:
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
+        event.input.clear()
+        conversation = self.query_one("#conversation", VerticalScroll)
+        answer = Answer(self.session.model.id if self.session else (self.model_name or "model"))
+        await conversation.mount(Question(prompt))
+        await conversation.mount(answer)
+        conversation.scroll_end(animate=False)
+        self.generating = True
+        self._cancel = threading.Event()
+        self.generate(prompt, answer, self._cancel)
+
+    @work(thread=True, group="generate")
+    def generate(self, prompt: str, answer: Answer, cancel: threading.Event) -> None:
+        self._ready.wait()
+        if self.session is None:
+            self.post_message(self.Done(answer, "", None, "error", self.load_error or "no model"))
+            return
+        reply = None
+        try:
+            reply = self.session.ask(prompt, cancel=cancel)
+            last = 0.0
+            for _ in reply:
+                now = time.monotonic()
+                if now - last >= UPDATE_INTERVAL_S:
+                    last = now
+                    self.post_message(self.Chunk(answer, reply.text))
+            self.post_message(self.Done(answer, reply.text, reply.stats, reply.status))
+        except LocalmoeError as exc:
+            self.post_message(self.Done(answer, reply.text if reply else "", None, "error", str(exc)))
+
+    async def on_chat_screen_chunk(self, message: Chunk) -> None:
+        if not message.answer.done:
+            await message.answer.show(message.text)
+            self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+
+    async def on_chat_screen_done(self, message: Done) -> None:
+        await message.answer.show(message.text)
+        message.answer.finish(message.stats, message.status, message.error)
+        self.generating = False
+        self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+
+    def action_stop(self) -> None:
+        if self._cancel is not None and self.generating:
+            self._cancel.set()
+
+    async def action_new_conversation(self) -> None:
+        if self.generating:
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
+        if self.session is not None:
+            self.session.new_conversation()
+        conversation = self.query_one("#conversation", VerticalScroll)
+        await conversation.query("Question, Answer").remove()
+        self.query_one("#notice", Static).update("New conversation.")
