@@ -48,6 +48,7 @@ class Hardware:
     ram_available_bytes: int
     swap_total_bytes: int
     swap_free_bytes: int
+    memory_limit_bytes: int | None = None
     gpus: list[GPU] = field(default_factory=list)
     data_dir: str = ""
     disk_free_bytes: int = 0
@@ -76,6 +77,56 @@ def cpu_model() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_memory() -> tuple[int, int] | None:
+    """(limit, available) bytes of this process's cgroup, or None when it has no limit.
+
+    Containers and `memcap` cap memory (page cache included) below what /proc/meminfo shows; planning against
+    the host's RAM there would plan a model that gets killed. Reclaimable file cache counts as available.
+    """
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    root = Path("/sys/fs/cgroup")
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if "memory" in controllers.split(","):  # cgroup v1
+            d = root / "memory" / rel.lstrip("/")
+            limit, usage = _read_int(d / "memory.limit_in_bytes"), _read_int(d / "memory.usage_in_bytes")
+            inactive = _stat_value(d / "memory.stat", "total_inactive_file")
+            break
+    else:
+        rel = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        d = root / rel.lstrip("/")  # cgroup v2
+        limit, usage = _read_int(d / "memory.max"), _read_int(d / "memory.current")
+        inactive = _stat_value(d / "memory.stat", "inactive_file")
+    # v1 reports "no limit" as a page-rounded 2**63.
+    if limit is None or usage is None or limit >= psutil.virtual_memory().total:
+        return None
+    return limit, max(0, limit - usage + inactive)
 
 
 def _nvml_gpus() -> list[GPU] | None:
@@ -166,6 +217,7 @@ def detect(measure: bool = True) -> Hardware:
     vm = psutil.virtual_memory()
     sw = psutil.swap_memory()
     ddir = paths.data_dir()
+    cg = cgroup_memory()
     hw = Hardware(
         os=f"{platform.system()} {platform.release()}",
         arch=platform.machine(),
@@ -173,9 +225,10 @@ def detect(measure: bool = True) -> Hardware:
         physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
         logical_cores=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
         ram_total_bytes=int(vm.total),
-        ram_available_bytes=int(vm.available),
+        ram_available_bytes=min(int(vm.available), cg[1]) if cg else int(vm.available),
         swap_total_bytes=int(sw.total),
         swap_free_bytes=int(sw.free),
+        memory_limit_bytes=cg[0] if cg else None,
         gpus=detect_gpus(),
         data_dir=str(ddir),
         disk_free_bytes=int(shutil.disk_usage(ddir).free),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from localmoe import paths
 from localmoe.errors import LocalmoeError, UsageError

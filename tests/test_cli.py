@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from localmoe import __version__
 from helpers import run_cli
+from localmoe import __version__
 
 HW_KEYS = {
     "os", "arch", "cpu_model", "physical_cores", "logical_cores", "ram_total_bytes", "ram_available_bytes",
-    "swap_total_bytes", "swap_free_bytes", "gpus", "data_dir", "disk_free_bytes", "memory_bandwidth_gbps",
-    "bandwidth_cached", "fingerprint",
+    "swap_total_bytes", "swap_free_bytes", "memory_limit_bytes", "gpus", "data_dir", "disk_free_bytes",
+    "memory_bandwidth_gbps", "bandwidth_cached", "fingerprint",
 }
 
 
@@ -32,10 +32,10 @@ def db_rows(home, sql):
 
 
 def test_ask_json_records_the_exchange(home):
-    r = run_cli("ask", "What is the capital of France?", "--json", "--temperature", "0", "--max-tokens", "40")
+    r = run_cli("ask", "Which city is the capital of Japan?", "--json", "--temperature", "0", "--max-tokens", "40")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert "Paris" in out["answer"]
+    assert "Tokyo" in out["answer"]
     assert out["model"] == "smollm2-135m-instruct"
     assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["completion_tokens"] > 0
     assert out["timing"]["ttft_s"] > 0 and out["timing"]["tokens_per_s"] > 0
@@ -45,7 +45,7 @@ def test_ask_json_records_the_exchange(home):
     assert row["completion_tokens"] == out["usage"]["completion_tokens"]
     assert row["message_id"] == out["message_id"]
     [q] = db_rows(home, "select * from messages where role = 'user'")
-    assert q["content"] == "What is the capital of France?" and q["conversation_id"] == out["conversation_id"]
+    assert q["content"] == "Which city is the capital of Japan?" and q["conversation_id"] == out["conversation_id"]
 
 
 def test_ask_streams_plain_text_and_logs_show_it(home):
