@@ -32,8 +32,9 @@ MARK = "<!-- ask_vs_llamacpp -->"
 def direct_rate(llm: Llama, prompt_tokens: list[int], max_tokens: int) -> tuple[float, int]:
     llm.reset()
     times = []
-    for _tok in llm.create_completion(prompt_tokens, max_tokens=max_tokens, temperature=0.0, stream=True):
-        times.append(time.perf_counter())
+    for chunk in llm.create_completion(prompt_tokens, max_tokens=max_tokens, temperature=0.0, stream=True):
+        if chunk["choices"][0]["finish_reason"] is None:  # the closing chunk carries no new token
+            times.append(time.perf_counter())
     return (len(times) - 1) / (times[-1] - times[0]), len(times)
 
 

@@ -21,7 +21,8 @@ from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
 from localmoe.session import Session
 
-UPDATE_INTERVAL_S = 0.05  # re-render the streaming answer at most 20 times a second
+# Rendering shares two cores (and the GIL) with the decode loop: batch tokens into ten appends a second.
+UPDATE_INTERVAL_S = 0.1
 
 
 def stats_line(model: str, stats: GenerationStats, status: str) -> str:
@@ -54,9 +55,18 @@ class Answer(VerticalScroll, can_focus=False):
         yield Markdown("", classes="body")
         yield Static("…", classes="stats")
 
+    async def append(self, delta: str) -> None:
+        """Add streamed text; Markdown.append re-parses only the last block, not the whole answer."""
+        self.text += delta
+        await self.query_one(Markdown).append(delta)
+
     async def show(self, text: str) -> None:
-        self.text = text
-        await self.query_one(Markdown).update(text)
+        if text.startswith(self.text):
+            if len(text) > len(self.text):
+                await self.append(text[len(self.text):])
+        else:
+            self.text = text
+            await self.query_one(Markdown).update(text)
 
     def finish(self, stats: GenerationStats | None, status: str, error: str | None = None) -> None:
         self.done, self.stats, self.status = True, stats, status
@@ -164,23 +174,27 @@ class ChatScreen(Screen):
         reply = None
         try:
             reply = self.session.ask(prompt, cancel=cancel)
-            last = 0.0
+            last, sent = 0.0, 0
             for _ in reply:
                 now = time.monotonic()
                 if now - last >= UPDATE_INTERVAL_S:
+                    text = reply.text
                     last = now
-                    self.post_message(self.Chunk(answer, reply.text))
+                    self.post_message(self.Chunk(answer, text[sent:]))
+                    sent = len(text)
             self.post_message(self.Done(answer, reply.text, reply.stats, reply.status))
         except LocalmoeError as exc:
             self.post_message(self.Done(answer, reply.text if reply else "", None, "error", str(exc)))
 
     async def on_chat_screen_chunk(self, message: Chunk) -> None:
         if not message.answer.done:
-            await message.answer.show(message.text)
+            await message.answer.append(message.text)
             self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
 
     async def on_chat_screen_done(self, message: Done) -> None:
         await message.answer.show(message.text)
+        if self.session is not None:
+            message.answer.model = self.session.model.id  # the question may have been asked before loading ended
         message.answer.finish(message.stats, message.status, message.error)
         self.generating = False
         self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
