@@ -17,16 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from llama_cpp import Llama
+from results import write_section
 
 from localmoe import models
 from localmoe.engine.llamacpp import DEFAULT_CTX, LlamaCppEngine, default_threads
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-RESULTS = Path(__file__).with_name("RESULTS.md")
-MARK = "<!-- ask_vs_llamacpp -->"
 
 
 def direct_rate(llm: Llama, prompt_tokens: list[int], max_tokens: int) -> tuple[float, int]:
@@ -52,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--write", action="store_true", help=f"record the result in {RESULTS.name}")
+    ap.add_argument("--write", action="store_true", help="record the result in RESULTS.md")
     args = ap.parse_args()
 
     ref = models.default_model()
@@ -76,7 +74,7 @@ def main() -> None:
 
     if args.write:
         section = (
-            f"{MARK}\n## `localmoe ask` vs llama-cpp-python direct ({ref.id})\n\n"
+            f"## `localmoe ask` vs llama-cpp-python direct ({ref.id})\n\n"
             f"Command: `.venv/bin/python benchmarks/ask_vs_llamacpp.py --reps {args.reps} "
             f"--max-tokens {args.max_tokens} --write`  \n"
             f"Machine: {os.cpu_count()} cores, {default_threads()} threads; {time.strftime('%Y-%m-%d')}\n\n"
@@ -85,17 +83,9 @@ def main() -> None:
             f"{', '.join(f'{x:.1f}' for x in direct)} |\n"
             f"| `localmoe ask --json` (CLI subprocess, recorded) | {mo:.1f} | "
             f"{', '.join(f'{x:.1f}' for x in ours)} |\n\n"
-            f"Ratio localmoe / direct: **{ratio:.3f}** (target ≥ 0.97).\n{MARK}\n"
+            f"Ratio localmoe / direct: **{ratio:.3f}** (target ≥ 0.97).\n"
         )
-        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-        if MARK in text:
-            head, _, rest = text.partition(MARK)
-            _, _, tail = rest.partition(MARK)
-            text = head + section.strip() + tail
-        else:
-            text = text.rstrip() + "\n\n" + section
-        RESULTS.write_text(text)
-        print(f"written to {RESULTS}")
+        write_section("ask_vs_llamacpp", section)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise LocalmoeError("the prompt is empty")
     session = Session(args.model)
+    for warning in session.warnings:
+        print(f"localmoe: warning: {warning}", file=sys.stderr)
     overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
     session.config = GenerationConfig(**{**session.model.defaults, **overrides})
@@ -53,6 +55,37 @@ def cmd_ask(args: argparse.Namespace) -> int:
                       file=sys.stderr)
     finally:
         session.close()
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from localmoe.engine import GenerationConfig
+    from localmoe.session import Session
+    from localmoe.trace import Trace
+
+    if not args.prompt.strip():
+        raise LocalmoeError("the prompt is empty")
+    session = Session(args.model, engine_options={"telemetry": True})
+    try:
+        layout = session.engine.layout
+        if not layout.is_moe:
+            raise LocalmoeError(f"{session.model.id} is a dense model: it has no experts to trace")
+        session.config = GenerationConfig(**{**session.model.defaults, "max_tokens": args.max_tokens,
+                                             **({"temperature": args.temperature} if args.temperature is not None
+                                                else {})})
+        reply = session.ask(args.prompt).run()
+        trace = Trace(session.model.id, session.engine.backend, layout.n_layers, layout.n_experts,
+                      layout.n_experts_used, list(session.engine.routing))
+        trace.save(args.out)
+    finally:
+        session.close()
+    counts = Counter(e for t in trace.tokens for layer in t.experts for e in layer)
+    hot = ", ".join(f"{e}×{n}" for e, n in counts.most_common(5))
+    print(f"traced {len(trace.tokens)} tokens × {trace.n_layers} layers "
+          f"({reply.stats.prompt_tokens} prompt, {reply.stats.completion_tokens} generated) → {args.out}")
+    print(f"most used experts (all layers): {hot}")
     return 0
 
 
@@ -107,6 +140,30 @@ def cmd_hw(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    from localmoe.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from localmoe import models, plan
+    from localmoe.layout import read_layout
+
+    ref = models.resolve(args.model)
+    layout = read_layout(ref.path)
+    budget = plan.Budget.detect(vram=args.vram, ram=args.ram)
+    p = plan.make_plan(layout, budget, args.ctx)
+    if args.json:
+        _print_json({"model": ref.to_dict(), "layout": layout.to_dict(), "plan": p.to_dict()})
+    else:
+        print(plan.describe(p, layout))
+    return 0 if p.fits else 3
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from localmoe.recorder import Recorder
 
@@ -154,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
     a.set_defaults(func=cmd_ask)
 
+    t = sub.add_parser("trace", help="record which experts each token uses",
+                       description="Answer a prompt with routing telemetry on and write the experts every token "
+                       "used in every layer to a JSONL trace (input of cache simulation).")
+    t.add_argument("prompt")
+    t.add_argument("-m", "--model", help="MoE model id or path to a .gguf file")
+    t.add_argument("-o", "--out", default="trace.jsonl", help="trace file to write (default trace.jsonl)")
+    t.add_argument("--max-tokens", type=int, default=128)
+    t.add_argument("--temperature", type=float)
+    t.set_defaults(func=cmd_trace)
+
     m = sub.add_parser("models", help="list installed models", description="List embedded and installed "
                        "models with their layout (architecture, layers, experts, quantisation).")
     m.add_argument("--json", action="store_true")
@@ -163,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "and measured memory bandwidth.")
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=cmd_hw)
+
+    pl = sub.add_parser("plan", help="show where a model's tensors would live on this machine",
+                        description="Plan a GGUF model on this machine (or on the budgets given): GPU layers, "
+                        "which layers' experts stay in RAM, mmap/mlock, the largest context that fits, or why it "
+                        "cannot run. Exits 3 when the model does not fit.")
+    pl.add_argument("model", help="model id or path to a .gguf file")
+    pl.add_argument("--vram", type=_size, help="free VRAM to plan for, e.g. 8GiB (0 = CPU only); default: detected")
+    pl.add_argument("--ram", type=_size, help="available RAM to plan for, e.g. 16GiB; default: detected")
+    pl.add_argument("--ctx", type=int, help="context length in tokens (default: 4096 or what fits)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     lg = sub.add_parser("logs", help="show recent exchanges", description="Show recent recorded exchanges.")
     lg.add_argument("-n", type=int, default=10, help="how many (default 10)")

@@ -42,6 +42,8 @@ class ModelLayout:
     expert_bytes_per_layer: list[int]
     dense_bytes_per_layer: list[int]
     other_bytes: int
+    output_bytes: int = 0  # output head and final norm: part of other_bytes, placed with the last layer
+    vocab_size: int = 0
     chat_template: str | None = field(default=None, repr=False)
 
     @property
@@ -136,7 +138,7 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
 
     expert_bytes = [0] * n_layers
     dense_bytes = [0] * n_layers
-    other = 0
+    other = output = vocab = 0
     params = 0
     by_type: Counter[str] = Counter()
     for t in reader.tensors:
@@ -146,6 +148,10 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
         m = BLOCK_TENSOR.match(t.name)
         if not m:
             other += nbytes
+            if t.name.startswith("output"):
+                output += nbytes
+            if t.name == "token_embd.weight":
+                vocab = int(t.shape[-1])
             continue
         layer = int(m.group(1))
         if layer >= n_layers:
@@ -186,6 +192,8 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
         expert_bytes_per_layer=expert_bytes,
         dense_bytes_per_layer=dense_bytes,
         other_bytes=other,
+        output_bytes=output,
+        vocab_size=vocab,
         chat_template=template if isinstance(template, str) else None,
     )
 

@@ -51,7 +51,8 @@ class Reply:
             status = "error"
             raise
         except GeneratorExit:
-            status = "cancelled"
+            # Abandoned mid-stream: a stop the caller asked for, or an exception (Ctrl-C) in the caller's loop.
+            status = "cancelled" if self._cancel is not None and self._cancel.is_set() else "interrupted"
             raise
         finally:
             self.stats = engine.stats
@@ -90,18 +91,25 @@ class Session:
         config: GenerationConfig | None = None,
         system_prompt: str | None = None,
         engine: Engine | None = None,
+        engine_options: dict[str, Any] | None = None,
     ) -> None:
         self.model = model if isinstance(model, models.ModelRef) else models.resolve(model)
         self.recorder = recorder or Recorder()
         self.config = config or GenerationConfig(**self.model.defaults)
         self.system_prompt = system_prompt
-        self.engine = engine or create_engine(self.model)
+        self.engine = engine or create_engine(self.model, **(engine_options or {}))
         self.conversation_id: int | None = None
         self.history: list[Message] = []
         self._lock = threading.Lock()
 
     def load(self) -> None:
         self.engine.load()
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about how the model runs here (e.g. it is paged from disk)."""
+        plan = getattr(self.engine, "plan", None)
+        return list(plan.warnings) if plan else []
 
     def new_conversation(self) -> None:
         self.conversation_id = None

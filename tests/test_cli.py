@@ -79,7 +79,7 @@ def test_hw_json_has_documented_keys_and_caches_bandwidth(home):
 
 def test_version_and_help():
     assert run_cli("--version").stdout.strip() == f"localmoe {__version__}"
-    for cmd in ([], ["ask"], ["models"], ["hw"], ["logs"], ["chat"]):
+    for cmd in ([], ["ask"], ["models"], ["hw"], ["logs"], ["chat"], ["plan"], ["trace"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0 and "usage: localmoe" in r.stdout
 

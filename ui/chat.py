@@ -146,6 +146,8 @@ class ChatScreen(Screen):
             return
         self.sub_title = message.model or ""
         notice.update(f"{message.model} is ready (loaded in {message.load_s:.1f} s). Ask a question below.")
+        for warning in self.session.warnings if self.session else []:
+            self.notify(warning, title="Memory", severity="warning", timeout=15)
 
     @on(Input.Submitted, "#prompt")
     async def ask(self, event: Input.Submitted) -> None:

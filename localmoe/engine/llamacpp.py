@@ -19,6 +19,8 @@ from localmoe import chat_template
 from localmoe.engine import GenerationConfig, GenerationStats, Message
 from localmoe.errors import LocalmoeError
 from localmoe.layout import read_layout
+from localmoe.plan import Budget, Plan, make_plan
+from localmoe.trace import TraceToken
 
 DEFAULT_CTX = 4096
 
@@ -40,15 +42,26 @@ class LlamaCppEngine:
         model_id: str | None = None,
         n_ctx: int | None = None,
         n_threads: int | None = None,
+        plan: Plan | None = None,
+        telemetry: bool = False,
+        logits_all: bool = False,
     ) -> None:
         self.path = Path(path)
         self.model_id = model_id or self.path.stem.lower()
         # Validates the file (signature, truncation, shapes) with a clear message before llama.cpp sees it.
         self.layout = read_layout(self.path)
-        trained = self.layout.context_length or DEFAULT_CTX
-        self.n_ctx = min(n_ctx or DEFAULT_CTX, trained)
+        if plan is None:
+            plan = make_plan(self.layout, Budget.detect(), n_ctx)
+        plan.raise_if_refused()
+        self.plan = plan
+        self.n_ctx = plan.ctx
         self.n_threads = n_threads or default_threads()
+        self.telemetry = telemetry
+        self.logits_all = logits_all
+        self.routing: list[TraceToken] = []  # experts per token of the last generation, when telemetry is on
         self._llm: Any = None
+        self._tap: Any = None
+        self._keepalive: tuple[Any, ...] = ()
         self._load_lock = threading.Lock()
         # One generation at a time per model: llama.cpp contexts are not re-entrant.
         self._gen_lock = threading.Lock()
@@ -69,15 +82,26 @@ class LlamaCppEngine:
                 return
             from llama_cpp import Llama
 
+            from localmoe.engine import llama_hooks
+
+            overrides = llama_hooks.build_overrides(self.plan.overrides) if self.plan.overrides else None
+            self._tap = llama_hooks.RoutingTap(max(1, self.layout.n_experts_used)) if self.telemetry else None
+            # llama.cpp reads both through raw pointers for the model's lifetime.
+            self._keepalive = (overrides, self._tap)
             t0 = time.perf_counter()
             try:
-                self._llm = Llama(
-                    model_path=str(self.path),
-                    n_ctx=self.n_ctx,
-                    n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads,
-                    verbose=False,
-                )
+                with llama_hooks.patched_defaults(overrides, self._tap.callback if self._tap else None):
+                    self._llm = Llama(
+                        model_path=str(self.path),
+                        n_ctx=self.n_ctx,
+                        n_threads=self.n_threads,
+                        n_threads_batch=self.n_threads,
+                        n_gpu_layers=self.plan.n_gpu_layers,
+                        use_mmap=self.plan.use_mmap,
+                        use_mlock=self.plan.use_mlock,
+                        logits_all=self.logits_all,
+                        verbose=False,
+                    )
             except (ValueError, RuntimeError) as exc:
                 raise LocalmoeError(f"llama.cpp could not load {self.path.name}: {exc}") from None
             self.load_s = time.perf_counter() - t0
@@ -91,6 +115,32 @@ class LlamaCppEngine:
             if self._llm is not None:
                 self._llm.close()
                 self._llm = None
+                self._keepalive = ()
+
+    def logits(self, tokens: list[int]) -> Any:
+        """Logits for every position of `tokens` (a fresh sequence); needs `logits_all=True`. For tests."""
+        if not self.logits_all:
+            raise LocalmoeError("logits() needs an engine created with logits_all=True")
+        import numpy as np
+
+        self.load()
+        with self._gen_lock:
+            self._llm.reset()
+            if self._tap is not None:
+                self._tap.take()
+            self._llm.eval(tokens)
+            self.routing = self._collect_routing(tokens, len(tokens), len(tokens))
+            return np.array(self._llm.scores[: len(tokens)], copy=True)
+
+    def _collect_routing(self, ids: list[int], end: int, n_prompt: int) -> list[TraceToken]:
+        """Trace rows for the last tokens evaluated before position `end` (those from n_prompt on are decoded)."""
+        if self._tap is None:
+            return []
+        rows = self._tap.take()
+        # The tap saw exactly the tokens evaluated since it was last emptied, in order.
+        first = end - len(rows)
+        return [TraceToken(pos, ids[pos], "prompt" if pos < n_prompt else "decode", experts)
+                for pos, experts in zip(range(first, end), rows, strict=True)]
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -129,6 +179,8 @@ class LlamaCppEngine:
         budget = min(config.max_tokens, room)
         llm = self._llm
         vocab = llm._model.vocab
+        if self._tap is not None:
+            self._tap.take()
         if config.seed is not None:
             llm.set_seed(config.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -172,5 +224,8 @@ class LlamaCppEngine:
         finally:
             gen.close()
             stats.wall_s = time.perf_counter() - t0
+            if self._tap is not None:
+                ids = list(llm.input_ids[: llm.n_tokens])
+                self.routing = self._collect_routing(ids, llm.n_tokens, len(tokens))
             if t_first is not None and t_last is not None and received > 1 and t_last > t_first:
                 stats.tokens_per_s = (received - 1) / (t_last - t_first)

@@ -1,0 +1,313 @@
+"""Where every tensor of a GGUF model lives on this machine, or why it cannot run.
+
+Hardware budgets × model layout × context length → how many layers go to the GPU, which layers keep their
+routed experts in RAM (what users otherwise write by hand as `--n-cpu-moe N` or `-ot ...exps=CPU`), mmap or
+mlock, the largest context that fits, and a refusal naming what would fit when nothing does.
+
+Placement follows llama.cpp's semantics so the plan can be applied as is: `n_gpu_layers` offloads the *last*
+layers (and the output head once it exceeds the layer count), the KV cache of an offloaded layer lives in VRAM,
+token embeddings stay in RAM, and buffer-type overrides move matching expert tensors back to the CPU.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from localmoe.errors import LocalmoeError
+from localmoe.layout import ModelLayout
+from localmoe.units import human_bytes
+
+MiB = 1024**2
+GiB = 1024**3
+VRAM_RESERVE = 512 * MiB  # CUDA context, cuBLAS workspace, fragmentation
+RAM_RESERVE = 512 * MiB  # this process, the UI, the OS's slack
+N_UBATCH = 512  # llama.cpp's default micro-batch: sizes the compute buffers
+DEFAULT_CTX = 4096
+MIN_CTX = 256
+MLOCK_HEADROOM = 2 * GiB  # lock weights in RAM only when this much (or a quarter of RAM) is left for the rest
+EXPERT_PATTERN = r"blk\.({layers})\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+@dataclass
+class Budget:
+    vram_bytes: int  # free VRAM on the GPU we would use; 0 on CPU-only machines
+    ram_bytes: int  # RAM available to us (cgroup caps included)
+    unified: bool = False  # Apple silicon: the "VRAM" is the same RAM
+    gpu_name: str | None = None
+    source: str = "detected"  # detected | override | mixed
+
+    @classmethod
+    def detect(cls, vram: int | None = None, ram: int | None = None) -> Budget:
+        from localmoe import hardware
+
+        hw = hardware.detect(measure=False)
+        gpu = hw.gpus[0] if hw.gpus else None
+        detected_vram = gpu.vram_free_bytes if gpu else 0
+        source = "detected" if vram is None and ram is None else "override" if vram is not None and ram is not None \
+            else "mixed"
+        return cls(
+            vram_bytes=detected_vram if vram is None else vram,
+            ram_bytes=hw.ram_available_bytes if ram is None else ram,
+            unified=bool(gpu and gpu.unified_memory) and vram is None,
+            gpu_name=gpu.name if gpu and (vram is None or vram > 0) else None,
+            source=source,
+        )
+
+
+@dataclass
+class Plan:
+    model: str
+    architecture: str
+    n_layers: int
+    ctx: int
+    max_ctx: int
+    n_gpu_layers: int
+    gpu_expert_layers: list[int]
+    cpu_expert_layers: list[int]  # offloaded layers whose experts are overridden back to RAM
+    use_mmap: bool
+    use_mlock: bool
+    vram_bytes: int  # weights + KV cache + compute buffer on the GPU
+    ram_bytes: int  # weights held in RAM + KV cache + compute buffers, if every page were resident
+    gpu_weight_bytes: int
+    cpu_weight_bytes: int
+    paged_bytes: int  # weights left on disk, read through mmap as tokens need them
+    kv_bytes: int
+    budget: Budget
+    fits: bool = True
+    refusal: str | None = None
+    suggestion: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def overrides(self) -> list[tuple[str, str]]:
+        """(regex, buffer type) pairs for llama.cpp, first match wins."""
+        if not self.cpu_expert_layers:
+            return []
+        return [(EXPERT_PATTERN.format(layers="|".join(map(str, self.cpu_expert_layers))), "CPU")]
+
+    @property
+    def llama_cpp_args(self) -> list[str]:
+        """The same placement as llama.cpp command-line flags, for users who run llama-server too."""
+        args = ["-c", str(self.ctx), "-ngl", str(self.n_gpu_layers)]
+        for pattern, buft in self.overrides:
+            args += ["-ot", f"{pattern}={buft}"]
+        if self.use_mlock:
+            args.append("--mlock")
+        if not self.use_mmap:
+            args.append("--no-mmap")
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["overrides"] = [{"pattern": p, "buffer_type": b} for p, b in self.overrides]
+        d["llama_cpp_args"] = self.llama_cpp_args
+        return d
+
+    def raise_if_refused(self) -> None:
+        if not self.fits:
+            raise LocalmoeError(f"{self.refusal}" + (f"; {self.suggestion}" if self.suggestion else ""))
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    out, start, prev = [], layers[0], layers[0]
+    for x in layers[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
+def describe(plan: Plan, layout: ModelLayout) -> str:
+    b = plan.budget
+    experts = f"{layout.n_experts} experts (top-{layout.n_experts_used})" if layout.is_moe else "dense"
+    gpu = f"{human_bytes(b.vram_bytes)} VRAM free on {b.gpu_name or 'GPU'}" if b.vram_bytes else "no GPU"
+    lines = [
+        f"model    {layout.architecture}, {layout.n_layers} layers, {experts}, {layout.quantization}, "
+        f"{human_bytes(layout.file_bytes)}",
+        f"budget   {gpu}; {human_bytes(b.ram_bytes)} RAM available ({b.source})",
+    ]
+    if not plan.fits:
+        lines.append(f"REFUSED  {plan.refusal}")
+        if plan.suggestion:
+            lines.append(f"         {plan.suggestion}")
+        return "\n".join(lines)
+    if plan.n_gpu_layers == 0:
+        where = "all layers in RAM (CPU)"
+    else:
+        n_off = min(plan.n_gpu_layers, plan.n_layers)
+        where = f"{n_off} of {plan.n_layers} layers on the GPU"
+        where += " with the output head" if plan.n_gpu_layers > plan.n_layers else ""
+        if layout.is_moe:
+            where += f"; experts of layers {_layer_ranges(plan.cpu_expert_layers)} kept in RAM"
+    lines.append(f"plan     {where}")
+    kv = human_bytes(plan.kv_bytes)
+    lines.append(f"context  {plan.ctx} tokens (largest that fits: {plan.max_ctx}); KV cache {kv}")
+    load = "mmap + mlock" if plan.use_mlock else "mmap" if plan.use_mmap else "read into RAM"
+    lines.append(f"memory   VRAM {human_bytes(plan.vram_bytes)}, RAM {human_bytes(plan.ram_bytes)}; {load}")
+    if plan.paged_bytes:
+        lines.append(f"disk     {human_bytes(plan.paged_bytes)} of weights paged from disk as needed")
+    lines.append("llama.cpp flags: " + " ".join(plan.llama_cpp_args))
+    lines += [f"warning  {w}" for w in plan.warnings]
+    lines += [f"note     {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _compute_bytes(layout: ModelLayout) -> int:
+    # The logits of one micro-batch dominate llama.cpp's compute buffer (96 MiB for SmolLM2's 49k vocabulary,
+    # as llama.cpp itself reports); activations add a few times the hidden size per token.
+    return 4 * N_UBATCH * (layout.vocab_size + 16 * layout.embedding_length)
+
+
+@dataclass
+class _Placement:
+    ngl: int
+    gpu_layers: list[int]
+    gpu_expert_layers: list[int]
+    cpu_expert_layers: list[int]
+    vram: int
+    vram_weights: int
+    ram_weights: int
+    ram_resident: int  # KV + compute: must be resident, cannot be paged
+    working_set: int  # what every token touches in RAM: dense weights, active experts' share, KV, compute
+
+
+def _place(layout: ModelLayout, budget: Budget, ctx: int, layer_usage: dict[int, float] | None) -> _Placement:
+    n = layout.n_layers
+    kv_layer = layout.kv_bytes_per_token // max(n, 1) * ctx
+    compute = _compute_bytes(layout)
+    embed = layout.other_bytes - layout.output_bytes
+    vram_usable = max(0, budget.vram_bytes - VRAM_RESERVE)
+
+    ngl, gpu_layers, vram = 0, [], 0
+    if vram_usable > 0:
+        for cand in range(n + 1, 0, -1):
+            layers = list(range(n - min(cand, n), n))
+            need = sum(layout.dense_bytes_per_layer[i] + kv_layer for i in layers) + compute
+            need += layout.output_bytes if cand > n else 0
+            if need <= vram_usable:
+                ngl, gpu_layers, vram = cand, layers, need
+                break
+
+    # Experts fill the VRAM left: the most-used layers first when usage is known, else the last layers first,
+    # which is llama.cpp's --n-cpu-moe convention (the first N layers keep their experts on the CPU).
+    order = sorted(gpu_layers, key=lambda i: -(layer_usage or {}).get(i, 0.0)) if layer_usage else gpu_layers[::-1]
+    gpu_experts = []
+    for i in order:
+        if vram + layout.expert_bytes_per_layer[i] <= vram_usable:
+            vram += layout.expert_bytes_per_layer[i]
+            gpu_experts.append(i)
+    cpu_experts = sorted(i for i in gpu_layers if i not in gpu_experts and layout.expert_bytes_per_layer[i])
+
+    cpu_layers = [i for i in range(n) if i not in gpu_layers]
+    ram_dense = embed + sum(layout.dense_bytes_per_layer[i] for i in cpu_layers)
+    ram_dense += layout.output_bytes if ngl <= n else 0
+    ram_experts = sum(layout.expert_bytes_per_layer[i] for i in cpu_layers + cpu_experts)
+    resident = kv_layer * len(cpu_layers) + compute
+    active = layout.n_experts_used / layout.n_experts if layout.is_moe else 1.0
+    # Token embeddings are looked up a row at a time: they need not stay resident.
+    working = ram_dense - embed + int(ram_experts * active) + resident
+    vram_weights = vram - (kv_layer * len(gpu_layers) + compute if ngl else 0)
+    return _Placement(ngl, gpu_layers, sorted(gpu_experts), cpu_experts, vram, vram_weights,
+                      ram_dense + ram_experts, resident, working)
+
+
+def _fits(p: _Placement, budget: Budget) -> bool:
+    return p.working_set <= max(0, budget.ram_bytes - RAM_RESERVE)
+
+
+def make_plan(
+    layout: ModelLayout,
+    budget: Budget,
+    ctx: int | None = None,
+    *,
+    layer_usage: dict[int, float] | None = None,
+) -> Plan:
+    """Plan `layout` on `budget`. `ctx` None means the default (4096, or less when the model is shorter or
+    memory is tight); an explicit `ctx` that does not fit is refused with the largest one that does."""
+    trained = layout.context_length or DEFAULT_CTX
+    lo = min(MIN_CTX, trained)
+    ram_usable = max(0, budget.ram_bytes - RAM_RESERVE)
+    if budget.unified:
+        # One pool: plan as CPU-only against RAM, then offload everything, since Metal reads the same pages.
+        budget = Budget(0, budget.ram_bytes, True, budget.gpu_name, budget.source)
+
+    def fits_at(c: int) -> bool:
+        return _fits(_place(layout, budget, c, layer_usage), budget)
+
+    max_ctx = 0
+    if fits_at(lo):
+        good, bad = lo, trained + 1
+        while bad - good > 1:  # binary search: more context only ever needs more memory
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if fits_at(mid) else (good, mid)
+        max_ctx = good
+
+    explicit = ctx is not None
+    use = ctx if ctx is not None else min(DEFAULT_CTX, trained)
+    notes: list[str] = []
+    if use > trained:
+        notes.append(f"the model was trained on {trained} tokens of context; using {trained}")
+        use = trained
+    if not explicit and 0 < max_ctx < use:
+        notes.append(f"context reduced from {use} to {max_ctx} to fit in memory")
+        use = max_ctx
+
+    p = _place(layout, budget, use, layer_usage)
+    kv = layout.kv_bytes_per_token * use
+    plan = Plan(
+        model=layout.path, architecture=layout.architecture, n_layers=layout.n_layers, ctx=use, max_ctx=max_ctx,
+        n_gpu_layers=p.ngl, gpu_expert_layers=p.gpu_expert_layers, cpu_expert_layers=p.cpu_expert_layers,
+        use_mmap=True, use_mlock=False, vram_bytes=p.vram, ram_bytes=p.ram_weights + p.ram_resident,
+        gpu_weight_bytes=p.vram_weights, cpu_weight_bytes=p.ram_weights,
+        paged_bytes=max(0, p.ram_weights + p.ram_resident - ram_usable), kv_bytes=kv, budget=budget, notes=notes,
+    )
+    if budget.unified:
+        plan.n_gpu_layers = layout.n_layers + 1
+        plan.notes.append("unified memory: every layer runs on the GPU from the same RAM")
+
+    if max_ctx == 0:
+        need = p.working_set + RAM_RESERVE
+        plan.fits = False
+        plan.refusal = (
+            f"{layout.architecture} model ({human_bytes(layout.file_bytes)}) cannot run here: even at {lo} tokens "
+            f"of context every token needs {human_bytes(need)} in RAM"
+            + (f" besides {human_bytes(budget.vram_bytes)} of VRAM" if budget.vram_bytes else "")
+            + f", and {human_bytes(budget.ram_bytes)} is available"
+        )
+        ratio = ram_usable / max(1, need - RAM_RESERVE)
+        plan.suggestion = (
+            f"a quantisation at most {ratio:.0%} of this one's size (e.g. Q4_K_M instead of Q8_0/F16) "
+            "or a machine with more memory"
+            if ratio >= 0.2 else "a smaller model; this one is several times too large for this machine"
+        )
+        return plan
+    if use > max_ctx:
+        plan.fits = False
+        plan.refusal = f"a {use}-token context does not fit: the KV cache alone needs {human_bytes(kv)}"
+        plan.suggestion = f"use --ctx {max_ctx} or less (the largest that fits)"
+        return plan
+
+    if plan.paged_bytes:
+        plan.warnings.append(
+            f"the model's CPU-side weights ({human_bytes(p.ram_weights)}) exceed the available RAM "
+            f"({human_bytes(budget.ram_bytes)}): {human_bytes(plan.paged_bytes)} will be read from disk through "
+            "mmap as tokens need them; expect lower speed"
+        )
+    else:
+        headroom = max(MLOCK_HEADROOM, budget.ram_bytes // 4)
+        # Locking keeps the OS from paging the model out under pressure; only worth it with room to spare.
+        plan.use_mlock = p.ram_weights + p.ram_resident + headroom <= ram_usable and _mlock_allowed(p.ram_weights)
+    return plan
+
+
+def _mlock_allowed(nbytes: int) -> bool:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return soft == resource.RLIM_INFINITY or soft >= nbytes

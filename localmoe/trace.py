@@ -1,0 +1,75 @@
+"""Routing traces: which experts every token used in every layer, the input of cache simulation and the UI.
+
+One format for both engines, JSON lines: a header object, then one object per evaluated token:
+
+    {"format": "localmoe-trace", "version": 1, "model": "...", "backend": "llama.cpp",
+     "n_layers": 8, "n_experts": 32, "top_k": 4}
+    {"pos": 0, "token": 1, "phase": "prompt", "experts": [[3, 17, 5, 9], ...one list per layer]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localmoe.errors import LocalmoeError
+
+FORMAT = "localmoe-trace"
+VERSION = 1
+
+
+@dataclass
+class TraceToken:
+    pos: int
+    token: int
+    phase: str  # prompt | decode
+    experts: list[list[int]]  # [layer][k]
+
+
+@dataclass
+class Trace:
+    model: str
+    backend: str
+    n_layers: int
+    n_experts: int
+    top_k: int
+    tokens: list[TraceToken] = field(default_factory=list)
+
+    def header(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "backend": self.backend,
+                "n_layers": self.n_layers, "n_experts": self.n_experts, "top_k": self.top_k}
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.header()) + "\n")
+                for t in self.tokens:
+                    f.write(json.dumps(asdict(t), separators=(",", ":")) + "\n")
+            tmp.replace(p)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LocalmoeError(f"cannot write trace {p}: {exc.strerror or exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        p = Path(path)
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+            head = json.loads(lines[0]) if lines else {}
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise LocalmoeError(f"cannot read trace {p}: {exc}") from None
+        if head.get("format") != FORMAT:
+            raise LocalmoeError(f"{p} is not a localmoe routing trace")
+        if head.get("version", 0) > VERSION:
+            raise LocalmoeError(f"{p} was written by a newer localmoe (trace version {head['version']})")
+        trace = cls(head["model"], head["backend"], head["n_layers"], head["n_experts"], head["top_k"])
+        for n, line in enumerate(lines[1:], start=2):
+            try:
+                trace.tokens.append(TraceToken(**json.loads(line)))
+            except (ValueError, TypeError) as exc:
+                raise LocalmoeError(f"{p}:{n}: bad trace line ({exc})") from None
+        return trace

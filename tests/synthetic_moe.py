@@ -1,0 +1,333 @@
+"""Tiny random-init MoE checkpoints, written both as HF safetensors and as GGUF, for tests and benchmarks.
+
+The two files hold the same weights, so transformers (the reference implementation) and llama.cpp can be
+compared logit for logit, and expert-offloading code can be exercised on a model whose every byte is known.
+
+As a dev script:
+
+    python tests/synthetic_moe.py OUT_DIR [--hidden 1024 --layers 8 --experts 32 --top-k 4 --expert-ff 512]
+
+writes OUT_DIR/hf/ (safetensors + config.json) and OUT_DIR/model.gguf.
+
+Adding an architecture (olmoe, qwen2_moe, ...) means one more `_Arch` entry: its transformers classes, the hub
+names of its MoE block and expert projections, and what llama.cpp's loader for it expects (q/k norms, rope
+layout, shared experts would need their own tensor names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+# The embedded SmolLM2's vocabulary; the GGUF borrows its tokenizer, so the HF model must use the same size.
+SMOLLM2_VOCAB = 49152
+
+
+@dataclass(frozen=True)
+class _Arch:
+    config_class: str  # transformers class names, resolved lazily: importing transformers costs seconds
+    model_class: str
+    gguf_arch: str
+    moe_block: str  # hub name of the MoE block inside a decoder layer
+    expert_proj: tuple[str, str, str]  # hub names of the (gate, up, down) projections of one expert
+    qk_norm: bool  # per-head RMSNorm on q and k (qwen3)
+    # llama.cpp's `llama` arch applies rope to interleaved pairs while HF rotates halves; its converter
+    # reorders the q/k rows to compensate. qwen3moe uses NEOX rope, the same halves layout as HF.
+    permute_qk: bool
+    config_kwargs: Callable[[int, int], dict[str, Any]]  # (experts, expert_ff) -> arch-specific config fields
+
+
+_ARCHS: dict[str, _Arch] = {
+    "qwen3_moe": _Arch(
+        config_class="Qwen3MoeConfig",
+        model_class="Qwen3MoeForCausalLM",
+        gguf_arch="qwen3moe",
+        moe_block="mlp",
+        expert_proj=("gate_proj", "up_proj", "down_proj"),
+        qk_norm=True,
+        permute_qk=False,
+        config_kwargs=lambda experts, expert_ff: {
+            "num_experts": experts,
+            "moe_intermediate_size": expert_ff,
+            # Unused (every layer is sparse) but written to GGUF as feed_forward_length.
+            "intermediate_size": expert_ff,
+            # transformers defaults to False, but llama.cpp's qwen3moe graph always renormalises the top-k
+            # weights (as the released Qwen3 MoE checkpoints do), so False could not match the GGUF.
+            "norm_topk_prob": True,
+        },
+    ),
+    "mixtral": _Arch(
+        config_class="MixtralConfig",
+        model_class="MixtralForCausalLM",
+        gguf_arch="llama",  # llama.cpp runs Mixtral as `llama` with expert tensors
+        moe_block="block_sparse_moe",
+        expert_proj=("w1", "w3", "w2"),
+        qk_norm=False,
+        permute_qk=True,
+        config_kwargs=lambda experts, expert_ff: {
+            "num_local_experts": experts,
+            # llama.cpp's llama arch sizes the expert tensors from feed_forward_length.
+            "intermediate_size": expert_ff,
+        },
+    ),
+}
+
+
+def build_hf_moe(
+    out_dir: Path,
+    arch: str = "qwen3_moe",
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    expert_ff: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    vocab: int | None = None,
+    context_length: int = 4096,
+    init_std: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Random-init a transformers MoE model and `save_pretrained` it (safetensors) into out_dir.
+
+    `vocab` defaults to SmolLM2's 49152 tokens; any other size gives a checkpoint that `hf_to_gguf` refuses,
+    because the GGUF has no tokenizer of its own.
+    `init_std` overrides transformers' initializer_range (0.02). At 0.02 the experts add little to the logits,
+    so a conversion that swaps or misorders experts moves them only a few times the comparison tolerance;
+    tests that must catch such mistakes pass a larger value.
+    """
+    import transformers
+
+    spec = _arch(arch)
+    config = getattr(transformers, spec.config_class)(
+        vocab_size=vocab or SMOLLM2_VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=context_length,
+        tie_word_embeddings=False,  # the GGUF gets its own `output` tensor, as real MoE checkpoints have
+        **({"initializer_range": init_std} if init_std is not None else {}),
+        **spec.config_kwargs(experts, expert_ff),
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec.model_class)(config).to(dtype)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = None) -> Path:
+    """Write a checkpoint saved by `build_hf_moe` as an f32 GGUF that llama.cpp loads.
+
+    The tokenizer (and chat template) comes from `tokenizer_gguf`, by default the embedded SmolLM2.
+    Tensors are streamed one at a time, so a model of several GB converts without holding it in memory.
+    """
+    from safetensors import safe_open
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    config = json.loads((hf_dir / "config.json").read_text())
+    model_type = config["model_type"]
+    spec = _arch(model_type)  # build_hf_moe's arch names are transformers' model_type values
+    if model_type == "qwen3_moe" and not config.get("norm_topk_prob"):
+        raise ValueError("llama.cpp's qwen3moe always renormalises the top-k weights: set norm_topk_prob in the config")
+
+    n_layers = config["num_hidden_layers"]
+    n_experts = config.get("num_experts") or config["num_local_experts"]
+    n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    rope = config.get("rope_parameters") or {}
+    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope['rope_type']!r} is not converted (only plain rope)")
+
+    tokenizer_fields = _tokenizer_fields(tokenizer_gguf or _embedded_gguf())
+    n_tokens = len(tokenizer_fields["tokenizer.ggml.tokens"][0])
+    if n_tokens != config["vocab_size"]:
+        raise ValueError(f"the model's vocab_size is {config['vocab_size']} but the tokenizer has {n_tokens} tokens")
+
+    with ExitStack() as stack:
+        # Read the saved files, not a model's state_dict(): transformers 5 fuses experts in memory, and the
+        # per-expert hub layout on disk is what other tools (and our engines) see.
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in {hf_dir}")
+        ckpt = _Checkpoint([stack.enter_context(safe_open(f, framework="pt")) for f in files], hf_dir)
+        plan = list(_tensor_plan(spec, n_layers, n_experts, n_heads, n_kv, ckpt))
+
+        w = gguf.GGUFWriter(str(out_path), spec.gguf_arch)
+        w.add_name(f"synthetic-{model_type}")
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_block_count(n_layers)
+        w.add_context_length(config["max_position_embeddings"])
+        w.add_embedding_length(config["hidden_size"])
+        w.add_feed_forward_length(config["intermediate_size"])
+        w.add_head_count(n_heads)
+        w.add_head_count_kv(n_kv)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(float(rope_theta))
+        w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(config["num_experts_per_tok"])
+        if "moe_intermediate_size" in config:
+            w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        for key, (value, vtype, sub_type) in tokenizer_fields.items():
+            w.add_key_value(key, value, vtype, sub_type)
+
+        # Shapes come from the safetensors headers, so the header is written before any weight is read.
+        for name, shape, _ in plan:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, shape, read in plan:
+            tensor = np.ascontiguousarray(read(), dtype=np.float32)
+            assert tensor.shape == tuple(shape), (name, tensor.shape, shape)
+            w.write_tensor_data(tensor)
+        w.close()
+    return out_path
+
+
+class _Checkpoint:
+    """Tensors of one saved checkpoint, across however many safetensors shards it has."""
+
+    def __init__(self, handles: list[Any], where: Path) -> None:
+        self._by_key = {key: h for h in handles for key in h.keys()}
+        self._where = where
+
+    def _handle(self, key: str) -> Any:
+        if key not in self._by_key:
+            raise KeyError(f"{self._where} has no tensor {key!r}; was it saved by build_hf_moe?")
+        return self._by_key[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def load(self, key: str) -> np.ndarray:
+        # Through torch: numpy has no bfloat16, and a checkpoint saved with dtype=torch.bfloat16 must convert too.
+        return self._handle(key).get_tensor(key).to(torch.float32).numpy()
+
+
+_Reader = Callable[[], np.ndarray]
+
+
+def _tensor_plan(
+    spec: _Arch, n_layers: int, n_experts: int, n_heads: int, n_kv: int, ckpt: _Checkpoint
+) -> Iterator[tuple[str, tuple[int, ...], _Reader]]:
+    """(gguf name, numpy shape, reader) for every tensor, in file order; readers run only when written."""
+
+    def one(name: str, key: str, permute_heads: int = 0) -> tuple[str, tuple[int, ...], _Reader]:
+        if permute_heads:
+            return name, ckpt.shape(key), lambda: _permute_rope_rows(ckpt.load(key), permute_heads)
+        return name, ckpt.shape(key), lambda: ckpt.load(key)
+
+    yield one("token_embd.weight", "model.embed_tokens.weight")
+    for i in range(n_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        moe = f"{p}{spec.moe_block}."
+        yield one(b + "attn_norm.weight", p + "input_layernorm.weight")
+        yield one(b + "attn_q.weight", p + "self_attn.q_proj.weight", n_heads if spec.permute_qk else 0)
+        yield one(b + "attn_k.weight", p + "self_attn.k_proj.weight", n_kv if spec.permute_qk else 0)
+        yield one(b + "attn_v.weight", p + "self_attn.v_proj.weight")
+        yield one(b + "attn_output.weight", p + "self_attn.o_proj.weight")
+        if spec.qk_norm:
+            yield one(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight")
+            yield one(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight")
+        yield one(b + "ffn_norm.weight", p + "post_attention_layernorm.weight")
+        yield one(b + "ffn_gate_inp.weight", moe + "gate.weight")
+        for short, proj in zip(("gate", "up", "down"), spec.expert_proj, strict=True):
+            keys = [f"{moe}experts.{e}.{proj}.weight" for e in range(n_experts)]
+            # ggml's expert tensors are [n_expert, rows, cols] in numpy order: each HF Linear weight, stacked.
+            shape = (n_experts, *ckpt.shape(keys[0]))
+            yield b + f"ffn_{short}_exps.weight", shape, lambda keys=keys: np.stack([ckpt.load(k) for k in keys])
+    yield one("output_norm.weight", "model.norm.weight")
+    yield one("output.weight", "lm_head.weight")
+
+
+def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k rows from HF's rotate-half rope layout to the interleaved pairs llama.cpp's `llama` uses."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_fields(path: Path) -> dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+    return _tokenizer_fields_cached(Path(path).resolve())
+
+
+@cache  # decoding ~100k vocab and merge strings takes seconds; a test session converts several models
+def _tokenizer_fields_cached(path: Path) -> dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+    """Every `tokenizer.*` key of a GGUF (vocab, merges, special ids, chat template) with its stored types."""
+    reader = gguf.GGUFReader(path, "r")
+    out = {}
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        out[name] = (field.contents(), vtype, sub_type)
+    if "tokenizer.ggml.tokens" not in out:
+        raise ValueError(f"{path} holds no tokenizer (no tokenizer.ggml.tokens)")
+    return out
+
+
+def _embedded_gguf() -> Path:
+    from localmoe.models import embedded_models
+
+    found = embedded_models()
+    if not found:
+        raise FileNotFoundError("the embedded SmolLM2 model is missing (run `make setup`); pass tokenizer_gguf=")
+    return found[0].path
+
+
+def _arch(name: str) -> _Arch:
+    if name not in _ARCHS:
+        raise ValueError(f"unknown arch {name!r}; supported: {', '.join(_ARCHS)}")
+    return _ARCHS[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--arch", default="qwen3_moe", choices=sorted(_ARCHS))
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--expert-ff", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=16)
+    ap.add_argument("--context-length", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    hf = build_hf_moe(
+        args.out_dir / "hf", args.arch, hidden=args.hidden, layers=args.layers, experts=args.experts,
+        top_k=args.top_k, expert_ff=args.expert_ff, heads=args.heads, kv_heads=args.kv_heads,
+        head_dim=args.head_dim, context_length=args.context_length, seed=args.seed,
+    )
+    out = hf_to_gguf(hf, args.out_dir / "model.gguf")
+    print(f"wrote {hf}/ and {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

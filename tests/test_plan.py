@@ -1,0 +1,138 @@
+"""The GGUF placement planner on a table of (model layout, machine) cases, and its CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import run_cli
+from localmoe.layout import ModelLayout, read_layout
+from localmoe.plan import RAM_RESERVE, VRAM_RESERVE, Budget, make_plan
+
+GiB = 1024**3
+
+
+def moe_layout(*, n_layers: int, expert_bytes: int, dense_bytes: int, n_experts: int, top_k: int, embd: int = 2048,
+               vocab: int = 151936, embed_bytes: int = 190_000_000, output_bytes: int = 250_000_000,
+               kv_heads: int = 4, head_dim: int = 128, ctx: int = 40960, quant: str = "Q4_K_M") -> ModelLayout:
+    total = n_layers * (expert_bytes + dense_bytes) + embed_bytes + output_bytes
+    return ModelLayout(
+        path="shaped.gguf", format="gguf", architecture="qwen3moe" if n_experts else "llama", name="shaped",
+        n_layers=n_layers, context_length=ctx, embedding_length=embd, n_heads=32, n_kv_heads=kv_heads,
+        head_dim=head_dim, n_experts=n_experts, n_experts_used=top_k, quantization=quant, has_chat_template=True,
+        file_bytes=total, n_params=0, expert_bytes_per_layer=[expert_bytes] * n_layers,
+        dense_bytes_per_layer=[dense_bytes] * n_layers, other_bytes=embed_bytes + output_bytes,
+        output_bytes=output_bytes, vocab_size=vocab,
+    )
+
+
+# Qwen3-30B-A3B at Q4_K_M: 48 layers × 128 experts (top-8), ~17.4 GiB.
+QWEN3_30B = moe_layout(n_layers=48, expert_bytes=366_000_000, dense_bytes=13_000_000, n_experts=128, top_k=8)
+# A dense 70B at Q4: ~40 GB, every weight read for every token.
+DENSE_70B = moe_layout(n_layers=80, expert_bytes=0, dense_bytes=490_000_000, n_experts=0, top_k=0, embd=8192,
+                       vocab=128256, kv_heads=8, ctx=131072)
+
+
+def assert_within_budget(plan, layout, budget):
+    assert plan.fits, plan.refusal
+    assert plan.vram_bytes <= max(0, budget.vram_bytes - VRAM_RESERVE)
+    # every tensor byte is placed exactly once
+    assert plan.gpu_weight_bytes + plan.cpu_weight_bytes == layout.dense_bytes + layout.expert_bytes
+    if not plan.paged_bytes:
+        assert plan.ram_bytes <= budget.ram_bytes - RAM_RESERVE
+
+
+def test_30b_a3b_on_8gb_gpu_and_32gb_ram():
+    budget = Budget(vram_bytes=8 * GiB, ram_bytes=32 * GiB)
+    plan = make_plan(QWEN3_30B, budget)
+    assert_within_budget(plan, QWEN3_30B, budget)
+    assert plan.n_gpu_layers == 49  # every layer and the output head
+    # llama.cpp's --n-cpu-moe convention: the first layers keep their experts in RAM, the last ones get the GPU
+    n_cpu = len(plan.cpu_expert_layers)
+    assert plan.cpu_expert_layers == list(range(n_cpu)) and 24 <= n_cpu < 48
+    assert plan.gpu_expert_layers == list(range(n_cpu, 48))
+    assert plan.paged_bytes == 0 and not plan.warnings
+    assert plan.ctx == 4096 and plan.max_ctx == 40960
+    [(pattern, buft)] = plan.overrides
+    assert buft == "CPU" and pattern.startswith(r"blk\.(0|1|2|")
+    assert pattern.endswith(r")\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+    assert plan.llama_cpp_args[:4] == ["-c", "4096", "-ngl", "49"]
+
+
+def test_30b_a3b_cpu_only_16gb_runs_from_mmap_with_a_warning():
+    budget = Budget(vram_bytes=0, ram_bytes=16 * GiB)
+    plan = make_plan(QWEN3_30B, budget)
+    assert_within_budget(plan, QWEN3_30B, budget)
+    assert plan.n_gpu_layers == 0 and plan.overrides == [] and plan.gpu_weight_bytes == 0
+    assert plan.use_mmap and not plan.use_mlock
+    assert plan.paged_bytes > 0
+    assert any("read from disk" in w for w in plan.warnings)
+
+
+def test_30b_a3b_cpu_only_64gb_fits_in_ram_and_locks_it():
+    budget = Budget(vram_bytes=0, ram_bytes=64 * GiB)
+    plan = make_plan(QWEN3_30B, budget)
+    assert_within_budget(plan, QWEN3_30B, budget)
+    assert plan.paged_bytes == 0 and not plan.warnings
+
+
+def test_model_larger_than_ram_plus_vram_is_refused_with_a_suggestion():
+    budget = Budget(vram_bytes=8 * GiB, ram_bytes=16 * GiB)
+    assert DENSE_70B.file_bytes > budget.vram_bytes + budget.ram_bytes
+    plan = make_plan(DENSE_70B, budget)
+    assert not plan.fits
+    assert "cannot run here" in plan.refusal and "RAM" in plan.refusal
+    assert "quantisation" in plan.suggestion
+
+
+def test_small_gpu_offloads_some_layers():
+    budget = Budget(vram_bytes=int(1.5 * GiB), ram_bytes=48 * GiB)
+    plan = make_plan(DENSE_70B, budget)
+    assert_within_budget(plan, DENSE_70B, budget)
+    assert 0 < plan.n_gpu_layers < 80
+
+
+def test_explicit_context_that_does_not_fit_is_refused_with_the_largest_that_does():
+    budget = Budget(vram_bytes=0, ram_bytes=4 * GiB)
+    plan = make_plan(QWEN3_30B, budget, ctx=40960)
+    assert not plan.fits and "context does not fit" in plan.refusal
+    assert f"--ctx {plan.max_ctx}" in plan.suggestion and 0 < plan.max_ctx < 40960
+    assert make_plan(QWEN3_30B, budget, ctx=plan.max_ctx).fits
+    assert not make_plan(QWEN3_30B, budget, ctx=plan.max_ctx + 1).fits
+
+
+def test_usage_statistics_put_the_busiest_layers_experts_on_the_gpu():
+    budget = Budget(vram_bytes=4 * GiB, ram_bytes=32 * GiB)
+    usage = {i: (1.0 if i in (3, 7, 11) else 0.1) for i in range(48)}
+    plan = make_plan(QWEN3_30B, budget, layer_usage=usage)
+    assert {3, 7, 11} <= set(plan.gpu_expert_layers)
+    assert_within_budget(plan, QWEN3_30B, budget)
+
+
+def test_embedded_model_plan(smollm):
+    lay = read_layout(smollm.path)
+    plan = make_plan(lay, Budget(vram_bytes=0, ram_bytes=8 * GiB))
+    assert plan.fits and plan.ctx == 4096 and plan.max_ctx == 8192 and plan.n_gpu_layers == 0
+    assert plan.kv_bytes == lay.kv_bytes_per_token * 4096
+
+
+def test_plan_cli_with_budget_overrides(smollm):
+    r = run_cli("plan", str(smollm.path), "--vram", "0", "--ram", "8GiB", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["plan"]["budget"]["ram_bytes"] == 8 * GiB and out["plan"]["budget"]["source"] == "override"
+    assert out["plan"]["fits"] is True and out["layout"]["architecture"] == "llama"
+    human = run_cli("plan", "smollm2", "--ram", "8GiB", "--vram", "0")
+    assert "all layers in RAM" in human.stdout and "llama.cpp flags: -c 4096 -ngl 0" in human.stdout
+
+
+def test_plan_cli_refusal_exits_3(smollm):
+    r = run_cli("plan", str(smollm.path), "--vram", "0", "--ram", "600MiB")
+    assert r.returncode == 3 and "REFUSED" in r.stdout
+
+
+@pytest.mark.parametrize("bad", ["eight", "8XB", ""])
+def test_plan_cli_rejects_bad_sizes(bad, smollm):
+    r = run_cli("plan", str(smollm.path), "--ram", bad)
+    assert r.returncode == 2 and "not a size" in r.stderr and "Traceback" not in r.stderr
