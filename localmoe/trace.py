@@ -5,6 +5,9 @@ One format for both engines, JSON lines: a header object, then one object per ev
     {"format": "localmoe-trace", "version": 1, "model": "...", "backend": "llama.cpp",
      "n_layers": 8, "n_experts": 32, "top_k": 4}
     {"pos": 0, "token": 1, "phase": "prompt", "experts": [[3, 17, 5, 9], ...one list per layer]}
+
+Experts are listed in the router's order (highest weight first). A layer the engine did not compute for a token
+is an empty list: llama.cpp runs the last layer of a prompt batch only for the token whose logits it needs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class TraceToken:
     pos: int
     token: int
     phase: str  # prompt | decode
-    experts: list[list[int]]  # [layer][k]
+    experts: list[list[int]]  # [layer][k]; [] where the layer was not computed for this token
 
 
 @dataclass

@@ -20,3 +20,14 @@ def smollm() -> models.ModelRef:
     found = models.embedded_models()
     assert found, "the embedded SmolLM2 model is missing: run `make setup`"
     return found[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random-init Qwen3-MoE (3 layers, 8 experts, top-2) as a HF checkpoint and the same weights as GGUF."""
+    import synthetic_moe
+
+    root = tmp_path_factory.mktemp("tiny_moe")
+    # init_std 0.05: large enough weights that a wrong conversion shows in the logits (see test_synthetic_moe)
+    hf = synthetic_moe.build_hf_moe(root / "hf", "qwen3_moe", layers=3, experts=8, top_k=2, init_std=0.05)
+    return hf, synthetic_moe.hf_to_gguf(hf, root / "tiny-moe.gguf")

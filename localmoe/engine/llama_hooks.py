@@ -11,9 +11,11 @@ restoring it. The arrays and callbacks must outlive the model: the caller keeps 
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,12 @@ from localmoe.errors import LocalmoeError
 
 TOPK_PREFIX = b"ffn_moe_topk-"
 _patch_lock = threading.Lock()
+
+
+class GGMLTensorHead(ctypes.Structure):
+    # The first fields of `struct ggml_tensor` (public in ggml.h): shape and strides in bytes.
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4)]
 
 
 class TensorBuftOverride(ctypes.Structure):
@@ -60,8 +68,8 @@ def _libs() -> tuple[Any, Any]:
     reg = _ggml.libggml
     base.ggml_get_name.restype = ctypes.c_char_p
     base.ggml_get_name.argtypes = [ctypes.c_void_p]
-    base.ggml_nelements.restype = ctypes.c_int64
-    base.ggml_nelements.argtypes = [ctypes.c_void_p]
+    base.ggml_nbytes.restype = ctypes.c_size_t
+    base.ggml_nbytes.argtypes = [ctypes.c_void_p]
     base.ggml_backend_tensor_get.restype = None
     base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
@@ -139,31 +147,71 @@ class RoutingTap:
             if not name.startswith(TOPK_PREFIX):
                 return True
             layer = int(name[len(TOPK_PREFIX):])
-            n = base.ggml_nelements(tensor)
-            buf = np.empty(n, dtype=np.int32)
-            base.ggml_backend_tensor_get(tensor, buf.ctypes.data, 0, buf.nbytes)
+            # The top-k node is a strided view of the argsort over all experts: [k, n_tokens] with a row stride
+            # of n_expert ints. Copy the whole span (ggml_nbytes covers it) and pick the first k of each row.
+            head = GGMLTensorHead.from_address(tensor)
+            k, n_tok, row = head.ne[0], head.ne[1], head.nb[1] // 4
+            span = np.empty(base.ggml_nbytes(tensor) // 4, dtype=np.int32)
+            base.ggml_backend_tensor_get(tensor, span.ctypes.data, 0, span.nbytes)
+            rows = np.lib.stride_tricks.as_strided(span, shape=(n_tok, k), strides=(row * 4, 4)).copy()
             if not self.steps or layer in self.steps[-1]:
                 self.steps.append({})  # layer 0 again: the next batch (or token) is being evaluated
-            self.steps[-1][layer] = buf.reshape(-1, self.top_k)
+            self.steps[-1][layer] = rows
             return True
 
         return llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(on_eval)
 
     def take(self) -> list[list[list[int]]]:
-        """Per evaluated token (in order), per layer, the chosen experts; clears what was collected."""
+        """Per evaluated token (in order), per layer, the chosen experts; clears what was collected.
+
+        llama.cpp computes the last layer only for the tokens whose logits are wanted (the last one of a prompt
+        batch), so a prompt token can lack that layer: its entry is then an empty list."""
         tokens: list[list[list[int]]] = []
         for step in self.steps:
             layers = sorted(step)
-            for t in range(step[layers[0]].shape[0]):
-                tokens.append([step[i][t].tolist() for i in layers])
+            n = max(step[i].shape[0] for i in layers)
+            for t in range(n):
+                # a layer with fewer rows kept the batch's last rows
+                tokens.append([step[i][t - (n - step[i].shape[0])].tolist() if t >= n - step[i].shape[0] else []
+                               for i in layers])
         self.steps = []
         return tokens
 
 
+@dataclass
+class LoadLog:
+    """What llama.cpp logged while loading: kept out of the user's terminal, quoted when loading fails."""
+
+    lines: list[tuple[int, str]] = field(default_factory=list)
+
+    def errors(self) -> list[str]:
+        """Error lines without llama.cpp's function-name prefixes ("llama_model_load: error loading model: ")."""
+        return [re.sub(r"^(\w+: )+(error loading model: )?", "", text.strip())
+                for level, text in self.lines if level == GGML_LOG_LEVEL_ERROR and text.strip()]
+
+    def text(self) -> str:
+        return "".join(text for _, text in self.lines)
+
+
+# ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's _logger comment is out of date)
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5
+
+
 @contextmanager
-def patched_defaults(overrides: ctypes.Array | None = None, cb_eval: Any = None) -> Iterator[None]:
-    """Make the default-params functions `Llama.__init__` calls carry our overrides / callback, then restore."""
+def patched_defaults(overrides: ctypes.Array | None = None, cb_eval: Any = None) -> Iterator[LoadLog]:
+    """For one `Llama(...)` call: make the default-params functions carry our overrides / callback, and capture
+    llama.cpp's log (llama-cpp-python prints its errors to stderr even when quiet). Restores everything after."""
     import llama_cpp.llama_cpp as lc
+    from llama_cpp import _logger
+
+    log = LoadLog()
+
+    @lc.llama_log_callback
+    def on_log(level: int, text: bytes, _user: Any) -> None:
+        if level == GGML_LOG_LEVEL_CONT and log.lines:
+            level = log.lines[-1][0]
+        log.lines.append((level, text.decode("utf-8", errors="replace")))
 
     with _patch_lock:
         orig_model, orig_ctx = lc.llama_model_default_params, lc.llama_context_default_params
@@ -183,7 +231,9 @@ def patched_defaults(overrides: ctypes.Array | None = None, cb_eval: Any = None)
 
         lc.llama_model_default_params = model_params
         lc.llama_context_default_params = ctx_params
+        lc.llama_log_set(on_log, ctypes.c_void_p(0))
         try:
-            yield
+            yield log
         finally:
             lc.llama_model_default_params, lc.llama_context_default_params = orig_model, orig_ctx
+            lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

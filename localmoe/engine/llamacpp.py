@@ -62,6 +62,7 @@ class LlamaCppEngine:
         self._llm: Any = None
         self._tap: Any = None
         self._keepalive: tuple[Any, ...] = ()
+        self.load_log = ""  # llama.cpp's own log of the load, for diagnostics
         self._load_lock = threading.Lock()
         # One generation at a time per model: llama.cpp contexts are not re-entrant.
         self._gen_lock = threading.Lock()
@@ -89,8 +90,9 @@ class LlamaCppEngine:
             # llama.cpp reads both through raw pointers for the model's lifetime.
             self._keepalive = (overrides, self._tap)
             t0 = time.perf_counter()
+            log = llama_hooks.LoadLog()
             try:
-                with llama_hooks.patched_defaults(overrides, self._tap.callback if self._tap else None):
+                with llama_hooks.patched_defaults(overrides, self._tap.callback if self._tap else None) as log:
                     self._llm = Llama(
                         model_path=str(self.path),
                         n_ctx=self.n_ctx,
@@ -103,7 +105,9 @@ class LlamaCppEngine:
                         verbose=False,
                     )
             except (ValueError, RuntimeError) as exc:
-                raise LocalmoeError(f"llama.cpp could not load {self.path.name}: {exc}") from None
+                reason = next(iter(log.errors()), "") or str(exc)
+                raise LocalmoeError(f"llama.cpp could not load {self.path.name}: {reason}") from None
+            self.load_log = log.text()
             self.load_s = time.perf_counter() - t0
             meta = self._llm.metadata
             self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") == "true"
@@ -139,7 +143,7 @@ class LlamaCppEngine:
         rows = self._tap.take()
         # The tap saw exactly the tokens evaluated since it was last emptied, in order.
         first = end - len(rows)
-        return [TraceToken(pos, ids[pos], "prompt" if pos < n_prompt else "decode", experts)
+        return [TraceToken(pos, int(ids[pos]), "prompt" if pos < n_prompt else "decode", experts)
                 for pos, experts in zip(range(first, end), rows, strict=True)]
 
     def _token_text(self, token: int) -> str:
