@@ -41,7 +41,9 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python benchmarks/ask_vs_llamacpp.py
+	$(BIN)/python benchmarks/ask_vs_llamacpp.py --write
+	$(BIN)/python benchmarks/telemetry_cost.py --write
+	$(BIN)/python benchmarks/memcap_moe.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info

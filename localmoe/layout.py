@@ -227,7 +227,7 @@ def _quantization(file_type: Any, by_type: Counter[str]) -> str:
             from gguf import LlamaFileType
 
             name = LlamaFileType(int(file_type)).name
-            return name.removeprefix("MOSTLY_")
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except (ValueError, ImportError):
             pass
     return by_type.most_common(1)[0][0] if by_type else "unknown"
