@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/ask_vs_llamacpp.py --write
 	$(BIN)/python benchmarks/telemetry_cost.py --write
 	$(BIN)/python benchmarks/memcap_moe.py --write
+	$(BIN)/python benchmarks/sampler_cost.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -51,8 +51,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 s = reply.stats
                 rate = f"{s.tokens_per_s:.1f} tok/s" if s.tokens_per_s else "-"
                 ttft = f"{s.ttft_s:.2f}s" if s.ttft_s is not None else "-"
-                print(f"\x1b[2m{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}\x1b[0m",
-                      file=sys.stderr)
+                energy = ""
+                if reply.energy is not None:
+                    e = reply.energy
+                    energy = f" · {'' if e.measured else '~'}{e.joules:.1f} J ({e.meter})"
+                print(f"\x1b[2m{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}{energy}"
+                      "\x1b[0m", file=sys.stderr)
     finally:
         session.close()
     return 0
@@ -164,6 +168,81 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if p.fits else 3
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from localmoe import bench, report
+    from localmoe.recorder import Recorder
+
+    sub = getattr(args, "bench_cmd", None)
+    with Recorder() as rec:
+        if sub == "list":
+            runs = bench.list_runs(rec)
+            if args.json:
+                _print_json(runs)
+            else:
+                print(_table([[str(r["id"]), r["suite"], r["status"], str(r["items"]), r["started_at"][:19],
+                               r["meter"] or ""] for r in runs], ["RUN", "SUITE", "STATUS", "ITEMS", "STARTED",
+                                                                 "METER"]) if runs else "no benchmark runs yet")
+            return 0
+        if sub == "compare":
+            cmp = bench.compare(rec, args.run_a, args.run_b)
+            if args.json:
+                _print_json(cmp)
+                return 0
+            for side in ("a", "b"):
+                h = cmp[side]
+                print(f"run {h['run_id']} ({h['suite']}, {h['started_at'][:19]}, {h['machine']}, {h['meter']})")
+            rows = []
+            for r in cmp["rows"]:
+                a, b, d = r["a"] or {}, r["b"] or {}, r["delta"] or {}
+                rows.append([r["model"], r["policy"]] + [
+                    f"{report.fmt(k, a.get(k))} → {report.fmt(k, b.get(k))}"
+                    + (f" ({d[k]:+.3g})" if k in d else "")
+                    for k in ("accuracy", "joules_per_query", "avg_watts", "ipw")])
+            print(_table(rows, ["MODEL", "POLICY", "ACCURACY", "J/QUERY", "AVG W", "IPW"]))
+            return 0
+
+        progress = None
+        started: dict[str, int] = {}
+
+        def on_start(run_id: int, suite: Any) -> None:
+            started["run"] = run_id
+            for err in suite.errors:
+                print(f"localmoe: warning: {suite.source}: {err} (skipped)", file=sys.stderr)
+
+        if not args.json and sys.stderr.isatty():
+            def progress(done: int, total: int, label: str) -> None:
+                width = 30
+                bar = "█" * (width * done // max(total, 1))
+                print(f"\r{label:<40} {bar:<{width}} {done}/{total}", end="", file=sys.stderr, flush=True)
+
+        models_arg = [m for m in (args.models or "").split(",") if m]
+        policies = [p for p in (args.policies or "").split(",") if p] or None
+        try:
+            run_id = bench.run(rec, suite=args.suite, model_names=models_arg, policies=policies, limit=args.limit,
+                               max_tokens=args.max_tokens, resume=args.resume, idle_seconds=args.idle,
+                               progress=progress, on_start=on_start)
+        except KeyboardInterrupt:
+            if "run" in started:
+                print(f"\nlocalmoe: benchmark run {started['run']} interrupted; finished items are kept. "
+                      f"Continue with `localmoe bench --resume {started['run']}`.", file=sys.stderr)
+                return 130
+            raise
+        if progress:
+            print(file=sys.stderr)
+        res = bench.results(rec, run_id)
+    if args.report:
+        report.write_html(res, args.report)
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"run {run_id}: suite {res['suite']}, {res['machine']}")
+    print(_table(report.table_rows(res), [label.upper() for _, label in report.COLUMNS]))
+    print(report.energy_note(res))
+    if args.report:
+        print(f"report written to {args.report}")
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from localmoe.recorder import Recorder
 
@@ -177,8 +256,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 0
     for r in reversed(rows):
         rate = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
+        joules = f"{'' if r['measured'] else '~'}{r['joules']:.1f} J" if r.get("joules") is not None else ""
         meta = " · ".join(x for x in (r["created_at"][:19].replace("T", " "), r.get("model") or "",
-                                      r.get("status") or "", rate) if x)
+                                      r.get("status") or "", rate, joules) if x)
         print(f"# {meta}  (conversation {r['conversation_id']})")
         print(f"> {r['prompt']}")
         print(r["answer"] or "(no answer)")
@@ -241,6 +321,28 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--ctx", type=int, help="context length in tokens (default: 4096 or what fits)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+
+    b = sub.add_parser("bench", help="benchmark accuracy and energy (intelligence per watt)",
+                       description="Run a suite of questions with verifiable answers on models/policies and "
+                       "report accuracy, joules, watts and IPW. Also: `bench list`, `bench compare RUN RUN`.")
+    b.add_argument("--suite", default="quick", help="built-in suite name, a JSONL file, or hf:gsm8k|hf:mmlu|hf:arc")
+    b.add_argument("--models", help="comma-separated model ids or .gguf paths (default: the default model)")
+    b.add_argument("--policies", help="comma-separated: direct (default), small, large")
+    b.add_argument("--limit", type=int, help="at most N items of the suite")
+    b.add_argument("--max-tokens", type=int, default=128, help="answer length limit (default 128)")
+    b.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                   help="measure idle power this long first and also record idle-subtracted joules")
+    b.add_argument("--resume", type=int, metavar="RUN", help="continue an interrupted run")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--report", metavar="FILE.html", help="also write an HTML report with an accuracy/energy plot")
+    b.set_defaults(func=cmd_bench)
+    bsub = b.add_subparsers(dest="bench_cmd", metavar="{list,compare}")
+    bl = bsub.add_parser("list", help="list benchmark runs")
+    bl.add_argument("--json", action="store_true")
+    bc = bsub.add_parser("compare", help="compare two runs")
+    bc.add_argument("run_a", type=int)
+    bc.add_argument("run_b", type=int)
+    bc.add_argument("--json", action="store_true")
 
     lg = sub.add_parser("logs", help="show recent exchanges", description="Show recent recorded exchanges.")
     lg.add_argument("-n", type=int, default=10, help="how many (default 10)")

@@ -58,6 +58,53 @@ def m002_generations(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m003_energy_and_bench(db: sqlite_utils.Database) -> None:
+    # Benchmark questions are real exchanges (same engine path, same stats) but stay out of `logs`.
+    db.execute("alter table conversations add column kind text not null default 'chat'")
+    db.execute(
+        """create table energy (
+            message_id integer primary key references messages(id),
+            joules real, net_joules real, idle_watts real, avg_watts real, peak_watts real, seconds real,
+            tokens_per_joule real, meter text, measured integer, created_at text)"""
+    )
+    db.execute(
+        """create table power_samples (
+            message_id integer references messages(id), t real, watts real)"""
+    )
+    db.execute("create index idx_power_samples_message_id on power_samples(message_id)")
+    db.execute(
+        """create table bench_runs (
+            id integer primary key, suite text, source text, models text, policies text, item_limit integer,
+            hardware text, fingerprint text, meter text, measured integer, status text,
+            started_at text, finished_at text, localmoe_version text)"""
+    )
+    db.execute(
+        """create table bench_items (
+            run_id integer references bench_runs(id), model text, policy text, item_id text,
+            question text, expected text, kind text, category text, difficulty integer,
+            output text, extracted text, correct integer, method text, tier text,
+            message_id integer references messages(id),
+            joules real, avg_watts real, seconds real, prompt_tokens integer, completion_tokens integer,
+            ttft_s real, tokens_per_s real, created_at text,
+            primary key (run_id, model, policy, item_id))"""
+    )
+    # IPW (Stanford): accuracy / average power. Accuracy per joule: accuracy / mean energy per query.
+    db.execute(
+        """create view bench_results as
+        select b.run_id, b.model, b.policy, count(*) as n, avg(b.correct) as accuracy,
+               sum(b.joules) as joules, sum(b.joules) / count(*) as joules_per_query,
+               sum(b.joules) / sum(b.seconds) as avg_watts,
+               avg(b.correct) / (sum(b.joules) / sum(b.seconds)) as ipw,
+               avg(b.correct) / (sum(b.joules) / count(*)) as accuracy_per_joule,
+               avg(b.seconds) as latency_s, sum(b.completion_tokens) / sum(b.seconds) as tokens_per_s,
+               avg(case when b.tier = 'large' then 1.0 else 0.0 end) as large_share,
+               r.meter, r.measured, r.fingerprint, r.started_at
+        from bench_items b join bench_runs r on r.id = b.run_id
+        group by b.run_id, b.model, b.policy"""
+    )
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -111,12 +158,35 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def new_conversation(self, model: str, title: str | None = None) -> int:
+    def new_conversation(self, model: str, title: str | None = None, kind: str = "chat") -> int:
         with self._write():
             cur = self.db.execute(
-                "insert into conversations (title, model, created_at) values (?, ?, ?)", [title, model, now()]
+                "insert into conversations (title, model, created_at, kind) values (?, ?, ?, ?)",
+                [title, model, now(), kind],
             )
             return int(cur.lastrowid)
+
+    def insert(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int:
+        """One row, in its own transaction; returns its rowid."""
+        with self._write():
+            return self._insert(table, row, replace=replace)
+
+    def _insert(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int:
+        verb = "insert or replace" if replace else "insert"
+        cur = self.db.execute(
+            f"{verb} into {table} ({', '.join(row)}) values ({', '.join('?' * len(row))})", list(row.values())
+        )
+        return int(cur.lastrowid)
+
+    def update(self, table: str, pk: dict[str, Any], values: dict[str, Any]) -> None:
+        where = " and ".join(f"{k} = ?" for k in pk)
+        with self._write():
+            self.db.execute(f"update {table} set {', '.join(f'{k} = ?' for k in values)} where {where}",
+                            [*values.values(), *pk.values()])
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with _db_errors(self.path):
+            return list(self.db.query(sql, params or []))
 
     def add_message(
         self,
@@ -144,19 +214,29 @@ class Recorder:
             )
             return int(cur.lastrowid)
 
-    def finish_message(self, message_id: int, content: str, status: str, stats: dict[str, Any] | None) -> None:
-        """Store an answer's final text and its generation stats in one transaction."""
+    def finish_message(
+        self,
+        message_id: int,
+        content: str,
+        status: str,
+        stats: dict[str, Any] | None,
+        energy: dict[str, Any] | None = None,
+        samples: list[tuple[float, float]] | None = None,
+    ) -> None:
+        """Store an answer's final text, its generation stats and its energy in one transaction."""
         with self._write():
             self.db.execute(
                 "update messages set content = ?, status = ?, completed_at = ? where id = ?",
                 [content, status, now(), message_id],
             )
             if stats is not None:
-                row = {"message_id": message_id, "created_at": now(), **stats}
-                self.db.execute(
-                    f"insert or replace into generations ({', '.join(row)}) "
-                    f"values ({', '.join('?' * len(row))})",
-                    list(row.values()),
+                self._insert("generations", {"message_id": message_id, "created_at": now(), **stats}, replace=True)
+            if energy is not None:
+                self._insert("energy", {"message_id": message_id, "created_at": now(), **energy}, replace=True)
+            if samples:
+                self.db.executemany(
+                    "insert into power_samples (message_id, t, watts) values (?, ?, ?)",
+                    [(message_id, t, w) for t, w in samples],
                 )
 
     @contextmanager
@@ -177,10 +257,13 @@ class Recorder:
         sql = """
             select q.id as question_id, q.conversation_id, q.content as prompt, q.created_at,
                    a.id as answer_id, a.content as answer, a.model, a.status,
-                   g.prompt_tokens, g.completion_tokens, g.ttft_s, g.tokens_per_s, g.wall_s, g.stop_reason
+                   g.prompt_tokens, g.completion_tokens, g.ttft_s, g.tokens_per_s, g.wall_s, g.stop_reason,
+                   e.joules, e.avg_watts, e.meter, e.measured
             from messages q
+            join conversations c on c.id = q.conversation_id and c.kind = 'chat'
             left join messages a on a.reply_to = q.id and a.role = 'assistant'
             left join generations g on g.message_id = a.id
+            left join energy e on e.message_id = a.id
             where q.role = 'user'
             order by q.id desc
             limit ?

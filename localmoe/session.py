@@ -33,6 +33,7 @@ class Reply:
         self._cancel = cancel
         self._pieces: list[str] = []
         self.stats: GenerationStats | None = None
+        self.energy: Any = None  # meters.EnergyReading once the answer is done
         self.status = "pending"
 
     @property
@@ -42,6 +43,7 @@ class Reply:
     def __iter__(self) -> Iterator[str]:
         engine = self.session.engine
         status = "interrupted"  # what a Ctrl-C or a crash mid-stream leaves behind
+        sampler = self.session._sampler()
         try:
             for piece in engine.stream(self._history, self.session.config, self._cancel):
                 self._pieces.append(piece)
@@ -55,6 +57,8 @@ class Reply:
             status = "cancelled" if self._cancel is not None and self._cancel.is_set() else "interrupted"
             raise
         finally:
+            if sampler is not None:
+                self.energy = sampler.stop()
             self.stats = engine.stats
             if status in ("interrupted", "error"):
                 self.stats.stop_reason = status
@@ -79,6 +83,11 @@ class Reply:
             "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
             "timing": {"ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s, "wall_s": s.wall_s},
             "stop_reason": s.stop_reason,
+            "energy": None if self.energy is None else {
+                "joules": self.energy.joules, "avg_watts": self.energy.avg_watts,
+                "peak_watts": self.energy.peak_watts, "meter": self.energy.meter,
+                "measured": self.energy.measured,
+            },
         }
 
 
@@ -92,15 +101,50 @@ class Session:
         system_prompt: str | None = None,
         engine: Engine | None = None,
         engine_options: dict[str, Any] | None = None,
+        meter: Any = None,
+        keep_samples: bool = False,
+        idle_watts: float | None = None,
     ) -> None:
+        """`meter`: a meters.Meter, None to pick the best available at the first question, False for none.
+        `keep_samples` stores every power sample (benchmarks); `idle_watts` adds idle-subtracted joules."""
         self.model = model if isinstance(model, models.ModelRef) else models.resolve(model)
         self.recorder = recorder or Recorder()
         self.config = config or GenerationConfig(**self.model.defaults)
         self.system_prompt = system_prompt
         self.engine = engine or create_engine(self.model, **(engine_options or {}))
         self.conversation_id: int | None = None
+        self.conversation_kind = "chat"
         self.history: list[Message] = []
         self._lock = threading.Lock()
+        self._meter = meter
+        self.meter_notes: list[str] = []
+        self.keep_samples = keep_samples
+        self.idle_watts = idle_watts
+
+    @property
+    def meter(self) -> Any:
+        """The energy meter, chosen once: hardware counters where present, else a labelled estimate."""
+        if self._meter is None:
+            from localmoe import meters
+
+            self._meter, self.meter_notes = meters.select_meter()
+        return self._meter or None
+
+    def _sampler(self) -> Any:
+        meter = self.meter
+        if meter is None:
+            return None
+        from localmoe import meters
+
+        sampler = meters.Sampler(meter)
+        try:
+            sampler.start()
+        except LocalmoeError as exc:
+            # A meter that stops working must not cost the user the answer: go on without energy figures.
+            self.meter_notes.append(f"energy metering disabled: {exc}")
+            self._meter = False
+            return None
+        return sampler
 
     def load(self) -> None:
         self.engine.load()
@@ -125,7 +169,8 @@ class Session:
         rec = self.recorder
         with self._lock:
             if self.conversation_id is None:
-                self.conversation_id = rec.new_conversation(self.model.id, title=prompt[:80])
+                self.conversation_id = rec.new_conversation(self.model.id, title=prompt[:80],
+                                                            kind=self.conversation_kind)
                 if self.system_prompt:
                     rec.add_message(self.conversation_id, "system", self.system_prompt)
                     self.history = [{"role": "system", "content": self.system_prompt}]
@@ -140,7 +185,21 @@ class Session:
         stats = reply.stats.to_dict() if reply.stats else None
         if stats is not None:
             stats.update(model=reply.model, backend=reply.backend)
-        self.recorder.finish_message(reply.message_id, reply.text, reply.status, stats)
+        energy, samples = None, None
+        if reply.energy is not None:
+            e = reply.energy
+            tokens = reply.stats.completion_tokens if reply.stats else 0
+            energy = {
+                "joules": e.joules, "avg_watts": e.avg_watts, "peak_watts": e.peak_watts, "seconds": e.seconds,
+                "tokens_per_joule": tokens / e.joules if e.joules > 0 else None,
+                "meter": e.meter, "measured": int(e.measured),
+            }
+            if self.idle_watts is not None:
+                from localmoe import meters
+
+                energy.update(idle_watts=self.idle_watts, net_joules=meters.net_joules(e, self.idle_watts))
+            samples = e.samples if self.keep_samples else None
+        self.recorder.finish_message(reply.message_id, reply.text, reply.status, stats, energy, samples)
         if reply.text:
             self.history.append({"role": "assistant", "content": reply.text})
         elif self.history and self.history[-1]["role"] == "user":

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 
-def run_cli(*args: str, home: Path | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_cli(*args: str, home: Path | None = None, timeout: float = 120, env_extra: dict[str, str] | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
     if home is not None:
         env["LOCALMOE_HOME"] = str(home)
     return subprocess.run(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -25,12 +26,19 @@ from localmoe.session import Session
 UPDATE_INTERVAL_S = 0.1
 
 
-def stats_line(model: str, stats: GenerationStats, status: str) -> str:
+def joules_text(energy: Any) -> str:
+    """`~` marks an estimate: no power sensor was readable, so the figure comes from CPU time."""
+    return f"{'' if energy.measured else '~'}{energy.joules:.1f} J"
+
+
+def stats_line(model: str, stats: GenerationStats, status: str, energy: Any = None) -> str:
     parts = [model, f"{stats.completion_tokens} tokens"]
     if stats.tokens_per_s:
         parts.append(f"{stats.tokens_per_s:.1f} tok/s")
     if stats.ttft_s is not None:
         parts.append(f"first token {stats.ttft_s:.2f} s")
+    if energy is not None:
+        parts.append(joules_text(energy))
     if status != "complete":
         parts.append({"cancelled": "stopped"}.get(status, status))
     return " · ".join(parts)
@@ -49,6 +57,7 @@ class Answer(VerticalScroll, can_focus=False):
         self.text = ""
         self.done = False
         self.stats: GenerationStats | None = None
+        self.energy: Any = None
         self.status = "pending"
 
     def compose(self) -> ComposeResult:
@@ -68,14 +77,15 @@ class Answer(VerticalScroll, can_focus=False):
             self.text = text
             await self.query_one(Markdown).update(text)
 
-    def finish(self, stats: GenerationStats | None, status: str, error: str | None = None) -> None:
-        self.done, self.stats, self.status = True, stats, status
+    def finish(self, stats: GenerationStats | None, status: str, error: str | None = None,
+               energy: Any = None) -> None:
+        self.done, self.stats, self.status, self.energy = True, stats, status, energy
         line = self.query_one(".stats", Static)
         if error:
             self.add_class("error")
             line.update(f"error: {error}")
         elif stats is not None:
-            line.update(stats_line(self.model, stats, status))
+            line.update(stats_line(self.model, stats, status, energy))
 
 
 class ChatScreen(Screen):
@@ -92,9 +102,10 @@ class ChatScreen(Screen):
 
     class Done(Message):
         def __init__(self, answer: Answer, text: str, stats: GenerationStats | None, status: str,
-                     error: str | None = None) -> None:
+                     error: str | None = None, energy: Any = None) -> None:
             super().__init__()
             self.answer, self.text, self.stats, self.status, self.error = answer, text, stats, status, error
+            self.energy = energy
 
     class Loaded(Message):
         def __init__(self, model: str | None, error: str | None, load_s: float | None) -> None:
@@ -184,7 +195,7 @@ class ChatScreen(Screen):
                     last = now
                     self.post_message(self.Chunk(answer, text[sent:]))
                     sent = len(text)
-            self.post_message(self.Done(answer, reply.text, reply.stats, reply.status))
+            self.post_message(self.Done(answer, reply.text, reply.stats, reply.status, energy=reply.energy))
         except LocalmoeError as exc:
             self.post_message(self.Done(answer, reply.text if reply else "", None, "error", str(exc)))
 
@@ -197,7 +208,7 @@ class ChatScreen(Screen):
         await message.answer.show(message.text)
         if self.session is not None:
             message.answer.model = self.session.model.id  # the question may have been asked before loading ended
-        message.answer.finish(message.stats, message.status, message.error)
+        message.answer.finish(message.stats, message.status, message.error, message.energy)
         self.generating = False
         self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
 
