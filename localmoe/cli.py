@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -368,3 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # a bug of ours: still one line, with a way to get the details
+        if os.environ.get("LOCALMOE_DEBUG"):
+            raise
+        print(f"localmoe: internal error: {type(exc).__name__}: {exc} (set LOCALMOE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 70

@@ -234,7 +234,7 @@ class Recorder:
             if energy is not None:
                 self._insert("energy", {"message_id": message_id, "created_at": now(), **energy}, replace=True)
             if samples:
-                self.db.executemany(
+                self.db.conn.executemany(
                     "insert into power_samples (message_id, t, watts) values (?, ?, ?)",
                     [(message_id, t, w) for t, w in samples],
                 )

@@ -43,6 +43,7 @@ def test_typed_question_gets_a_streamed_answer(home):
             assert screen.query_one(Question).render().plain == "Which city is the capital of Japan?"
             stats = str(answer.query_one(".stats", Static).render())
             assert "tok/s" in stats and "first token" in stats and "smollm2-135m-instruct" in stats
+            assert stats.endswith(" J") and answer.energy is not None and answer.energy.joules > 0
             assert screen.sub_title == "smollm2-135m-instruct"
 
             # a second question keeps the first on screen and goes to the same conversation

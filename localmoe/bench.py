@@ -1,0 +1,201 @@
+"""Energy benchmarking: suites × models × policies → accuracy, joules, watts, intelligence per watt.
+
+Every question is asked through the same Session path as a chat (so its generation stats and energy land in the
+same tables), in a conversation of kind `bench`, and graded with `scoring`. Each finished item is committed on
+its own, so an interrupted run keeps what it did and `--resume RUN` picks up the rest.
+
+IPW follows the Stanford study: accuracy ÷ average power (W). Accuracy per joule: accuracy ÷ mean joules per query.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from localmoe import __version__, models, scoring, suites
+from localmoe.engine import GenerationConfig
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.recorder import Recorder, now
+
+POLICIES = ("direct", "small", "large", "routed", "cascade")
+RESULT_KEYS = ("policy", "model", "n", "accuracy", "joules", "joules_per_query", "avg_watts", "ipw",
+               "accuracy_per_joule", "latency_s", "tokens_per_s", "large_share", "meter", "measured")
+
+
+@dataclass
+class Target:
+    """One column of the comparison: which model answers, under which policy."""
+
+    model: models.ModelRef
+    policy: str
+
+
+def tier_model(tier: str) -> models.ModelRef:
+    """small: the embedded default; large: the largest installed MoE whose plan fits this machine."""
+    if tier == "small":
+        return models.default_model()
+    from localmoe.layout import read_layout
+    from localmoe.plan import Budget, make_plan
+
+    budget = Budget.detect()
+    best: tuple[int, models.ModelRef] | None = None
+    for ref in models.list_models():
+        try:
+            layout = read_layout(ref.path)
+        except LocalmoeError:
+            continue
+        if layout.is_moe and make_plan(layout, budget).fits and (best is None or layout.file_bytes > best[0]):
+            best = (layout.file_bytes, ref)
+    if best is None:
+        raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "
+                            "pass --models instead")
+    return best[1]
+
+
+def targets(model_names: list[str], policies: list[str]) -> list[Target]:
+    out: list[Target] = []
+    for policy in policies:
+        if policy not in POLICIES:
+            raise UsageError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+        if policy in ("routed", "cascade"):
+            raise LocalmoeError(f"the {policy} policy needs the router, which this version does not have yet")
+        if policy == "direct":
+            names: list[str | None] = list(model_names) or [None]
+            out += [Target(models.resolve(name), "direct") for name in names]
+        else:
+            out.append(Target(tier_model(policy), policy))
+    return out
+
+
+def run(
+    recorder: Recorder,
+    *,
+    suite: str = "quick",
+    model_names: list[str] | None = None,
+    policies: list[str] | None = None,
+    limit: int | None = None,
+    max_tokens: int = 128,
+    resume: int | None = None,
+    meter: Any = None,
+    idle_seconds: float = 0.0,
+    progress: Callable[[int, int, str], None] | None = None,
+    on_start: Callable[[int, suites.Suite], None] | None = None,
+) -> int:
+    """Run (or resume) a benchmark and return its run id. Ctrl-C leaves the run `interrupted` and resumable."""
+    from localmoe import hardware, meters
+    from localmoe.session import Session
+
+    if resume is not None:
+        [row] = recorder.query("select * from bench_runs where id = ?", [resume]) or [None]
+        if row is None:
+            raise UsageError(f"no benchmark run {resume} (see `localmoe bench list`)")
+        suite, limit = row["suite"], row["item_limit"]
+        model_names, policies = json.loads(row["models"]), json.loads(row["policies"])
+    policies = policies or ["direct"]
+    loaded = suites.load_suite(suite, limit=limit)
+    plan = targets(model_names or [], policies)
+    if meter is None:
+        meter, _notes = meters.select_meter()
+    idle = meters.measure_idle(meter, idle_seconds) if idle_seconds > 0 else None
+
+    if resume is None:
+        hw = hardware.detect(measure=False)
+        run_id = recorder.insert("bench_runs", {
+            "suite": suite, "source": loaded.source, "models": json.dumps(model_names or []),
+            "policies": json.dumps(policies), "item_limit": limit, "hardware": json.dumps(hw.to_dict()),
+            "fingerprint": hw.fingerprint, "meter": meter.name, "measured": int(meter.measured),
+            "status": "running", "started_at": now(), "localmoe_version": __version__,
+        })
+    else:
+        run_id = resume
+        recorder.update("bench_runs", {"id": run_id}, {"status": "running"})
+    if on_start:
+        on_start(run_id, loaded)
+    done = {(r["model"], r["policy"], r["item_id"])
+            for r in recorder.query("select model, policy, item_id from bench_items where run_id = ?", [run_id])}
+
+    total = len(loaded.items) * len(plan)
+    finished = len(done)
+    status = "interrupted"
+    try:
+        for target in plan:
+            session = Session(target.model, recorder=recorder, meter=meter, keep_samples=True, idle_watts=idle,
+                              config=GenerationConfig(max_tokens=max_tokens, temperature=0.0))
+            session.conversation_kind = "bench"
+            try:
+                for item in loaded.items:
+                    key = (target.model.id, target.policy, item.id)
+                    if key in done:
+                        continue
+                    session.new_conversation()
+                    reply = session.ask(item.question).run()
+                    verdict = scoring.score(item, reply.text)
+                    s, e = reply.stats, reply.energy
+                    recorder.insert("bench_items", {
+                        "run_id": run_id, "model": target.model.id, "policy": target.policy, "item_id": item.id,
+                        "question": item.question, "expected": item.answer, "kind": item.kind,
+                        "category": item.category, "difficulty": item.difficulty, "output": reply.text,
+                        "extracted": verdict.extracted, "correct": int(verdict.correct), "method": verdict.method,
+                        "tier": target.policy if target.policy in ("small", "large") else None,
+                        "message_id": reply.message_id, "joules": e.joules if e else None,
+                        "avg_watts": e.avg_watts if e else None, "seconds": e.seconds if e else s.wall_s,
+                        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                        "ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s, "created_at": now(),
+                    })
+                    finished += 1
+                    if progress:
+                        progress(finished, total, f"{target.model.id}/{target.policy}")
+            finally:
+                session.engine.close()
+        status = "complete"
+    finally:
+        recorder.update("bench_runs", {"id": run_id}, {"status": status, "finished_at": now()})
+    return run_id
+
+
+def results(recorder: Recorder, run_id: int) -> dict[str, Any]:
+    [row] = recorder.query("select * from bench_runs where id = ?", [run_id]) or [None]
+    if row is None:
+        raise UsageError(f"no benchmark run {run_id} (see `localmoe bench list`)")
+    rows = recorder.query("select * from bench_results where run_id = ? order by model, policy", [run_id])
+    out = []
+    for r in rows:
+        d = {k: r[k] for k in RESULT_KEYS}
+        d["measured"] = bool(d["measured"])
+        out.append(d)
+    hw = json.loads(row["hardware"] or "{}")
+    return {"run_id": run_id, "suite": row["suite"], "status": row["status"], "started_at": row["started_at"],
+            "machine": f"{hw.get('cpu_model', '?')}, {hw.get('physical_cores', '?')} cores",
+            "meter": row["meter"], "measured": bool(row["measured"]), "results": out}
+
+
+def list_runs(recorder: Recorder, limit: int = 20) -> list[dict[str, Any]]:
+    return recorder.query(
+        "select r.id, r.suite, r.status, r.started_at, r.meter, count(b.item_id) as items "
+        "from bench_runs r left join bench_items b on b.run_id = r.id group by r.id order by r.id desc limit ?",
+        [limit],
+    )
+
+
+def compare(recorder: Recorder, a: int, b: int) -> dict[str, Any]:
+    """Both runs' results side by side, matched on (model, policy), with B − A differences."""
+    ra, rb = results(recorder, a), results(recorder, b)
+    index_b = {(r["model"], r["policy"]): r for r in rb["results"]}
+    rows = []
+    for r in ra["results"]:
+        other = index_b.pop((r["model"], r["policy"]), None)
+        rows.append({"model": r["model"], "policy": r["policy"], "a": r, "b": other,
+                     "delta": _delta(r, other)})
+    rows += [{"model": r["model"], "policy": r["policy"], "a": None, "b": r, "delta": None}
+             for r in index_b.values()]
+    return {"a": {k: v for k, v in ra.items() if k != "results"},
+            "b": {k: v for k, v in rb.items() if k != "results"}, "rows": rows}
+
+
+def _delta(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, float] | None:
+    if b is None:
+        return None
+    keys = ("accuracy", "joules_per_query", "avg_watts", "ipw", "accuracy_per_joule", "tokens_per_s")
+    return {k: b[k] - a[k] for k in keys if isinstance(a.get(k), (int, float)) and isinstance(b.get(k), (int, float))}

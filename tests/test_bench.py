@@ -1,0 +1,139 @@
+"""Benchmark mode end to end on the embedded model, and energy on every answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from helpers import run_cli
+from localmoe import bench
+from localmoe.recorder import Recorder
+
+
+def db(home):
+    conn = sqlite3.connect(home / "localmoe.db")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def test_bench_quick_suite_end_to_end(home, tmp_path):
+    report = tmp_path / "report.html"
+    r = run_cli("bench", "--suite", "quick", "--limit", "4", "--json", "--report", str(report), timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    [res] = out["results"]
+    assert out["suite"] == "quick" and res["policy"] == "direct" and res["model"] == "smollm2-135m-instruct"
+    assert res["n"] == 4 and res["meter"] and isinstance(res["measured"], bool)
+
+    conn = db(home)
+    items = [dict(x) for x in conn.execute("select * from bench_items where run_id = ?", [out["run_id"]])]
+    assert len(items) == 4
+    assert all(i["output"] is not None and i["message_id"] and i["joules"] > 0 for i in items)
+    # the reported figures are exactly what the stored per-item verdicts and energies give
+    accuracy = sum(i["correct"] for i in items) / 4
+    joules = sum(i["joules"] for i in items)
+    avg_watts = joules / sum(i["seconds"] for i in items)
+    assert res["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert res["joules"] == pytest.approx(joules, rel=1e-12)
+    assert res["avg_watts"] == pytest.approx(avg_watts, rel=1e-12)
+    assert res["ipw"] == pytest.approx(accuracy / avg_watts, rel=1e-12)
+    assert res["accuracy_per_joule"] == pytest.approx(accuracy / (joules / 4), rel=1e-12)
+    # power samples are kept for benchmark runs, and bench questions stay out of the chat logs
+    assert conn.execute("select count(*) from power_samples").fetchone()[0] >= 4
+    assert json.loads(run_cli("logs", "--json").stdout) == []
+    assert "<svg" in report.read_text() and "accuracy" in report.read_text()
+
+
+def test_interrupted_run_keeps_items_and_resumes(home, tmp_path):
+    suite = tmp_path / "mine.jsonl"
+    suite.write_text(
+        '{"question": "What is 2 + 2? Answer with a number only.", "answer": "4"}\n'
+        "this line is not json\n"
+        '{"question": "What is 3 + 5? Answer with a number only.", "answer": "8"}\n'
+        '{"question": "What is 10 - 7? Answer with a number only.", "answer": "3"}\n'
+    )
+
+    def stop_after_two(done, total, label):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with Recorder() as rec:
+        started = {}
+        with pytest.raises(KeyboardInterrupt):
+            bench.run(rec, suite=str(suite), max_tokens=16, progress=stop_after_two,
+                      on_start=lambda run_id, s: started.update(run=run_id, errors=s.errors))
+        run_id = started["run"]
+        assert started["errors"] and "line 2" in started["errors"][0]
+        [row] = rec.query("select status from bench_runs where id = ?", [run_id])
+        assert row["status"] == "interrupted"
+        assert len(rec.query("select * from bench_items where run_id = ?", [run_id])) == 2
+
+    r = run_cli("bench", "--resume", str(run_id), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    [res] = json.loads(r.stdout)["results"]
+    assert res["n"] == 3
+    assert "line 2" in r.stderr  # the malformed line is reported, not fatal
+    conn = db(home)
+    assert conn.execute("select status from bench_runs where id = ?", [run_id]).fetchone()[0] == "complete"
+
+    other = json.loads(run_cli("bench", "--suite", str(suite), "--json", "--max-tokens", "16", timeout=300).stdout)
+    cmp = run_cli("bench", "compare", str(run_id), str(other["run_id"]))
+    assert cmp.returncode == 0 and "smollm2-135m-instruct" in cmp.stdout and "→" in cmp.stdout
+    listed = json.loads(run_cli("bench", "list", "--json").stdout)
+    assert {x["id"] for x in listed} == {run_id, other["run_id"]}
+
+
+def test_bench_bad_input(home, tmp_path):
+    r = run_cli("bench", "--suite", "no-such-suite")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-suite" in r.stderr
+    r = run_cli("bench", "--policies", "cascade")
+    assert r.returncode != 0 and "router" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("bench", "compare", "998", "999")
+    assert r.returncode != 0 and "no benchmark run" in r.stderr
+
+
+def test_ask_json_reports_energy_from_a_fake_rapl_counter(home, tmp_path):
+    """A RAPL package counter that a thread advances at 25 W while `ask` runs: the answer's joules follow it."""
+    dom = tmp_path / "sys" / "class" / "powercap" / "intel-rapl:0"
+    dom.mkdir(parents=True)
+    (dom / "name").write_text("package-0\n")
+    (dom / "max_energy_range_uj").write_text("262143328850\n")
+    energy = dom / "energy_uj"
+    energy.write_text("1000000\n")
+    stop = threading.Event()
+
+    def advance() -> None:
+        uj, t0 = 1_000_000, time.monotonic()
+        tmp = dom / "energy_uj.tmp"
+        while not stop.is_set():
+            tmp.write_text(f"{uj + int((time.monotonic() - t0) * 25e6)}\n")
+            os.replace(tmp, energy)  # atomic, as a sysfs read is
+            time.sleep(0.005)
+
+    t = threading.Thread(target=advance, daemon=True)
+    t.start()
+    try:
+        r = run_cli("ask", "Name a color.", "--json", "--max-tokens", "48", "--temperature", "0",
+                    env_extra={"LOCALMOE_SYSFS_ROOT": str(tmp_path / "sys")})
+    finally:
+        stop.set()
+        t.join()
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout)["energy"]
+    assert e["measured"] is True and e["meter"].startswith("rapl")
+    assert e["avg_watts"] == pytest.approx(25, rel=0.2)
+    [row] = db(home).execute("select joules, meter, measured from energy").fetchall()
+    assert row["joules"] == pytest.approx(e["joules"]) and row["measured"] == 1
+
+
+def test_ask_json_labels_the_estimate(home, tmp_path):
+    r = run_cli("ask", "Say hi.", "--json", "--max-tokens", "8",
+                env_extra={"LOCALMOE_SYSFS_ROOT": str(tmp_path / "empty-sys")})
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout)["energy"]
+    assert e["measured"] is False and "estimate" in e["meter"] and e["joules"] > 0
