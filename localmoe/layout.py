@@ -106,21 +106,21 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
     if magic != GGUF_MAGIC:
         raise LocalmoeError(f"{p.name} is not a GGUF model file (it does not start with the GGUF signature)")
 
-    from gguf import GGUFReader  # numpy-heavy; imported only when a file is read
+    from localmoe.gguf_file import GGUFFormatError, read_header
 
     try:
-        reader = GGUFReader(p, "r")
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors... on damaged headers
-        raise LocalmoeError(f"{p.name} is a truncated or corrupt GGUF file ({type(exc).__name__}: {exc})") from None
+        header = read_header(p)
+    except (GGUFFormatError, OSError, UnicodeDecodeError) as exc:
+        raise LocalmoeError(f"{p.name} is a truncated or corrupt GGUF file ({exc})") from None
 
-    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=reader.data_offset)
+    end = max((t.offset + t.n_bytes for t in header.tensors), default=header.data_offset)
     if end > size:
         raise LocalmoeError(
             f"{p.name} is truncated: its tensors need {end:,} bytes but the file has {size:,} "
             "(an interrupted download? fetch it again)"
         )
 
-    meta = _Metadata(reader)
+    meta = header.metadata
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise LocalmoeError(f"{p.name} has no general.architecture in its metadata; not a model file")
@@ -141,10 +141,10 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
     other = output = vocab = 0
     params = 0
     by_type: Counter[str] = Counter()
-    for t in reader.tensors:
-        nbytes = int(t.n_bytes)
-        params += int(t.n_elements)
-        by_type[t.tensor_type.name] += nbytes
+    for t in header.tensors:
+        nbytes = t.n_bytes
+        params += t.n_elements
+        by_type[t.type_name] += nbytes
         m = BLOCK_TENSOR.match(t.name)
         if not m:
             other += nbytes
@@ -196,22 +196,6 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
         vocab_size=vocab,
         chat_template=template if isinstance(template, str) else None,
     )
-
-
-class _Metadata:
-    """Lazy access to GGUF key/values: decoding the 49k-entry token list on every read would cost ~0.1 s."""
-
-    def __init__(self, reader: Any) -> None:
-        self._fields = reader.fields
-
-    def get(self, key: str, default: Any = None) -> Any:
-        f = self._fields.get(key)
-        if f is None:
-            return default
-        try:
-            return f.contents()
-        except Exception:
-            return default
 
 
 def _first_int(v: Any) -> int:

@@ -105,6 +105,25 @@ def m003_energy_and_bench(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m004_routing(db: sqlite_utils.Database) -> None:
+    db.execute("alter table generations add column mean_logprob real")
+    db.execute("alter table generations add column min_logprob real")
+    # One row per routed answer: the decision, and whether the cascade escalated after a small-tier answer.
+    db.execute(
+        """create table routing_decisions (
+            message_id integer primary key references messages(id),
+            tier text, model text, strategy text, score real, threshold real, reason text, latency_ms real,
+            notice text, escalated_from integer references messages(id), created_at text)"""
+    )
+    # What users and benchmarks tell us about the small tier: label 1 = the small tier's answer was not good.
+    db.execute(
+        """create table route_labels (
+            id integer primary key, message_id integer references messages(id), prompt text,
+            small_wrong integer, source text, created_at text)"""
+    )
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

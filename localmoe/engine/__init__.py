@@ -21,6 +21,7 @@ class GenerationConfig:
     top_p: float = 0.9
     top_k: int = 40
     seed: int | None = None
+    logprobs: bool = False  # record each token's log-probability (the cascade router's confidence signal)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class GenerationStats:
     tokens_per_s: float | None = None  # decode rate after the first token
     wall_s: float = 0.0
     stop_reason: str = "stop"  # stop | length | cancelled | interrupted | error
+    mean_logprob: float | None = None  # with GenerationConfig.logprobs: over the answer's tokens
+    min_logprob: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -58,7 +58,8 @@ class LlamaCppEngine:
         self.n_threads = n_threads or default_threads()
         self.telemetry = telemetry
         self.logits_all = logits_all
-        self.routing: list[TraceToken] = []  # experts per token of the last generation, when telemetry is on
+        self.routing: list[TraceToken] = []
+        self.token_logprobs: list[float] = []  # experts per token of the last generation, when telemetry is on
         self._llm: Any = None
         self._tap: Any = None
         self._keepalive: tuple[Any, ...] = ()
@@ -136,6 +137,16 @@ class LlamaCppEngine:
             self.routing = self._collect_routing(tokens, len(tokens), len(tokens))
             return np.array(self._llm.scores[: len(tokens)], copy=True)
 
+    def _logprob(self, token: int) -> float:
+        """log p(token) under the logits that produced it: the context still holds them until the next decode."""
+        import llama_cpp
+        import numpy as np
+
+        ptr = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._llm.n_vocab(),))
+        top = float(logits.max())
+        return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
     def _collect_routing(self, ids: list[int], end: int, n_prompt: int) -> list[TraceToken]:
         """Trace rows for the last tokens evaluated before position `end` (those from n_prompt on are decoded)."""
         if self._tap is None:
@@ -188,6 +199,8 @@ class LlamaCppEngine:
         if config.seed is not None:
             llm.set_seed(config.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        logprobs: list[float] | None = [] if config.logprobs else None
+        self.token_logprobs = logprobs or []
         t_first = t_last = None
         received = 0  # decode steps, the end-of-generation token included
         gen = llm.generate(
@@ -209,6 +222,8 @@ class LlamaCppEngine:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     stats.stop_reason = "stop"
                     break
+                if logprobs is not None:
+                    logprobs.append(self._logprob(token))
                 stats.completion_tokens += 1
                 piece = decoder.decode(llm.detokenize([token]))
                 if piece:
@@ -228,6 +243,9 @@ class LlamaCppEngine:
         finally:
             gen.close()
             stats.wall_s = time.perf_counter() - t0
+            if logprobs:
+                stats.mean_logprob = sum(logprobs) / len(logprobs)
+                stats.min_logprob = min(logprobs)
             if self._tap is not None:
                 ids = list(llm.input_ids[: llm.n_tokens])
                 self.routing = self._collect_routing(ids, llm.n_tokens, len(tokens))
