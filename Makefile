@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python benchmarks/telemetry_cost.py --write
 	$(BIN)/python benchmarks/memcap_moe.py --write
 	$(BIN)/python benchmarks/sampler_cost.py --write
+	$(BIN)/python benchmarks/router_latency.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info

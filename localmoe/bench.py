@@ -60,8 +60,9 @@ def targets(model_names: list[str], policies: list[str]) -> list[Target]:
         if policy not in POLICIES:
             raise UsageError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
         if policy in ("routed", "cascade"):
-            raise LocalmoeError(f"the {policy} policy needs the router, which this version does not have yet")
-        if policy == "direct":
+            # both tiers, chosen per question by the router; the column is named after the pair
+            out.append(Target(models.ModelRef("router", models.default_model().path, "router"), policy))
+        elif policy == "direct":
             names: list[str | None] = list(model_names) or [None]
             out += [Target(models.resolve(name), "direct") for name in names]
         else:
@@ -85,6 +86,7 @@ def run(
 ) -> int:
     """Run (or resume) a benchmark and return its run id. Ctrl-C leaves the run `interrupted` and resumable."""
     from localmoe import hardware, meters
+    from localmoe.assistant import Assistant, RoutedReply
     from localmoe.session import Session
 
     if resume is not None:
@@ -121,26 +123,40 @@ def run(
     status = "interrupted"
     try:
         for target in plan:
-            session = Session(target.model, recorder=recorder, meter=meter, keep_samples=True, idle_watts=idle,
-                              config=GenerationConfig(max_tokens=max_tokens, temperature=0.0))
-            session.conversation_kind = "bench"
+            opts = {"meter": meter, "keep_samples": True, "idle_watts": idle}
+            config = GenerationConfig(max_tokens=max_tokens, temperature=0.0, logprobs=True)
+            if target.policy in ("routed", "cascade"):
+                asker: Any = Assistant(recorder=recorder, overrides=vars(config), session_options=opts,
+                                       strategy="cascade" if target.policy == "cascade" else None)
+            else:
+                asker = Session(target.model, recorder=recorder, config=config, **opts)
+            asker.conversation_kind = "bench"
             try:
                 for item in loaded.items:
                     key = (target.model.id, target.policy, item.id)
                     if key in done:
                         continue
-                    session.new_conversation()
-                    reply = session.ask(item.question).run()
-                    verdict = scoring.score(item, reply.text)
-                    s, e = reply.stats, reply.energy
+                    asker.new_conversation()
+                    answer = asker.ask(item.question).run()
+                    replies = [r for r in (getattr(answer, "small_reply", None), getattr(answer, "reply", answer))
+                               if r is not None]
+                    final = replies[-1]
+                    verdict = scoring.score(item, final.text)
+                    tier = answer.decision.tier if isinstance(answer, RoutedReply) else (
+                        target.policy if target.policy in ("small", "large") else None)
+                    energies = [r.energy for r in replies if r.energy is not None]
+                    s = final.stats
                     recorder.insert("bench_items", {
                         "run_id": run_id, "model": target.model.id, "policy": target.policy, "item_id": item.id,
                         "question": item.question, "expected": item.answer, "kind": item.kind,
-                        "category": item.category, "difficulty": item.difficulty, "output": reply.text,
+                        "category": item.category, "difficulty": item.difficulty, "output": final.text,
                         "extracted": verdict.extracted, "correct": int(verdict.correct), "method": verdict.method,
-                        "tier": target.policy if target.policy in ("small", "large") else None,
-                        "message_id": reply.message_id, "joules": e.joules if e else None,
-                        "avg_watts": e.avg_watts if e else None, "seconds": e.seconds if e else s.wall_s,
+                        "tier": tier, "message_id": final.message_id,
+                        # an escalated cascade answer costs both answers
+                        "joules": sum(e.joules for e in energies) if energies else None,
+                        "avg_watts": (sum(e.joules for e in energies) / sum(e.seconds for e in energies))
+                        if energies and sum(e.seconds for e in energies) > 0 else None,
+                        "seconds": sum(e.seconds for e in energies) if energies else s.wall_s,
                         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                         "ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s, "created_at": now(),
                     })
@@ -148,7 +164,7 @@ def run(
                     if progress:
                         progress(finished, total, f"{target.model.id}/{target.policy}")
             finally:
-                session.engine.close()
+                asker.close() if isinstance(asker, Assistant) else asker.engine.close()
         status = "complete"
     finally:
         recorder.update("bench_runs", {"id": run_id}, {"status": status, "finished_at": now()})

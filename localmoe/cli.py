@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from localmoe import __version__
@@ -25,6 +26,18 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _stats_line(reply: Any, route: Any = None) -> str:
+    s = reply.stats
+    rate = f"{s.tokens_per_s:.1f} tok/s" if s.tokens_per_s else "-"
+    ttft = f"{s.ttft_s:.2f}s" if s.ttft_s is not None else "-"
+    energy = ""
+    if reply.energy is not None:
+        e = reply.energy
+        energy = f" · {'' if e.measured else '~'}{e.joules:.1f} J ({e.meter})"
+    tier = f" · {route.tier} tier: {route.reason}" if route is not None else ""
+    return f"{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}{energy}{tier}"
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from localmoe.engine import GenerationConfig
     from localmoe.session import Session
@@ -32,14 +45,33 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
         raise LocalmoeError("the prompt is empty")
-    session = Session(args.model)
-    for warning in session.warnings:
-        print(f"localmoe: warning: {warning}", file=sys.stderr)
     overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
-    session.config = GenerationConfig(**{**session.model.defaults, **overrides})
+    if args.model:  # an explicit model: no routing
+        if args.tier:
+            raise LocalmoeError("--model and --tier exclude each other")
+        session = Session(args.model)
+        session.config = GenerationConfig(**{**session.model.defaults, **overrides})
+        target, closer, route = session, session.close, None
+        notices = session.warnings
+    else:
+        from localmoe.assistant import Assistant
+
+        assistant = Assistant(overrides=overrides, strategy=args.strategy, preference=args.preference)
+        target, closer = assistant, assistant.close
+        notices = list(assistant.notices)
     try:
-        reply = session.ask(prompt)
+        reply = target.ask(prompt, tier=args.tier) if not args.model else target.ask(prompt)
+        if not args.model:
+            notices = list(target.notices)  # tiers resolve while routing: their notices exist only now
+        route = getattr(reply, "decision", None)
+        if route is not None and route.notice:
+            notices.append(route.notice)
+        if route is not None:
+            reply.on_escalate = lambda r: print(f"\nlocalmoe: {r.decision.reason}; the large model answers:",
+                                                file=sys.stderr, flush=True)
+        for notice in dict.fromkeys(notices):
+            print(f"localmoe: notice: {notice}", file=sys.stderr)
         if args.json:
             reply.run()
             _print_json(reply.to_dict())
@@ -49,17 +81,56 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             sys.stdout.write("\n")
             if sys.stderr.isatty():
-                s = reply.stats
-                rate = f"{s.tokens_per_s:.1f} tok/s" if s.tokens_per_s else "-"
-                ttft = f"{s.ttft_s:.2f}s" if s.ttft_s is not None else "-"
-                energy = ""
-                if reply.energy is not None:
-                    e = reply.energy
-                    energy = f" · {'' if e.measured else '~'}{e.joules:.1f} J ({e.meter})"
-                print(f"\x1b[2m{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}{energy}"
-                      "\x1b[0m", file=sys.stderr)
+                final = reply.reply if route is not None else reply
+                print(f"\x1b[2m{_stats_line(final, route)}\x1b[0m", file=sys.stderr)
     finally:
-        session.close()
+        closer()
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from localmoe.assistant import Assistant
+
+    assistant = Assistant(strategy=args.strategy, preference=args.preference)
+    try:
+        decision = assistant.route(args.prompt, tier=None)
+    finally:
+        assistant.close()
+    if args.json:
+        _print_json(decision.to_dict())
+        return 0
+    print(f"{decision.tier} ({decision.model}) · {decision.strategy} · score {decision.score:.2f} vs threshold "
+          f"{decision.threshold:.2f} · {decision.latency_ms:.1f} ms")
+    print(decision.reason)
+    if decision.notice:
+        print(f"notice: {decision.notice}")
+    return 0
+
+
+def cmd_router_train(args: argparse.Namespace) -> int:
+    from localmoe import models, router_train
+    from localmoe.paths import data_dir
+    from localmoe.recorder import Recorder
+    from localmoe.router import ROUTER_FILE, TokenEmbedder
+
+    small = models.default_model()
+    rows = router_train.shipped_labels()
+    if not args.shipped:
+        with Recorder() as rec:
+            rows += router_train.collected_labels(rec, small.id)
+    trained = router_train.train(rows, TokenEmbedder(small.path))
+    out = Path(args.out) if args.out else data_dir() / ROUTER_FILE
+    try:
+        out.write_text(json.dumps(trained, indent=1))
+    except OSError as exc:
+        raise LocalmoeError(f"cannot write {out}: {exc.strerror or exc}") from None
+    ev = trained["evaluation"]
+    print(f"trained on {ev['n_train']} labels, evaluated on {ev['n_test']} held out "
+          f"(sources: {', '.join(trained['sources'])}); small-tier accuracy {ev['small_accuracy']:.1%}")
+    rows_out = [[name, f"{auc:.3f}", f"{ev['large_share'].get(name, 0):.0%}", f"{ev['apgr'].get(name, 0):.3f}"]
+                for name, auc in ev["auc"].items()]
+    print(_table(rows_out, ["STRATEGY", "HELD-OUT AUC", "LARGE SHARE (balanced)", "APGR"]))
+    print(f"default strategy: {trained['default_strategy']}; written to {out}")
     return 0
 
 
@@ -174,6 +245,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from localmoe.recorder import Recorder
 
     sub = getattr(args, "bench_cmd", None)
+    if sub == "router":
+        return _bench_router(args)
     with Recorder() as rec:
         if sub == "list":
             runs = bench.list_runs(rec)
@@ -244,6 +317,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_router(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from localmoe import router_eval, router_train
+    from localmoe.router import Router
+
+    rows = router_train.read_labels(args.labels)
+    y = np.array([r["small_wrong"] for r in rows], dtype=float)
+    small, large = 1 - y, np.array([r["large_correct"] for r in rows])
+    router = Router()
+    out: dict[str, Any] = {"suite": args.labels, "n": len(rows), "small_accuracy": float(small.mean()),
+                           "large_accuracy": float(large.mean()), "strategies": {}}
+    for name in ("features", "learned", "cascade"):
+        if name == "cascade":
+            if any(r["mean_logprob"] is None for r in rows) or router.trained is None:
+                continue
+            scores = np.array([router.trained["cascade"].predict(np.array([r["mean_logprob"], r["min_logprob"]]))
+                               for r in rows])
+        else:
+            if name == "learned" and router.trained is None:
+                continue
+            scores = np.array([router.score(r["question"], name)[0] for r in rows])
+        points = router_eval.operating_points(scores, small, large)
+        shares = {}
+        for pref in ("quality", "balanced", "energy"):
+            router.preference = pref
+            shares[pref] = float(np.mean(scores >= router.threshold(name)))
+        out["strategies"][name] = {
+            "auc": router_eval.auc(scores, y) if len(set(y)) == 2 else None,
+            "apgr": router_eval.apgr(scores, small, large),
+            "large_share": shares,
+            "accuracy_at_share": {f"{s:.1f}": router_eval.accuracy_at_share(points, s)
+                                  for s in router_train.SHARES},
+        }
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"{out['n']} questions; small tier {out['small_accuracy']:.1%}, large tier {out['large_accuracy']:.1%}")
+    rows_out = []
+    for name, r in out["strategies"].items():
+        acc = r["accuracy_at_share"]
+        rows_out.append([name, f"{r['auc']:.3f}" if r["auc"] is not None else "-", f"{r['apgr']:.3f}",
+                         " / ".join(f"{r['large_share'][p]:.0%}" for p in ("quality", "balanced", "energy")),
+                         " ".join(f"{acc[k]:.0%}" for k in ("0.0", "0.2", "0.4", "0.6", "0.8", "1.0"))])
+    print(_table(rows_out, ["STRATEGY", "AUC", "APGR", "LARGE SHARE (quality/balanced/energy)",
+                            "ACCURACY AT 0/20/40/60/80/100% LARGE"]))
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from localmoe.recorder import Recorder
 
@@ -290,7 +412,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-tokens", type=int, help="stop after this many tokens (default 512)")
     a.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     a.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    a.add_argument("--tier", choices=["small", "large"], help="skip the router: answer on this tier")
+    a.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy")
+    a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     a.set_defaults(func=cmd_ask)
+
+    rt = sub.add_parser("route", help="show where the router would send a prompt, without answering",
+                        description="Print the router's decision: tier, model, strategy, score, threshold, reason.")
+    rt.add_argument("prompt")
+    rt.add_argument("--strategy", choices=["features", "learned", "cascade"])
+    rt.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(func=cmd_route)
+
+    ro = sub.add_parser("router", help="train the router", description="Router maintenance.")
+    rosub = ro.add_subparsers(dest="router_cmd", metavar="{train}", required=True)
+    tr = rosub.add_parser("train", help="fit the router on labelled outcomes",
+                          description="Fit the features, learned and cascade strategies on the shipped labels plus "
+                          "this machine's benchmark results and user signals; print held-out AUC.")
+    tr.add_argument("--shipped", action="store_true", help="use only the shipped labels")
+    tr.add_argument("--out", help="where to write the router (default: <data dir>/router.json)")
+    tr.set_defaults(func=cmd_router_train)
 
     t = sub.add_parser("trace", help="record which experts each token uses",
                        description="Answer a prompt with routing telemetry on and write the experts every token "
@@ -337,7 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--report", metavar="FILE.html", help="also write an HTML report with an accuracy/energy plot")
     b.set_defaults(func=cmd_bench)
-    bsub = b.add_subparsers(dest="bench_cmd", metavar="{list,compare}")
+    bsub = b.add_subparsers(dest="bench_cmd", metavar="{list,compare,router}")
+    br = bsub.add_parser("router", help="evaluate the router on questions with per-tier correctness labels",
+                         description="AUC for predicting small-tier failure, large-call share per preference, "
+                         "accuracy at each operating point, and APGR (RouteLLM). The file is JSONL with "
+                         "`question`, `small_correct` and optionally `large_correct` (default 1), `mean_logprob`, "
+                         "`min_logprob` (for the cascade).")
+    br.add_argument("--suite", dest="labels", required=True, help="labelled JSONL file")
+    br.add_argument("--json", action="store_true")
     bl = bsub.add_parser("list", help="list benchmark runs")
     bl.add_argument("--json", action="store_true")
     bc = bsub.add_parser("compare", help="compare two runs")

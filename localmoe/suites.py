@@ -426,8 +426,9 @@ def _letters_template(difficulty: int) -> Template:
         text = r.choice(_WORDS[difficulty])
         present = [c for c in text if c.isalpha()]
         # a letter the word lacks now and then (answer 0), otherwise one drawn in proportion to how often it occurs
-        if difficulty >= 2 and r.random() < 0.15:
-            letter = r.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in text])
+        absent = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in text]  # a pangram lacks none
+        if difficulty >= 2 and r.random() < 0.15 and absent:
+            letter = r.choice(absent)
         else:
             letter = r.choice(present)
         where = f'the phrase "{text}"' if " " in text else f'the word "{text}"'
@@ -438,12 +439,12 @@ def _letters_template(difficulty: int) -> Template:
 
 
 @cache
-def _arithmetic() -> tuple[Item, ...]:
-    return tuple(_generate("arith", "arithmetic", 101, 40, {d: [_arithmetic_template(d)] for d in range(1, 6)}))
+def _arithmetic(seed: int = 101, count: int = 40, prefix: str = "arith") -> tuple[Item, ...]:
+    return tuple(_generate(prefix, "arithmetic", seed, count, {d: [_arithmetic_template(d)] for d in range(1, 6)}))
 
 
 @cache
-def _word_problems() -> tuple[Item, ...]:
+def _word_problems(seed: int = 202, count: int = 30, prefix: str = "word") -> tuple[Item, ...]:
     templates: dict[int, list[Template]] = {
         1: [_wp_pencils, _wp_age_later, _wp_marbles],
         2: [_wp_change, _wp_distance, _wp_boxes],
@@ -451,11 +452,11 @@ def _word_problems() -> tuple[Item, ...]:
         4: [_wp_pages, _wp_two_legs, _wp_sum_ages],
         5: [_wp_discount, _wp_pipes, _wp_twice_as_old],
     }
-    return tuple(_generate("word", "word_problem", 202, 30, templates))
+    return tuple(_generate(prefix, "word_problem", seed, count, templates))
 
 
 @cache
-def _dates() -> tuple[Item, ...]:
+def _dates(seed: int = 303, count: int = 30, prefix: str = "date") -> tuple[Item, ...]:
     templates: dict[int, list[Template]] = {
         1: [lambda r: _date_after(r, 1, 1), lambda r: _days_between(r, 2, 9)],
         2: [lambda r: _date_after(r, 2, 9), lambda r: _weekday_from(r, 1, 6)],
@@ -463,11 +464,11 @@ def _dates() -> tuple[Item, ...]:
         4: [lambda r: _days_between(r, 61, 400), _date_before],
         5: [_weekday, lambda r: _date_after(r, 100, 1000)],
     }
-    return tuple(_generate("date", "date", 303, 30, templates))
+    return tuple(_generate(prefix, "date", seed, count, templates))
 
 
 @cache
-def _units() -> tuple[Item, ...]:
+def _units(seed: int = 404, count: int = 30, prefix: str = "unit") -> tuple[Item, ...]:
     templates: dict[int, list[Template]] = {
         1: [_u_km_m, _u_kg_g, _u_h_min],
         2: [_u_km_m_decimal, _u_m_km, _u_g_kg, _u_hm_min],
@@ -475,12 +476,12 @@ def _units() -> tuple[Item, ...]:
         4: [_u_f_c, _u_kmh_ms, _u_hms_s],
         5: [_u_c_f_any, _u_recipe, _u_walk],
     }
-    return tuple(_generate("unit", "unit", 404, 30, templates))
+    return tuple(_generate(prefix, "unit", seed, count, templates))
 
 
 @cache
-def _letters() -> tuple[Item, ...]:
-    return tuple(_generate("letter", "letters", 505, 30, {d: [_letters_template(d)] for d in range(1, 6)}))
+def _letters(seed: int = 505, count: int = 30, prefix: str = "letter") -> tuple[Item, ...]:
+    return tuple(_generate(prefix, "letters", seed, count, {d: [_letters_template(d)] for d in range(1, 6)}))
 
 
 @cache
@@ -499,10 +500,21 @@ _CATEGORIES: dict[str, Callable[[], tuple[Item, ...]]] = {
     "facts": lambda: _facts()[0],
 }
 _MIXES = {"quick": 4, "mixed": 20}  # items taken from each category
+_GENERATED = (_arithmetic, _word_problems, _dates, _units, _letters)
+
+
+def _router_train() -> list[Item]:
+    """Questions for labelling the router: the same generators with other seeds (so no overlap with the
+    evaluation suites' numbers), 100 per generated category, plus the authored facts."""
+    items: list[Item] = []
+    for n, build in enumerate(_GENERATED):
+        default_prefix = build.__wrapped__.__defaults__[2]
+        items += build(seed=7919 + n, count=100, prefix=f"rt-{default_prefix}")
+    return items + list(_facts()[0])
 
 
 def builtin_suites() -> list[str]:
-    return ["quick", *_CATEGORIES, "mixed"]
+    return ["quick", *_CATEGORIES, "mixed", "router-train"]
 
 
 def _spread(pool: Iterable[Item], n: int, offset: int) -> list[Item]:
@@ -531,6 +543,8 @@ def _mix(per_category: int) -> list[Item]:
 
 
 def _builtin(name: str) -> Suite:
+    if name == "router-train":
+        return Suite(name, _router_train(), "builtin", list(_facts()[1]))
     if name in _MIXES:
         items = _mix(_MIXES[name])
     else:

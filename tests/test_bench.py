@@ -91,8 +91,8 @@ def test_interrupted_run_keeps_items_and_resumes(home, tmp_path):
 def test_bench_bad_input(home, tmp_path):
     r = run_cli("bench", "--suite", "no-such-suite")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-suite" in r.stderr
-    r = run_cli("bench", "--policies", "cascade")
-    assert r.returncode != 0 and "router" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("bench", "--policies", "sometimes")
+    assert r.returncode == 2 and "unknown policy" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("bench", "compare", "998", "999")
     assert r.returncode != 0 and "no benchmark run" in r.stderr
 
@@ -137,3 +137,17 @@ def test_ask_json_labels_the_estimate(home, tmp_path):
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)["energy"]
     assert e["measured"] is False and "estimate" in e["meter"] and e["joules"] > 0
+
+
+def test_routed_policy_records_tiers(home, tmp_path):
+    suite = tmp_path / "two.jsonl"
+    suite.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n'
+                     '{"question": "What is 17 * 23 + 4? Answer with a number only.", "answer": "395"}\n')
+    r = run_cli("bench", "--suite", str(suite), "--policies", "direct,routed", "--json", "--max-tokens", "16",
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = {x["policy"]: x for x in json.loads(r.stdout)["results"]}
+    assert set(res) == {"direct", "routed"} and res["routed"]["model"] == "router"
+    assert res["routed"]["n"] == 2 and 0 <= res["routed"]["large_share"] <= 1
+    tiers = [t for (t,) in db(home).execute("select tier from bench_items where policy = 'routed'")]
+    assert len(tiers) == 2 and set(tiers) <= {"small", "large"}

@@ -28,7 +28,7 @@ def _stem(item: Item) -> str:
 
 
 def test_registry_names_sizes_and_well_formed_items():
-    assert builtin_suites() == ["quick", *CATEGORIES, "mixed"]
+    assert builtin_suites() == ["quick", *CATEGORIES, "mixed", "router-train"]
     sizes = {name: len(load_suite(name).items) for name in builtin_suites()}
     assert sizes["quick"] == 24 and sizes["mixed"] == 120
     assert all(sizes[c] >= 30 for c in CATEGORIES), sizes

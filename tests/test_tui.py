@@ -50,7 +50,7 @@ def test_typed_question_gets_a_streamed_answer(home):
             await type_and_send(pilot, "And of Italy?")
             await wait_for(pilot, lambda: len(screen.query(Answer)) == 2 and screen.query(Answer)[1].done)
             assert len(screen.query(Question)) == 2
-            cid = screen.session.conversation_id
+            cid = screen.assistant.conversation_id
 
             # new conversation: the screen clears and the next question starts a new one
             await pilot.press("ctrl+n")
@@ -58,7 +58,7 @@ def test_typed_question_gets_a_streamed_answer(home):
             assert len(screen.query(Answer)) == 0
             await type_and_send(pilot, "Hello!")
             await wait_for(pilot, lambda: len(screen.query(Answer)) == 1 and screen.query(Answer)[0].done)
-            assert screen.session.conversation_id != cid
+            assert screen.assistant.conversation_id != cid
 
     asyncio.run(run())
     conn = sqlite3.connect(home / "localmoe.db")
@@ -109,3 +109,31 @@ def test_bad_model_shows_an_error_not_a_crash(home, tmp_path):
             assert answer.status == "error"
 
     asyncio.run(run())
+
+
+def test_retry_on_the_large_tier_and_thumbs_become_labels(home, tiny_moe):
+    home.mkdir(parents=True, exist_ok=True)
+    # a threshold near 1 keeps the first answer on the small tier whatever the router thinks of the question
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n[router]\npreference = 0.99\n')
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=16, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            await type_and_send(pilot, "Which city is the capital of Japan?")
+            await wait_for(pilot, lambda: len(screen.query(Answer)) == 1 and screen.query(Answer)[0].done)
+            first = screen.query(Answer)[0]
+            assert first.decision.tier == "small"
+            assert "small tier" in str(first.query_one(".route", Static).render())
+            await pilot.press("ctrl+g")  # thumbs up on a small answer
+            await pilot.press("ctrl+l")  # not good enough after all: ask the large tier
+            await wait_for(pilot, lambda: len(screen.query(Answer)) == 2 and screen.query(Answer)[1].done)
+            second = screen.query(Answer)[1]
+            assert second.decision.tier == "large" and second.model == "tiny-moe"
+            assert "large tier" in str(second.query_one(".route", Static).render())
+
+    asyncio.run(run())
+    conn = sqlite3.connect(home / "localmoe.db")
+    labels = conn.execute("select prompt, small_wrong, source from route_labels order by id").fetchall()
+    assert labels == [("Which city is the capital of Japan?", 0, "thumbs"),
+                      ("Which city is the capital of Japan?", 1, "retry")]

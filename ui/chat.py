@@ -18,9 +18,9 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Markdown, Static
 
+from localmoe.assistant import Assistant
 from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
-from localmoe.session import Session
 
 # Rendering shares two cores (and the GIL) with the decode loop: batch tokens into ten appends a second.
 UPDATE_INTERVAL_S = 0.1
@@ -58,40 +58,40 @@ class Answer(VerticalScroll, can_focus=False):
         self.done = False
         self.stats: GenerationStats | None = None
         self.energy: Any = None
+        self.decision: Any = None
         self.status = "pending"
 
     def compose(self) -> ComposeResult:
         yield Markdown("", classes="body")
         yield Static("…", classes="stats")
+        yield Static("", classes="route")
 
     async def append(self, delta: str) -> None:
         """Add streamed text; Markdown.append re-parses only the last block, not the whole answer."""
         self.text += delta
         await self.query_one(Markdown).append(delta)
 
-    async def show(self, text: str) -> None:
-        if text.startswith(self.text):
-            if len(text) > len(self.text):
-                await self.append(text[len(self.text):])
-        else:
-            self.text = text
-            await self.query_one(Markdown).update(text)
-
     def finish(self, stats: GenerationStats | None, status: str, error: str | None = None,
-               energy: Any = None) -> None:
-        self.done, self.stats, self.status, self.energy = True, stats, status, energy
+               energy: Any = None, decision: Any = None) -> None:
+        self.done, self.stats, self.status, self.energy, self.decision = True, stats, status, energy, decision
         line = self.query_one(".stats", Static)
         if error:
             self.add_class("error")
             line.update(f"error: {error}")
         elif stats is not None:
             line.update(stats_line(self.model, stats, status, energy))
+        if decision is not None and not error:
+            tier = "large (escalated)" if decision.escalated else decision.tier
+            self.query_one(".route", Static).update(f"{tier} tier · {decision.reason}")
 
 
 class ChatScreen(Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("ctrl+l", "retry_large", "Retry on large"),
+        Binding("ctrl+g", "thumbs_up", "Good", show=False),
+        Binding("ctrl+b", "thumbs_down", "Bad answer", show=False),
         Binding("ctrl+q", "app.quit", "Quit"),
     ]
 
@@ -101,11 +101,12 @@ class ChatScreen(Screen):
             self.answer, self.text = answer, text
 
     class Done(Message):
-        def __init__(self, answer: Answer, text: str, stats: GenerationStats | None, status: str,
-                     error: str | None = None, energy: Any = None) -> None:
+        def __init__(self, answer: Answer, text: str | None, stats: GenerationStats | None, status: str,
+                     error: str | None = None, energy: Any = None, decision: Any = None,
+                     model: str | None = None) -> None:
             super().__init__()
             self.answer, self.text, self.stats, self.status, self.error = answer, text, stats, status, error
-            self.energy = energy
+            self.energy, self.decision, self.model = energy, decision, model
 
     class Loaded(Message):
         def __init__(self, model: str | None, error: str | None, load_s: float | None) -> None:
@@ -116,7 +117,8 @@ class ChatScreen(Screen):
         super().__init__()
         self.model_name = model
         self.config = config
-        self.session: Session | None = None
+        self.assistant: Assistant | None = None
+        self.last: tuple[str, Any] | None = None  # (prompt, RoutedReply) of the latest answer, for retry and labels
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._cancel: threading.Event | None = None
@@ -138,9 +140,11 @@ class ChatScreen(Screen):
     @work(thread=True, exclusive=True, group="load")
     def load_model(self) -> None:
         try:
-            session = Session(self.model_name, config=self.config)
-            self.session = session
+            overrides = {k: v for k, v in vars(self.config).items()} if self.config else None
+            assistant = Assistant(overrides=overrides, pinned_model=self.model_name)
+            self.assistant = assistant
             t0 = time.perf_counter()
+            session = assistant.session_for("small")
             session.load()
             self.post_message(self.Loaded(session.model.id, None, time.perf_counter() - t0))
         except LocalmoeError as exc:
@@ -157,60 +161,107 @@ class ChatScreen(Screen):
             return
         self.sub_title = message.model or ""
         notice.update(f"{message.model} is ready (loaded in {message.load_s:.1f} s). Ask a question below.")
-        for warning in self.session.warnings if self.session else []:
-            self.notify(warning, title="Memory", severity="warning", timeout=15)
+        a = self.assistant
+        for warning in (a.session_for("small").warnings + a.notices) if a else []:
+            self.notify(warning, title="Note", severity="warning", timeout=15)
 
     @on(Input.Submitted, "#prompt")
     async def ask(self, event: Input.Submitted) -> None:
         prompt = event.value.strip()
         if not prompt:
             return
+        event.input.clear()
+        await self._ask(prompt)
+
+    async def _ask(self, prompt: str, tier: str | None = None) -> None:
         if self.generating:
             self.notify("Still answering: press Esc to stop it first.", severity="warning")
             return
-        event.input.clear()
         conversation = self.query_one("#conversation", VerticalScroll)
-        answer = Answer(self.session.model.id if self.session else (self.model_name or "model"))
+        answer = Answer(self.model_name or "model")
         await conversation.mount(Question(prompt))
         await conversation.mount(answer)
         conversation.scroll_end(animate=False)
         self.generating = True
         self._cancel = threading.Event()
-        self.generate(prompt, answer, self._cancel)
+        self.generate(prompt, answer, self._cancel, tier)
 
     @work(thread=True, group="generate")
-    def generate(self, prompt: str, answer: Answer, cancel: threading.Event) -> None:
+    def generate(self, prompt: str, answer: Answer, cancel: threading.Event, tier: str | None = None) -> None:
         self._ready.wait()
-        if self.session is None:
+        if self.assistant is None:
             self.post_message(self.Done(answer, "", None, "error", self.load_error or "no model"))
             return
-        reply = None
+        routed = None
         try:
-            reply = self.session.ask(prompt, cancel=cancel)
-            last, sent = 0.0, 0
-            for _ in reply:
+            routed = self.assistant.ask(prompt, cancel=cancel, tier=tier)
+            state = {"last": 0.0, "sent": 0}
+
+            def flush(force: bool = False) -> None:
                 now = time.monotonic()
-                if now - last >= UPDATE_INTERVAL_S:
-                    text = reply.text
-                    last = now
-                    self.post_message(self.Chunk(answer, text[sent:]))
-                    sent = len(text)
-            self.post_message(self.Done(answer, reply.text, reply.stats, reply.status, energy=reply.energy))
+                if force or now - state["last"] >= UPDATE_INTERVAL_S:
+                    text = routed.text
+                    state["last"] = now
+                    self.post_message(self.Chunk(answer, text[state["sent"]:]))
+                    state["sent"] = len(text)
+
+            def escalated(_: Any) -> None:
+                flush(force=True)  # the rest of the small answer, then a visible break
+                self.post_message(self.Chunk(answer, "\n\n---\n*The small model was unsure; the large model "
+                                                     "answers:*\n\n"))
+                state["sent"] = 0
+
+            routed.on_escalate = escalated
+            for _ in routed:
+                flush()
+            flush(force=True)
+            reply = routed.reply
+            self.last = (prompt, routed)
+            self.post_message(self.Done(answer, None, reply.stats, reply.status, energy=reply.energy,
+                                        decision=routed.decision, model=reply.model))
         except LocalmoeError as exc:
-            self.post_message(self.Done(answer, reply.text if reply else "", None, "error", str(exc)))
+            self.post_message(self.Done(answer, None, None, "error", str(exc)))
 
     async def on_chat_screen_chunk(self, message: Chunk) -> None:
-        if not message.answer.done:
+        if not message.answer.done and message.text:
             await message.answer.append(message.text)
             self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
 
     async def on_chat_screen_done(self, message: Done) -> None:
-        await message.answer.show(message.text)
-        if self.session is not None:
-            message.answer.model = self.session.model.id  # the question may have been asked before loading ended
-        message.answer.finish(message.stats, message.status, message.error, message.energy)
+        if message.model:
+            message.answer.model = message.model
+        message.answer.finish(message.stats, message.status, message.error, message.energy, message.decision)
         self.generating = False
+        if message.decision is not None and message.decision.notice:
+            self.notify(message.decision.notice, title="Router", severity="warning", timeout=10)
         self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+
+    async def action_retry_large(self) -> None:
+        """Re-ask the last question on the large tier; the small answer was not good enough: a label."""
+        if self.last is None or self.assistant is None:
+            self.notify("Nothing to retry yet.")
+            return
+        prompt, routed = self.last
+        if routed.decision.tier == "small":
+            self.assistant.label(routed.reply.message_id, prompt, True, "retry")
+        await self._ask(prompt, tier="large")
+
+    def _thumbs(self, good: bool) -> None:
+        if self.last is None or self.assistant is None:
+            self.notify("No answer to rate yet.")
+            return
+        prompt, routed = self.last
+        if routed.decision.tier != "small":
+            self.notify("Thanks. (Only small-model answers teach the router.)")
+            return
+        self.assistant.label(routed.reply.message_id, prompt, not good, "thumbs")
+        self.notify("Thanks: recorded for `localmoe router train`.")
+
+    def action_thumbs_up(self) -> None:
+        self._thumbs(True)
+
+    def action_thumbs_down(self) -> None:
+        self._thumbs(False)
 
     def action_stop(self) -> None:
         if self._cancel is not None and self.generating:
@@ -220,8 +271,9 @@ class ChatScreen(Screen):
         if self.generating:
             self.notify("Still answering: press Esc to stop it first.", severity="warning")
             return
-        if self.session is not None:
-            self.session.new_conversation()
+        if self.assistant is not None:
+            self.assistant.new_conversation()
+        self.last = None
         conversation = self.query_one("#conversation", VerticalScroll)
         await conversation.query("Question, Answer").remove()
         self.query_one("#notice", Static).update("New conversation.")

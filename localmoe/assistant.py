@@ -1,0 +1,199 @@
+"""Questions in, answers out, each on the tier the router picks: one conversation across tiers, every model
+loaded once, every decision recorded. The CLI's `ask` and the UI use this; `Session` stays one-model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from localmoe import models, settings
+from localmoe.engine import GenerationConfig
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.recorder import Recorder, now
+from localmoe.router import Decision, Router
+from localmoe.session import Reply, Session
+
+TIERS = ("small", "large")
+
+
+class RoutedReply:
+    """Iterate for text; `decision` says which tier answered and why. With the cascade, a low-confidence small
+    answer is followed by the large tier's: `escalated` turns True and `on_escalate` (if given) is called between
+    the two, so a UI can say so."""
+
+    def __init__(self, assistant: Assistant, prompt: str, decision: Decision, cancel: threading.Event | None) -> None:
+        self.assistant, self.prompt, self.decision, self.cancel = assistant, prompt, decision, cancel
+        self.reply: Reply | None = None
+        self.small_reply: Reply | None = None
+        self.escalated = False
+        self.on_escalate: Any = None
+
+    def __iter__(self) -> Iterator[str]:
+        a, d = self.assistant, self.decision
+        session = a.session_for(d.tier)
+        if d.strategy == "cascade":
+            session.config = GenerationConfig(**{**vars(session.config), "logprobs": True})
+        self.reply = session.ask(self.prompt, self.cancel)
+        a._sync_from(session)
+        try:
+            yield from self.reply
+            if d.strategy == "cascade" and self.reply.status == "complete" and a.has_tier("large"):
+                s = self.reply.stats
+                escalate, _p, why = a.router.cascade_escalates(s.mean_logprob, s.min_logprob)
+                d.reason = why
+                if escalate:
+                    self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, "large"
+                    a._record(self.small_reply, Decision(**{**vars(d), "tier": "small", "escalated": False}))
+                    if self.on_escalate:
+                        self.on_escalate(self)
+                    large = a.session_for("large")
+                    a._sync_to(large)
+                    d.model = large.model.id
+                    self.reply = large.ask(self.prompt, self.cancel)
+                    a._sync_from(large)
+                    yield from self.reply
+        finally:
+            # recorded even when the answer was stopped or interrupted: the decision was still made
+            a._record(self.reply, d, escalated_from=self.small_reply.message_id if self.small_reply else None)
+
+    def run(self) -> RoutedReply:
+        for _ in self:
+            pass
+        return self
+
+    @property
+    def text(self) -> str:
+        return self.reply.text if self.reply else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.reply.to_dict() if self.reply else {}
+        d["route"] = self.decision.to_dict()
+        if self.small_reply is not None:
+            d["route"]["small_answer"] = self.small_reply.text
+        return d
+
+
+class Assistant:
+    def __init__(self, *, recorder: Recorder | None = None, overrides: dict[str, Any] | None = None,
+                 strategy: str | None = None, preference: str | float | None = None,
+                 user_settings: settings.Settings | None = None, session_options: dict[str, Any] | None = None,
+                 pinned_model: str | None = None) -> None:
+        """`pinned_model`: answer everything with this model (no routing), as `--model` asks."""
+        self.settings = user_settings or settings.load()
+        self.recorder = recorder or Recorder()
+        self.overrides = overrides or {}  # generation settings over each model's own defaults
+        self.session_options = session_options or {}
+        self.notices: list[str] = []
+        self._refs: dict[str, models.ModelRef | None] = {}
+        self._sessions: dict[str, Session] = {}
+        self.conversation_id: int | None = None
+        self.conversation_kind = "chat"
+        self.history: list[dict[str, str]] = []
+        self.pinned = models.resolve(pinned_model) if pinned_model else None
+        small = self.tier_ref("small")
+        self.router = Router(strategy or self.settings.strategy,
+                             settings.parse_preference(preference) if preference is not None
+                             else self.settings.preference,
+                             small_model_path=small.path if small else None)
+        self.notices += self.router.notices
+
+    # -- tiers ---------------------------------------------------------------------------------------------
+    def tier_ref(self, tier: str) -> models.ModelRef | None:
+        if tier not in self._refs:
+            self._refs[tier] = self._resolve_tier(tier)
+        return self._refs[tier]
+
+    def _resolve_tier(self, tier: str) -> models.ModelRef | None:
+        if self.pinned is not None:
+            return self.pinned
+        configured = self.settings.small if tier == "small" else self.settings.large
+        try:
+            if configured:
+                return models.resolve(configured)
+            if tier == "small":
+                return models.default_model()
+            from localmoe.bench import tier_model
+
+            return tier_model("large")
+        except LocalmoeError as exc:
+            if configured:
+                self.notices.append(f"the {tier} tier ({configured}) is unavailable: {exc}")
+            return None
+
+    def has_tier(self, tier: str) -> bool:
+        return self.tier_ref(tier) is not None
+
+    def session_for(self, tier: str) -> Session:
+        """The tier's session (loaded once); a missing tier falls back to the other one, with a notice."""
+        ref = self.tier_ref(tier)
+        if ref is None:
+            other = "small" if tier == "large" else "large"
+            if self.tier_ref(other) is None:
+                raise LocalmoeError("no model available for any tier: run `make setup` or configure [tiers]")
+            notice = f"no {tier} model is available; the {other} model answers instead"
+            if notice not in self.notices:
+                self.notices.append(notice)
+            tier, ref = other, self.tier_ref(other)
+        if self.pinned is not None:
+            tier = "small"  # one model, one session
+        if tier not in self._sessions:
+            config = GenerationConfig(**{**ref.defaults, **self.overrides})
+            self._sessions[tier] = Session(ref, recorder=self.recorder, config=config, **self.session_options)
+            self._sessions[tier].conversation_kind = self.conversation_kind
+        session = self._sessions[tier]
+        self._sync_to(session)
+        return session
+
+    # -- conversation ------------------------------------------------------------------------------------
+    def _sync_to(self, s: Session) -> None:
+        s.conversation_id, s.history = self.conversation_id, self.history
+
+    def _sync_from(self, s: Session) -> None:
+        self.conversation_id, self.history = s.conversation_id, s.history
+
+    def new_conversation(self) -> None:
+        self.conversation_id, self.history = None, []
+
+    # -- asking --------------------------------------------------------------------------------------------
+    def route(self, prompt: str, tier: str | None = None) -> Decision:
+        if self.pinned is not None:
+            if not prompt.strip():
+                raise UsageError("the prompt is empty")
+            return Decision("small", self.pinned.id, "pinned", 0.0, 0.5, "model chosen by the user", 0.0)
+        if tier is not None:
+            if tier not in TIERS:
+                raise UsageError(f"unknown tier {tier!r} (small or large)")
+            d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
+                         f"{tier} model: chosen by the user", 0.0)
+        else:
+            d = self.router.route(prompt)
+        actual = d.tier if self.has_tier(d.tier) else ("small" if d.tier == "large" else "large")
+        if actual != d.tier:
+            d.notice = "; ".join(x for x in (d.notice, f"no {d.tier} model is available; the {actual} model "
+                                             "answers instead") if x)
+            d.tier = actual
+        ref = self.tier_ref(d.tier)
+        d.model = ref.id if ref else None
+        return d
+
+    def ask(self, prompt: str, cancel: threading.Event | None = None, tier: str | None = None) -> RoutedReply:
+        return RoutedReply(self, prompt, self.route(prompt, tier), cancel)
+
+    def _record(self, reply: Reply, d: Decision, escalated_from: int | None = None) -> None:
+        self.recorder.insert("routing_decisions", {
+            "message_id": reply.message_id, "tier": d.tier, "model": reply.model, "strategy": d.strategy,
+            "score": d.score, "threshold": d.threshold, "reason": d.reason, "latency_ms": d.latency_ms,
+            "notice": d.notice, "escalated_from": escalated_from, "created_at": now(),
+        }, replace=True)
+
+    def label(self, message_id: int | None, prompt: str, small_wrong: bool, source: str) -> None:
+        """A user signal about the small tier (retry on large, thumbs up/down) for `router train`."""
+        self.recorder.insert("route_labels", {"message_id": message_id, "prompt": prompt,
+                                              "small_wrong": int(small_wrong), "source": source,
+                                              "created_at": now()})
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.engine.close()

@@ -1,0 +1,72 @@
+"""User settings: one TOML file in the data dir. Every key is optional; a missing file means the defaults.
+
+    [tiers]
+    small = "smollm2-135m-instruct"   # model id or .gguf path; default: the embedded model
+    large = "qwen3-30b-a3b-q4_k_m"    # default: the largest installed MoE the planner says fits
+
+    [router]
+    strategy = "learned"      # features | learned | cascade; default: the best on the shipped held-out data
+    preference = "balanced"   # quality | balanced | energy, or a number in (0, 1): the threshold itself
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+from localmoe import paths
+from localmoe.errors import LocalmoeError
+
+FILENAME = "settings.toml"
+STRATEGIES = ("features", "learned", "cascade")
+PREFERENCES = ("quality", "balanced", "energy")
+
+
+@dataclass
+class Settings:
+    small: str | None = None
+    large: str | None = None
+    strategy: str | None = None
+    preference: str | float = "balanced"
+    path: Path | None = None
+
+
+def parse_preference(value: str | float) -> str | float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 < float(value) < 1:
+            raise LocalmoeError(f"router preference {value} must be between 0 and 1 (or quality/balanced/energy)")
+        return float(value)
+    text = str(value).strip().lower()
+    if text in PREFERENCES:
+        return text
+    try:
+        return parse_preference(float(text))
+    except ValueError:
+        raise LocalmoeError(f"unknown router preference {value!r} (quality, balanced, energy or a number)") from None
+
+
+def load(path: Path | None = None) -> Settings:
+    p = path or paths.data_dir() / FILENAME
+    if not p.exists():
+        return Settings(path=p)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalmoeError(f"cannot read settings {p}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LocalmoeError(f"settings {p} is not valid TOML: {exc}") from None
+    tiers, router = data.get("tiers", {}), data.get("router", {})
+    if not isinstance(tiers, dict) or not isinstance(router, dict):
+        raise LocalmoeError(f"settings {p}: [tiers] and [router] must be tables")
+    strategy = router.get("strategy")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise LocalmoeError(f"settings {p}: unknown router strategy {strategy!r} ({', '.join(STRATEGIES)})")
+    return Settings(
+        small=tiers.get("small") or None,
+        large=tiers.get("large") or None,
+        strategy=strategy,
+        preference=parse_preference(router.get("preference", "balanced")),
+        path=p,
+    )

@@ -1,0 +1,194 @@
+"""The router: signals, decisions, tiers and fallbacks, training on real labels, the cascade on real answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import run_cli
+from localmoe import router_eval, router_train, settings
+from localmoe.assistant import Assistant
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.recorder import Recorder
+from localmoe.router import Router, TokenEmbedder, features
+
+HARD = ("A shop sells pens at 3 dollars each. Tom buys 14 pens, then returns 5, and pays with a 50 dollar "
+        "note. How much change does he get? Answer with a number only.")
+EASY = "Which city is the capital of Japan?"
+
+
+def extremes(strategy: str) -> tuple[str, str]:
+    """From real runs of the small model: the right answer the router trusts most, the wrong one it trusts least."""
+    r = Router(strategy)
+    rows = router_train.shipped_labels()
+    right = min((x for x in rows if not x["small_wrong"]), key=lambda x: r.score(x["question"], strategy)[0])
+    wrong = max((x for x in rows if x["small_wrong"]), key=lambda x: r.score(x["question"], strategy)[0])
+    return right["question"], wrong["question"]
+ROUTE_KEYS = {"tier", "model", "strategy", "score", "threshold", "reason", "latency_ms"}
+
+
+def test_features_see_the_work_in_a_question():
+    hard, easy = features(HARD), features(EASY)
+    assert hard["numbers"] == 4 and hard["multi_step"] >= 2
+    assert easy["fact_question"] == 1 and easy["numbers"] == 0
+    assert features("Compute 17 * 23 + 4")["operators"] >= 1
+    assert features("Wie spät ist es in 東京?")["non_latin"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["features", "learned"])
+def test_route_scores_hard_above_easy(strategy):
+    r = Router(strategy)
+    assert r.route(HARD).score > r.route(EASY).score
+    easy, hard = (r.route(q) for q in extremes(strategy))
+    assert hard.tier == "large" and easy.tier == "small"
+    assert hard.reason.startswith("large model:") and easy.reason.startswith("small model:")
+    assert "chance the small model is wrong" in hard.reason
+
+
+def test_preferences_order_thresholds():
+    t = {p: Router("learned", p).threshold("learned") for p in ("quality", "balanced", "energy")}
+    assert t["quality"] <= t["balanced"] <= t["energy"]
+    assert Router("features", 0.42).threshold("features") == 0.42
+    with pytest.raises(LocalmoeError):
+        settings.parse_preference("greedy")
+
+
+def test_route_cli_json(home):
+    r = run_cli("route", HARD, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert ROUTE_KEYS <= set(d) and d["tier"] in ("small", "large")
+    assert 0 <= d["score"] <= 1 and d["latency_ms"] > 0 and d["reason"]
+
+
+def test_bad_prompts(home):
+    r = run_cli("route", "  ")
+    assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("route", "What is 2 + 2? " * 7000, "--json")  # ~100k characters
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tier"] in ("small", "large")
+
+
+def test_corrupt_router_file_falls_back_to_features(home):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "router.json").write_text('{"version": 1, "feature_names": ["nope"]}')
+    r = run_cli("route", HARD, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["strategy"] == "features" and "unreadable" in d["notice"]
+
+
+def test_settings_naming_a_missing_model_fall_back_with_a_notice(home):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[tiers]\nlarge = "/nowhere/big-moe.gguf"\n')
+    r = run_cli("ask", HARD, "--json", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"] == "smollm2-135m-instruct" and out["route"]["tier"] == "small"
+    assert "unavailable" in r.stderr and "Traceback" not in r.stderr
+    (home / "settings.toml").write_text("[tiers\nlarge = ")
+    r = run_cli("route", HARD)
+    assert r.returncode == 1 and "not valid TOML" in r.stderr
+
+
+def test_ask_routes_hard_to_the_moe_and_easy_to_the_small_model(home, tiny_moe):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n\n[router]\nstrategy = "features"\n')
+    easy_q, hard_q = extremes("features")
+    hard = json.loads(run_cli("ask", hard_q, "--json", "--max-tokens", "8").stdout)
+    easy = json.loads(run_cli("ask", easy_q, "--json", "--max-tokens", "8").stdout)
+    assert hard["route"]["tier"] == "large" and hard["model"] == "tiny-moe"
+    assert easy["route"]["tier"] == "small" and easy["model"] == "smollm2-135m-instruct"
+    forced = json.loads(run_cli("ask", easy_q, "--json", "--max-tokens", "4", "--tier", "large").stdout)
+    assert forced["model"] == "tiny-moe" and forced["route"]["strategy"] == "override"
+    with Recorder() as rec:
+        rows = rec.query("select tier, model, strategy, reason from routing_decisions order by message_id")
+    assert [r["tier"] for r in rows] == ["large", "small", "large"] and all(r["reason"] for r in rows)
+
+
+def test_training_on_real_labels_is_reproducible_and_well_above_chance(smollm):
+    """Labels from real runs of the embedded model (assets/router/labels.jsonl), five stratified splits.
+
+    On these labels the learned router does NOT beat the features one (mean held-out AUC ~0.90 vs ~0.91): the
+    small model's failures follow the kind of question, which the features already name. The test pins what is
+    true: both are far above chance, the cascade's confidence is informative, and the shipped file is exactly
+    what training on the shipped labels produces, with the best strategy as the default."""
+    rows = router_train.shipped_labels()
+    assert len(rows) >= 500 and 0 < np.mean([r["small_wrong"] for r in rows]) < 1
+    trained = router_train.train(rows, TokenEmbedder(smollm.path))
+    auc = trained["evaluation"]["auc"]
+    assert auc["features"] > 0.85 and auc["learned"] > 0.85 and auc["cascade"] > 0.6
+    assert trained["default_strategy"] == max(auc, key=auc.get)
+    shipped = json.loads(open(router_train_path()).read())
+    for name in auc:
+        assert shipped["evaluation"]["auc"][name] == pytest.approx(auc[name], abs=1e-9)
+    assert shipped["default_strategy"] == trained["default_strategy"]
+
+
+def router_train_path():
+    from localmoe.router import trained_path
+
+    return trained_path()
+
+
+def _pick(rows, correct):
+    """The small model's most confident right answer, or its least confident wrong one."""
+    pool = [r for r in rows if r["small_wrong"] == (0 if correct else 1) and r["mean_logprob"] is not None]
+    return max(pool, key=lambda r: r["mean_logprob"]) if correct else min(pool, key=lambda r: r["mean_logprob"])
+
+
+def test_cascade_escalates_on_a_wrong_answer_and_not_on_a_right_one(home, tiny_moe):
+    rows = router_train.shipped_labels()
+    wrong, right = _pick(rows, correct=False), _pick(rows, correct=True)
+    s = settings.Settings(large=str(tiny_moe[1]), strategy="cascade")
+    a = Assistant(user_settings=s, overrides={"temperature": 0.0, "max_tokens": 96})
+    try:
+        r_wrong = a.ask(wrong["question"]).run()
+        a.new_conversation()
+        r_right = a.ask(right["question"]).run()
+    finally:
+        a.close()
+    assert r_wrong.escalated and r_wrong.reply.model == "tiny-moe" and r_wrong.small_reply is not None
+    assert "escalated" in r_wrong.decision.reason
+    assert not r_right.escalated and r_right.reply.model == "smollm2-135m-instruct"
+    with Recorder() as rec:
+        decisions = rec.query("select tier, escalated_from from routing_decisions order by message_id")
+    assert [d["tier"] for d in decisions] == ["small", "large", "small"]
+    assert decisions[1]["escalated_from"] is not None
+
+
+def test_bench_router_reports_auc_share_and_apgr(home, tmp_path):
+    src = router_train.shipped_labels()[:80]
+    suite = tmp_path / "labelled.jsonl"
+    suite.write_text("".join(json.dumps({"question": r["question"], "small_correct": 1 - r["small_wrong"],
+                                         "large_correct": 1, "mean_logprob": r["mean_logprob"],
+                                         "min_logprob": r["min_logprob"]}) + "\n" for r in src))
+    r = run_cli("bench", "router", "--suite", str(suite), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["strategies"]) == {"features", "learned", "cascade"}
+    f = out["strategies"]["features"]
+    y = [r["small_wrong"] for r in src]
+    scores = [Router("features").score(r["question"], "features")[0] for r in src]
+    assert f["auc"] == pytest.approx(router_eval.auc(scores, y))
+    assert 0 <= f["apgr"] <= 1 and set(f["large_share"]) == {"quality", "balanced", "energy"}
+    assert f["accuracy_at_share"]["1.0"] == pytest.approx(1.0)
+    human = run_cli("bench", "router", "--suite", str(suite))
+    assert "APGR" in human.stdout
+
+
+def test_labels_from_users_and_benchmarks_feed_training(home):
+    with Recorder() as rec:
+        a = Assistant(recorder=rec)
+        a.label(None, "What is 12 * 13?", True, "retry")
+        a.label(None, "Capital of Italy?", False, "thumbs")
+        rows = router_train.collected_labels(rec, "smollm2-135m-instruct")
+    assert {(r["question"], r["small_wrong"], r["source"]) for r in rows} == {
+        ("What is 12 * 13?", 1, "retry"), ("Capital of Italy?", 0, "thumbs")}
+
+
+def test_empty_prompt_is_refused_by_the_assistant(home):
+    with pytest.raises(UsageError):
+        Assistant().route("   ")
