@@ -130,6 +130,10 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     rows_out = [[name, f"{auc:.3f}", f"{ev['large_share'].get(name, 0):.0%}", f"{ev['apgr'].get(name, 0):.3f}"]
                 for name, auc in ev["auc"].items()]
     print(_table(rows_out, ["STRATEGY", "HELD-OUT AUC", "LARGE SHARE (balanced)", "APGR"]))
+    shares = [share for share, _ in next(iter(ev["curve"].values()))]
+    print("accuracy vs share of questions sent to the large tier (held out; a large tier that is always right):")
+    print(_table([[name] + [f"{acc:.0%}" for _, acc in pts] for name, pts in ev["curve"].items()],
+                 ["STRATEGY"] + [f"{s:.0%}" for s in shares]))
     print(f"default strategy: {trained['default_strategy']}; written to {out}")
     return 0
 
@@ -162,6 +166,30 @@ def cmd_trace(args: argparse.Namespace) -> int:
     print(f"traced {len(trace.tokens)} tokens × {trace.n_layers} layers "
           f"({reply.stats.prompt_tokens} prompt, {reply.stats.completion_tokens} generated) → {args.out}")
     print(f"most used experts (all layers): {hot}")
+    return 0
+
+
+def cmd_cache_sim(args: argparse.Namespace) -> int:
+    from localmoe import cachesim
+    from localmoe.trace import Trace
+
+    trace = Trace.load(args.trace)
+    policies = [p for p in args.policies.split(",") if p] if args.policies else list(cachesim.POLICIES)
+    unknown = sorted(set(policies) - set(cachesim.POLICIES))
+    if unknown:
+        raise LocalmoeError(f"unknown policy {unknown[0]!r} (choose from {', '.join(cachesim.POLICIES)})")
+    rows = cachesim.report(trace, args.capacity, policies=policies,
+                           prefetch_options=(None, "previous") if args.prefetch else (None,))
+    if args.json:
+        _print_json({"trace": args.trace, "model": trace.model, "backend": trace.backend,
+                     "tokens": len(trace.tokens), "n_layers": trace.n_layers, "n_experts": trace.n_experts,
+                     "top_k": trace.top_k, "rows": rows})
+        return 0
+    print(f"{args.trace}: {len(trace.tokens)} tokens × {trace.n_layers} layers, {trace.n_experts} experts, "
+          f"top-{trace.top_k} ({trace.backend}, {trace.model})")
+    table = [[str(r["capacity"]), r["policy"], r.get("prefetch") or "-", f"{r['hit_rate']:.3f}",
+              f"{r['vs_belady']:.3f}" if r.get("vs_belady") is not None else "-"] for r in rows]
+    print(_table(table, ["SLOTS/LAYER", "POLICY", "PREFETCH", "HIT RATE", "÷ BELADY"]))
     return 0
 
 
@@ -443,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-tokens", type=int, default=128)
     t.add_argument("--temperature", type=float)
     t.set_defaults(func=cmd_trace)
+
+    cs = sub.add_parser("cache-sim", help="replay a routing trace through expert-cache policies",
+                        description="Per-layer expert caches replayed over a trace: hit rates of LRU, LFU, LFRU "
+                        "beside the offline optimum (Belady) and the segment-level bound SCH(16, capacity).")
+    cs.add_argument("trace", help="a trace written by `localmoe trace`")
+    cs.add_argument("--capacity", action="append", default=[], metavar="N[x]", required=True,
+                    help="slots per layer, or a multiple of experts-per-token (2x); repeatable")
+    cs.add_argument("--policies", help="comma-separated subset of lru,lfu,lfru,belady")
+    cs.add_argument("--prefetch", action="store_true", help="also show the 'previous token' prefetch")
+    cs.add_argument("--json", action="store_true")
+    cs.set_defaults(func=cmd_cache_sim)
 
     m = sub.add_parser("models", help="list installed models", description="List embedded and installed "
                        "models with their layout (architecture, layers, experts, quantisation).")

@@ -100,6 +100,8 @@ def train(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seeds: tuple[i
     ev["split_auc"] = {name: [r["evaluation"]["auc"].get(name) for r in runs] for name in ev["auc"]}
     for key in ("auc", "large_share", "apgr"):
         ev[key] = {name: float(np.mean([r["evaluation"][key][name] for r in runs])) for name in ev[key]}
+    ev["curve"] = {name: [(share, float(np.mean([r["evaluation"]["curve"][name][i][1] for r in runs])))
+                          for i, (share, _) in enumerate(ev["curve"][name])] for name in ev["curve"]}
     ev["splits"] = len(runs)
     out["default_strategy"] = max(ev["auc"], key=ev["auc"].get)
     return out
@@ -167,6 +169,7 @@ def _train_split(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seed: i
             evaluation["large_share"][name] = float(np.mean(scores >= thresholds[name]["balanced"]))
             large = np.array([rows[i]["large_correct"] for i in te])
             evaluation["apgr"][name] = router_eval.apgr(scores, 1 - y[te], large)
+            evaluation.setdefault("curve", {})[name] = curve(scores, 1 - y[te], large)
     best = max(evaluation["auc"], key=evaluation["auc"].get) if evaluation["auc"] else "features"
     return {
         "version": 1, "feature_names": FEATURE_NAMES, "default_strategy": best,

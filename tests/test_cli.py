@@ -79,7 +79,8 @@ def test_hw_json_has_documented_keys_and_caches_bandwidth(home):
 
 def test_version_and_help():
     assert run_cli("--version").stdout.strip() == f"localmoe {__version__}"
-    for cmd in ([], ["ask"], ["models"], ["hw"], ["logs"], ["chat"], ["plan"], ["trace"]):
+    for cmd in ([], ["ask"], ["models"], ["hw"], ["logs"], ["chat"], ["plan"], ["trace"], ["route"], ["bench"],
+                ["cache-sim"], ["router", "train"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0 and "usage: localmoe" in r.stdout
 

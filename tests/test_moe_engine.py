@@ -117,6 +117,16 @@ def test_trace_and_plan_commands(tiny_moe, tmp_path):
     assert len(trace.tokens) > 8 and trace.tokens[-1].phase == "decode"
     assert f"→ {out}" in r.stdout
 
+    # the same trace feeds the cache simulator (the format is shared with the native engine)
+    sim = run_cli("cache-sim", str(out), "--capacity", "2x", "--capacity", "3", "--json")
+    assert sim.returncode == 0, sim.stderr
+    rows = json.loads(sim.stdout)["rows"]
+    best = {r["capacity"]: r["hit_rate"] for r in rows if r["policy"] == "belady"}
+    assert set(best) == {4, 3}
+    assert all(r["hit_rate"] <= best[r["capacity"]] + 1e-12 for r in rows if r["policy"] in ("lru", "lfu", "lfru"))
+    bad = run_cli("cache-sim", str(out), "--capacity", "1")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "capacity" in bad.stderr
+
     plan = json.loads(run_cli("plan", str(tiny_moe[1]), "--json", "--vram", "0", "--ram", "4GiB").stdout)
     assert plan["layout"]["is_moe"] and plan["layout"]["n_experts"] == 8 and plan["plan"]["fits"]
 
