@@ -18,8 +18,8 @@ import sys
 import tempfile
 import time
 
+from common import write_section
 from llama_cpp import Llama
-from results import write_section
 
 from localmoe import models
 from localmoe.engine.llamacpp import DEFAULT_CTX, LlamaCppEngine, default_threads

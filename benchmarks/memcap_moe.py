@@ -21,25 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import write_section
+from common import ROOT, bench_moe, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMCAP = ROOT.parent / "shared" / "tools" / "memcap"
-CACHE = Path(__file__).with_name(".cache")
 PROMPT = "Tell me about the sea."
-
-
-def bench_model() -> Path:
-    out = CACHE / "moe-1024x8x32.gguf"
-    if not out.exists():
-        sys.path.insert(0, str(ROOT / "tests"))
-        import synthetic_moe
-
-        CACHE.mkdir(exist_ok=True)
-        hf = synthetic_moe.build_hf_moe(CACHE / "hf", hidden=1024, layers=8, experts=32, top_k=4, expert_ff=512,
-                                        heads=16, kv_heads=4, head_dim=64)
-        synthetic_moe.hf_to_gguf(hf, out)
-    return out
 
 
 def run(cmd: list[str], cap_mb: int | None, model: Path, home: str) -> subprocess.CompletedProcess:
@@ -55,7 +40,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    model = args.moe or bench_model()
+    model = args.moe or bench_moe()
     size_mb = model.stat().st_size / 2**20
     exe = str(Path(sys.executable).with_name("localmoe"))
     ask = [exe, "ask", PROMPT, "--model", str(model), "--json", "--temperature", "0", "--max-tokens",

@@ -10,7 +10,7 @@ import statistics
 import time
 
 import numpy as np
-from results import write_section
+from common import write_section
 
 from localmoe import router_train
 from localmoe.router import Router, trained_path

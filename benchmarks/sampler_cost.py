@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import write_section
+from common import write_section
 
 from localmoe import meters, models
 from localmoe.engine import GenerationConfig

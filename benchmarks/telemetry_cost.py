@@ -2,20 +2,17 @@
 
     .venv/bin/python benchmarks/telemetry_cost.py [--moe MODEL.gguf] [--reps 5] [--max-tokens 128] [--write]
 
-Without --moe, a synthetic Qwen3-MoE (hidden 1024, 8 layers, 32 experts, top-4, expert FFN 512, f32) is built
-in a temporary directory with tests/synthetic_moe.py (needs the test extras: transformers).
+Without --moe, the synthetic benchmark MoE of benchmarks/common.py is built (once) and used.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from results import write_section
+from common import bench_moe, write_section
 
 from localmoe import models
 from localmoe.engine import GenerationConfig
@@ -46,15 +43,6 @@ def measure(path: Path, reps: int, max_tokens: int) -> tuple[list[float], list[f
     return a, b, traced
 
 
-def build_moe(tmp: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import synthetic_moe
-
-    hf = synthetic_moe.build_hf_moe(tmp / "hf", hidden=1024, layers=8, experts=32, top_k=4, expert_ff=512,
-                                    heads=16, kv_heads=4, head_dim=64)
-    return synthetic_moe.hf_to_gguf(hf, tmp / "moe.gguf")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--moe", type=Path)
@@ -63,16 +51,15 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        moe = args.moe or build_moe(Path(tmp))
-        rows = []
-        for label, path in (("SmolLM2-135M Q4_1 (dense)", models.default_model().path),
-                            ("synthetic Qwen3-MoE f32 (8 layers, 32 experts, top-4)", moe)):
-            off, on, traced = measure(Path(path), args.reps, args.max_tokens)
-            mo, mn = statistics.median(off), statistics.median(on)
-            rows.append((label, mo, mn, traced, off, on))
-            print(f"{label}: off {mo:.1f} tok/s, on {mn:.1f} tok/s ({mn / mo:.3f}); "
-                  f"{traced} tokens traced in the last run")
+    moe = args.moe or bench_moe()
+    rows = []
+    for label, path in (("SmolLM2-135M Q4_1 (dense)", models.default_model().path),
+                        ("synthetic Qwen3-MoE f32 (8 layers, 32 experts, top-4)", moe)):
+        off, on, traced = measure(Path(path), args.reps, args.max_tokens)
+        mo, mn = statistics.median(off), statistics.median(on)
+        rows.append((label, mo, mn, traced, off, on))
+        print(f"{label}: off {mo:.1f} tok/s, on {mn:.1f} tok/s ({mn / mo:.3f}); "
+              f"{traced} tokens traced in the last run")
 
     if args.write:
         table = "\n".join(

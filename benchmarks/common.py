@@ -1,0 +1,39 @@
+"""What the benchmarks share: the synthetic MoE they measure, and RESULTS.md, where each benchmark owns one
+marked section and rewrites only that."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(__file__).with_name(".cache")
+
+
+def bench_moe() -> Path:
+    """DESIGN.md's benchmark model as f32 GGUF (hidden 1024, 8 layers, 32 experts, top-4, expert FFN 512; ~2 GB),
+    built once into benchmarks/.cache/ with tests/synthetic_moe.py (needs the test extras)."""
+    out = CACHE / "moe-1024x8x32.gguf"
+    if not out.exists():
+        sys.path.insert(0, str(ROOT / "tests"))
+        import synthetic_moe
+
+        CACHE.mkdir(exist_ok=True)
+        hf = synthetic_moe.build_hf_moe(CACHE / "hf", hidden=1024, layers=8, experts=32, top_k=4, expert_ff=512,
+                                        heads=16, kv_heads=4, head_dim=64)
+        synthetic_moe.hf_to_gguf(hf, out)
+    return out
+
+
+def write_section(name: str, body: str) -> None:
+    mark = f"<!-- {name} -->"
+    section = f"{mark}\n{body.strip()}\n{mark}"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if mark in text:
+        head, _, rest = text.partition(mark)
+        text = head + section + rest.partition(mark)[2]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(f"written to {RESULTS}")
