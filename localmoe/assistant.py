@@ -171,8 +171,10 @@ class Assistant:
             d = self.router.route(prompt)
         actual = d.tier if self.has_tier(d.tier) else ("small" if d.tier == "large" else "large")
         if actual != d.tier:
-            d.notice = "; ".join(x for x in (d.notice, f"no {d.tier} model is available; the {actual} model "
-                                             "answers instead") if x)
+            hint = (f" (put a MoE .gguf in {models.paths.models_dir()} or set [tiers] large in settings.toml)"
+                    if d.tier == "large" and not self.settings.large else "")
+            d.notice = "; ".join(x for x in (d.notice, f"no {d.tier} model is available{hint}; the {actual} "
+                                             "model answers instead") if x)
             d.tier = actual
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None

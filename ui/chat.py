@@ -123,6 +123,7 @@ class ChatScreen(Screen):
         self._ready = threading.Event()
         self._cancel: threading.Event | None = None
         self.generating = False
+        self._shown_notices: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -232,8 +233,10 @@ class ChatScreen(Screen):
             message.answer.model = message.model
         message.answer.finish(message.stats, message.status, message.error, message.energy, message.decision)
         self.generating = False
-        if message.decision is not None and message.decision.notice:
-            self.notify(message.decision.notice, title="Router", severity="warning", timeout=10)
+        notice = message.decision.notice if message.decision is not None else None
+        if notice and notice not in self._shown_notices:  # once per session: the stats line keeps the tier
+            self._shown_notices.add(notice)
+            self.notify(notice, title="Router", severity="warning", timeout=10)
         self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
 
     async def action_retry_large(self) -> None:

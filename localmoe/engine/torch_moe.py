@@ -1,0 +1,541 @@
+"""Native PyTorch engine for Hugging Face MoE checkpoints, with its own per-layer expert cache.
+
+Dense weights (embeddings, attention, norms, routers) are read once; each expert's three matrices are read from
+the safetensors files only when the router picks it and it is not cached. The model follows gpt-fast's model.py:
+a `ModelArgs` dataclass, a `KVCache` with one `update`, plain modules, no framework layers.
+transformers is the test oracle only; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from localmoe.engine import GenerationStats
+from localmoe.errors import LocalmoeError
+
+
+@dataclass(frozen=True)
+class _Arch:
+    moe_block: str  # hub name of the MoE block inside a decoder layer
+    expert_proj: tuple[str, str, str]  # hub names of one expert's (gate, up, down) projections
+    # RMSNorm on q and k before rope: "head" per head over head_dim (qwen3), "full" over the whole projection
+    # (olmoe), None for neither
+    qk_norm: str | None
+    routing: str  # "softmax_topk": softmax over all experts, top-k, renormalise if norm_topk_prob
+    #              "topk_softmax": top-k of the logits, softmax over those k (always sums to 1)
+    shared_expert: bool = False  # qwen2_moe: a dense expert every token uses, scaled by sigmoid(its own gate)
+
+
+_HUB_PROJ = ("gate_proj", "up_proj", "down_proj")
+ARCHS: dict[str, _Arch] = {
+    "qwen3_moe": _Arch("mlp", _HUB_PROJ, qk_norm="head", routing="softmax_topk"),
+    "qwen2_moe": _Arch("mlp", _HUB_PROJ, qk_norm=None, routing="softmax_topk", shared_expert=True),
+    "olmoe": _Arch("mlp", _HUB_PROJ, qk_norm="full", routing="softmax_topk"),
+    "mixtral": _Arch("block_sparse_moe", ("w1", "w3", "w2"), qk_norm=None, routing="topk_softmax"),
+}
+
+
+@dataclass
+class ModelArgs:
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_experts: int
+    top_k: int
+    expert_ff: int
+    rope_theta: float
+    norm_eps: float
+    norm_topk_prob: bool
+    tie_embeddings: bool
+    max_seq_length: int
+    qkv_bias: bool = False  # qwen2_moe
+    shared_ff: int = 0  # qwen2_moe's shared expert width
+    clip_qkv: float | None = None  # olmoe
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], max_seq_length: int | None = None) -> ModelArgs:
+        model_type = config.get("model_type")
+        if model_type not in ARCHS:
+            raise LocalmoeError(
+                f"model_type {model_type!r} is not supported by the torch MoE engine (supported: {', '.join(ARCHS)})"
+            )
+        try:
+            n_heads = config["num_attention_heads"]
+            rope = config.get("rope_parameters") or {}
+            if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+                raise LocalmoeError(f"rope_type {rope.get('rope_type')!r} is not supported (only plain rope)")
+            if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+                raise LocalmoeError("checkpoints with dense (non-MoE) layers are not supported yet")
+            if config.get("use_sliding_window") or (model_type == "mixtral" and config.get("sliding_window")):
+                raise LocalmoeError("sliding-window attention is not supported yet")
+            if config.get("attention_bias"):
+                raise LocalmoeError("attention_bias is not supported yet")
+            ctx = config.get("max_position_embeddings", 4096)
+            return cls(
+                arch=model_type,
+                vocab_size=config["vocab_size"],
+                dim=config["hidden_size"],
+                n_layers=config["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=config.get("num_key_value_heads", n_heads),
+                head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+                # transformers 5 saves qwen3_moe's count as num_local_experts; older files say num_experts
+                n_experts=config.get("num_local_experts") or config["num_experts"],
+                top_k=config["num_experts_per_tok"],
+                expert_ff=config.get("moe_intermediate_size") or config["intermediate_size"],
+                rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                # mixtral's top-k weights always sum to one
+                norm_topk_prob=bool(config.get("norm_topk_prob", model_type == "mixtral")),
+                tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                max_seq_length=min(ctx, max_seq_length or 2048),
+                qkv_bias=model_type == "qwen2_moe" and bool(config.get("qkv_bias", True)),
+                shared_ff=config["shared_expert_intermediate_size"] if ARCHS[model_type].shared_expert else 0,
+                clip_qkv=config.get("clip_qkv"),
+            )
+        except KeyError as e:
+            raise LocalmoeError(f"config.json lacks {e.args[0]!r}, needed for a {model_type} model") from None
+
+
+class Checkpoint:
+    """Tensors of a checkpoint across its safetensors shards, read one at a time with shape checks."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = model_dir
+        self._stack = ExitStack()
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            if not files:
+                raise LocalmoeError(f"{model_dir} holds no .safetensors files")
+            weight_map = {}
+        from safetensors import safe_open
+
+        handles = {}
+        for name in files:
+            path = model_dir / name
+            if not path.exists():
+                raise LocalmoeError(f"checkpoint shard {name} is missing from {model_dir}")
+            try:
+                handles[name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+                raise LocalmoeError(f"cannot read checkpoint shard {path}: {e}") from None
+        self._by_key = {key: h for h in handles.values() for key in h.keys()}
+        self.bytes_read = 0
+
+    def get(self, key: str, shape: tuple[int, ...]) -> Tensor:
+        if key not in self._by_key:
+            raise LocalmoeError(f"tensor {key} is missing from the checkpoint in {self.dir}")
+        handle = self._by_key[key]
+        found = tuple(handle.get_slice(key).get_shape())
+        if found != shape:  # checked from the header, before the bytes are read
+            raise LocalmoeError(f"tensor {key} has shape {list(found)}, expected {list(shape)} from config.json")
+        t = handle.get_tensor(key).to(torch.float32)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+# --- expert store ---------------------------------------------------------------------------------------
+
+Expert = tuple[Tensor, Tensor, Tensor]  # (gate, up, down) weights
+
+
+class LayerCache:
+    """A fixed number of slots for one layer; subclasses choose the victim. The base keeps insertion order."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.entries: OrderedDict[int, Expert] = OrderedDict()
+
+    def lookup(self, expert: int) -> Expert | None:
+        return self.entries.get(expert)
+
+    def insert(self, expert: int, weights: Expert) -> None:
+        if len(self.entries) >= self.slots:
+            del self.entries[self.victim()]
+        self.entries[expert] = weights
+
+    def victim(self) -> int:
+        return next(iter(self.entries))  # FIFO
+
+
+class LRUCache(LayerCache):
+    def lookup(self, expert: int) -> Expert | None:
+        found = self.entries.get(expert)
+        if found is not None:
+            self.entries.move_to_end(expert)  # the front is then always the least recently used
+        return found
+
+
+class LFUCache(LayerCache):
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.counts: dict[int, int] = {}  # over the whole run, evicted experts included
+
+    def lookup(self, expert: int) -> Expert | None:
+        self.counts[expert] = self.counts.get(expert, 0) + 1
+        return self.entries.get(expert)
+
+    def victim(self) -> int:
+        return min(self.entries, key=lambda e: self.counts.get(e, 0))
+
+
+POLICIES: dict[str, type[LayerCache]] = {"lru": LRUCache, "lfu": LFUCache, "fifo": LayerCache}
+
+
+class ExpertStore:
+    """Expert weights on demand: a per-layer cache in front of the checkpoint. Only speed depends on `slots`."""
+
+    def __init__(self, ckpt: Checkpoint, args: ModelArgs, slots: int | None = None, policy: str = "lru") -> None:
+        if policy not in POLICIES:
+            raise LocalmoeError(f"unknown expert cache policy {policy!r} (known: {', '.join(POLICIES)})")
+        slots = args.n_experts if slots is None else slots
+        if slots < 1:
+            raise LocalmoeError(f"expert_slots must be at least 1, got {slots}")
+        self.ckpt, self.args, self.slots = ckpt, args, min(slots, args.n_experts)
+        spec = ARCHS[args.arch]
+        self._prefix = [f"model.layers.{i}.{spec.moe_block}.experts." for i in range(args.n_layers)]
+        self._proj = spec.expert_proj
+        self.layers = [POLICIES[policy](self.slots) for _ in range(args.n_layers)]
+        self.hits = self.misses = 0
+
+    def get(self, layer: int, expert: int) -> Expert:
+        cache = self.layers[layer]
+        found = cache.lookup(expert)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        a, p = self.args, f"{self._prefix[layer]}{expert}."
+        gate, up, down = self._proj
+        weights = (
+            self.ckpt.get(f"{p}{gate}.weight", (a.expert_ff, a.dim)),
+            self.ckpt.get(f"{p}{up}.weight", (a.expert_ff, a.dim)),
+            self.ckpt.get(f"{p}{down}.weight", (a.dim, a.expert_ff)),
+        )
+        cache.insert(expert, weights)
+        return weights
+
+
+# --- model ----------------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (1, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
+    """cos/sin per position for HF's rotate-half layout (first half of each head pairs with the second)."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
+    freqs = torch.outer(torch.arange(args.max_seq_length, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, w: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.args = args
+        self.wq, self.wk, self.wv, self.wo = w["q_proj"], w["k_proj"], w["v_proj"], w["o_proj"]
+        self.bq, self.bk, self.bv = w.get("q_bias"), w.get("k_bias"), w.get("v_bias")
+        self.per_head_norm = ARCHS[args.arch].qk_norm == "head"
+        self.q_norm = RMSNorm(w["q_norm"], args.norm_eps) if "q_norm" in w else None
+        self.k_norm = RMSNorm(w["k_norm"], args.norm_eps) if "k_norm" in w else None
+        self.kv_cache = KVCache(args.max_seq_length, args.n_kv_heads, args.head_dim, torch.float32)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        a = self.args
+        bsz, seqlen, _ = x.shape
+        q, k, v = F.linear(x, self.wq, self.bq), F.linear(x, self.wk, self.bk), F.linear(x, self.wv, self.bv)
+        if self.q_norm is not None and self.k_norm is not None and not self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if a.clip_qkv is not None:
+            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+        q = q.view(bsz, seqlen, a.n_heads, a.head_dim)
+        k = k.view(bsz, seqlen, a.n_kv_heads, a.head_dim)
+        v = v.view(bsz, seqlen, a.n_kv_heads, a.head_dim)
+        if self.q_norm is not None and self.k_norm is not None and self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.kv_cache.update(input_pos, k, v)
+        group = a.n_heads // a.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.head_dim))
+        return F.linear(y.transpose(1, 2).reshape(bsz, seqlen, a.n_heads * a.head_dim), self.wo)
+
+
+class MoE(nn.Module):
+    """Route each token to its top-k experts and sum their outputs, fetching each chosen expert once per call."""
+
+    def __init__(self, args: ModelArgs, layer: int, w: dict[str, Tensor], store: ExpertStore) -> None:
+        super().__init__()
+        self.args, self.layer, self.router, self.store = args, layer, w["router"], store
+        self.shared = (w["shared_gate"], w["shared_up"], w["shared_down"]) if "shared_gate" in w else None
+        self.shared_expert_gate = w.get("shared_expert_gate")
+        self.routing = ARCHS[args.arch].routing
+        self.last_topk: Tensor | None = None  # (tokens, k) expert ids of the last call, for telemetry
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = F.linear(x, self.router)
+        k = self.args.top_k
+        if self.routing == "topk_softmax":
+            top, idx = torch.topk(logits, k, dim=-1)
+            return top.softmax(dim=-1), idx
+        weights, idx = torch.topk(logits.softmax(dim=-1), k, dim=-1)
+        if self.args.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, idx
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.route(x)
+        self.last_topk = idx
+        out = torch.zeros_like(x)
+        # Ascending expert order: deterministic, and the cache sees the same request sequence every run.
+        for expert in idx.unique().tolist():
+            tokens, slot = torch.where(idx == expert)
+            w_gate, w_up, w_down = self.store.get(self.layer, expert)
+            xe = x[tokens]
+            ye = F.linear(F.silu(F.linear(xe, w_gate)) * F.linear(xe, w_up), w_down)
+            out.index_add_(0, tokens, ye * weights[tokens, slot, None])
+        if self.shared is not None and self.shared_expert_gate is not None:
+            w_gate, w_up, w_down = self.shared
+            shared = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
+        return out.view(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, w: dict[str, Tensor], store: ExpertStore) -> None:
+        super().__init__()
+        self.attention = Attention(args, w)
+        self.moe = MoE(args, layer, w, store)
+        self.attention_norm = RMSNorm(w["input_layernorm"], args.norm_eps)
+        self.ffn_norm = RMSNorm(w["post_attention_layernorm"], args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.moe(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, ckpt: Checkpoint, store: ExpertStore) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = ckpt.get("model.embed_tokens.weight", (args.vocab_size, args.dim))
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, i, _layer_weights(args, ckpt, i), store) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(ckpt.get("model.norm.weight", (args.dim,)), args.norm_eps)
+        self.output = (
+            self.tok_embeddings if args.tie_embeddings else ckpt.get("lm_head.weight", (args.vocab_size, args.dim))
+        )
+        cos, sin = rope_tables(args)
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+        causal = torch.ones(args.max_seq_length, args.max_seq_length, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", causal)
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        """Logits for tokens `idx` (1, n) placed at positions `input_pos`; earlier positions come from the KV cache."""
+        mask = self.causal_mask[None, None, input_pos]
+        cos, sin = self.cos[input_pos], self.sin[input_pos]
+        x = F.embedding(idx, self.tok_embeddings)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return F.linear(self.norm(x), self.output)
+
+
+def _layer_weights(args: ModelArgs, ckpt: Checkpoint, i: int) -> dict[str, Tensor]:
+    spec = ARCHS[args.arch]
+    p = f"model.layers.{i}."
+    q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    w = {
+        "q_proj": ckpt.get(f"{p}self_attn.q_proj.weight", (q_out, args.dim)),
+        "k_proj": ckpt.get(f"{p}self_attn.k_proj.weight", (kv_out, args.dim)),
+        "v_proj": ckpt.get(f"{p}self_attn.v_proj.weight", (kv_out, args.dim)),
+        "o_proj": ckpt.get(f"{p}self_attn.o_proj.weight", (args.dim, q_out)),
+        "input_layernorm": ckpt.get(f"{p}input_layernorm.weight", (args.dim,)),
+        "post_attention_layernorm": ckpt.get(f"{p}post_attention_layernorm.weight", (args.dim,)),
+        "router": ckpt.get(f"{p}{spec.moe_block}.gate.weight", (args.n_experts, args.dim)),
+    }
+    if spec.qk_norm:
+        per_head = spec.qk_norm == "head"
+        w["q_norm"] = ckpt.get(f"{p}self_attn.q_norm.weight", (args.head_dim if per_head else q_out,))
+        w["k_norm"] = ckpt.get(f"{p}self_attn.k_norm.weight", (args.head_dim if per_head else kv_out,))
+    if args.qkv_bias:
+        for name, size in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            w[f"{name}_bias"] = ckpt.get(f"{p}self_attn.{name}_proj.bias", (size,))
+    if spec.shared_expert:
+        m = f"{p}{spec.moe_block}."
+        w["shared_gate"] = ckpt.get(f"{m}shared_expert.gate_proj.weight", (args.shared_ff, args.dim))
+        w["shared_up"] = ckpt.get(f"{m}shared_expert.up_proj.weight", (args.shared_ff, args.dim))
+        w["shared_down"] = ckpt.get(f"{m}shared_expert.down_proj.weight", (args.dim, args.shared_ff))
+        w["shared_expert_gate"] = ckpt.get(f"{m}shared_expert_gate.weight", (1, args.dim))
+    return w
+
+
+# --- engine ---------------------------------------------------------------------------------------------
+
+
+class TorchMoEEngine:
+    """Runs a Hugging Face MoE checkpoint directory; `expert_slots` experts per layer stay in memory."""
+
+    backend = "torch-moe"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        expert_slots: int | None = None,
+        cache_policy: str = "lru",
+        max_seq_length: int | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.model_id = model_id or self.model_dir.name
+        self.expert_slots, self.cache_policy, self.max_seq_length = expert_slots, cache_policy, max_seq_length
+        self.args: ModelArgs | None = None
+        self.model: Transformer | None = None
+        self.store: ExpertStore | None = None
+        self._ckpt: Checkpoint | None = None
+        self._stats = GenerationStats()
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        config_path = self.model_dir / "config.json"
+        if not config_path.exists():
+            raise LocalmoeError(f"{self.model_dir} has no config.json: not a Hugging Face checkpoint directory")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise LocalmoeError(f"{config_path} is not valid JSON: {e}") from None
+        args = ModelArgs.from_config(config, self.max_seq_length)
+        ckpt = Checkpoint(self.model_dir)
+        try:
+            store = ExpertStore(ckpt, args, self.expert_slots, self.cache_policy)
+            with torch.no_grad():
+                model = Transformer(args, ckpt, store).eval()
+        except BaseException:
+            ckpt.close()
+            raise
+        self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._stats
+
+    @property
+    def hits(self) -> int:
+        return self.store.hits if self.store else 0
+
+    @property
+    def misses(self) -> int:
+        return self.store.misses if self.store else 0
+
+    def cache_stats(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {
+            "slots": self.store.slots if self.store else None,
+            "policy": self.cache_policy,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / total if total else None,
+            "bytes_read": self._ckpt.bytes_read if self._ckpt else 0,
+        }
+
+    def _model(self) -> Transformer:
+        self.load()
+        assert self.model is not None
+        return self.model
+
+    def _forward(self, tokens: list[int], start: int) -> Tensor:
+        model = self._model()
+        end = start + len(tokens)
+        if end > model.args.max_seq_length:
+            raise LocalmoeError(f"{end} tokens exceed the engine's context of {model.args.max_seq_length}")
+        bad = [t for t in tokens if not 0 <= t < model.args.vocab_size]
+        if bad:
+            raise LocalmoeError(f"token id {bad[0]} is outside the vocabulary (0..{model.args.vocab_size - 1})")
+        with torch.no_grad():
+            return model(torch.tensor([tokens]), torch.arange(start, end))[0]
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0."""
+        return self._forward(list(token_ids), 0).numpy()
+
+    def decode_logits(self, token_ids: list[int], n_steps: int) -> tuple[list[int], np.ndarray]:
+        """Greedy decode: prefill, then one token at a time through the KV cache.
+
+        Returns the n_steps chosen tokens and the (n_steps, vocab) logits each was chosen from (row 0 is the
+        prefill's last row).
+        """
+        last = self._forward(list(token_ids), 0)[-1]
+        chosen: list[int] = []
+        rows = []
+        pos = len(token_ids)
+        for step in range(n_steps):
+            rows.append(last)
+            chosen.append(int(last.argmax()))
+            if step + 1 < n_steps:
+                last = self._forward(chosen[-1:], pos)[-1]
+                pos += 1
+        return chosen, torch.stack(rows).numpy()
+
+    def close(self) -> None:
+        if self._ckpt is not None:
+            self._ckpt.close()
+        self.model = self.store = self._ckpt = None

@@ -1,0 +1,208 @@
+"""The native torch MoE engine against transformers (the oracle) on tiny random-init checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from synthetic_moe import build_hf_moe
+
+from localmoe.engine.torch_moe import TorchMoEEngine
+from localmoe.errors import LocalmoeError
+
+# Different shapes per architecture, so a transposed or mis-sized weight cannot slip through on both.
+SHAPES = {
+    "qwen3_moe": dict(hidden=64, layers=2, experts=8, top_k=2, expert_ff=32, heads=4, kv_heads=2, head_dim=16),
+    "mixtral": dict(hidden=48, layers=3, experts=6, top_k=2, expert_ff=40, heads=6, kv_heads=2, head_dim=8),
+}
+# synthetic_moe builds these two; the others are built here straight from transformers' config classes.
+OTHER = {
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        hidden_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+        num_experts_per_tok=3, moe_intermediate_size=24, shared_expert_intermediate_size=36,
+        intermediate_size=36, norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+    )),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, num_experts=5,
+        num_experts_per_tok=2, intermediate_size=20, clip_qkv=0.3, norm_topk_prob=False, eos_token_id=2,
+    )),
+}
+VOCAB = 320
+PROMPT = [5, 17, 300, 42, 42, 7, 1, 250, 99, 123, 64, 8, 8, 201, 77, 3, 150, 11]  # 18 tokens
+DECODE_STEPS = 8
+
+
+def _build_other(out, arch: str):
+    import transformers
+
+    config_class, model_class, kwargs = OTHER[arch]
+    config = getattr(transformers, config_class)(
+        vocab_size=VOCAB, initializer_range=0.05, tie_word_embeddings=False, max_position_embeddings=256, **kwargs
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).float()
+    with torch.no_grad():  # transformers zeroes biases at init, which would hide a bias we forget to add
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+def _shape(arch: str, key: str) -> int:
+    if arch in SHAPES:
+        return SHAPES[arch][key]
+    kwargs = OTHER[arch][2]
+    return {"layers": kwargs["num_hidden_layers"], "experts": kwargs["num_experts"]}[key]
+
+
+@pytest.fixture(scope="module", params=sorted([*SHAPES, *OTHER]))
+def checkpoint(request, tmp_path_factory):
+    arch = request.param
+    if arch in SHAPES:
+        out = build_hf_moe(tmp_path_factory.mktemp(arch), arch, vocab=VOCAB, init_std=0.05, **SHAPES[arch])
+    else:
+        out = _build_other(tmp_path_factory.mktemp(arch), arch)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return arch, out, model
+
+
+def _reference(model, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("slots", [None, 1])
+def test_prompt_and_greedy_decode_match_transformers(checkpoint, slots):
+    arch, path, model = checkpoint
+    engine = TorchMoEEngine(path, expert_slots=slots)
+    got = engine.logits(PROMPT)
+    want = _reference(model, PROMPT)
+    assert got.shape == want.shape == (len(PROMPT), VOCAB)
+    assert np.abs(want).max() > 0.5  # near-zero logits would match anything
+    diff = np.abs(got - want).max()
+
+    chosen, rows = engine.decode_logits(PROMPT, DECODE_STEPS)
+    assert rows.shape == (DECODE_STEPS, VOCAB)
+    for step in range(DECODE_STEPS):
+        want_row = _reference(model, PROMPT + chosen[:step])[-1]
+        diff = max(diff, np.abs(rows[step] - want_row).max())
+        assert chosen[step] == int(want_row.argmax())
+    print(f"{arch} slots={slots}: max |logit diff| {diff:.2e}, {engine.cache_stats()}")
+    assert diff <= 1e-4
+
+    stats = engine.cache_stats()
+    if slots is None:
+        assert stats["misses"] <= _shape(arch, "layers") * _shape(arch, "experts")  # each expert read at most once
+    else:
+        assert stats["slots"] == 1
+        assert stats["misses"] > _shape(arch, "layers") * _shape(arch, "experts")
+    assert stats["hits"] + stats["misses"] > 0
+    engine.close()
+
+
+def test_cache_size_changes_counts_not_logits(checkpoint):
+    _, path, _ = checkpoint
+    results = []
+    for slots in (None, 1, 3):
+        engine = TorchMoEEngine(path, expert_slots=slots)
+        results.append((engine.logits(PROMPT), engine.decode_logits(PROMPT, 4), engine.hits, engine.misses))
+        engine.close()
+    full, one, three = results
+    for other in (one, three):
+        np.testing.assert_array_equal(full[0], other[0])
+        assert full[1][0] == other[1][0]
+        np.testing.assert_array_equal(full[1][1], other[1][1])
+    assert full[3] < three[3] < one[3]  # fewer slots, more reads
+    assert full[2] > one[2]
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(LocalmoeError, match="config.json"):
+        TorchMoEEngine(tmp_path).load()
+
+
+def test_unsupported_architecture(checkpoint, tmp_path):
+    _, path, _ = checkpoint
+    d = _copy(path, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    config["model_type"] = "gpt_oss"
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LocalmoeError, match="gpt_oss"):
+        TorchMoEEngine(d).load()
+
+
+def test_missing_shard_is_named(checkpoint, tmp_path):
+    _, path, _ = checkpoint
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(path / "config.json", d)
+    # Split into two shards with an index, as large hub checkpoints are, then lose the second one.
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        save_file({k: tensors[k] for k in part}, str(d / name))
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    TorchMoEEngine(d).logits(PROMPT[:4])  # the sharded copy loads
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(LocalmoeError, match="model-00002-of-00002.safetensors"):
+        TorchMoEEngine(d).load()
+
+
+def test_no_safetensors(checkpoint, tmp_path):
+    _, path, _ = checkpoint
+    d = _copy(path, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(LocalmoeError, match="no .safetensors"):
+        TorchMoEEngine(d).load()
+
+
+@pytest.mark.parametrize("which", ["dense", "expert"])
+def test_wrong_tensor_shape_is_named(checkpoint, tmp_path, which):
+    arch, path, _ = checkpoint
+    d = _copy(path, tmp_path / "m")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if which == "dense":
+        bad = "model.layers.1.self_attn.k_proj.weight"
+    else:
+        bad = next(k for k in sorted(tensors) if ".experts.1." in k and k.startswith("model.layers.0."))
+    tensors[bad] = tensors[bad][:, :-1].contiguous()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    engine = TorchMoEEngine(d, expert_slots=1)
+    with pytest.raises(LocalmoeError, match=bad.replace(".", r"\.")):
+        # an expert is only read once routed to: run until every expert of layer 0 has been asked for
+        engine.load()
+        for t in range(VOCAB):
+            engine.logits([t])
+
+
+def test_python_api_loads_both_backends(tiny_moe):
+    """`localmoe.engine.load(path, backend=...)`: the same weights through llama.cpp (GGUF) and torch (HF)."""
+    from localmoe import engine as engines
+
+    tokens = list(range(1, 17))
+    native = engines.load(tiny_moe[0], backend="torch", expert_slots=2)
+    gguf = engines.load(tiny_moe[1], logits_all=True, n_ctx=256)
+    try:
+        a, b = native.logits(tokens), gguf.logits(tokens)
+    finally:
+        native.close()
+        gguf.close()
+    assert a.shape == b.shape and np.abs(a - b).max() < 5e-3
