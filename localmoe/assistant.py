@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from localmoe import models, settings
@@ -15,7 +16,10 @@ from localmoe.recorder import Recorder, now
 from localmoe.router import Decision, Router
 from localmoe.session import Reply, Session
 
-TIERS = ("small", "large")
+TIERS = ("small", "large", "remote")
+# Where a tier's questions go when it is missing or will not load, in order.
+FALLBACK = {"small": ("small", "large", "remote"), "large": ("large", "remote", "small"),
+            "remote": ("remote", "large", "small")}
 
 
 class RoutedReply:
@@ -39,16 +43,17 @@ class RoutedReply:
         a._sync_from(session)
         try:
             yield from self.reply
-            if d.strategy == "cascade" and self.reply.status == "complete" and a.has_tier("large"):
+            bigger = a.available("large") if d.strategy == "cascade" and self.reply.status == "complete" else None
+            if bigger is not None and bigger != d.tier:
                 s = self.reply.stats
                 escalate, _p, why = a.router.cascade_escalates(s.mean_logprob, s.min_logprob)
                 d.reason = why
                 if escalate:
-                    self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, "large"
+                    self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, bigger
                     a._record(self.small_reply, Decision(**{**vars(d), "tier": "small", "escalated": False}))
                     if self.on_escalate:
                         self.on_escalate(self)
-                    large = a.session_for("large")
+                    large = a.session_for(bigger)
                     a._sync_to(large)
                     d.model = large.model.id
                     self.reply = large.ask(self.prompt, self.cancel)
@@ -108,7 +113,14 @@ class Assistant:
     def _resolve_tier(self, tier: str) -> models.ModelRef | None:
         if self.pinned is not None:
             return self.pinned
-        configured = self.settings.small if tier == "small" else self.settings.large
+        st = self.settings
+        if tier == "remote":
+            if not st.remote:
+                return None
+            model = st.remote_model or "default"
+            return models.ModelRef(f"remote:{model}", Path(st.remote), "remote", backend="remote",
+                                   options={"url": st.remote, "model": model, "api_key_env": st.remote_api_key_env})
+        configured = st.small if tier == "small" else st.large
         try:
             if configured:
                 return models.resolve(configured)
@@ -125,19 +137,32 @@ class Assistant:
     def has_tier(self, tier: str) -> bool:
         return self.tier_ref(tier) is not None
 
+    def available(self, tier: str, load: bool = True) -> str:
+        """The tier that will actually answer for `tier`: the first in its fallback chain that exists and loads.
+        Loading happens here, so a broken model or unreachable server falls back before the question is asked."""
+        if self.pinned is not None:
+            return "small"
+        for candidate in FALLBACK[tier]:
+            if self.tier_ref(candidate) is None:
+                continue
+            if not load:
+                return candidate
+            try:
+                self.session_for(candidate).load()
+                return candidate
+            except LocalmoeError as exc:
+                self.notices.append(f"the {candidate} tier cannot be used: {exc}")
+                self._refs[candidate] = None
+                self._sessions.pop(candidate, None)
+        raise LocalmoeError("no model available for any tier: run `make setup` or configure [tiers]")
+
     def session_for(self, tier: str) -> Session:
-        """The tier's session (loaded once); a missing tier falls back to the other one, with a notice."""
-        ref = self.tier_ref(tier)
-        if ref is None:
-            other = "small" if tier == "large" else "large"
-            if self.tier_ref(other) is None:
-                raise LocalmoeError("no model available for any tier: run `make setup` or configure [tiers]")
-            notice = f"no {tier} model is available; the {other} model answers instead"
-            if notice not in self.notices:
-                self.notices.append(notice)
-            tier, ref = other, self.tier_ref(other)
+        """The tier's session, created once (models stay loaded between questions)."""
         if self.pinned is not None:
             tier = "small"  # one model, one session
+        ref = self.tier_ref(tier)
+        if ref is None:
+            raise LocalmoeError(f"no {tier} model is configured")
         if tier not in self._sessions:
             config = GenerationConfig(**{**ref.defaults, **self.overrides})
             self._sessions[tier] = Session(ref, recorder=self.recorder, config=config, **self.session_options)
@@ -157,19 +182,20 @@ class Assistant:
         self.conversation_id, self.history = None, []
 
     # -- asking --------------------------------------------------------------------------------------------
-    def route(self, prompt: str, tier: str | None = None) -> Decision:
+    def route(self, prompt: str, tier: str | None = None, load: bool = True) -> Decision:
+        """The decision for `prompt`; `load=False` (the `route` command) names the tier without loading it."""
         if self.pinned is not None:
             if not prompt.strip():
                 raise UsageError("the prompt is empty")
             return Decision("small", self.pinned.id, "pinned", 0.0, 0.5, "model chosen by the user", 0.0)
         if tier is not None:
             if tier not in TIERS:
-                raise UsageError(f"unknown tier {tier!r} (small or large)")
+                raise UsageError(f"unknown tier {tier!r} (small, large or remote)")
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
                          f"{tier} model: chosen by the user", 0.0)
         else:
             d = self.router.route(prompt)
-        actual = d.tier if self.has_tier(d.tier) else ("small" if d.tier == "large" else "large")
+        actual = self.available(d.tier, load)
         if actual != d.tier:
             hint = (f" (put a MoE .gguf in {models.paths.models_dir()} or set [tiers] large in settings.toml)"
                     if d.tier == "large" and not self.settings.large else "")

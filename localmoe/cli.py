@@ -47,10 +47,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise LocalmoeError("the prompt is empty")
     overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
+    if args.backend and not args.model:
+        raise LocalmoeError("--backend needs --model (a .gguf file or a checkpoint directory)")
     if args.model:  # an explicit model: no routing
+        from localmoe import models
+
         if args.tier:
             raise LocalmoeError("--model and --tier exclude each other")
-        session = Session(args.model)
+        ref = models.resolve(args.model)
+        if args.backend and ref.backend != args.backend:
+            raise LocalmoeError(f"{args.model} runs on the {ref.backend} backend, not {args.backend}")
+        session = Session(ref)
         session.config = GenerationConfig(**{**session.model.defaults, **overrides})
         target, closer, route = session, session.close, None
         notices = session.warnings
@@ -93,7 +100,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     assistant = Assistant(strategy=args.strategy, preference=args.preference)
     try:
-        decision = assistant.route(args.prompt, tier=None)
+        decision = assistant.route(args.prompt, tier=None, load=False)
     finally:
         assistant.close()
     if args.json:
@@ -193,19 +200,38 @@ def cmd_cache_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_summary(path: Path) -> dict[str, Any]:
+    """What `models` shows for a Hugging Face checkpoint directory, from config.json and the shard sizes."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return {
+        "architecture": cfg.get("model_type", "?"), "layers": cfg.get("num_hidden_layers", "?"),
+        "experts": cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
+        "top_k": cfg.get("num_experts_per_tok", 0), "dtype": str(cfg.get("torch_dtype") or cfg.get("dtype") or "?"),
+        "context": cfg.get("max_position_embeddings", "?"),
+        "bytes": sum(p.stat().st_size for p in Path(path).glob("*.safetensors")),
+    }
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from localmoe import models
     from localmoe.layout import read_layout
 
     entries = []
     for ref in models.list_models():
+        if ref.backend == "torch":
+            entries.append((ref, None, None))
+            continue
         try:
             layout, error = read_layout(ref.path), None
         except LocalmoeError as exc:
             layout, error = None, str(exc)
         entries.append((ref, layout, error))
     if args.json:
-        _print_json([{**ref.to_dict(), "layout": lay.to_dict() if lay else None, "error": err}
+        _print_json([{**ref.to_dict(), "layout": lay.to_dict() if lay else None, "error": err,
+                      "config": _checkpoint_summary(ref.path) if ref.backend == "torch" else None}
                      for ref, lay, err in entries])
         return 0
     if not entries:
@@ -213,6 +239,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for ref, lay, err in entries:
+        if ref.backend == "torch":
+            c = _checkpoint_summary(ref.path)
+            experts = f"{c['experts']} (top-{c['top_k']})" if c["experts"] else "dense"
+            rows.append([ref.id, ref.source, c["architecture"], str(c["layers"]), experts, c["dtype"],
+                         human_bytes(c["bytes"]), str(c["context"])])
+            continue
         if lay is None:
             rows.append([ref.id, ref.source, f"unreadable: {err}", "", "", "", "", ""])
             continue
@@ -435,12 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer one prompt and record it", description="Answer one prompt, streaming "
                        "it to stdout, and record the exchange.")
     a.add_argument("prompt", help="the question ('-' reads standard input)")
-    a.add_argument("-m", "--model", help="model id or path to a .gguf file (default: the embedded model)")
+    a.add_argument("-m", "--model", help="model id, path to a .gguf file, or a Hugging Face MoE checkpoint "
+                   "directory (torch backend); default: the router picks a tier")
+    a.add_argument("--backend", choices=["llama.cpp", "torch"],
+                   help="require this engine (torch: a checkpoint directory given with --model)")
     a.add_argument("--json", action="store_true", help="print one JSON object with the answer and its stats")
     a.add_argument("--max-tokens", type=int, help="stop after this many tokens (default 512)")
     a.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     a.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
-    a.add_argument("--tier", choices=["small", "large"], help="skip the router: answer on this tier")
+    a.add_argument("--tier", choices=["small", "large", "remote"], help="skip the router: answer on this tier")
     a.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy")
     a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     a.set_defaults(func=cmd_ask)

@@ -22,6 +22,7 @@ class ModelRef:
     source: str  # "embedded" | "installed" | "file"
     backend: str = "llama.cpp"
     defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # engine arguments
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "source": self.source, "backend": self.backend}
@@ -53,11 +54,23 @@ def embedded_models() -> list[ModelRef]:
 
 
 def installed_models() -> list[ModelRef]:
-    """GGUF files the user put (or `pull`ed) into `<data dir>/models`."""
+    """GGUF files the user put (or `pull`ed) into `<data dir>/models`, then Hugging Face checkpoint directories
+    there (a folder with a config.json), which the torch engine runs."""
     d = paths.models_dir()
     if not d.is_dir():
         return []
-    return [ModelRef(p.stem.lower(), p, "installed") for p in sorted(d.glob("*.gguf"))]
+    found = [ModelRef(p.stem.lower(), p, "installed") for p in sorted(d.glob("*.gguf"))]
+    found += [checkpoint_ref(p, "installed") for p in sorted(d.iterdir()) if is_checkpoint_dir(p)]
+    return found
+
+
+def is_checkpoint_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def checkpoint_ref(p: Path, source: str = "file") -> ModelRef:
+    """A Hugging Face checkpoint directory → a ModelRef for the torch engine, named after the directory."""
+    return ModelRef(p.name.lower(), p.resolve(), source, backend="torch")
 
 
 def list_models() -> list[ModelRef]:
@@ -75,7 +88,8 @@ def default_model() -> ModelRef:
 
 
 def resolve(name: str | None) -> ModelRef:
-    """A model id, alias or path to a .gguf file → ModelRef; None means the default model."""
+    """A model id, alias, path to a .gguf file or to a Hugging Face checkpoint directory → ModelRef;
+    None means the default model."""
     if not name:
         return default_model()
     available = list_models()
@@ -92,8 +106,14 @@ def resolve(name: str | None) -> ModelRef:
     if p.suffix.lower() == ".gguf" or p.exists() or "/" in name:
         if not p.exists():
             raise LocalmoeError(f"model file not found: {p}")
+        if is_checkpoint_dir(p):
+            return checkpoint_ref(p)
+        if p.is_dir():
+            raise LocalmoeError(f"model directory {p} has no config.json: not a Hugging Face checkpoint")
         if not p.is_file():
             raise LocalmoeError(f"model path is not a file: {p}")
         return ModelRef(p.stem.lower(), p.resolve(), "file")
     known = ", ".join(r.id for r in available) or "none"
-    raise UsageError(f"unknown model {name!r} (installed: {known}; or pass a path to a .gguf file)")
+    raise UsageError(
+        f"unknown model {name!r} (installed: {known}; or pass a path to a .gguf file or checkpoint directory)"
+    )

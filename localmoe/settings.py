@@ -3,6 +3,9 @@
     [tiers]
     small = "smollm2-135m-instruct"   # model id or .gguf path; default: the embedded model
     large = "qwen3-30b-a3b-q4_k_m"    # default: the largest installed MoE the planner says fits
+    remote = "http://127.0.0.1:8080/v1"   # optional OpenAI-compatible endpoint; used only when set
+    remote_model = "my-model"
+    remote_api_key_env = "OPENAI_API_KEY"  # the variable holding the key (the key itself is never stored)
 
     [router]
     strategy = "learned"      # features | learned | cascade; default: the best on the shipped held-out data
@@ -28,6 +31,9 @@ PREFERENCES = ("quality", "balanced", "energy")
 class Settings:
     small: str | None = None
     large: str | None = None
+    remote: str | None = None
+    remote_model: str | None = None
+    remote_api_key_env: str | None = None
     strategy: str | None = None
     preference: str | float = "balanced"
     path: Path | None = None
@@ -61,11 +67,17 @@ def load(path: Path | None = None) -> Settings:
     if not isinstance(tiers, dict) or not isinstance(router, dict):
         raise LocalmoeError(f"settings {p}: [tiers] and [router] must be tables")
     strategy = router.get("strategy")
+    remote = tiers.get("remote")
+    if remote and not str(remote).startswith(("http://", "https://")):
+        raise LocalmoeError(f"settings {p}: [tiers] remote must be an http(s) URL, not {remote!r}")
     if strategy is not None and strategy not in STRATEGIES:
         raise LocalmoeError(f"settings {p}: unknown router strategy {strategy!r} ({', '.join(STRATEGIES)})")
     return Settings(
         small=tiers.get("small") or None,
         large=tiers.get("large") or None,
+        remote=tiers.get("remote") or None,
+        remote_model=tiers.get("remote_model") or None,
+        remote_api_key_env=tiers.get("remote_api_key_env") or None,
         strategy=strategy,
         preference=parse_preference(router.get("preference", "balanced")),
         path=p,

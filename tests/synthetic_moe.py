@@ -101,11 +101,14 @@ def build_hf_moe(
     init_std: float | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    tokenizer_gguf: Path | None = None,
 ) -> Path:
     """Random-init a transformers MoE model and `save_pretrained` it (safetensors) into out_dir.
 
     `vocab` defaults to SmolLM2's 49152 tokens; any other size gives a checkpoint that `hf_to_gguf` refuses,
-    because the GGUF has no tokenizer of its own.
+    because the GGUF has no tokenizer of its own. At the default size the folder also gets SmolLM2's tokenizer
+    (`tokenizer.json`, `tokenizer_config.json` with its chat template), built from `tokenizer_gguf`'s fields
+    (default: the embedded SmolLM2), so the checkpoint can chat; other sizes get no tokenizer files.
     `init_std` overrides transformers' initializer_range (0.02). At 0.02 the experts add little to the logits,
     so a conversion that swaps or misorders experts moves them only a few times the comparison tolerance;
     tests that must catch such mistakes pass a larger value.
@@ -131,7 +134,67 @@ def build_hf_moe(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
+    if config.vocab_size == SMOLLM2_VOCAB:
+        write_hf_tokenizer(out_dir, tokenizer_gguf or _embedded_gguf())
     return out_dir
+
+
+def write_hf_tokenizer(out_dir: Path, gguf_path: Path) -> None:
+    """Write `tokenizer.json` and `tokenizer_config.json` equivalent to a GGUF's gpt2 (byte-level BPE) tokenizer."""
+    tokenizer_json, tokenizer_config = _hf_tokenizer_files(Path(gguf_path).resolve())
+    (Path(out_dir) / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    (Path(out_dir) / "tokenizer_config.json").write_text(tokenizer_config, encoding="utf-8")
+
+
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) → whether digits are split one by one before the gpt2 regex
+_BYTE_LEVEL_PRE = {"default": False, "gpt2": False, "smollm": True}
+
+
+@cache
+def _hf_tokenizer_files(gguf_path: Path) -> tuple[str, str]:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    fields = {k: v for k, (v, _, _) in _tokenizer_fields(gguf_path).items()}
+    if fields.get("tokenizer.ggml.model") != "gpt2":
+        kind = fields.get("tokenizer.ggml.model")
+        raise ValueError(f"{gguf_path}: only gpt2 (byte-level BPE) tokenizers convert, not {kind!r}")
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in _BYTE_LEVEL_PRE:
+        raise ValueError(f"{gguf_path}: pre-tokenizer {pre!r} is not converted (known: {', '.join(_BYTE_LEVEL_PRE)})")
+    tokens: list[str] = fields["tokenizer.ggml.tokens"]
+    types: list[int] = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if _BYTE_LEVEL_PRE[pre] else byte_level
+    )
+    tok.decoder = decoders.ByteLevel()
+    # control (3) and user-defined (4) tokens are matched whole in the text, as llama.cpp does with special=True
+    special = [AddedToken(t, special=ty == 3, normalized=False) for t, ty in zip(tokens, types, strict=True)
+               if ty in (3, 4)]
+    tok.add_special_tokens([t for t in special if t.special])
+    tok.add_tokens([t for t in special if not t.special])
+
+    def name(key: str) -> str | None:
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        "add_prefix_space": False,
+        "bos_token": name("bos"),
+        "eos_token": name("eos"),
+        "unk_token": name("unknown"),
+        "pad_token": name("padding"),
+        "additional_special_tokens": [t.content for t in special if t.special],
+        "chat_template": fields.get("tokenizer.chat_template"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+    }
+    return tok.to_str(), json.dumps({k: v for k, v in config.items() if v is not None}, indent=2)
 
 
 def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = None) -> Path:

@@ -61,6 +61,10 @@ class Engine(Protocol):
 
 def create_engine(ref: Any, **options: Any) -> Engine:
     """The engine for a resolved ModelRef."""
+    if ref.backend == "remote":
+        from localmoe.engine.remote import RemoteEngine
+
+        return RemoteEngine(model_id=ref.id, **ref.options, **options)
     return _engine_class(ref.backend)(ref.path, model_id=ref.id, **options)
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from localmoe.engine import GenerationStats
+from localmoe import chat_template
+from localmoe.engine import GenerationConfig, GenerationStats, Message
 from localmoe.errors import LocalmoeError
 
 
@@ -429,7 +433,7 @@ def _layer_weights(args: ModelArgs, ckpt: Checkpoint, i: int) -> dict[str, Tenso
 class TorchMoEEngine:
     """Runs a Hugging Face MoE checkpoint directory; `expert_slots` experts per layer stay in memory."""
 
-    backend = "torch-moe"
+    backend = "torch"  # as ModelRef.backend and create_engine name it
 
     def __init__(
         self,
@@ -448,6 +452,11 @@ class TorchMoEEngine:
         self.store: ExpertStore | None = None
         self._ckpt: Checkpoint | None = None
         self._stats = GenerationStats()
+        self._chat: ChatTokenizer | None = None
+        self._gen_lock = threading.Lock()  # one generation at a time: the KV cache is shared
+        self.tokens: list[int] = []  # prompt + generated ids of the last generation
+        self.token_logprobs: list[float] = []
+        self.forward_calls = 0  # model calls (prefill or one decode step) since load, for tests and benchmarks
 
     def load(self) -> None:
         if self.model is not None:
@@ -510,6 +519,7 @@ class TorchMoEEngine:
         bad = [t for t in tokens if not 0 <= t < model.args.vocab_size]
         if bad:
             raise LocalmoeError(f"token id {bad[0]} is outside the vocabulary (0..{model.args.vocab_size - 1})")
+        self.forward_calls += 1
         with torch.no_grad():
             return model(torch.tensor([tokens]), torch.arange(start, end))[0]
 
@@ -535,7 +545,215 @@ class TorchMoEEngine:
                 pos += 1
         return chosen, torch.stack(rows).numpy()
 
+    # --- chat ---------------------------------------------------------------------------------------------
+
+    def chat_tokenizer(self) -> ChatTokenizer:
+        """The checkpoint's tokenizer and chat template, read on first use (logits() works without them)."""
+        if self._chat is None:
+            self._chat = ChatTokenizer(self.model_dir)
+        return self._chat
+
+    def prompt_tokens(self, messages: list[Message]) -> list[int]:
+        return self.chat_tokenizer().encode_chat(messages)
+
+    def stream(
+        self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        with self._gen_lock:
+            yield from self._stream(messages, config, cancel)
+
+    def _stream(
+        self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        t0 = time.perf_counter()
+        chat = self.chat_tokenizer()
+        tokens = chat.encode_chat(messages)
+        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
+        model = self._model()
+        if not tokens:
+            stats.stop_reason = "error"
+            raise LocalmoeError("the chat template rendered an empty prompt")
+        room = model.args.max_seq_length - len(tokens)
+        if room <= 0:
+            stats.stop_reason = "error"
+            raise LocalmoeError(
+                f"the conversation is {len(tokens)} tokens but {self.model_id} holds {model.args.max_seq_length}: "
+                "start a new conversation"
+            )
+        budget = min(config.max_tokens, room)
+        sampler = Sampler(config)
+        detok = IncrementalDetokenizer(chat.tokenizer)
+        self.tokens = list(tokens)
+        logprobs: list[float] | None = [] if config.logprobs else None
+        self.token_logprobs = logprobs or []
+        t_first = t_last = None
+        received = 0  # sampled tokens, the end-of-generation token included
+        try:
+            if budget <= 0 or (cancel is not None and cancel.is_set()):
+                stats.stop_reason = "cancelled" if budget > 0 else "length"
+                return
+            last = self._forward(tokens, 0)[-1]  # prefill
+            while True:
+                token = sampler.sample(last)
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.ttft_s = now - t0
+                t_last = now
+                received += 1
+                if token in chat.eos_ids:
+                    stats.stop_reason = "stop"
+                    break
+                if logprobs is not None:
+                    logprobs.append(float(torch.log_softmax(last.float(), dim=-1)[token]))
+                self.tokens.append(token)
+                stats.completion_tokens += 1
+                piece = detok.add(token)
+                if piece:
+                    yield piece
+                if stats.completion_tokens >= budget:
+                    break
+                # Checked before the next forward pass, so nothing is computed after a stop.
+                if cancel is not None and cancel.is_set():
+                    stats.stop_reason = "cancelled"
+                    break
+                last = self._forward([token], len(self.tokens) - 1)[-1]
+            tail = detok.flush()
+            if tail:
+                yield tail
+        except GeneratorExit:
+            stats.stop_reason = "cancelled"
+            raise
+        finally:
+            stats.wall_s = time.perf_counter() - t0
+            if logprobs:
+                stats.mean_logprob = sum(logprobs) / len(logprobs)
+                stats.min_logprob = min(logprobs)
+            if t_first is not None and t_last is not None and received > 1 and t_last > t_first:
+                stats.tokens_per_s = (received - 1) / (t_last - t_first)
+
     def close(self) -> None:
         if self._ckpt is not None:
             self._ckpt.close()
         self.model = self.store = self._ckpt = None
+
+
+# --- tokenizer, detokenizer, sampler ----------------------------------------------------------------------
+
+
+class ChatTokenizer:
+    """A checkpoint's `tokenizer.json` (through `tokenizers`) and the chat template of `tokenizer_config.json`."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from tokenizers import Tokenizer
+
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if not (model_dir / name).is_file():
+                raise LocalmoeError(f"{model_dir} has no {name}: the torch engine needs the tokenizer to chat")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise LocalmoeError(f"cannot read {model_dir / 'tokenizer.json'}: {str(e).splitlines()[0]}") from None
+        config = _read_json(model_dir / "tokenizer_config.json")
+        jinja = model_dir / "chat_template.jinja"  # where transformers >= 4.43 saves the template
+        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        self.template: str | None = template if isinstance(template, str) else None
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        eos: set[int] = set()
+        if self.eos_token and (i := self.tokenizer.token_to_id(self.eos_token)) is not None:
+            eos.add(i)
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            ids = _read_json(gen).get("eos_token_id")
+            eos.update(i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int))
+        self.eos_ids = frozenset(eos)
+
+    def render(self, messages: list[Message]) -> str:
+        return chat_template.render(self.template, messages, bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        # As transformers' apply_chat_template: the template writes any BOS itself, so no special tokens are added.
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocalmoeError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise LocalmoeError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str:
+    """A special token as tokenizer_config.json writes it: a string, or a serialised AddedToken."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+class IncrementalDetokenizer:
+    """Text pieces for tokens one at a time, never splitting a multi-byte character.
+
+    Decodes the window from the last emitted boundary: the new text is what the window adds to the previous one,
+    held back while it ends in an incomplete character (U+FFFD). Decoding a window rather than single tokens
+    also keeps decoders that drop a leading space (sentencepiece's Metaspace) right mid-text.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] produced the last piece; ids[read:] are not emitted yet
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        prev = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        if len(text) > len(prev) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(prev) :]
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the end decodes as U+FFFD)."""
+        prev = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return text[len(prev) :] if len(text) > len(prev) else ""
+
+
+class Sampler:
+    """Greedy at temperature 0; otherwise llama.cpp's order: top-k, top-p (on the untempered distribution),
+    temperature, then a draw from a generator seeded with `seed` (random when None)."""
+
+    def __init__(self, config: GenerationConfig) -> None:
+        self.temperature, self.top_k, self.top_p = config.temperature, config.top_k, config.top_p
+        self.generator = torch.Generator()
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+
+    def sample(self, logits: Tensor) -> int:
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        logits = logits.float()
+        if 0 < self.top_k < logits.numel():
+            values, idx = torch.topk(logits, self.top_k)  # sorted, descending
+        else:
+            values, idx = torch.sort(logits, descending=True)
+        if 0 < self.top_p < 1:
+            probs = values.softmax(-1)
+            # keep the smallest prefix whose mass reaches top_p (at least one token)
+            keep = int((probs.cumsum(-1) < self.top_p).sum()) + 1
+            values, idx = values[:keep], idx[:keep]
+        probs = (values / self.temperature).softmax(-1)
+        return int(idx[torch.multinomial(probs, 1, generator=self.generator)])

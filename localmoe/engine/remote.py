@@ -1,0 +1,117 @@
+"""An OpenAI-compatible chat endpoint as the `remote` tier: used only when the user configures a URL.
+
+Streams `POST {url}/chat/completions` with `stream: true` (server-sent events) through the standard library.
+The API key, if any, is read from an environment variable named in the settings, never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from localmoe.engine import GenerationConfig, GenerationStats, Message
+from localmoe.errors import LocalmoeError
+
+TIMEOUT_S = 30.0
+
+
+class RemoteEngine:
+    backend = "remote"
+
+    def __init__(self, url: str, model: str, *, model_id: str | None = None, api_key_env: str | None = None,
+                 timeout: float = TIMEOUT_S) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.model_id = model_id or f"remote:{model}"
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self._stats = GenerationStats()
+        self._loaded = False
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._stats
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers,
+                                     method="POST" if body is not None else "GET")
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            raise LocalmoeError(f"remote tier {self.url} answered HTTP {exc.code}: {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise LocalmoeError(f"cannot reach the remote tier {self.url}: {reason}") from None
+
+    def load(self) -> None:
+        """Check the endpoint answers (`GET /models`), so an unreachable server falls back before a question."""
+        if not self._loaded:
+            self._request("/models").close()
+            self._loaded = True
+
+    def stream(self, messages: list[Message], config: GenerationConfig,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        t0 = time.perf_counter()
+        stats = self._stats = GenerationStats(stop_reason="stop")
+        body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": config.max_tokens,
+                "temperature": config.temperature, "top_p": config.top_p,
+                "stream_options": {"include_usage": True}}
+        t_first = t_last = None
+        pieces = 0
+        resp = self._request("/chat/completions", body)
+        try:
+            for raw in resp:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                try:
+                    event = json.loads(payload)
+                except ValueError:
+                    raise LocalmoeError(f"remote tier {self.url} sent a malformed event: {payload[:80]}") from None
+                usage = event.get("usage") or {}
+                if usage:
+                    stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    stats.completion_tokens = int(usage.get("completion_tokens") or stats.completion_tokens)
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    if choice.get("finish_reason") == "length":
+                        stats.stop_reason = "length"
+                    if text:
+                        now = time.perf_counter()
+                        if t_first is None:
+                            t_first, stats.ttft_s = now, now - t0
+                        t_last = now
+                        pieces += 1
+                        stats.completion_tokens = max(stats.completion_tokens, pieces)
+                        yield text
+                if cancel is not None and cancel.is_set():
+                    # Closing the connection is all a client can do; the server decides when it stops.
+                    stats.stop_reason = "cancelled"
+                    break
+        except GeneratorExit:
+            stats.stop_reason = "cancelled"
+            raise
+        except OSError as exc:
+            raise LocalmoeError(f"the remote tier {self.url} dropped the connection: {exc}") from None
+        finally:
+            resp.close()
+            stats.wall_s = time.perf_counter() - t0
+            if t_first is not None and t_last is not None and pieces > 1 and t_last > t_first:
+                stats.tokens_per_s = (pieces - 1) / (t_last - t_first)
+
+    def close(self) -> None:
+        self._loaded = False
