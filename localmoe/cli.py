@@ -290,6 +290,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from localmoe.layout import read_layout
 
     ref = models.resolve(args.model)
+    if ref.backend == "torch":  # a Hugging Face checkpoint directory: expert slots per tier from a memory budget
+        import json
+
+        config = json.loads((ref.path / "config.json").read_text())
+        tensors = plan.checkpoint_tensors(ref.path)
+        if args.fast_memory is None:
+            budget, source = plan.Budget.detect(vram=0, ram=args.ram).ram_bytes, "detected"
+        else:
+            budget, source = args.fast_memory, "override"
+        cp = plan.plan_checkpoint(config, tensors, budget, ctx=args.ctx, model=str(ref.path), budget_source=source)
+        if args.json:
+            _print_json({"model": ref.to_dict(), "plan": cp.to_dict()})
+        else:
+            print(plan.describe_checkpoint(cp))
+        return 0 if cp.fits else 3
     layout = read_layout(ref.path)
     budget = plan.Budget.detect(vram=args.vram, ram=args.ram)
     p = plan.make_plan(layout, budget, args.ctx)
@@ -531,8 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show where a model's tensors would live on this machine",
                         description="Plan a GGUF model on this machine (or on the budgets given): GPU layers, "
                         "which layers' experts stay in RAM, mmap/mlock, the largest context that fits, or why it "
-                        "cannot run. Exits 3 when the model does not fit.")
-    pl.add_argument("model", help="model id or path to a .gguf file")
+                        "cannot run. For a checkpoint directory (torch engine): expert slots per layer in fast "
+                        "memory, the rest on disk, and bytes read per token. Exits 3 when the model does not fit.")
+    pl.add_argument("model", help="model id, path to a .gguf file, or a Hugging Face MoE checkpoint directory")
+    pl.add_argument("--fast-memory", type=_size, help="checkpoints: bytes for dense weights, KV cache and expert "
+                    "slots, e.g. 2GiB; default: detected free RAM")
     pl.add_argument("--vram", type=_size, help="free VRAM to plan for, e.g. 8GiB (0 = CPU only); default: detected")
     pl.add_argument("--ram", type=_size, help="available RAM to plan for, e.g. 16GiB; default: detected")
     pl.add_argument("--ctx", type=int, help="context length in tokens (default: 4096 or what fits)")

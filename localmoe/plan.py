@@ -11,8 +11,12 @@ token embeddings stay in RAM, and buffer-type overrides move matching expert ten
 
 from __future__ import annotations
 
+import json
+import re
 import resource
+import struct
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from localmoe.errors import LocalmoeError
@@ -311,3 +315,215 @@ def make_plan(
 def _mlock_allowed(nbytes: int) -> bool:
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return soft == resource.RLIM_INFINITY or soft >= nbytes
+
+
+# --- Hugging Face checkpoints (the native torch engine) ----------------------------------------------------
+#
+# The torch engine keeps dense weights resident and an expert cache of `slots` experts per layer in fast memory
+# (resident CPU tensors here; VRAM once the engine runs on CUDA); every other expert stays cold on disk and is
+# read with pread when the router picks it. The plan turns a memory budget into those slots.
+
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(\d+)\.")
+ENGINE_DTYPE_BYTES = 4  # the torch engine computes in float32 whatever the checkpoint's dtype
+DEFAULT_TORCH_CTX = 2048  # the torch engine's default context (max_seq_length)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str  # shard file name inside the checkpoint directory
+    dtype: str  # safetensors dtype code: F32, BF16, ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """A safetensors file's tensors from its header (8-byte little-endian length, then JSON), without the data.
+
+    The JSON's data_offsets are relative to the end of the header; the offsets returned here are absolute."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * MiB:
+                raise ValueError(f"header length {n} is implausible")
+            raw = f.read(n)
+            if len(raw) != n:
+                raise ValueError("truncated header")
+        header = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise LocalmoeError(f"cannot read safetensors header of {path}: {e}") from None
+    base = 8 + n
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        out[key] = TensorInfo(path.name, meta["dtype"], tuple(meta["shape"]), base + start, end - start)
+    return out
+
+
+def checkpoint_tensors(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint directory (all shards), from the safetensors headers only."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise LocalmoeError(f"{model_dir} holds no .safetensors files")
+    tensors: dict[str, TensorInfo] = {}
+    for name in files:
+        if not (model_dir / name).exists():
+            raise LocalmoeError(f"checkpoint shard {name} is missing from {model_dir}")
+        tensors.update(read_safetensors_header(model_dir / name))
+    return tensors
+
+
+@dataclass
+class CheckpointPlan:
+    model: str
+    architecture: str
+    n_layers: int
+    n_experts: int
+    top_k: int
+    ctx: int
+    bytes_per_expert: int  # in fast memory (float32, as the engine holds it)
+    disk_bytes_per_expert: int  # as stored in the checkpoint: what one miss reads
+    dense_bytes: int  # embeddings, attention, norms, routers, shared experts (float32, resident)
+    kv_bytes: int  # KV cache, rope tables and causal mask for ctx tokens
+    reserve_bytes: int
+    budget_bytes: int
+    budget_source: str  # detected | override
+    slots_per_layer: int
+    fits: bool = True
+    refusal: str | None = None
+
+    @property
+    def fast_bytes(self) -> int:
+        return self.dense_bytes + self.kv_bytes + self.slots_per_layer * self.n_layers * self.bytes_per_expert
+
+    @property
+    def miss_rate(self) -> float:
+        """Under uniform routing, the chance a routed expert is not in its layer's cache."""
+        return 1 - self.slots_per_layer / self.n_experts if self.n_experts else 0.0
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Expected bytes read from disk per decoded token at the uniform-routing miss rate."""
+        return int(self.miss_rate * self.top_k * self.disk_bytes_per_expert * self.n_layers)
+
+    @property
+    def tiers(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "fast", "where": "resident CPU tensors", "slots_per_layer": self.slots_per_layer,
+             "bytes": self.slots_per_layer * self.n_layers * self.bytes_per_expert},
+            {"name": "cold", "where": "disk", "experts_per_layer": self.n_experts - self.slots_per_layer,
+             "bytes": (self.n_experts - self.slots_per_layer) * self.n_layers * self.disk_bytes_per_expert},
+        ]
+
+    @property
+    def resident(self) -> list[str]:
+        return ["dense weights (embeddings, attention, norms, routers, shared experts)",
+                f"KV cache for {self.ctx} tokens", f"{self.slots_per_layer} experts per layer (expert cache)"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(fast_bytes=self.fast_bytes, miss_rate=self.miss_rate, bytes_per_token=self.bytes_per_token,
+                 tiers=self.tiers, resident=self.resident)
+        return d
+
+    def raise_if_refused(self) -> None:
+        if not self.fits:
+            raise LocalmoeError(str(self.refusal))
+
+
+def plan_checkpoint(
+    config: dict[str, Any],
+    tensors: dict[str, TensorInfo],
+    budget_bytes: int,
+    *,
+    ctx: int | None = None,
+    model: str = "",
+    budget_source: str = "override",
+) -> CheckpointPlan:
+    """Slots per layer for a checkpoint: (budget − dense − KV − reserve) ÷ (layers × bytes per expert),
+    clamped to [top_k, n_experts]; refused when not even top_k slots per layer fit."""
+    try:
+        n_layers = int(config["num_hidden_layers"])
+        n_experts = int(config.get("num_local_experts") or config["num_experts"])
+        top_k = int(config["num_experts_per_tok"])
+        n_heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // n_heads)
+        n_kv = int(config.get("num_key_value_heads") or n_heads)
+    except KeyError as e:
+        raise LocalmoeError(f"config.json lacks {e.args[0]!r}, needed to plan an MoE checkpoint") from None
+    use_ctx = min(int(config.get("max_position_embeddings", 4096)), ctx or DEFAULT_TORCH_CTX)
+
+    dense = 0
+    per_expert: dict[tuple[int, int], list[int]] = {}  # (layer, expert) -> [fp32 bytes, disk bytes]
+    for key, t in tensors.items():
+        m = _EXPERT_KEY.match(key)
+        if m:
+            acc = per_expert.setdefault((int(m.group(1)), int(m.group(2))), [0, 0])
+            acc[0] += t.numel * ENGINE_DTYPE_BYTES
+            acc[1] += t.nbytes
+        else:
+            dense += t.numel * ENGINE_DTYPE_BYTES
+    if not per_expert:
+        raise LocalmoeError("the checkpoint has no routed expert tensors (model.layers.N.*.experts.E.*)")
+    bpe = max(v[0] for v in per_expert.values())
+    disk_bpe = max(v[1] for v in per_expert.values())
+    # K and V caches (float32) + cos/sin tables + the boolean causal mask
+    kv = 2 * n_layers * n_kv * head_dim * use_ctx * 4 + 2 * use_ctx * head_dim * 4 + use_ctx * use_ctx
+
+    room = budget_bytes - RAM_RESERVE - dense - kv
+    slots = room // (n_layers * bpe) if room > 0 else 0
+    plan = CheckpointPlan(
+        model=model, architecture=str(config.get("model_type")), n_layers=n_layers, n_experts=n_experts,
+        top_k=top_k, ctx=use_ctx, bytes_per_expert=bpe, disk_bytes_per_expert=disk_bpe, dense_bytes=dense,
+        kv_bytes=kv, reserve_bytes=RAM_RESERVE, budget_bytes=budget_bytes, budget_source=budget_source,
+        slots_per_layer=max(top_k, min(n_experts, slots)),
+    )
+    if slots < top_k:
+        need = RAM_RESERVE + dense + kv + top_k * n_layers * bpe
+        plan.fits = False
+        plan.refusal = (
+            f"{plan.architecture} checkpoint does not fit: dense weights {human_bytes(dense)} + KV cache "
+            f"{human_bytes(kv)} ({use_ctx} tokens) + {top_k} experts × {n_layers} layers × {human_bytes(bpe)} + "
+            f"{human_bytes(RAM_RESERVE)} reserve = {human_bytes(need)}, but the budget is {human_bytes(budget_bytes)}"
+        )
+    return plan
+
+
+def describe_checkpoint(p: CheckpointPlan) -> str:
+    lines = [
+        f"model    {p.architecture}, {p.n_layers} layers, {p.n_experts} experts (top-{p.top_k}), "
+        f"{human_bytes(p.bytes_per_expert)} per expert in memory ({human_bytes(p.disk_bytes_per_expert)} on disk)",
+        f"budget   {human_bytes(p.budget_bytes)} fast memory ({p.budget_source}); reserve "
+        f"{human_bytes(p.reserve_bytes)}",
+    ]
+    if not p.fits:
+        lines.append(f"REFUSED  {p.refusal}")
+        return "\n".join(lines)
+    fast, cold = p.tiers
+    lines += [
+        f"dense    {human_bytes(p.dense_bytes)} resident; KV cache {human_bytes(p.kv_bytes)} for {p.ctx} tokens",
+        f"fast     {fast['slots_per_layer']} of {p.n_experts} experts per layer, {fast['where']} "
+        f"({human_bytes(fast['bytes'])})",
+        f"cold     {cold['experts_per_layer']} experts per layer on {cold['where']} ({human_bytes(cold['bytes'])})",
+        f"resident {'; '.join(p.resident)}: {human_bytes(p.fast_bytes)}",
+        f"per tok  miss rate {p.miss_rate:.0%} (uniform routing): {human_bytes(p.bytes_per_token)} read from disk",
+    ]
+    return "\n".join(lines)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from localmoe import chat_template
 from localmoe.engine import GenerationConfig, GenerationStats, Message
 from localmoe.errors import LocalmoeError
+from localmoe.plan import CheckpointPlan, TensorInfo, plan_checkpoint, read_safetensors_header
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,14 @@ class Checkpoint:
             except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
                 raise LocalmoeError(f"cannot read checkpoint shard {path}: {e}") from None
         self._by_key = {key: h for h in handles.values() for key in h.keys()}
+        # Offsets from the headers, for the cold tier's pread reads; one fd per shard, closed with the stack.
+        self.tensors: dict[str, TensorInfo] = {}
+        self._fds: dict[str, int] = {}
+        for name in files:
+            self.tensors.update(read_safetensors_header(model_dir / name))
+            fd = os.open(model_dir / name, os.O_RDONLY)
+            self._stack.callback(os.close, fd)
+            self._fds[name] = fd
         self.bytes_read = 0
 
     def get(self, key: str, shape: tuple[int, ...]) -> Tensor:
@@ -156,8 +167,38 @@ class Checkpoint:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def read(self, key: str, shape: tuple[int, ...]) -> Tensor:
+        """The cold tier: one tensor with os.pread at its header offset, then dropped from the page cache
+        (POSIX_FADV_DONTNEED) so it does not sit in RAM twice. Same bytes as `get`, so bit-identical."""
+        info = self.tensors.get(key)
+        if info is None:
+            raise LocalmoeError(f"tensor {key} is missing from the checkpoint in {self.dir}")
+        if info.shape != shape:
+            raise LocalmoeError(f"tensor {key} has shape {list(info.shape)}, expected {list(shape)} from config.json")
+        dtype = _ST_DTYPES.get(info.dtype)
+        if dtype is None or sys.byteorder != "little":
+            return self.get(key, shape)  # a dtype torch.frombuffer cannot take: safetensors decodes it
+        fd = self._fds[info.file]
+        buf = bytearray(info.nbytes)
+        view, done = memoryview(buf), 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise LocalmoeError(f"checkpoint shard {self.dir / info.file} is truncated at tensor {key}")
+            done += n
+        if _FADVISE:
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        t = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
+        t = t.reshape(shape).to(torch.float32)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
     def close(self) -> None:
         self._stack.close()
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
 
 # --- expert store ---------------------------------------------------------------------------------------
@@ -234,9 +275,9 @@ class ExpertStore:
         a, p = self.args, f"{self._prefix[layer]}{expert}."
         gate, up, down = self._proj
         weights = (
-            self.ckpt.get(f"{p}{gate}.weight", (a.expert_ff, a.dim)),
-            self.ckpt.get(f"{p}{up}.weight", (a.expert_ff, a.dim)),
-            self.ckpt.get(f"{p}{down}.weight", (a.dim, a.expert_ff)),
+            self.ckpt.read(f"{p}{gate}.weight", (a.expert_ff, a.dim)),
+            self.ckpt.read(f"{p}{up}.weight", (a.expert_ff, a.dim)),
+            self.ckpt.read(f"{p}{down}.weight", (a.dim, a.expert_ff)),
         )
         cache.insert(expert, weights)
         return weights
@@ -430,6 +471,26 @@ def _layer_weights(args: ModelArgs, ckpt: Checkpoint, i: int) -> dict[str, Tenso
 # --- engine ---------------------------------------------------------------------------------------------
 
 
+def plan_for(
+    model_dir: Path,
+    config: dict[str, Any],
+    tensors: dict[str, TensorInfo],
+    fast_memory: int | None = None,
+    ctx: int | None = None,
+) -> CheckpointPlan:
+    """The checkpoint plan on `fast_memory` bytes, or on the detected free RAM (cgroup caps included).
+
+    The engine runs on the CPU, so its fast tier is RAM; a CUDA engine would plan on free VRAM instead."""
+    if fast_memory is None:
+        from localmoe import hardware
+
+        budget, source = hardware.detect(measure=False).ram_available_bytes, "detected"
+    else:
+        budget, source = fast_memory, "override"
+    return plan_checkpoint(config, tensors, budget, ctx=ctx, model=str(model_dir), budget_source=source)
+
+
+
 class TorchMoEEngine:
     """Runs a Hugging Face MoE checkpoint directory; `expert_slots` experts per layer stay in memory."""
 
@@ -443,8 +504,11 @@ class TorchMoEEngine:
         cache_policy: str = "lru",
         max_seq_length: int | None = None,
         model_id: str | None = None,
+        fast_memory: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        self.fast_memory = fast_memory  # bytes for dense weights + KV + expert slots; None: detected free RAM
+        self.plan: CheckpointPlan | None = None
         self.model_id = model_id or self.model_dir.name
         self.expert_slots, self.cache_policy, self.max_seq_length = expert_slots, cache_policy, max_seq_length
         self.args: ModelArgs | None = None
@@ -471,7 +535,12 @@ class TorchMoEEngine:
         args = ModelArgs.from_config(config, self.max_seq_length)
         ckpt = Checkpoint(self.model_dir)
         try:
-            store = ExpertStore(ckpt, args, self.expert_slots, self.cache_policy)
+            slots = self.expert_slots
+            if slots is None:
+                self.plan = plan_for(self.model_dir, config, ckpt.tensors, self.fast_memory, args.max_seq_length)
+                self.plan.raise_if_refused()
+                slots = self.plan.slots_per_layer
+            store = ExpertStore(ckpt, args, slots, self.cache_policy)
             with torch.no_grad():
                 model = Transformer(args, ckpt, store).eval()
         except BaseException:

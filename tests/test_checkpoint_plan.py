@@ -1,0 +1,117 @@
+"""Checkpoint plans for the torch engine: expert slots from a memory budget, the cold tier's pread reads, and
+`localmoe plan MODEL_DIR`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from synthetic_moe import build_hf_moe
+
+from helpers import run_cli
+from localmoe.engine.torch_moe import Checkpoint, TorchMoEEngine
+from localmoe.errors import LocalmoeError
+from localmoe.plan import RAM_RESERVE, checkpoint_tensors, plan_checkpoint
+
+MiB = 1024**2
+SHAPE = dict(hidden=64, layers=2, experts=8, top_k=2, expert_ff=32, heads=4, kv_heads=2, head_dim=16)
+VOCAB = 320
+CTX = 256
+PROMPT = [5, 17, 300, 42, 42, 7, 1, 250, 99, 123, 64, 8, 8, 201, 77, 3, 150, 11]
+
+# Hand-computed for SHAPE in float32 (qwen3_moe, untied embeddings, context 256):
+BPE = 3 * 32 * 64 * 4  # gate, up (32×64) and down (64×32): 24 KiB per expert
+PER_LAYER_DENSE = (
+    64 * 64 + 32 * 64 + 32 * 64 + 64 * 64  # q (4 heads × 16), k, v (2 kv heads × 16), o
+    + 64 + 64  # input and post-attention norms
+    + 8 * 64  # router
+    + 16 + 16  # per-head q/k norms
+) * 4
+DENSE = 2 * PER_LAYER_DENSE + (VOCAB * 64 * 2 + 64) * 4  # layers + embeddings + lm_head + final norm
+KV = 2 * 2 * 2 * 16 * CTX * 4 + 2 * CTX * 16 * 4 + CTX * CTX  # K/V caches + rope cos/sin + causal mask
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return build_hf_moe(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", vocab=VOCAB, init_std=0.05,
+                        context_length=CTX, **SHAPE)
+
+
+def _config(d):
+    return json.loads((d / "config.json").read_text())
+
+
+def test_slots_from_budget_hand_computed(ckpt_dir):
+    tensors = checkpoint_tensors(ckpt_dir)
+    base = RAM_RESERVE + DENSE + KV
+    for slots in (2, 3, 5, 8):
+        p = plan_checkpoint(_config(ckpt_dir), tensors, base + slots * 2 * BPE + 100, ctx=CTX)
+        assert (p.bytes_per_expert, p.disk_bytes_per_expert, p.dense_bytes, p.kv_bytes) == (BPE, BPE, DENSE, KV)
+        assert p.fits and p.slots_per_layer == slots
+        assert p.bytes_per_token == int((1 - slots / 8) * 2 * BPE * 2)
+    huge = plan_checkpoint(_config(ckpt_dir), tensors, 64 * 1024**3, ctx=CTX)
+    assert huge.slots_per_layer == 8 and huge.bytes_per_token == 0  # clamped to n_experts
+
+
+def test_refuses_when_top_k_slots_do_not_fit(ckpt_dir):
+    tensors = checkpoint_tensors(ckpt_dir)
+    budget = RAM_RESERVE + DENSE + KV + 2 * 2 * BPE - 1
+    p = plan_checkpoint(_config(ckpt_dir), tensors, budget, ctx=CTX)
+    assert not p.fits and "does not fit" in p.refusal and "\n" not in p.refusal
+    with pytest.raises(LocalmoeError, match="does not fit"):
+        TorchMoEEngine(ckpt_dir, fast_memory=budget, max_seq_length=CTX).load()
+
+
+def test_pread_equals_get_tensor_bit_for_bit(ckpt_dir):
+    ckpt = Checkpoint(ckpt_dir)
+    try:
+        experts = [k for k in ckpt.tensors if ".experts." in k]
+        assert len(experts) == 2 * 8 * 3
+        with safe_open(str(ckpt_dir / "model.safetensors"), framework="pt") as f:
+            for key in experts + ["model.embed_tokens.weight"]:
+                want = f.get_tensor(key).to(torch.float32)
+                got = ckpt.read(key, tuple(want.shape))
+                assert got.dtype == want.dtype and torch.equal(got.view(torch.int32), want.view(torch.int32))
+        with pytest.raises(LocalmoeError, match="expected"):
+            ckpt.read(experts[0], (1, 2))
+    finally:
+        ckpt.close()
+
+
+def test_small_fast_memory_same_logits_as_full_slots(ckpt_dir):
+    full = TorchMoEEngine(ckpt_dir, expert_slots=8, max_seq_length=CTX)
+    want = full.logits(PROMPT)
+    want_decode = full.decode_logits(PROMPT, 6)
+    small = TorchMoEEngine(ckpt_dir, fast_memory=RAM_RESERVE + DENSE + KV + 2 * 3 * BPE, max_seq_length=CTX)
+    got = small.logits(PROMPT)
+    assert small.plan is not None and small.plan.slots_per_layer == 3
+    assert small.cache_stats()["slots"] == 3
+    np.testing.assert_array_equal(got, want)
+    got_decode = small.decode_logits(PROMPT, 6)
+    assert got_decode[0] == want_decode[0]
+    np.testing.assert_array_equal(got_decode[1], want_decode[1])
+    assert small.misses > full.misses
+    full.close()
+    small.close()
+
+
+def test_cli_plan_checkpoint_json(ckpt_dir, tmp_path):
+    budget = RAM_RESERVE + DENSE + KV + 2 * 5 * BPE
+    r = run_cli("plan", str(ckpt_dir), "--fast-memory", str(budget), "--ctx", str(CTX), "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"]["backend"] == "torch"
+    p = out["plan"]
+    assert p["slots_per_layer"] == 5 and p["bytes_per_expert"] == BPE and p["dense_bytes"] == DENSE
+    assert [t["name"] for t in p["tiers"]] == ["fast", "cold"] and p["tiers"][1]["experts_per_layer"] == 3
+    assert p["bytes_per_token"] == int(3 / 8 * 2 * BPE * 2) and p["budget_source"] == "override"
+
+    r = run_cli("plan", str(ckpt_dir), "--fast-memory", "1MiB", home=tmp_path)
+    assert r.returncode == 3 and "REFUSED" in r.stdout and "does not fit" in r.stdout
+
+    r = run_cli("plan", str(ckpt_dir), home=tmp_path)  # detected budget, human-readable
+    assert r.returncode == 0, r.stderr
+    assert "fast" in r.stdout and "cold" in r.stdout and "detected" in r.stdout
