@@ -126,9 +126,7 @@ class Assistant:
                 return models.resolve(configured)
             if tier == "small":
                 return models.default_model()
-            from localmoe.bench import tier_model
-
-            return tier_model("large")
+            return models.tier_model("large")
         except LocalmoeError as exc:
             if configured:
                 self.notices.append(f"the {tier} tier ({configured}) is unavailable: {exc}")

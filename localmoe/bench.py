@@ -16,7 +16,7 @@ from typing import Any
 
 from localmoe import __version__, models, scoring, suites
 from localmoe.engine import GenerationConfig
-from localmoe.errors import LocalmoeError, UsageError
+from localmoe.errors import UsageError
 from localmoe.recorder import Recorder, now
 
 POLICIES = ("direct", "small", "large", "routed", "cascade")
@@ -32,28 +32,6 @@ class Target:
     policy: str
 
 
-def tier_model(tier: str) -> models.ModelRef:
-    """small: the embedded default; large: the largest installed MoE whose plan fits this machine."""
-    if tier == "small":
-        return models.default_model()
-    from localmoe.layout import read_layout
-    from localmoe.plan import Budget, make_plan
-
-    budget = Budget.detect()
-    best: tuple[int, models.ModelRef] | None = None
-    for ref in models.list_models():
-        try:
-            layout = read_layout(ref.path)
-        except LocalmoeError:
-            continue
-        if layout.is_moe and make_plan(layout, budget).fits and (best is None or layout.file_bytes > best[0]):
-            best = (layout.file_bytes, ref)
-    if best is None:
-        raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "
-                            "pass --models instead")
-    return best[1]
-
-
 def targets(model_names: list[str], policies: list[str]) -> list[Target]:
     out: list[Target] = []
     for policy in policies:
@@ -66,7 +44,7 @@ def targets(model_names: list[str], policies: list[str]) -> list[Target]:
             names: list[str | None] = list(model_names) or [None]
             out += [Target(models.resolve(name), "direct") for name in names]
         else:
-            out.append(Target(tier_model(policy), policy))
+            out.append(Target(models.tier_model(policy), policy))
     return out
 
 

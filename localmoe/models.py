@@ -117,3 +117,27 @@ def resolve(name: str | None) -> ModelRef:
     raise UsageError(
         f"unknown model {name!r} (installed: {known}; or pass a path to a .gguf file or checkpoint directory)"
     )
+
+
+def tier_model(tier: str) -> ModelRef:
+    """small: the default model; large: the largest installed MoE whose plan fits this machine."""
+    if tier == "small":
+        return default_model()
+    from localmoe.layout import read_layout
+    from localmoe.plan import Budget, make_plan
+
+    budget = Budget.detect()
+    best: tuple[int, ModelRef] | None = None
+    for ref in list_models():
+        if ref.backend != "llama.cpp":
+            continue
+        try:
+            layout = read_layout(ref.path)
+        except LocalmoeError:
+            continue
+        if layout.is_moe and make_plan(layout, budget).fits and (best is None or layout.file_bytes > best[0]):
+            best = (layout.file_bytes, ref)
+    if best is None:
+        raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "
+                            "pass --models instead")
+    return best[1]

@@ -256,7 +256,6 @@ class Router:
             similar = neighbour_scores(query, nb["matrix"], nb["y"], nb["k"])[0]
             x = np.concatenate([fv, [similar]])
             pulls = dict(zip([*FEATURE_NAMES, "similar"], _contributions(model, x), strict=True))
-            self._similar = similar
             return float(model.predict(x)), pulls
         model = self.trained["features"]
         return float(model.predict(fv)), dict(zip(FEATURE_NAMES, _contributions(model, fv), strict=True))

@@ -25,12 +25,6 @@ class LocalmoeApp(App):
     def on_mount(self) -> None:
         self.push_screen(ChatScreen(self.model_name, self.config))
 
-    def on_unmount(self) -> None:
-        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
-        if chat is not None and chat.session is not None:
-            if chat._cancel is not None:
-                chat._cancel.set()
-
 
 def run_app(model: str | None = None) -> int:
     LocalmoeApp(model=model).run()

@@ -266,6 +266,11 @@ class ChatScreen(Screen):
     def action_thumbs_down(self) -> None:
         self._thumbs(False)
 
+    def on_unmount(self) -> None:
+        # Quitting mid-answer: stop the decode loop so the worker thread ends and records the partial answer.
+        if self._cancel is not None:
+            self._cancel.set()
+
     def action_stop(self) -> None:
         if self._cancel is not None and self.generating:
             self._cancel.set()

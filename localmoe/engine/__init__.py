@@ -39,6 +39,19 @@ class GenerationStats:
         return asdict(self)
 
 
+def token_budget(stats: GenerationStats, n_ctx: int, model_id: str, max_tokens: int) -> int:
+    """How many tokens an answer may have after `stats.prompt_tokens` of prompt in an `n_ctx` context; a prompt
+    that fills the context is the user's cue to start over, said in one line."""
+    room = n_ctx - stats.prompt_tokens
+    if room <= 0:
+        from localmoe.errors import LocalmoeError
+
+        stats.stop_reason = "error"
+        raise LocalmoeError(f"the conversation is {stats.prompt_tokens} tokens but {model_id} holds {n_ctx}: "
+                            "start a new conversation")
+    return min(max_tokens, room)
+
+
 class Engine(Protocol):
     model_id: str
     backend: str

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from localmoe import chat_template
-from localmoe.engine import GenerationConfig, GenerationStats, Message
+from localmoe.engine import GenerationConfig, GenerationStats, Message, token_budget
 from localmoe.errors import LocalmoeError
 from localmoe.layout import read_layout
 from localmoe.plan import Budget, Plan, make_plan
@@ -184,14 +184,7 @@ class LlamaCppEngine:
         t0 = time.perf_counter()
         tokens = self.prompt_tokens(messages)
         stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
-        room = self.n_ctx - len(tokens)
-        if room <= 0:
-            stats.stop_reason = "error"
-            raise LocalmoeError(
-                f"the conversation is {len(tokens)} tokens but {self.model_id} holds {self.n_ctx}: "
-                "start a new conversation"
-            )
-        budget = min(config.max_tokens, room)
+        budget = token_budget(stats, self.n_ctx, self.model_id, config.max_tokens)
         llm = self._llm
         vocab = llm._model.vocab
         if self._tap is not None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from localmoe import chat_template
-from localmoe.engine import GenerationConfig, GenerationStats, Message
+from localmoe.engine import GenerationConfig, GenerationStats, Message, token_budget
 from localmoe.errors import LocalmoeError
 from localmoe.plan import CheckpointPlan, TensorInfo, plan_checkpoint, read_safetensors_header
 
@@ -642,14 +642,7 @@ class TorchMoEEngine:
         if not tokens:
             stats.stop_reason = "error"
             raise LocalmoeError("the chat template rendered an empty prompt")
-        room = model.args.max_seq_length - len(tokens)
-        if room <= 0:
-            stats.stop_reason = "error"
-            raise LocalmoeError(
-                f"the conversation is {len(tokens)} tokens but {self.model_id} holds {model.args.max_seq_length}: "
-                "start a new conversation"
-            )
-        budget = min(config.max_tokens, room)
+        budget = token_budget(stats, model.args.max_seq_length, self.model_id, config.max_tokens)
         sampler = Sampler(config)
         detok = IncrementalDetokenizer(chat.tokenizer)
         self.tokens = list(tokens)
