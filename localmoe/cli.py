@@ -34,17 +34,20 @@ def _stats_line(reply: Any, route: Any = None) -> str:
     if reply.energy is not None:
         e = reply.energy
         energy = f" · {'' if e.measured else '~'}{e.joules:.1f} J ({e.meter})"
+    experts = ""
+    if getattr(reply, "experts", None):
+        from localmoe.session import experts_text
+
+        experts = f" · {experts_text(reply.experts)}"
     tier = f" · {route.tier} tier: {route.reason}" if route is not None else ""
-    return f"{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}{energy}{tier}"
+    return f"{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}{experts}{energy}{tier}"
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from localmoe.engine import GenerationConfig
     from localmoe.session import Session
 
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    if not prompt.strip():
-        raise LocalmoeError("the prompt is empty")
+    prompt = _prompt_arg(args)
     overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
     if args.backend and not args.model:
@@ -57,7 +60,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         ref = models.resolve(args.model)
         if args.backend and ref.backend != args.backend:
             raise LocalmoeError(f"{args.model} runs on the {ref.backend} backend, not {args.backend}")
-        session = Session(ref)
+        options = _engine_options(args)
+        if options and ref.backend != "torch":
+            raise LocalmoeError(f"--{next(iter(options)).replace('_', '-')} applies to the torch engine "
+                                f"(checkpoint directories), not to {ref.backend}")
+        session = Session(ref, engine_options=options)
         session.config = GenerationConfig(**{**session.model.defaults, **overrides})
         target, closer, route = session, session.close, None
         notices = session.warnings
@@ -152,19 +159,23 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from localmoe.session import Session
     from localmoe.trace import Trace
 
-    if not args.prompt.strip():
-        raise LocalmoeError("the prompt is empty")
-    session = Session(args.model, engine_options={"telemetry": True})
+    prompt = _prompt_arg(args)
+    session = Session(args.model, engine_options={"telemetry": True, **_engine_options(args)})
     try:
-        layout = session.engine.layout
-        if not layout.is_moe:
-            raise LocalmoeError(f"{session.model.id} is a dense model: it has no experts to trace")
+        engine = session.engine
+        if engine.backend == "torch":
+            engine.load()
+            shape = (engine.args.n_layers, engine.args.n_experts, engine.args.top_k)
+        else:
+            layout = engine.layout
+            if not layout.is_moe:
+                raise LocalmoeError(f"{session.model.id} is a dense model: it has no experts to trace")
+            shape = (layout.n_layers, layout.n_experts, layout.n_experts_used)
         session.config = GenerationConfig(**{**session.model.defaults, "max_tokens": args.max_tokens,
                                              **({"temperature": args.temperature} if args.temperature is not None
                                                 else {})})
-        reply = session.ask(args.prompt).run()
-        trace = Trace(session.model.id, session.engine.backend, layout.n_layers, layout.n_experts,
-                      layout.n_experts_used, list(session.engine.routing))
+        reply = session.ask(prompt).run()
+        trace = Trace(session.model.id, engine.backend, *shape, list(engine.routing))
         trace.save(args.out)
     finally:
         session.close()
@@ -174,6 +185,44 @@ def cmd_trace(args: argparse.Namespace) -> int:
           f"({reply.stats.prompt_tokens} prompt, {reply.stats.completion_tokens} generated) → {args.out}")
     print(f"most used experts (all layers): {hot}")
     return 0
+
+
+def _prompt_arg(args: argparse.Namespace) -> str:
+    """The prompt from the positional argument ('-': standard input) or --prompt-file, never both."""
+    if getattr(args, "prompt_file", None):
+        if args.prompt:
+            raise LocalmoeError("give the prompt as an argument or with --prompt-file, not both")
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocalmoeError(f"cannot read prompt file {args.prompt_file}: {exc}") from None
+    elif args.prompt == "-":
+        prompt = sys.stdin.read()
+    else:
+        prompt = args.prompt or ""
+    if not prompt.strip():
+        raise LocalmoeError("the prompt is empty")
+    return prompt
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Torch-engine options given on the command line (each only when set)."""
+    names = ("fast_memory", "cache_policy", "expert_dtype", "device", "expert_top_p", "prefetch")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("torch engine (checkpoint directories)")
+    g.add_argument("--fast-memory", type=_size, help="bytes for dense weights, KV cache and expert slots in the fast "
+                   "tier (e.g. 2GiB; default: detected free VRAM or RAM)")
+    g.add_argument("--cache-policy", choices=["lru", "lfu", "lfru", "fifo"], help="expert cache policy (default lru)")
+    g.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"],
+                   help="how cached experts are held and computed (default float32)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
+    g.add_argument("--expert-top-p", type=float, help="adaptive expert count: per token the fewest top experts "
+                   "whose router probabilities reach this mass (at most the model's k)")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefetch the next layer's predicted experts (default: on when not all experts fit)")
 
 
 def cmd_cache_sim(args: argparse.Namespace) -> int:
@@ -295,11 +344,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         config = json.loads((ref.path / "config.json").read_text())
         tensors = plan.checkpoint_tensors(ref.path)
-        if args.fast_memory is None:
-            budget, source = plan.Budget.detect(vram=0, ram=args.ram).ram_bytes, "detected"
-        else:
-            budget, source = args.fast_memory, "override"
-        cp = plan.plan_checkpoint(config, tensors, budget, ctx=args.ctx, model=str(ref.path), budget_source=source)
+        # With a GPU (detected, or --vram) its memory is the fast tier and RAM the pinned warm tier.
+        b = plan.Budget.detect(vram=args.vram, ram=args.ram)
+        device = "cpu" if b.vram_bytes <= 0 else "mps" if b.unified else "cuda"
+        fast = b.ram_bytes if device == "cpu" else b.vram_bytes
+        budget, source = (fast, b.source) if args.fast_memory is None else (args.fast_memory, "override")
+        cp = plan.plan_checkpoint(config, tensors, budget, ctx=args.ctx, model=str(ref.path), budget_source=source,
+                                  expert_dtype=args.expert_dtype, device=device,
+                                  warm_budget_bytes=b.ram_bytes if device == "cuda" else 0)
         if args.json:
             _print_json({"model": ref.to_dict(), "plan": cp.to_dict()})
         else:
@@ -481,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ask", help="answer one prompt and record it", description="Answer one prompt, streaming "
                        "it to stdout, and record the exchange.")
-    a.add_argument("prompt", help="the question ('-' reads standard input)")
+    a.add_argument("prompt", nargs="?", help="the question ('-' reads standard input)")
+    a.add_argument("--prompt-file", help="read the question from this file")
     a.add_argument("-m", "--model", help="model id, path to a .gguf file, or a Hugging Face MoE checkpoint "
                    "directory (torch backend); default: the router picks a tier")
     a.add_argument("--backend", choices=["llama.cpp", "torch"],
@@ -493,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tier", choices=["small", "large", "remote"], help="skip the router: answer on this tier")
     a.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy")
     a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
+    _add_engine_options(a)
     a.set_defaults(func=cmd_ask)
 
     rt = sub.add_parser("route", help="show where the router would send a prompt, without answering",
@@ -515,11 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="record which experts each token uses",
                        description="Answer a prompt with routing telemetry on and write the experts every token "
                        "used in every layer to a JSONL trace (input of cache simulation).")
-    t.add_argument("prompt")
-    t.add_argument("-m", "--model", help="MoE model id or path to a .gguf file")
+    t.add_argument("prompt", nargs="?", help="the prompt ('-' reads standard input)")
+    t.add_argument("--prompt-file", help="read the prompt from this file")
+    t.add_argument("-m", "--model", help="MoE model id, path to a .gguf file, or a Hugging Face MoE checkpoint "
+                   "directory (torch engine)")
     t.add_argument("-o", "--out", default="trace.jsonl", help="trace file to write (default trace.jsonl)")
     t.add_argument("--max-tokens", type=int, default=128)
     t.add_argument("--temperature", type=float)
+    _add_engine_options(t)
     t.set_defaults(func=cmd_trace)
 
     cs = sub.add_parser("cache-sim", help="replay a routing trace through expert-cache policies",
@@ -554,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--vram", type=_size, help="free VRAM to plan for, e.g. 8GiB (0 = CPU only); default: detected")
     pl.add_argument("--ram", type=_size, help="available RAM to plan for, e.g. 16GiB; default: detected")
     pl.add_argument("--ctx", type=int, help="context length in tokens (default: 4096 or what fits)")
+    pl.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+                    help="checkpoints: how the engine holds experts (default float32)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 

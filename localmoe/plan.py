@@ -327,6 +327,7 @@ _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, 
                    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(\d+)\.")
 ENGINE_DTYPE_BYTES = 4  # the torch engine computes in float32 whatever the checkpoint's dtype
+EXPERT_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}  # how the expert cache may hold experts
 DEFAULT_TORCH_CTX = 2048  # the torch engine's default context (max_seq_length)
 
 
@@ -409,6 +410,10 @@ class CheckpointPlan:
     slots_per_layer: int
     fits: bool = True
     refusal: str | None = None
+    device: str = "cpu"  # where the fast tier lives: cpu (resident tensors), cuda or mps
+    expert_dtype: str = "float32"
+    warm_slots_per_layer: int = 0  # pinned CPU RAM, only when the fast tier is a GPU
+    warm_budget_bytes: int = 0
 
     @property
     def fast_bytes(self) -> int:
@@ -416,22 +421,39 @@ class CheckpointPlan:
 
     @property
     def miss_rate(self) -> float:
-        """Under uniform routing, the chance a routed expert is not in its layer's cache."""
+        """Under uniform routing, the chance a routed expert is not in its layer's fast cache."""
         return 1 - self.slots_per_layer / self.n_experts if self.n_experts else 0.0
+
+    @property
+    def disk_miss_rate(self) -> float:
+        """Under uniform routing, the chance a routed expert is in neither the fast nor the warm tier."""
+        held = max(self.slots_per_layer, self.warm_slots_per_layer)
+        return 1 - held / self.n_experts if self.n_experts else 0.0
 
     @property
     def bytes_per_token(self) -> int:
         """Expected bytes read from disk per decoded token at the uniform-routing miss rate."""
-        return int(self.miss_rate * self.top_k * self.disk_bytes_per_expert * self.n_layers)
+        return int(self.disk_miss_rate * self.top_k * self.disk_bytes_per_expert * self.n_layers)
+
+    @property
+    def copied_per_token(self) -> int:
+        """Expected bytes copied warm -> fast per decoded token (GPU engines), uniform routing."""
+        if not self.warm_slots_per_layer:
+            return 0
+        return int(self.miss_rate * self.top_k * self.bytes_per_expert * self.n_layers)
 
     @property
     def tiers(self) -> list[dict[str, Any]]:
-        return [
-            {"name": "fast", "where": "resident CPU tensors", "slots_per_layer": self.slots_per_layer,
-             "bytes": self.slots_per_layer * self.n_layers * self.bytes_per_expert},
-            {"name": "cold", "where": "disk", "experts_per_layer": self.n_experts - self.slots_per_layer,
-             "bytes": (self.n_experts - self.slots_per_layer) * self.n_layers * self.disk_bytes_per_expert},
-        ]
+        where = "resident CPU tensors" if self.device == "cpu" else f"{self.device} memory"
+        tiers = [{"name": "fast", "where": where, "slots_per_layer": self.slots_per_layer,
+                  "bytes": self.slots_per_layer * self.n_layers * self.bytes_per_expert}]
+        if self.warm_slots_per_layer:
+            tiers.append({"name": "warm", "where": "pinned CPU RAM", "slots_per_layer": self.warm_slots_per_layer,
+                          "bytes": self.warm_slots_per_layer * self.n_layers * self.bytes_per_expert})
+        held = max(self.slots_per_layer, self.warm_slots_per_layer)
+        tiers.append({"name": "cold", "where": "disk", "experts_per_layer": self.n_experts - held,
+                      "bytes": (self.n_experts - held) * self.n_layers * self.disk_bytes_per_expert})
+        return tiers
 
     @property
     def resident(self) -> list[str]:
@@ -441,7 +463,7 @@ class CheckpointPlan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(fast_bytes=self.fast_bytes, miss_rate=self.miss_rate, bytes_per_token=self.bytes_per_token,
-                 tiers=self.tiers, resident=self.resident)
+                 copied_per_token=self.copied_per_token, tiers=self.tiers, resident=self.resident)
         return d
 
     def raise_if_refused(self) -> None:
@@ -457,9 +479,17 @@ def plan_checkpoint(
     ctx: int | None = None,
     model: str = "",
     budget_source: str = "override",
+    expert_dtype: str = "float32",
+    device: str = "cpu",
+    warm_budget_bytes: int = 0,
 ) -> CheckpointPlan:
     """Slots per layer for a checkpoint: (budget − dense − KV − reserve) ÷ (layers × bytes per expert),
-    clamped to [top_k, n_experts]; refused when not even top_k slots per layer fit."""
+    clamped to [top_k, n_experts]; refused when not even top_k slots per layer fit.
+
+    Experts are held in `expert_dtype` (int8 adds a float32 scale per row). With a GPU `device` the budget is
+    its free memory and `warm_budget_bytes` of RAM (less the reserve) become the pinned warm tier."""
+    if expert_dtype not in EXPERT_DTYPE_BYTES:
+        raise LocalmoeError(f"unknown expert dtype {expert_dtype!r} (known: {', '.join(EXPERT_DTYPE_BYTES)})")
     try:
         n_layers = int(config["num_hidden_layers"])
         n_experts = int(config.get("num_local_experts") or config["num_experts"])
@@ -477,7 +507,9 @@ def plan_checkpoint(
         m = _EXPERT_KEY.match(key)
         if m:
             acc = per_expert.setdefault((int(m.group(1)), int(m.group(2))), [0, 0])
-            acc[0] += t.numel * ENGINE_DTYPE_BYTES
+            acc[0] += t.numel * EXPERT_DTYPE_BYTES[expert_dtype]
+            if expert_dtype == "int8" and t.shape:
+                acc[0] += t.shape[0] * 4  # one float32 scale per output row
             acc[1] += t.nbytes
         else:
             dense += t.numel * ENGINE_DTYPE_BYTES
@@ -490,11 +522,16 @@ def plan_checkpoint(
 
     room = budget_bytes - RAM_RESERVE - dense - kv
     slots = room // (n_layers * bpe) if room > 0 else 0
+    warm = 0
+    if device != "cpu" and warm_budget_bytes > RAM_RESERVE:
+        warm = min(n_experts, (warm_budget_bytes - RAM_RESERVE) // (n_layers * bpe))
+        warm = warm if warm > min(n_experts, max(slots, top_k)) else 0  # a warm tier no bigger than fast adds nothing
     plan = CheckpointPlan(
         model=model, architecture=str(config.get("model_type")), n_layers=n_layers, n_experts=n_experts,
         top_k=top_k, ctx=use_ctx, bytes_per_expert=bpe, disk_bytes_per_expert=disk_bpe, dense_bytes=dense,
         kv_bytes=kv, reserve_bytes=RAM_RESERVE, budget_bytes=budget_bytes, budget_source=budget_source,
-        slots_per_layer=max(top_k, min(n_experts, slots)),
+        slots_per_layer=max(top_k, min(n_experts, slots)), device=device, expert_dtype=expert_dtype,
+        warm_slots_per_layer=int(warm), warm_budget_bytes=warm_budget_bytes if warm else 0,
     )
     if slots < top_k:
         need = RAM_RESERVE + dense + kv + top_k * n_layers * bpe
@@ -517,13 +554,21 @@ def describe_checkpoint(p: CheckpointPlan) -> str:
     if not p.fits:
         lines.append(f"REFUSED  {p.refusal}")
         return "\n".join(lines)
-    fast, cold = p.tiers
+    tiers = {t["name"]: t for t in p.tiers}
+    fast, cold = tiers["fast"], tiers["cold"]
     lines += [
         f"dense    {human_bytes(p.dense_bytes)} resident; KV cache {human_bytes(p.kv_bytes)} for {p.ctx} tokens",
         f"fast     {fast['slots_per_layer']} of {p.n_experts} experts per layer, {fast['where']} "
-        f"({human_bytes(fast['bytes'])})",
+        f"({human_bytes(fast['bytes'])}, {p.expert_dtype})",
+    ]
+    if "warm" in tiers:
+        warm = tiers["warm"]
+        lines.append(f"warm     {warm['slots_per_layer']} experts per layer in {warm['where']} "
+                     f"({human_bytes(warm['bytes'])})")
+    lines += [
         f"cold     {cold['experts_per_layer']} experts per layer on {cold['where']} ({human_bytes(cold['bytes'])})",
         f"resident {'; '.join(p.resident)}: {human_bytes(p.fast_bytes)}",
-        f"per tok  miss rate {p.miss_rate:.0%} (uniform routing): {human_bytes(p.bytes_per_token)} read from disk",
+        f"per tok  miss rate {p.miss_rate:.0%} (uniform routing): {human_bytes(p.bytes_per_token)} read from disk"
+        + (f", {human_bytes(p.copied_per_token)} copied to {p.device}" if p.copied_per_token else ""),
     ]
     return "\n".join(lines)

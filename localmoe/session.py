@@ -13,8 +13,17 @@ from localmoe import models
 from localmoe.engine import Engine, GenerationConfig, GenerationStats, Message, create_engine
 from localmoe.errors import LocalmoeError, UsageError
 from localmoe.recorder import Recorder
+from localmoe.units import human_bytes
 
 MAX_PROMPT_CHARS = 200_000
+
+
+def experts_text(experts: dict[str, Any]) -> str:
+    """The torch engine's expert cache for one answer: fast-tier hit rate and the bytes it had to move."""
+    rate = experts.get("hit_rate")
+    moved = (experts.get("bytes_read") or 0) + (experts.get("bytes_copied") or 0)
+    hit = f"{rate:.0%}" if rate is not None else "-"
+    return f"experts {hit} hit, {human_bytes(moved)} moved"
 
 
 class Reply:
@@ -34,6 +43,7 @@ class Reply:
         self._pieces: list[str] = []
         self.stats: GenerationStats | None = None
         self.energy: Any = None  # meters.EnergyReading once the answer is done
+        self.experts: dict[str, Any] | None = None  # the torch engine's expert-cache counters for this answer
         self.status = "pending"
 
     @property
@@ -60,6 +70,9 @@ class Reply:
             if sampler is not None:
                 self.energy = sampler.stop()
             self.stats = engine.stats
+            cache_stats = getattr(engine, "cache_stats", None)
+            if cache_stats is not None:
+                self.experts = cache_stats()
             if status in ("interrupted", "error"):
                 self.stats.stop_reason = status
             self.status = status
@@ -88,6 +101,7 @@ class Reply:
                 "peak_watts": self.energy.peak_watts, "meter": self.energy.meter,
                 "measured": self.energy.measured,
             },
+            **({"experts": self.experts} if self.experts is not None else {}),
         }
 
 

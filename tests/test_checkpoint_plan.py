@@ -14,7 +14,7 @@ from synthetic_moe import build_hf_moe
 from helpers import run_cli
 from localmoe.engine.torch_moe import Checkpoint, TorchMoEEngine
 from localmoe.errors import LocalmoeError
-from localmoe.plan import RAM_RESERVE, checkpoint_tensors, plan_checkpoint
+from localmoe.plan import RAM_RESERVE, checkpoint_tensors, describe_checkpoint, plan_checkpoint
 
 MiB = 1024**2
 SHAPE = dict(hidden=64, layers=2, experts=8, top_k=2, expert_ff=32, heads=4, kv_heads=2, head_dim=16)
@@ -54,6 +54,33 @@ def test_slots_from_budget_hand_computed(ckpt_dir):
         assert p.bytes_per_token == int((1 - slots / 8) * 2 * BPE * 2)
     huge = plan_checkpoint(_config(ckpt_dir), tensors, 64 * 1024**3, ctx=CTX)
     assert huge.slots_per_layer == 8 and huge.bytes_per_token == 0  # clamped to n_experts
+
+
+def test_int8_and_bf16_experts_take_fewer_bytes_hand_computed(ckpt_dir):
+    tensors = checkpoint_tensors(ckpt_dir)
+    base = RAM_RESERVE + DENSE + KV
+    int8 = 3 * 32 * 64 + (32 + 32 + 64) * 4  # one byte per weight + a float32 scale per output row
+    p = plan_checkpoint(_config(ckpt_dir), tensors, base + 3 * 2 * int8 + 10, ctx=CTX, expert_dtype="int8")
+    assert p.bytes_per_expert == int8 and p.disk_bytes_per_expert == BPE and p.slots_per_layer == 3
+    p = plan_checkpoint(_config(ckpt_dir), tensors, base + 5 * 2 * (BPE // 2), ctx=CTX, expert_dtype="bfloat16")
+    assert p.bytes_per_expert == BPE // 2 and p.slots_per_layer == 5
+
+
+def test_gpu_plan_has_a_pinned_warm_tier(ckpt_dir):
+    """On a GPU the budget is VRAM (fast tier) and RAM becomes the warm tier: disk is read only past both."""
+    tensors = checkpoint_tensors(ckpt_dir)
+    vram = RAM_RESERVE + DENSE + KV + 2 * 2 * BPE
+    p = plan_checkpoint(_config(ckpt_dir), tensors, vram, ctx=CTX, device="cuda",
+                        warm_budget_bytes=RAM_RESERVE + 6 * 2 * BPE)
+    assert (p.slots_per_layer, p.warm_slots_per_layer) == (2, 6)
+    assert [t["name"] for t in p.tiers] == ["fast", "warm", "cold"]
+    assert p.tiers[0]["where"] == "cuda memory" and p.tiers[2]["experts_per_layer"] == 2
+    assert p.bytes_per_token == int((1 - 6 / 8) * 2 * BPE * 2)  # disk: past the warm tier only
+    assert p.copied_per_token == int((1 - 2 / 8) * 2 * BPE * 2)  # host to device: past the fast tier
+    text = describe_checkpoint(p)
+    assert "warm     6 experts per layer in pinned CPU RAM" in text and "copied to cuda" in text
+    cpu = plan_checkpoint(_config(ckpt_dir), tensors, vram, ctx=CTX, warm_budget_bytes=10**12)
+    assert cpu.warm_slots_per_layer == 0 and len(cpu.tiers) == 2  # no warm tier without a GPU
 
 
 def test_refuses_when_top_k_slots_do_not_fit(ckpt_dir):

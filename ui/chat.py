@@ -21,6 +21,7 @@ from textual.widgets import Footer, Header, Input, Markdown, Static
 from localmoe.assistant import Assistant
 from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
+from localmoe.session import experts_text
 
 # Rendering shares two cores (and the GIL) with the decode loop: batch tokens into ten appends a second.
 UPDATE_INTERVAL_S = 0.1
@@ -31,12 +32,15 @@ def joules_text(energy: Any) -> str:
     return f"{'' if energy.measured else '~'}{energy.joules:.1f} J"
 
 
-def stats_line(model: str, stats: GenerationStats, status: str, energy: Any = None) -> str:
+def stats_line(model: str, stats: GenerationStats, status: str, energy: Any = None,
+               experts: dict[str, Any] | None = None) -> str:
     parts = [model, f"{stats.completion_tokens} tokens"]
     if stats.tokens_per_s:
         parts.append(f"{stats.tokens_per_s:.1f} tok/s")
     if stats.ttft_s is not None:
         parts.append(f"first token {stats.ttft_s:.2f} s")
+    if experts:
+        parts.append(experts_text(experts))
     if energy is not None:
         parts.append(joules_text(energy))
     if status != "complete":
@@ -72,14 +76,15 @@ class Answer(VerticalScroll, can_focus=False):
         await self.query_one(Markdown).append(delta)
 
     def finish(self, stats: GenerationStats | None, status: str, error: str | None = None,
-               energy: Any = None, decision: Any = None) -> None:
+               energy: Any = None, decision: Any = None, experts: dict[str, Any] | None = None) -> None:
         self.done, self.stats, self.status, self.energy, self.decision = True, stats, status, energy, decision
+        self.experts = experts
         line = self.query_one(".stats", Static)
         if error:
             self.add_class("error")
             line.update(f"error: {error}")
         elif stats is not None:
-            line.update(stats_line(self.model, stats, status, energy))
+            line.update(stats_line(self.model, stats, status, energy, experts))
         if decision is not None and not error:
             tier = "large (escalated)" if decision.escalated else decision.tier
             self.query_one(".route", Static).update(f"{tier} tier · {decision.reason}")
@@ -103,10 +108,10 @@ class ChatScreen(Screen):
     class Done(Message):
         def __init__(self, answer: Answer, text: str | None, stats: GenerationStats | None, status: str,
                      error: str | None = None, energy: Any = None, decision: Any = None,
-                     model: str | None = None) -> None:
+                     model: str | None = None, experts: dict[str, Any] | None = None) -> None:
             super().__init__()
             self.answer, self.text, self.stats, self.status, self.error = answer, text, stats, status, error
-            self.energy, self.decision, self.model = energy, decision, model
+            self.energy, self.decision, self.model, self.experts = energy, decision, model, experts
 
     class Loaded(Message):
         def __init__(self, model: str | None, error: str | None, load_s: float | None) -> None:
@@ -219,7 +224,7 @@ class ChatScreen(Screen):
             reply = routed.reply
             self.last = (prompt, routed)
             self.post_message(self.Done(answer, None, reply.stats, reply.status, energy=reply.energy,
-                                        decision=routed.decision, model=reply.model))
+                                        decision=routed.decision, model=reply.model, experts=reply.experts))
         except LocalmoeError as exc:
             self.post_message(self.Done(answer, None, None, "error", str(exc)))
 
@@ -231,7 +236,8 @@ class ChatScreen(Screen):
     async def on_chat_screen_done(self, message: Done) -> None:
         if message.model:
             message.answer.model = message.model
-        message.answer.finish(message.stats, message.status, message.error, message.energy, message.decision)
+        message.answer.finish(message.stats, message.status, message.error, message.energy, message.decision,
+                              message.experts)
         self.generating = False
         notice = message.decision.notice if message.decision is not None else None
         if notice and notice not in self._shown_notices:  # once per session: the stats line keeps the tier

@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,8 +27,10 @@ from torch import Tensor, nn
 
 from localmoe import chat_template
 from localmoe.engine import GenerationConfig, GenerationStats, Message, token_budget
+from localmoe.engine.expert_store import EXPERT_DTYPES, ExpertStore, Loader
 from localmoe.errors import LocalmoeError
 from localmoe.plan import CheckpointPlan, TensorInfo, plan_checkpoint, read_safetensors_header
+from localmoe.trace import Trace, TraceToken
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,9 @@ class ModelArgs:
 class Checkpoint:
     """Tensors of a checkpoint across its safetensors shards, read one at a time with shape checks."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, device: torch.device | str = "cpu") -> None:
         self.dir = model_dir
+        self.device = torch.device(device)  # where `get` puts the dense weights
         self._stack = ExitStack()
         index = model_dir / "model.safetensors.index.json"
         if index.exists():
@@ -163,7 +165,7 @@ class Checkpoint:
         found = tuple(handle.get_slice(key).get_shape())
         if found != shape:  # checked from the header, before the bytes are read
             raise LocalmoeError(f"tensor {key} has shape {list(found)}, expected {list(shape)} from config.json")
-        t = handle.get_tensor(key).to(torch.float32)
+        t = handle.get_tensor(key).to(device=self.device, dtype=torch.float32)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -189,9 +191,14 @@ class Checkpoint:
         if _FADVISE:
             os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         t = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
-        t = t.reshape(shape).to(torch.float32)
-        self.bytes_read += t.numel() * t.element_size()
-        return t
+        return t.reshape(shape).to(torch.float32)
+
+    def drop_page_cache(self) -> None:
+        """Forget the shards' pages (the dense weights now live in tensors): the page cache would otherwise keep a
+        second copy of everything `get` read, which a memory-capped machine cannot spare."""
+        if _FADVISE:
+            for fd in self._fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         self._stack.close()
@@ -203,84 +210,21 @@ _FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
 # --- expert store ---------------------------------------------------------------------------------------
 
-Expert = tuple[Tensor, Tensor, Tensor]  # (gate, up, down) weights
 
+def expert_loader(ckpt: Checkpoint, args: ModelArgs) -> Loader:
+    """(layer, expert) -> its (gate, up, down) float32 matrices read from disk, and the bytes read."""
+    spec = ARCHS[args.arch]
+    prefix = [f"model.layers.{i}.{spec.moe_block}.experts." for i in range(args.n_layers)]
+    gate, up, down = spec.expert_proj
+    shapes = ((gate, (args.expert_ff, args.dim)), (up, (args.expert_ff, args.dim)), (down, (args.dim, args.expert_ff)))
 
-class LayerCache:
-    """A fixed number of slots for one layer; subclasses choose the victim. The base keeps insertion order."""
+    def load(layer: int, expert: int) -> tuple[tuple[Tensor, Tensor, Tensor], int]:
+        p = f"{prefix[layer]}{expert}."
+        mats = tuple(ckpt.read(f"{p}{name}.weight", shape) for name, shape in shapes)
+        nbytes = sum(ckpt.tensors[f"{p}{name}.weight"].nbytes for name, _ in shapes)
+        return mats, nbytes  # type: ignore[return-value]
 
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self.entries: OrderedDict[int, Expert] = OrderedDict()
-
-    def lookup(self, expert: int) -> Expert | None:
-        return self.entries.get(expert)
-
-    def insert(self, expert: int, weights: Expert) -> None:
-        if len(self.entries) >= self.slots:
-            del self.entries[self.victim()]
-        self.entries[expert] = weights
-
-    def victim(self) -> int:
-        return next(iter(self.entries))  # FIFO
-
-
-class LRUCache(LayerCache):
-    def lookup(self, expert: int) -> Expert | None:
-        found = self.entries.get(expert)
-        if found is not None:
-            self.entries.move_to_end(expert)  # the front is then always the least recently used
-        return found
-
-
-class LFUCache(LayerCache):
-    def __init__(self, slots: int) -> None:
-        super().__init__(slots)
-        self.counts: dict[int, int] = {}  # over the whole run, evicted experts included
-
-    def lookup(self, expert: int) -> Expert | None:
-        self.counts[expert] = self.counts.get(expert, 0) + 1
-        return self.entries.get(expert)
-
-    def victim(self) -> int:
-        return min(self.entries, key=lambda e: self.counts.get(e, 0))
-
-
-POLICIES: dict[str, type[LayerCache]] = {"lru": LRUCache, "lfu": LFUCache, "fifo": LayerCache}
-
-
-class ExpertStore:
-    """Expert weights on demand: a per-layer cache in front of the checkpoint. Only speed depends on `slots`."""
-
-    def __init__(self, ckpt: Checkpoint, args: ModelArgs, slots: int | None = None, policy: str = "lru") -> None:
-        if policy not in POLICIES:
-            raise LocalmoeError(f"unknown expert cache policy {policy!r} (known: {', '.join(POLICIES)})")
-        slots = args.n_experts if slots is None else slots
-        if slots < 1:
-            raise LocalmoeError(f"expert_slots must be at least 1, got {slots}")
-        self.ckpt, self.args, self.slots = ckpt, args, min(slots, args.n_experts)
-        spec = ARCHS[args.arch]
-        self._prefix = [f"model.layers.{i}.{spec.moe_block}.experts." for i in range(args.n_layers)]
-        self._proj = spec.expert_proj
-        self.layers = [POLICIES[policy](self.slots) for _ in range(args.n_layers)]
-        self.hits = self.misses = 0
-
-    def get(self, layer: int, expert: int) -> Expert:
-        cache = self.layers[layer]
-        found = cache.lookup(expert)
-        if found is not None:
-            self.hits += 1
-            return found
-        self.misses += 1
-        a, p = self.args, f"{self._prefix[layer]}{expert}."
-        gate, up, down = self._proj
-        weights = (
-            self.ckpt.read(f"{p}{gate}.weight", (a.expert_ff, a.dim)),
-            self.ckpt.read(f"{p}{up}.weight", (a.expert_ff, a.dim)),
-            self.ckpt.read(f"{p}{down}.weight", (a.dim, a.expert_ff)),
-        )
-        cache.insert(expert, weights)
-        return weights
+    return load
 
 
 # --- model ----------------------------------------------------------------------------------------------
@@ -357,7 +301,7 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Route each token to its top-k experts and sum their outputs, fetching each chosen expert once per call."""
+    """Route each token to its top experts and sum their outputs, fetching each chosen expert once per call."""
 
     def __init__(self, args: ModelArgs, layer: int, w: dict[str, Tensor], store: ExpertStore) -> None:
         super().__init__()
@@ -365,37 +309,89 @@ class MoE(nn.Module):
         self.shared = (w["shared_gate"], w["shared_up"], w["shared_down"]) if "shared_gate" in w else None
         self.shared_expert_gate = w.get("shared_expert_gate")
         self.routing = ARCHS[args.arch].routing
-        self.last_topk: Tensor | None = None  # (tokens, k) expert ids of the last call, for telemetry
+        self.top_p: float | None = None  # adaptive expert count (see route)
+        self.replay: TraceReplay | None = None  # benchmark switch: route by a recorded trace
+        self.last_topk: Tensor | None = None  # (tokens, k) expert ids of the last call, -1 where unused
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights, expert ids), each (tokens, k), highest weight first.
+
+        With `top_p`, a token keeps only its smallest prefix of the top-k experts whose router probabilities
+        (softmax over all experts) reach top_p — at least one — renormalised the way the architecture renormalises
+        its top-k; dropped slots get id -1 and weight 0."""
         logits = F.linear(x, self.router)
         k = self.args.top_k
-        if self.routing == "topk_softmax":
-            top, idx = torch.topk(logits, k, dim=-1)
-            return top.softmax(dim=-1), idx
-        weights, idx = torch.topk(logits.softmax(dim=-1), k, dim=-1)
-        if self.args.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, idx
+        probs = logits.softmax(dim=-1)
+        top, idx = torch.topk(probs, k, dim=-1)
+        keep = None
+        if self.top_p is not None and self.top_p < 1.0:
+            before = top.cumsum(dim=-1) - top  # mass of the better experts
+            keep = before < self.top_p  # the first slot always passes (0 < p)
+            top = top * keep
+        if self.routing == "topk_softmax" or self.args.norm_topk_prob:
+            # mixtral's softmax over the kept logits equals the kept probabilities renormalised
+            top = top / top.sum(dim=-1, keepdim=True)
+        if keep is not None:
+            idx = idx.masked_fill(~keep, -1)
+        return top, idx
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.route(x)
+        if self.replay is not None:
+            idx = self.replay.take(self.layer, x.shape[0]).to(idx.device)
         self.last_topk = idx
         out = torch.zeros_like(x)
         # Ascending expert order: deterministic, and the cache sees the same request sequence every run.
-        for expert in idx.unique().tolist():
-            tokens, slot = torch.where(idx == expert)
-            w_gate, w_up, w_down = self.store.get(self.layer, expert)
-            xe = x[tokens]
-            ye = F.linear(F.silu(F.linear(xe, w_gate)) * F.linear(xe, w_up), w_down)
-            out.index_add_(0, tokens, ye * weights[tokens, slot, None])
+        experts = [e for e in idx.unique().tolist() if e >= 0]
+        store = self.store
+        store.begin_step(self.layer, experts)
+        stats = store.stats[self.layer]
+        stats.tokens += x.shape[0]
+        stats.experts_used += int((idx >= 0).sum())
+        try:
+            for expert in experts:
+                tokens, slot = torch.where(idx == expert)
+                ye = store.get(self.layer, expert).ffn(x[tokens])
+                out.index_add_(0, tokens, ye * weights[tokens, slot, None])
+        finally:
+            store.end_step(self.layer)
         if self.shared is not None and self.shared_expert_gate is not None:
             w_gate, w_up, w_down = self.shared
             shared = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
         return out.view(shape)
+
+
+class TraceReplay:
+    """Benchmark-only switch: route every layer by a recorded trace instead of its router, cycling through the
+    trace's tokens, so the expert cache meets the locality of real routing on a random-init model."""
+
+    def __init__(self, rows: list[list[list[int]]], n_layers: int, n_experts: int, top_k: int) -> None:
+        # rows[layer] = the expert lists of the tokens that layer computed, each padded/cut to top_k
+        self.rows = [
+            torch.tensor([[e % n_experts for e in r[:top_k]] + [-1] * (top_k - len(r[:top_k])) for r in layer])
+            for layer in rows
+        ]
+        if any(len(r) == 0 for r in self.rows) or len(self.rows) != n_layers:
+            raise LocalmoeError("the trace has no routing for some layers of this model")
+        self.cursor = [0] * n_layers
+
+    @classmethod
+    def from_trace(cls, trace: Any, n_layers: int, n_experts: int, top_k: int) -> TraceReplay:
+        rows = [[t.experts[i % trace.n_layers] for t in trace.tokens if t.experts[i % trace.n_layers]]
+                for i in range(n_layers)]
+        return cls(rows, n_layers, n_experts, top_k)
+
+    def take(self, layer: int, n: int) -> Tensor:
+        rows = self.rows[layer]
+        picks = [(self.cursor[layer] + i) % len(rows) for i in range(n)]
+        self.cursor[layer] = (self.cursor[layer] + n) % len(rows)
+        return rows[picks]
+
+    def peek(self, layer: int) -> Tensor:
+        return self.rows[layer][self.cursor[layer]]
 
 
 class TransformerBlock(nn.Module):
@@ -405,29 +401,53 @@ class TransformerBlock(nn.Module):
         self.moe = MoE(args, layer, w, store)
         self.attention_norm = RMSNorm(w["input_layernorm"], args.norm_eps)
         self.ffn_norm = RMSNorm(w["post_attention_layernorm"], args.norm_eps)
+        self.next: TransformerBlock | None = None  # the following block, whose experts this one predicts
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        if self.next is not None and self.moe.store.prefetching:
+            self.predict_next(h)
         return h + self.moe(self.ffn_norm(h))
+
+    def predict_next(self, h: Tensor) -> None:
+        """Pre-gating: the next layer's router applied to this layer's hidden state (of the last token) names the
+        experts it will probably want; the store starts loading them while this layer computes."""
+        nxt = self.next
+        assert nxt is not None
+        if nxt.moe.replay is not None:
+            ids = nxt.moe.replay.peek(nxt.moe.layer)  # a replayed trace knows the next layer's choice exactly
+        else:
+            logits = F.linear(nxt.ffn_norm(h[0, -1:]), nxt.moe.router)
+            ids = torch.topk(logits, self.moe.args.top_k, dim=-1).indices[0]
+        nxt.moe.store.prefetch(nxt.moe.layer, [e for e in ids.tolist() if e >= 0])
 
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, ckpt: Checkpoint, store: ExpertStore) -> None:
         super().__init__()
         self.args = args
+        device = ckpt.device
         self.tok_embeddings = ckpt.get("model.embed_tokens.weight", (args.vocab_size, args.dim))
         self.layers = nn.ModuleList(
             TransformerBlock(args, i, _layer_weights(args, ckpt, i), store) for i in range(args.n_layers)
         )
+        for block, nxt in zip(self.layers[:-1], self.layers[1:], strict=True):
+            block.next = nxt
         self.norm = RMSNorm(ckpt.get("model.norm.weight", (args.dim,)), args.norm_eps)
         self.output = (
             self.tok_embeddings if args.tie_embeddings else ckpt.get("lm_head.weight", (args.vocab_size, args.dim))
         )
         cos, sin = rope_tables(args)
-        self.register_buffer("cos", cos)
-        self.register_buffer("sin", sin)
-        causal = torch.ones(args.max_seq_length, args.max_seq_length, dtype=torch.bool).tril()
+        self.register_buffer("cos", cos.to(device))
+        self.register_buffer("sin", sin.to(device))
+        causal = torch.ones(args.max_seq_length, args.max_seq_length, dtype=torch.bool, device=device).tril()
         self.register_buffer("causal_mask", causal)
+        for block in self.layers:
+            block.attention.kv_cache.to(device)
+
+    @property
+    def moes(self) -> list[MoE]:
+        return [block.moe for block in self.layers]
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
         """Logits for tokens `idx` (1, n) placed at positions `input_pos`; earlier positions come from the KV cache."""
@@ -477,22 +497,52 @@ def plan_for(
     tensors: dict[str, TensorInfo],
     fast_memory: int | None = None,
     ctx: int | None = None,
+    *,
+    device: str = "cpu",
+    expert_dtype: str = "float32",
+    warm_memory: int | None = None,
 ) -> CheckpointPlan:
-    """The checkpoint plan on `fast_memory` bytes, or on the detected free RAM (cgroup caps included).
+    """The checkpoint plan on `fast_memory` bytes, or on what is detected: free VRAM for a GPU fast tier (with the
+    free RAM as its pinned warm tier), free RAM (cgroup caps included) for a CPU one."""
+    from localmoe import hardware
 
-    The engine runs on the CPU, so its fast tier is RAM; a CUDA engine would plan on free VRAM instead."""
-    if fast_memory is None:
-        from localmoe import hardware
-
-        budget, source = hardware.detect(measure=False).ram_available_bytes, "detected"
-    else:
+    ram = None
+    if warm_memory is None and device != "cpu":
+        ram = warm_memory = hardware.detect(measure=False).ram_available_bytes
+    if fast_memory is not None:
         budget, source = fast_memory, "override"
-    return plan_checkpoint(config, tensors, budget, ctx=ctx, model=str(model_dir), budget_source=source)
+    elif device.startswith("cuda"):
+        budget, source = torch.cuda.mem_get_info(torch.device(device))[0], "detected"
+    else:
+        budget = ram if ram is not None else hardware.detect(measure=False).ram_available_bytes
+        source = "detected"
+    return plan_checkpoint(config, tensors, budget, ctx=ctx, model=str(model_dir), budget_source=source,
+                           expert_dtype=expert_dtype, device=torch.device(device).type,
+                           warm_budget_bytes=warm_memory or 0)
 
+
+def resolve_device(device: str | None) -> str:
+    """`None` picks CUDA when torch sees a GPU, else the CPU; an explicit device must exist."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LocalmoeError(f"device {device!r} asked for, but torch sees no CUDA GPU (a CPU-only torch build?)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise LocalmoeError("device 'mps' asked for, but Metal is not available to torch here")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise LocalmoeError(f"unsupported device {device!r} (cpu, cuda, cuda:N or mps)")
+    return device
 
 
 class TorchMoEEngine:
-    """Runs a Hugging Face MoE checkpoint directory; `expert_slots` experts per layer stay in memory."""
+    """Runs a Hugging Face MoE checkpoint directory through a tiered expert cache (see expert_store).
+
+    Options: `expert_slots` (fast-tier experts per layer; default from the plan's memory budget), `fast_memory` /
+    `warm_memory` (budget overrides in bytes), `cache_policy` (lru, lfu, lfru, fifo), `prefetch` (pre-gating in
+    a background thread; default on when not every expert fits), `expert_dtype` (float32, bfloat16, int8),
+    `device` (cpu, cuda, mps; default CUDA when present), `expert_top_p` (adaptive expert count), `telemetry`
+    (record the experts of every token in `routing`)."""
 
     backend = "torch"  # as ModelRef.backend and create_engine name it
 
@@ -505,12 +555,25 @@ class TorchMoEEngine:
         max_seq_length: int | None = None,
         model_id: str | None = None,
         fast_memory: int | None = None,
+        warm_memory: int | None = None,
+        prefetch: bool | None = None,
+        expert_dtype: str = "float32",
+        device: str | None = None,
+        expert_top_p: float | None = None,
+        telemetry: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
-        self.fast_memory = fast_memory  # bytes for dense weights + KV + expert slots; None: detected free RAM
+        self.fast_memory, self.warm_memory = fast_memory, warm_memory
         self.plan: CheckpointPlan | None = None
         self.model_id = model_id or self.model_dir.name
         self.expert_slots, self.cache_policy, self.max_seq_length = expert_slots, cache_policy, max_seq_length
+        if expert_dtype not in EXPERT_DTYPES:
+            raise LocalmoeError(f"unknown expert dtype {expert_dtype!r} (known: {', '.join(EXPERT_DTYPES)})")
+        if expert_top_p is not None and not 0 < expert_top_p <= 1:
+            raise LocalmoeError(f"expert_top_p must be in (0, 1], got {expert_top_p}")
+        self.prefetch, self.expert_dtype, self.device_name = prefetch, expert_dtype, device
+        self.expert_top_p, self.telemetry = expert_top_p, telemetry
+        self.device = torch.device("cpu")
         self.args: ModelArgs | None = None
         self.model: Transformer | None = None
         self.store: ExpertStore | None = None
@@ -520,6 +583,7 @@ class TorchMoEEngine:
         self._gen_lock = threading.Lock()  # one generation at a time: the KV cache is shared
         self.tokens: list[int] = []  # prompt + generated ids of the last generation
         self.token_logprobs: list[float] = []
+        self.routing: list[TraceToken] = []  # with telemetry: experts per layer of each token evaluated
         self.forward_calls = 0  # model calls (prefill or one decode step) since load, for tests and benchmarks
 
     def load(self) -> None:
@@ -533,20 +597,31 @@ class TorchMoEEngine:
         except json.JSONDecodeError as e:
             raise LocalmoeError(f"{config_path} is not valid JSON: {e}") from None
         args = ModelArgs.from_config(config, self.max_seq_length)
-        ckpt = Checkpoint(self.model_dir)
+        device = resolve_device(self.device_name)
+        ckpt = Checkpoint(self.model_dir, device)
         try:
-            slots = self.expert_slots
-            if slots is None:
-                self.plan = plan_for(self.model_dir, config, ckpt.tensors, self.fast_memory, args.max_seq_length)
-                self.plan.raise_if_refused()
-                slots = self.plan.slots_per_layer
-            store = ExpertStore(ckpt, args, slots, self.cache_policy)
+            slots, warm = self.expert_slots, 0
+            if slots is None or device != "cpu":
+                self.plan = plan_for(self.model_dir, config, ckpt.tensors, self.fast_memory, args.max_seq_length,
+                                     device=device, expert_dtype=self.expert_dtype, warm_memory=self.warm_memory)
+                if slots is None:
+                    self.plan.raise_if_refused()
+                    slots = self.plan.slots_per_layer
+                warm = self.plan.warm_slots_per_layer
+            prefetch = self.prefetch if self.prefetch is not None else slots < args.n_experts
+            store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
+                                policy=self.cache_policy, expert_dtype=self.expert_dtype, device=device,
+                                warm_slots=warm, prefetch=prefetch)
             with torch.no_grad():
                 model = Transformer(args, ckpt, store).eval()
+            ckpt.drop_page_cache()
         except BaseException:
             ckpt.close()
             raise
+        for moe in model.moes:
+            moe.top_p = self.expert_top_p
         self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
+        self.device = torch.device(device)
 
     @property
     def loaded(self) -> bool:
@@ -558,29 +633,62 @@ class TorchMoEEngine:
 
     @property
     def hits(self) -> int:
-        return self.store.hits if self.store else 0
+        return self.store.totals().hits if self.store else 0
 
     @property
     def misses(self) -> int:
-        return self.store.misses if self.store else 0
+        return self.store.totals().misses if self.store else 0
+
+    @property
+    def experts_per_token(self) -> float | None:
+        """Mean experts computed per token per layer since load (or the last reset_cache_stats)."""
+        return self.store.totals().to_dict()["experts_per_token"] if self.store else None
 
     def cache_stats(self) -> dict[str, Any]:
-        total = self.hits + self.misses
+        """Expert-cache counters since load, the start of the last streamed answer or reset_cache_stats: totals,
+        then `layers` with one dict each."""
+        store = self.store
+        total = store.totals().to_dict() if store else {}
         return {
-            "slots": self.store.slots if self.store else None,
+            "slots": store.slots if store else None,
+            "warm_slots": store.warm_slots if store else None,
             "policy": self.cache_policy,
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": self.hits / total if total else None,
-            "bytes_read": self._ckpt.bytes_read if self._ckpt else 0,
+            "prefetch": store.prefetching if store else None,
+            "expert_dtype": self.expert_dtype,
+            "device": str(self.device),
+            **total,
+            "layers": [s.to_dict() for s in store.stats] if store else [],
         }
+
+    def reset_cache_stats(self) -> None:
+        if self.store is not None:
+            self.store.reset_stats()
+
+    def set_expert_top_p(self, top_p: float | None) -> None:
+        """Adaptive expert count from now on (None: the model's top-k)."""
+        if top_p is not None and not 0 < top_p <= 1:
+            raise LocalmoeError(f"expert_top_p must be in (0, 1], got {top_p}")
+        self.expert_top_p = top_p
+        for moe in self._model().moes:
+            moe.top_p = top_p
+
+    def replay(self, trace: Trace | None) -> None:
+        """Benchmark only: route by `trace` (cycling through its tokens) instead of the routers; None undoes it.
+        The logits are then meaningless; the expert cache meets the trace's locality."""
+        model = self._model()
+        replay = TraceReplay.from_trace(trace, model.args.n_layers, model.args.n_experts, model.args.top_k) \
+            if trace is not None else None
+        for moe in model.moes:
+            moe.replay = replay
 
     def _model(self) -> Transformer:
         self.load()
         assert self.model is not None
         return self.model
 
-    def _forward(self, tokens: list[int], start: int) -> Tensor:
+    def _forward(self, tokens: list[int], start: int, n_prompt: int | None = None) -> Tensor:
+        """Logits (len(tokens), vocab) on the CPU for `tokens` at positions start...; telemetry marks the
+        positions below `n_prompt` as prompt."""
         model = self._model()
         end = start + len(tokens)
         if end > model.args.max_seq_length:
@@ -589,8 +697,18 @@ class TorchMoEEngine:
         if bad:
             raise LocalmoeError(f"token id {bad[0]} is outside the vocabulary (0..{model.args.vocab_size - 1})")
         self.forward_calls += 1
+        dev = self.device
         with torch.no_grad():
-            return model(torch.tensor([tokens]), torch.arange(start, end))[0]
+            out = model(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev))[0]
+        if self.telemetry:
+            per_layer = [[[e for e in row if e >= 0] for row in moe.last_topk.tolist()] for moe in model.moes
+                         if moe.last_topk is not None]
+            n_prompt = end if n_prompt is None else n_prompt
+            for i, token in enumerate(tokens):
+                pos = start + i
+                self.routing.append(TraceToken(pos, token, "prompt" if pos < n_prompt else "decode",
+                                               [layer[i] for layer in per_layer]))
+        return out.float().cpu() if out.device.type != "cpu" else out
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0."""
@@ -646,6 +764,8 @@ class TorchMoEEngine:
         sampler = Sampler(config)
         detok = IncrementalDetokenizer(chat.tokenizer)
         self.tokens = list(tokens)
+        self.routing = []
+        self.reset_cache_stats()  # cache_stats() then describes this answer
         logprobs: list[float] | None = [] if config.logprobs else None
         self.token_logprobs = logprobs or []
         t_first = t_last = None
@@ -679,7 +799,7 @@ class TorchMoEEngine:
                 if cancel is not None and cancel.is_set():
                     stats.stop_reason = "cancelled"
                     break
-                last = self._forward([token], len(self.tokens) - 1)[-1]
+                last = self._forward([token], len(self.tokens) - 1, len(tokens))[-1]
             tail = detok.flush()
             if tail:
                 yield tail
@@ -695,6 +815,8 @@ class TorchMoEEngine:
                 stats.tokens_per_s = (received - 1) / (t_last - t_first)
 
     def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
         if self._ckpt is not None:
             self._ckpt.close()
         self.model = self.store = self._ckpt = None

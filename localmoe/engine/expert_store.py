@@ -1,0 +1,374 @@
+"""The expert store of the torch engine: expert weights on demand behind per-layer caches, in up to three tiers.
+
+- fast: where the experts are computed — CUDA/MPS memory when the engine runs there, else resident CPU tensors;
+- warm: pinned CPU RAM, only when the fast tier is a GPU (a warm hit is a host-to-device copy, not a disk read);
+- cold: the checkpoint on disk, read one expert at a time with pread and dropped from the page cache.
+
+Each layer has its own cache of slots per tier, with a replacement policy (LRU, LFU, LFRU or FIFO). A background
+thread can prefetch the experts the next layer's router predicts from the current hidden state (pre-gating), so
+disk reads overlap compute. Only speed depends on slots, policy and prefetch: the weights are always the same.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from localmoe.cachesim import DEFAULT_LFRU_DECAY
+from localmoe.errors import LocalmoeError
+from localmoe.plan import EXPERT_DTYPE_BYTES as EXPERT_DTYPES
+
+
+class ExpertWeights:
+    """One expert's (gate, up, down) matrices in the engine's expert dtype, and the FFN over them.
+
+    int8 is symmetric per output row (absmax / 127), computed with torch's int8 weight-only matmul on the CPU;
+    bfloat16 is computed in bfloat16. Both convert the result back to the activations' float32."""
+
+    __slots__ = ("dtype", "mats", "scales", "nbytes")
+
+    def __init__(self, mats: tuple[Tensor, Tensor, Tensor], dtype: str = "float32") -> None:
+        self.dtype = dtype
+        if dtype == "int8":
+            qs = [_quantize_rows(m) for m in mats]
+            self.mats = tuple(q for q, _ in qs)
+            self.scales: tuple[Tensor, ...] | None = tuple(s for _, s in qs)
+        else:
+            self.mats = tuple(m.to(torch.bfloat16) if dtype == "bfloat16" else m for m in mats)
+            self.scales = None
+        self.nbytes = sum(t.numel() * t.element_size() for t in (*self.mats, *(self.scales or ())))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:
+        out = ExpertWeights.__new__(ExpertWeights)
+        out.dtype, out.nbytes = self.dtype, self.nbytes
+        out.mats = tuple(m.to(device, non_blocking=non_blocking) for m in self.mats)
+        out.scales = tuple(s.to(device, non_blocking=non_blocking) for s in self.scales) if self.scales else None
+        return out
+
+    def pin(self) -> ExpertWeights:
+        out = ExpertWeights.__new__(ExpertWeights)
+        out.dtype, out.nbytes = self.dtype, self.nbytes
+        out.mats = tuple(m.pin_memory() for m in self.mats)
+        out.scales = tuple(s.pin_memory() for s in self.scales) if self.scales else None
+        return out
+
+    def _linear(self, x: Tensor, i: int) -> Tensor:
+        w = self.mats[i]
+        if self.scales is not None:
+            s = self.scales[i]
+            if x.device.type == "cpu":
+                return torch._weight_int8pack_mm(x, w, s)
+            return F.linear(x, w.to(x.dtype)) * s
+        if w.dtype != x.dtype:
+            return F.linear(x.to(w.dtype), w).to(x.dtype)
+        return F.linear(x, w)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        if self.dtype == "bfloat16":  # stay in bfloat16 between the three matmuls
+            xb = x.to(torch.bfloat16)
+            g, u, d = self.mats
+            return F.linear(F.silu(F.linear(xb, g)) * F.linear(xb, u), d).to(x.dtype)
+        return self._linear(F.silu(self._linear(x, 0)) * self._linear(x, 1), 2)
+
+
+def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.to(torch.float32).contiguous()
+
+
+# --- per-layer caches -------------------------------------------------------------------------------------
+
+
+class LayerCache:
+    """A fixed number of slots for one layer; subclasses choose the victim by a key (smallest goes first).
+
+    The keys and tie-breaks are those of `localmoe cache-sim`, so the engine's counts on a trace equal the
+    simulator's: a step's experts are never evicted during the step, ties go to the least recently used, then
+    to the lowest id. The base class is FIFO (oldest insertion first)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.entries: dict[int, ExpertWeights] = {}  # insertion order
+        self.clock = 0  # steps (forward calls) this layer has seen
+        self.last: dict[int, int] = {}  # expert -> step of its last use (or insertion by a prefetch)
+
+    def __contains__(self, expert: int) -> bool:
+        return expert in self.entries
+
+    def lookup(self, expert: int) -> ExpertWeights | None:
+        """A use of `expert` in the current step: its weights when cached; policies update their keys here."""
+        self.last[expert] = self.clock
+        return self.entries.get(expert)
+
+    def insert(self, expert: int, weights: ExpertWeights, protect: frozenset[int] = frozenset()) -> int | None:
+        """Cache `expert`, evicting the smallest-key expert outside `protect` when full; returns the evicted one."""
+        evicted = None
+        if expert not in self.entries and len(self.entries) >= self.slots:
+            candidates = [e for e in self.entries if e not in protect] or list(self.entries)
+            evicted = min(candidates, key=self.key)
+            del self.entries[evicted]
+        self.last.setdefault(expert, self.clock)
+        self.entries[expert] = weights
+        return evicted
+
+    def key(self, expert: int) -> tuple[float, ...]:
+        return (0,)  # min() keeps the first of equal keys: the oldest insertion
+
+
+class LRUCache(LayerCache):
+    def key(self, expert: int) -> tuple[float, ...]:
+        return (self.last[expert], expert)
+
+
+class LFUCache(LayerCache):
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.counts: dict[int, int] = {}  # over the whole run, evicted experts included
+
+    def lookup(self, expert: int) -> ExpertWeights | None:
+        self.counts[expert] = self.counts.get(expert, 0) + 1
+        return super().lookup(expert)
+
+    def key(self, expert: int) -> tuple[float, ...]:
+        return (self.counts.get(expert, 0), self.last[expert], expert)
+
+
+class LFRUCache(LayerCache):
+    """Frequency and recency (LRFU, Lee et al. 2001): each use adds 1 to a score that halves every 1/λ steps,
+    the decay `localmoe cache-sim` uses for its lfru policy."""
+
+    def __init__(self, slots: int, decay: float = DEFAULT_LFRU_DECAY) -> None:
+        super().__init__(slots)
+        self.decay = decay
+        self.crf: dict[int, float] = {}
+
+    def lookup(self, expert: int) -> ExpertWeights | None:
+        if expert in self.crf and self.last.get(expert) == self.clock:
+            return super().lookup(expert)  # a second use within one step counts once, as in the simulator
+        prev = self.crf.get(expert)
+        age = self.clock - self.last.get(expert, self.clock)
+        self.crf[expert] = 1.0 + (2.0 ** (-self.decay * age) * prev if prev is not None else 0.0)
+        return super().lookup(expert)
+
+    def key(self, expert: int) -> tuple[float, ...]:
+        # log2(CRF) + λ·last orders experts as their scores decayed to any common later step would
+        crf = self.crf.get(expert)
+        return (math.log2(crf) + self.decay * self.last[expert] if crf else -math.inf, self.last[expert], expert)
+
+
+POLICIES: dict[str, type[LayerCache]] = {"lru": LRUCache, "lfu": LFUCache, "lfru": LFRUCache, "fifo": LayerCache}
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0  # uses served from the fast tier (prefetched experts included)
+    warm_hits: int = 0  # uses served by a copy from the warm tier (GPU engines only)
+    misses: int = 0  # uses that had to read the expert from disk on demand
+    prefetch_hits: int = 0  # uses of an expert a prefetch brought or was bringing
+    prefetches: int = 0  # experts loaded by the prefetcher
+    wasted_prefetches: int = 0  # prefetched experts evicted before any use
+    bytes_read: int = 0  # from disk (checkpoint bytes)
+    bytes_copied: int = 0  # warm tier -> fast tier
+    stall_s: float = 0.0  # time the compute thread waited for expert weights
+    tokens: int = 0  # token rows routed through this layer
+    experts_used: int = 0  # (token, expert) pairs computed: experts_used / tokens = experts per token
+
+    def add(self, other: LayerStats) -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        d: dict[str, float | int | None] = dict(asdict(self))
+        uses = self.hits + self.warm_hits + self.misses
+        d["hit_rate"] = self.hits / uses if uses else None
+        d["experts_per_token"] = self.experts_used / self.tokens if self.tokens else None
+        return d
+
+
+Loader = Callable[[int, int], tuple[tuple[Tensor, Tensor, Tensor], int]]  # (layer, expert) -> (mats, disk bytes)
+
+
+class ExpertStore:
+    """Expert weights on demand for every layer, through the fast (and, on a GPU, warm) tier caches."""
+
+    def __init__(
+        self,
+        load: Loader,
+        n_layers: int,
+        n_experts: int,
+        slots: int,
+        *,
+        policy: str = "lru",
+        expert_dtype: str = "float32",
+        device: torch.device | str = "cpu",
+        warm_slots: int = 0,
+        prefetch: bool = False,
+    ) -> None:
+        if policy not in POLICIES:
+            raise LocalmoeError(f"unknown expert cache policy {policy!r} (known: {', '.join(POLICIES)})")
+        if expert_dtype not in EXPERT_DTYPES:
+            raise LocalmoeError(f"unknown expert dtype {expert_dtype!r} (known: {', '.join(EXPERT_DTYPES)})")
+        if slots < 1:
+            raise LocalmoeError(f"expert_slots must be at least 1, got {slots}")
+        self._load, self.policy, self.expert_dtype = load, policy, expert_dtype
+        self.device = torch.device(device)
+        self.slots = min(slots, n_experts)
+        self.layers = [POLICIES[policy](self.slots) for _ in range(n_layers)]
+        on_gpu = self.device.type != "cpu"
+        self.warm_slots = min(warm_slots, n_experts) if on_gpu else 0
+        self.warm = [LRUCache(self.warm_slots) for _ in range(n_layers)] if self.warm_slots else None
+        self.stats = [LayerStats() for _ in range(n_layers)]
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[int, int], Future[ExpertWeights]] = {}
+        self._unused_prefetch: list[set[int]] = [set() for _ in range(n_layers)]
+        self._in_use: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
+        self._predicted: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="localmoe-prefetch") if prefetch else None
+        self._copy_stream = torch.cuda.Stream(self.device) if on_gpu and self.device.type == "cuda" else None
+
+    @property
+    def prefetching(self) -> bool:
+        return self._pool is not None
+
+    def begin_step(self, layer: int, experts: list[int]) -> None:
+        """A forward call of `layer` is about to use `experts`: they may not be evicted until it ends."""
+        with self._lock:
+            self.layers[layer].clock += 1
+            if self.warm is not None:
+                self.warm[layer].clock += 1
+            self._in_use[layer] = frozenset(experts)
+
+    def end_step(self, layer: int) -> None:
+        with self._lock:
+            self._in_use[layer] = frozenset()
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        st = self.stats[layer]
+        with self._lock:
+            found = self.layers[layer].lookup(expert)
+            if found is not None:
+                st.hits += 1
+                if expert in self._unused_prefetch[layer]:
+                    self._unused_prefetch[layer].discard(expert)
+                    st.prefetch_hits += 1
+                return found
+            future = self._pending.get((layer, expert))
+            if future is None:  # a demand load, registered so a prefetch of the same expert waits for it
+                future = self._pending[(layer, expert)] = Future()
+                demand = True
+            else:
+                demand = False
+        t0 = time.perf_counter()
+        if demand:
+            try:
+                weights, warm_hit = self._fetch(layer, expert)
+            except BaseException as e:
+                with self._lock:
+                    del self._pending[(layer, expert)]
+                future.set_exception(e)
+                raise
+            with self._lock:
+                if warm_hit:
+                    st.warm_hits += 1
+                else:
+                    st.misses += 1
+                self._insert(layer, expert, weights)
+                del self._pending[(layer, expert)]
+            future.set_result(weights)
+        else:
+            weights = future.result()  # a prefetch in flight: wait for it rather than read twice
+            with self._lock:
+                st.hits += 1
+                st.prefetch_hits += 1
+                self._unused_prefetch[layer].discard(expert)
+                self.layers[layer].lookup(expert)  # count the use for the policy
+        st.stall_s += time.perf_counter() - t0
+        return weights
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Load `experts` of `layer` in the background unless cached or already coming (no-op without prefetch)."""
+        if self._pool is None or not 0 <= layer < len(self.layers):
+            return
+        experts = experts[: self.slots]
+        with self._lock:
+            self._predicted[layer] = frozenset(experts)  # a prefetch must not evict its own siblings
+        for expert in experts:
+            with self._lock:
+                if expert in self.layers[layer] or (layer, expert) in self._pending:
+                    continue
+                future: Future[ExpertWeights] = Future()
+                self._pending[(layer, expert)] = future
+            self._pool.submit(self._prefetch_one, layer, expert, future)
+
+    def _prefetch_one(self, layer: int, expert: int, future: Future[ExpertWeights]) -> None:
+        try:
+            weights, _ = self._fetch(layer, expert, background=True)
+        except BaseException as e:  # the compute thread re-raises it if it waits for this expert
+            with self._lock:
+                self._pending.pop((layer, expert), None)
+            future.set_exception(e)
+            return
+        with self._lock:
+            self.stats[layer].prefetches += 1
+            self._insert(layer, expert, weights, self._predicted[layer])
+            self._unused_prefetch[layer].add(expert)
+            self._pending.pop((layer, expert), None)
+        future.set_result(weights)
+
+    def _insert(self, layer: int, expert: int, weights: ExpertWeights, keep: frozenset[int] = frozenset()) -> None:
+        """Under the lock."""
+        evicted = self.layers[layer].insert(expert, weights, self._in_use[layer] | keep)
+        if evicted is not None and evicted in self._unused_prefetch[layer]:
+            self._unused_prefetch[layer].discard(evicted)
+            self.stats[layer].wasted_prefetches += 1
+
+    def _fetch(self, layer: int, expert: int, background: bool = False) -> tuple[ExpertWeights, bool]:
+        """The expert's weights in the fast tier's device: from the warm tier when it holds them, else from disk.
+        Returns (weights, whether the warm tier served them)."""
+        st = self.stats[layer]
+        if self.warm is None:
+            mats, nbytes = self._load(layer, expert)
+            with self._lock:
+                st.bytes_read += nbytes
+            return ExpertWeights(mats, self.expert_dtype).to(self.device), False
+        with self._lock:
+            host = self.warm[layer].lookup(expert)
+        warm_hit = host is not None
+        if host is None:
+            mats, nbytes = self._load(layer, expert)
+            host = ExpertWeights(mats, self.expert_dtype).pin()
+            with self._lock:
+                st.bytes_read += nbytes
+                self.warm[layer].insert(expert, host)
+        with self._lock:
+            st.bytes_copied += host.nbytes
+        if background and self._copy_stream is not None:
+            # copy on a side stream and wait for it here, so the compute stream never sees a half-copied expert
+            with torch.cuda.stream(self._copy_stream):
+                weights = host.to(self.device, non_blocking=True)
+            self._copy_stream.synchronize()
+            return weights, warm_hit
+        return host.to(self.device, non_blocking=True), warm_hit
+
+    def totals(self) -> LayerStats:
+        total = LayerStats()
+        for s in self.stats:
+            total.add(s)
+        return total
+
+    def reset_stats(self) -> None:
+        self.stats = [LayerStats() for _ in self.stats]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
