@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from localmoe import cachesim  # noqa: E402
 from localmoe.engine.torch_moe import TorchMoEEngine  # noqa: E402
@@ -42,6 +43,8 @@ def build(out: Path) -> Path:
 
 def decode(engine: TorchMoEEngine, n: int, replay: cachesim.Trace | None = None) -> dict:
     engine.load()
+    if engine.store is not None and engine.store.slots >= engine.args.n_experts:
+        engine.preload()  # fully resident: every expert in the fast tier before timing
     engine.replay(replay)
     engine.decode_logits(PROMPT, 4)  # warm-up: kernels, allocator, the first reads
     engine.reset_cache_stats()
@@ -55,13 +58,49 @@ def decode(engine: TorchMoEEngine, n: int, replay: cachesim.Trace | None = None)
     return {"tok_s": n / wall, "wall_s": wall, "stall_fraction": s["stall_s"] / wall, **s}
 
 
+def write_results(path: Path, command: str) -> None:
+    """Format a results file from a device run into this benchmark's RESULTS.md section."""
+    from common import write_section
+
+    r = json.loads(path.read_text())
+    rows = ["| run | tok/s | fast-tier hit rate | warm hits | disk reads | prefetch hits | stall fraction |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in r.items():
+        if not isinstance(v, dict) or "tok_s" not in v:
+            continue
+        rows.append(f"| {name} | {v['tok_s']:.1f} | {v['hit_rate']:.3f} | {v['warm_hits']} | {v['misses']} | "
+                    f"{v['prefetch_hits']} | {v['stall_fraction']:.2f} |")
+    write_section("gpu-tiers", f"""## Torch engine with the fast tier in VRAM ({r['device']})
+
+Command (on the device machine, see `benchmarks/gpu_check.sh`): `{command}`; {r['tokens']} greedy decode tokens
+after a 12-token prompt, DESIGN.md's mid-size model (Qwen3-MoE, hidden 1024, 8 layers, 32 experts, top-4, fp32,
+random init), the fully resident runs preloaded. "25% VRAM": 8 of 32 expert slots per layer in the fast tier;
+"warm RAM": the other experts in pinned host memory (a miss of the fast tier is a host-to-device copy); "disk":
+no warm tier, a miss reads the checkpoint (from the page cache here: the machine has 128 GiB). "locality trace":
+routing replayed from `cachesim.synthetic_trace(400, 8, 32, 4, seed=1)` instead of the random-init routers, whose
+greedy decode repeats itself and so hits unrealistically often.
+
+{chr(10).join(rows)}
+
+Reading: the warm tier keeps a quarter-resident model at 0.89× the resident speed on router traffic and at 50
+tok/s on the locality trace, against 7 tok/s when misses go to disk. Prefetch raises the hit rate (0.37 → 0.86
+on the trace) but costs speed on this GPU: each prediction synchronises with the device and the loader thread
+competes for the GIL; the engine is launch-bound at this model size (eager PyTorch, one token at a time).
+""")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp/mid"))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--write-from", type=Path, help="write RESULTS.md's section from a results file, then stop")
     args = ap.parse_args()
+    if args.write_from:
+        write_results(args.write_from, "python3 benchmarks/gpu_tiers.py --dir /tmp/mid --out gpu_tiers.json "
+                                       "--tokens 64")
+        return
     t0 = time.perf_counter()
     path = build(args.dir)
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -182,8 +182,9 @@ def _torch_gpus() -> list[GPU]:
 
 def detect_gpus() -> list[GPU]:
     gpus = _nvml_gpus()
-    if gpus is not None:
+    if gpus:
         return gpus
+    # NVML absent, failing, or (seen once on an H100 VM) initialised yet listing no device: ask torch
     return _torch_gpus()
 
 

@@ -482,12 +482,14 @@ def plan_checkpoint(
     expert_dtype: str = "float32",
     device: str = "cpu",
     warm_budget_bytes: int = 0,
+    fast_slots: int | None = None,
 ) -> CheckpointPlan:
     """Slots per layer for a checkpoint: (budget − dense − KV − reserve) ÷ (layers × bytes per expert),
     clamped to [top_k, n_experts]; refused when not even top_k slots per layer fit.
 
     Experts are held in `expert_dtype` (int8 adds a float32 scale per row). With a GPU `device` the budget is
-    its free memory and `warm_budget_bytes` of RAM (less the reserve) become the pinned warm tier."""
+    its free memory and `warm_budget_bytes` of RAM (less the reserve) become the pinned warm tier. `fast_slots`
+    fixes the fast tier's slots instead of deriving them from the budget."""
     if expert_dtype not in EXPERT_DTYPE_BYTES:
         raise LocalmoeError(f"unknown expert dtype {expert_dtype!r} (known: {', '.join(EXPERT_DTYPE_BYTES)})")
     try:
@@ -522,6 +524,8 @@ def plan_checkpoint(
 
     room = budget_bytes - RAM_RESERVE - dense - kv
     slots = room // (n_layers * bpe) if room > 0 else 0
+    if fast_slots is not None:  # the caller fixed the fast tier's size; the plan sizes the warm tier around it
+        slots = fast_slots
     warm = 0
     if device != "cpu" and warm_budget_bytes > RAM_RESERVE:
         warm = min(n_experts, (warm_budget_bytes - RAM_RESERVE) // (n_layers * bpe))

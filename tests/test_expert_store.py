@@ -106,6 +106,15 @@ def test_engine_replaying_a_trace_counts_what_the_simulator_counts(ckpt):
         engine.close()
 
 
+def test_preload_makes_a_resident_engine_read_nothing_later(ckpt):
+    engine = TorchMoEEngine(ckpt, prefetch=False)
+    engine.preload()
+    assert engine.cache_stats()["misses"] == 0
+    engine.decode_logits(PROMPT, 4)
+    s = engine.cache_stats()
+    assert s["misses"] == 0 and s["bytes_read"] == 0 and s["hits"] > 0
+
+
 def test_unknown_policy_and_dtype_are_clear_errors(ckpt):
     with pytest.raises(LocalmoeError, match="unknown expert cache policy 'mru'"):
         TorchMoEEngine(ckpt, cache_policy="mru").load()
@@ -168,11 +177,16 @@ def test_prefetch_from_the_routers_keeps_logits_and_counts_consistently(ckpt):
 def test_int8_quantisation_is_per_row_and_close():
     torch.manual_seed(0)
     w = torch.randn(16, 32)
-    e = ExpertWeights((w, w, w.T.contiguous()), "int8")
-    assert e.mats[0].dtype == torch.int8 and e.scales is not None and e.scales[0].shape == (16,)
+    e = ExpertWeights((w, 2 * w, w.T.contiguous()), "int8")
+    assert e.mats[0].dtype == torch.int8 and e.scales is not None and e.scales[0].shape == (32,)  # gate and up
     assert e.nbytes == 3 * 16 * 32 + (16 + 16 + 32) * 4
     x = torch.randn(3, 32)
-    assert torch.allclose(e._linear(x, 0), x @ w.T, atol=0.05 * float((x @ w.T).abs().max()))
+    want = torch.cat((x @ w.T, 2 * x @ w.T), dim=-1)
+    assert torch.allclose(e._linear(x, 0), want, atol=0.01 * float(want.abs().max()))
+    exact = ExpertWeights((w, 2 * w, w.T.contiguous()))
+    gate, up = x @ w.T, 2 * x @ w.T
+    torch.testing.assert_close(exact.ffn(x), (torch.nn.functional.silu(gate) * up) @ w, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(e.ffn(x), exact.ffn(x), atol=0.02 * float(exact.ffn(x).abs().max()))
 
 
 # Stated tolerance for 8-bit and bf16 experts: logits within 1% of the largest |logit| of the float32 model, and the

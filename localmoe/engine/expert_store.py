@@ -12,6 +12,7 @@ disk reads overlap compute. Only speed depends on slots, policy and prefetch: th
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,8 @@ from localmoe.plan import EXPERT_DTYPE_BYTES as EXPERT_DTYPES
 
 
 class ExpertWeights:
-    """One expert's (gate, up, down) matrices in the engine's expert dtype, and the FFN over them.
+    """One expert's matrices in the engine's expert dtype — gate and up stacked into one (one matmul instead of
+    two), then down — and the FFN over them.
 
     int8 is symmetric per output row (absmax / 127), computed with torch's int8 weight-only matmul on the CPU;
     bfloat16 is computed in bfloat16. Both convert the result back to the activations' float32."""
@@ -37,6 +39,8 @@ class ExpertWeights:
 
     def __init__(self, mats: tuple[Tensor, Tensor, Tensor], dtype: str = "float32") -> None:
         self.dtype = dtype
+        gate, up, down = mats
+        mats = (torch.cat((gate, up)), down)  # type: ignore[assignment]
         if dtype == "int8":
             qs = [_quantize_rows(m) for m in mats]
             self.mats = tuple(q for q, _ in qs)
@@ -72,11 +76,11 @@ class ExpertWeights:
         return F.linear(x, w)
 
     def ffn(self, x: Tensor) -> Tensor:
-        if self.dtype == "bfloat16":  # stay in bfloat16 between the three matmuls
-            xb = x.to(torch.bfloat16)
-            g, u, d = self.mats
-            return F.linear(F.silu(F.linear(xb, g)) * F.linear(xb, u), d).to(x.dtype)
-        return self._linear(F.silu(self._linear(x, 0)) * self._linear(x, 1), 2)
+        if self.dtype == "bfloat16":  # stay in bfloat16 between the matmuls
+            gate, up = F.linear(x.to(torch.bfloat16), self.mats[0]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, self.mats[1]).to(x.dtype)
+        gate, up = self._linear(x, 0).chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, 1)
 
 
 def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,6 +169,8 @@ class LFRUCache(LayerCache):
         return (math.log2(crf) + self.decay * self.last[expert] if crf else -math.inf, self.last[expert], expert)
 
 
+PREFETCH_SWITCH_INTERVAL_S = 0.0005
+
 POLICIES: dict[str, type[LayerCache]] = {"lru": LRUCache, "lfu": LFUCache, "lfru": LFRUCache, "fifo": LayerCache}
 
 
@@ -233,6 +239,10 @@ class ExpertStore:
         self._in_use: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
         self._predicted: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="localmoe-prefetch") if prefetch else None
+        if prefetch and sys.getswitchinterval() > PREFETCH_SWITCH_INTERVAL_S:
+            # The loader thread holds the GIL between its reads; at CPython's default 5 ms the compute thread
+            # could wait that long for it at every layer, more than a prefetch saves.
+            sys.setswitchinterval(PREFETCH_SWITCH_INTERVAL_S)
         self._copy_stream = torch.cuda.Stream(self.device) if on_gpu and self.device.type == "cuda" else None
 
     @property
@@ -356,6 +366,9 @@ class ExpertStore:
             with torch.cuda.stream(self._copy_stream):
                 weights = host.to(self.device, non_blocking=True)
             self._copy_stream.synchronize()
+            compute = torch.cuda.default_stream(self.device)
+            for t in (*weights.mats, *(weights.scales or ())):
+                t.record_stream(compute)  # freed blocks wait for the compute stream before they are reused
             return weights, warm_hit
         return host.to(self.device, non_blocking=True), warm_hit
 

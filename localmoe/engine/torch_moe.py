@@ -250,7 +250,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
@@ -271,8 +271,12 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, w: dict[str, Tensor]) -> None:
         super().__init__()
         self.args = args
-        self.wq, self.wk, self.wv, self.wo = w["q_proj"], w["k_proj"], w["v_proj"], w["o_proj"]
-        self.bq, self.bk, self.bv = w.get("q_bias"), w.get("k_bias"), w.get("v_bias")
+        # q, k and v in one matmul (as gpt-fast does): fewer, larger calls per decode step
+        self.wqkv = torch.cat((w["q_proj"], w["k_proj"], w["v_proj"]))
+        self.bqkv = torch.cat((w["q_bias"], w["k_bias"], w["v_bias"])) if "q_bias" in w else None
+        self.wo = w["o_proj"]
+        q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.split = (q_out, kv_out, kv_out)
         self.per_head_norm = ARCHS[args.arch].qk_norm == "head"
         self.q_norm = RMSNorm(w["q_norm"], args.norm_eps) if "q_norm" in w else None
         self.k_norm = RMSNorm(w["k_norm"], args.norm_eps) if "k_norm" in w else None
@@ -281,7 +285,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
-        q, k, v = F.linear(x, self.wq, self.bq), F.linear(x, self.wk, self.bk), F.linear(x, self.wv, self.bv)
+        q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)
         if self.q_norm is not None and self.k_norm is not None and not self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if a.clip_qkv is not None:
@@ -294,9 +298,12 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)
-        group = a.n_heads // a.n_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.head_dim))
+        # Only the filled part of the cache (the mask's width): attending over all max_seq_length slots would read
+        # the whole cache every decode step. GQA natively: no repeated copies of K and V.
+        end = mask.shape[-1]
+        k, v = k[:, :, :end], v[:, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.head_dim),
+                                           enable_gqa=a.n_heads != a.n_kv_heads)
         return F.linear(y.transpose(1, 2).reshape(bsz, seqlen, a.n_heads * a.head_dim), self.wo)
 
 
@@ -344,17 +351,23 @@ class MoE(nn.Module):
         self.last_topk = idx
         out = torch.zeros_like(x)
         # Ascending expert order: deterministic, and the cache sees the same request sequence every run.
-        experts = [e for e in idx.unique().tolist() if e >= 0]
+        experts = sorted({e for e in idx.flatten().tolist() if e >= 0})
         store = self.store
         store.begin_step(self.layer, experts)
         stats = store.stats[self.layer]
         stats.tokens += x.shape[0]
-        stats.experts_used += int((idx >= 0).sum())
         try:
-            for expert in experts:
-                tokens, slot = torch.where(idx == expert)
-                ye = store.get(self.layer, expert).ffn(x[tokens])
-                out.index_add_(0, tokens, ye * weights[tokens, slot, None])
+            if x.shape[0] == 1:  # decode: no gather/scatter for one token (same sums, same order)
+                ids = idx[0].tolist()
+                stats.experts_used += len(experts)
+                for expert in experts:
+                    out += store.get(self.layer, expert).ffn(x) * weights[0, ids.index(expert)]
+            else:
+                stats.experts_used += int((idx >= 0).sum())
+                for expert in experts:
+                    tokens, slot = torch.where(idx == expert)
+                    ye = store.get(self.layer, expert).ffn(x[tokens])
+                    out.index_add_(0, tokens, ye * weights[tokens, slot, None])
         finally:
             store.end_step(self.layer)
         if self.shared is not None and self.shared_expert_gate is not None:
@@ -449,9 +462,10 @@ class Transformer(nn.Module):
     def moes(self) -> list[MoE]:
         return [block.moe for block in self.layers]
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        """Logits for tokens `idx` (1, n) placed at positions `input_pos`; earlier positions come from the KV cache."""
-        mask = self.causal_mask[None, None, input_pos]
+    def forward(self, idx: Tensor, input_pos: Tensor, end: int | None = None) -> Tensor:
+        """Logits for tokens `idx` (1, n) placed at positions `input_pos`; earlier positions come from the KV cache.
+        `end` (one past the last position) bounds the attention; default: the whole cache."""
+        mask = self.causal_mask[None, None, input_pos, : end or self.args.max_seq_length]
         cos, sin = self.cos[input_pos], self.sin[input_pos]
         x = F.embedding(idx, self.tok_embeddings)
         for layer in self.layers:
@@ -501,6 +515,7 @@ def plan_for(
     device: str = "cpu",
     expert_dtype: str = "float32",
     warm_memory: int | None = None,
+    fast_slots: int | None = None,
 ) -> CheckpointPlan:
     """The checkpoint plan on `fast_memory` bytes, or on what is detected: free VRAM for a GPU fast tier (with the
     free RAM as its pinned warm tier), free RAM (cgroup caps included) for a CPU one."""
@@ -518,7 +533,7 @@ def plan_for(
         source = "detected"
     return plan_checkpoint(config, tensors, budget, ctx=ctx, model=str(model_dir), budget_source=source,
                            expert_dtype=expert_dtype, device=torch.device(device).type,
-                           warm_budget_bytes=warm_memory or 0)
+                           warm_budget_bytes=warm_memory or 0, fast_slots=fast_slots)
 
 
 def resolve_device(device: str | None) -> str:
@@ -603,7 +618,8 @@ class TorchMoEEngine:
             slots, warm = self.expert_slots, 0
             if slots is None or device != "cpu":
                 self.plan = plan_for(self.model_dir, config, ckpt.tensors, self.fast_memory, args.max_seq_length,
-                                     device=device, expert_dtype=self.expert_dtype, warm_memory=self.warm_memory)
+                                     device=device, expert_dtype=self.expert_dtype, warm_memory=self.warm_memory,
+                                     fast_slots=slots)
                 if slots is None:
                     self.plan.raise_if_refused()
                     slots = self.plan.slots_per_layer
@@ -612,7 +628,7 @@ class TorchMoEEngine:
             store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
                                 policy=self.cache_policy, expert_dtype=self.expert_dtype, device=device,
                                 warm_slots=warm, prefetch=prefetch)
-            with torch.no_grad():
+            with torch.inference_mode():
                 model = Transformer(args, ckpt, store).eval()
             ckpt.drop_page_cache()
         except BaseException:
@@ -660,6 +676,16 @@ class TorchMoEEngine:
             "layers": [s.to_dict() for s in store.stats] if store else [],
         }
 
+    def preload(self) -> None:
+        """Read experts into the fast tier now (the first `slots` of every layer; all of them when everything
+        fits), so a fully resident benchmark or a latency-sensitive session pays no reads later. Counters reset."""
+        model = self._model()
+        assert self.store is not None
+        for moe in model.moes:
+            for expert in range(min(self.store.slots, model.args.n_experts)):
+                self.store.get(moe.layer, expert)
+        self.reset_cache_stats()
+
     def reset_cache_stats(self) -> None:
         if self.store is not None:
             self.store.reset_stats()
@@ -698,8 +724,8 @@ class TorchMoEEngine:
             raise LocalmoeError(f"token id {bad[0]} is outside the vocabulary (0..{model.args.vocab_size - 1})")
         self.forward_calls += 1
         dev = self.device
-        with torch.no_grad():
-            out = model(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev))[0]
+        with torch.inference_mode():
+            out = model(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)[0]
         if self.telemetry:
             per_layer = [[[e for e in row if e >= 0] for row in moe.last_topk.tolist()] for moe in model.moes
                          if moe.last_topk is not None]
