@@ -26,6 +26,35 @@ def bench_moe() -> Path:
     return out
 
 
+def bench_hf() -> Path:
+    """The same model as a Hugging Face checkpoint (benchmarks/.cache/hf/), for the native engine and transformers,
+    with SmolLM2's tokenizer files added if the folder predates build_hf_moe writing them."""
+    bench_moe()
+    hf = CACHE / "hf"
+    if not (hf / "tokenizer.json").exists():
+        synthetic_moe = _synthetic_moe()
+        synthetic_moe.write_hf_tokenizer(hf, synthetic_moe._embedded_gguf())
+    return hf
+
+
+def bench_moe_q8() -> Path:
+    """The benchmark model as a Q8_0 GGUF (matrices Q8_0, norms and routers f32), built once from bench_hf()."""
+    out = CACHE / "moe-1024x8x32-q8_0.gguf"
+    if not out.exists():
+        hf = bench_hf()
+        tmp = out.with_name(out.name + ".tmp")
+        _synthetic_moe().hf_to_gguf(hf, tmp, quant="q8_0")
+        tmp.replace(out)
+    return out
+
+
+def _synthetic_moe():  # tests/synthetic_moe.py, which needs the test extras
+    sys.path.insert(0, str(ROOT / "tests"))
+    import synthetic_moe
+
+    return synthetic_moe
+
+
 def write_section(name: str, body: str) -> None:
     mark = f"<!-- {name} -->"
     section = f"{mark}\n{body.strip()}\n{mark}"

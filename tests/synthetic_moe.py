@@ -197,12 +197,17 @@ def _hf_tokenizer_files(gguf_path: Path) -> tuple[str, str]:
     return tok.to_str(), json.dumps({k: v for k, v in config.items() if v is not None}, indent=2)
 
 
-def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = None) -> Path:
-    """Write a checkpoint saved by `build_hf_moe` as an f32 GGUF that llama.cpp loads.
+def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = None, quant: str = "f32") -> Path:
+    """Write a checkpoint saved by `build_hf_moe` as a GGUF (f32 unless `quant` says otherwise) that llama.cpp loads.
 
     The tokenizer (and chat template) comes from `tokenizer_gguf`, by default the embedded SmolLM2.
     Tensors are streamed one at a time, so a model of several GB converts without holding it in memory.
+    quant="q8_0" stores the matrices (embeddings, attention, experts, output) as Q8_0, as `llama-quantize` does;
+    norms and the routers (`ffn_gate_inp`, which llama-quantize also leaves alone) stay f32.
     """
+    if quant not in _QUANTS:
+        raise ValueError(f"unknown quant {quant!r} (known: {', '.join(_QUANTS)})")
+    qtype = _QUANTS[quant]
     from safetensors import safe_open
 
     hf_dir, out_path = Path(hf_dir), Path(out_path)
@@ -237,7 +242,7 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = No
 
         w = gguf.GGUFWriter(str(out_path), spec.gguf_arch)
         w.add_name(f"synthetic-{model_type}")
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype is None else gguf.LlamaFileType.MOSTLY_Q8_0)
         w.add_block_count(n_layers)
         w.add_context_length(config["max_position_embeddings"])
         w.add_embedding_length(config["hidden_size"])
@@ -258,16 +263,29 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = No
 
         # Shapes come from the safetensors headers, so the header is written before any weight is read.
         for name, shape, _ in plan:
-            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+            if qtype is not None and _quantized(name, shape):
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+            else:
+                w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for name, shape, read in plan:
             tensor = np.ascontiguousarray(read(), dtype=np.float32)
             assert tensor.shape == tuple(shape), (name, tensor.shape, shape)
+            if qtype is not None and _quantized(name, shape):
+                tensor = gguf.quants.quantize(tensor, qtype)
             w.write_tensor_data(tensor)
         w.close()
     return out_path
+
+
+_QUANTS: dict[str, gguf.GGMLQuantizationType | None] = {"f32": None, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+
+
+def _quantized(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2 and "ffn_gate_inp" not in name
 
 
 class _Checkpoint:
@@ -380,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--context-length", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quant", default="f32", choices=sorted(_QUANTS))
     args = ap.parse_args(argv)
 
     hf = build_hf_moe(
@@ -387,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k, expert_ff=args.expert_ff, heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim, context_length=args.context_length, seed=args.seed,
     )
-    out = hf_to_gguf(hf, args.out_dir / "model.gguf")
+    out = hf_to_gguf(hf, args.out_dir / "model.gguf", quant=args.quant)
     print(f"wrote {hf}/ and {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -102,6 +102,11 @@ def test_pread_equals_get_tensor_bit_for_bit(ckpt_dir):
                 want = f.get_tensor(key).to(torch.float32)
                 got = ckpt.read(key, tuple(want.shape))
                 assert got.dtype == want.dtype and torch.equal(got.view(torch.int32), want.view(torch.int32))
+                # into a slice of a preallocated tensor (how the engine stacks gate and up): same bits, same memory
+                big = torch.full((2 * want.shape[0], *want.shape[1:]), float("nan"))
+                into = ckpt.read(key, tuple(want.shape), big[want.shape[0]:])
+                assert into.data_ptr() == big[want.shape[0]:].data_ptr()
+                assert torch.equal(big[want.shape[0]:].view(torch.int32), want.view(torch.int32))
         with pytest.raises(LocalmoeError, match="expected"):
             ckpt.read(experts[0], (1, 2))
     finally:

@@ -48,7 +48,7 @@ def peaked(tmp_path_factory, ckpt):
 def _store(policy: str, slots: int, trace_steps: list[list[int]], prefetch: bool = False) -> ExpertStore:
     """A one-layer store over fake experts, fed `trace_steps` as forward calls."""
     def load(layer, expert):
-        return (torch.full((2, 2), float(expert)),) * 3, 48
+        return (torch.full((4, 2), float(expert)), torch.full((2, 2), float(expert))), 48
 
     store = ExpertStore(load, 1, 8, slots, policy=policy, prefetch=prefetch)
     for step in trace_steps:
@@ -177,13 +177,13 @@ def test_prefetch_from_the_routers_keeps_logits_and_counts_consistently(ckpt):
 def test_int8_quantisation_is_per_row_and_close():
     torch.manual_seed(0)
     w = torch.randn(16, 32)
-    e = ExpertWeights((w, 2 * w, w.T.contiguous()), "int8")
+    e = ExpertWeights((torch.cat((w, 2 * w)), w.T.contiguous()), "int8")
     assert e.mats[0].dtype == torch.int8 and e.scales is not None and e.scales[0].shape == (32,)  # gate and up
     assert e.nbytes == 3 * 16 * 32 + (16 + 16 + 32) * 4
     x = torch.randn(3, 32)
     want = torch.cat((x @ w.T, 2 * x @ w.T), dim=-1)
     assert torch.allclose(e._linear(x, 0), want, atol=0.01 * float(want.abs().max()))
-    exact = ExpertWeights((w, 2 * w, w.T.contiguous()))
+    exact = ExpertWeights((torch.cat((w, 2 * w)), w.T.contiguous()))
     gate, up = x @ w.T, 2 * x @ w.T
     torch.testing.assert_close(exact.ffn(x), (torch.nn.functional.silu(gate) * up) @ w, rtol=1e-5, atol=1e-5)
     assert torch.allclose(e.ffn(x), exact.ffn(x), atol=0.02 * float(exact.ffn(x).abs().max()))

@@ -37,10 +37,9 @@ class ExpertWeights:
 
     __slots__ = ("dtype", "mats", "scales", "nbytes")
 
-    def __init__(self, mats: tuple[Tensor, Tensor, Tensor], dtype: str = "float32") -> None:
+    def __init__(self, mats: tuple[Tensor, Tensor], dtype: str = "float32") -> None:
+        """`mats`: (gate and up stacked on the output rows, down), float32."""
         self.dtype = dtype
-        gate, up, down = mats
-        mats = (torch.cat((gate, up)), down)  # type: ignore[assignment]
         if dtype == "int8":
             qs = [_quantize_rows(m) for m in mats]
             self.mats = tuple(q for q, _ in qs)
@@ -200,7 +199,8 @@ class LayerStats:
         return d
 
 
-Loader = Callable[[int, int], tuple[tuple[Tensor, Tensor, Tensor], int]]  # (layer, expert) -> (mats, disk bytes)
+# (layer, expert) -> ((gate and up stacked, down) float32, bytes read from disk)
+Loader = Callable[[int, int], tuple[tuple[Tensor, Tensor], int]]
 
 
 class ExpertStore:

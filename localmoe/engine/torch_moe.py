@@ -165,13 +165,18 @@ class Checkpoint:
         found = tuple(handle.get_slice(key).get_shape())
         if found != shape:  # checked from the header, before the bytes are read
             raise LocalmoeError(f"tensor {key} has shape {list(found)}, expected {list(shape)} from config.json")
-        t = handle.get_tensor(key).to(device=self.device, dtype=torch.float32)
+        # copy=True: a float32 tensor would otherwise stay a view of the file's mmap, pages the kernel may evict
+        # and read again under memory pressure (and that drop_page_cache would throw away)
+        t = handle.get_tensor(key).to(device=self.device, dtype=torch.float32, copy=True)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
-    def read(self, key: str, shape: tuple[int, ...]) -> Tensor:
+    def read(self, key: str, shape: tuple[int, ...], out: Tensor | None = None) -> Tensor:
         """The cold tier: one tensor with os.pread at its header offset, then dropped from the page cache
-        (POSIX_FADV_DONTNEED) so it does not sit in RAM twice. Same bytes as `get`, so bit-identical."""
+        (POSIX_FADV_DONTNEED) so it does not sit in RAM twice. Same bytes as `get`, so bit-identical.
+
+        `out` (float32, contiguous, `shape`): read into it — straight into its memory when the file holds float32 —
+        so a miss allocates nothing beyond the expert's own tensors."""
         info = self.tensors.get(key)
         if info is None:
             raise LocalmoeError(f"tensor {key} is missing from the checkpoint in {self.dir}")
@@ -179,19 +184,23 @@ class Checkpoint:
             raise LocalmoeError(f"tensor {key} has shape {list(info.shape)}, expected {list(shape)} from config.json")
         dtype = _ST_DTYPES.get(info.dtype)
         if dtype is None or sys.byteorder != "little":
-            return self.get(key, shape)  # a dtype torch.frombuffer cannot take: safetensors decodes it
-        fd = self._fds[info.file]
-        buf = bytearray(info.nbytes)
-        view, done = memoryview(buf), 0
+            t = self.get(key, shape)  # a dtype torch.frombuffer cannot take: safetensors decodes it
+            return out.copy_(t) if out is not None else t
+        direct = out is not None and dtype == torch.float32 and out.is_contiguous() and info.nbytes == out.nbytes
+        buf = memoryview(out.numpy()).cast("B") if direct else memoryview(bytearray(info.nbytes))  # type: ignore
+        fd, done = self._fds[info.file], 0
         while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+            n = os.preadv(fd, [buf[done:]], info.offset + done)
             if n <= 0:
                 raise LocalmoeError(f"checkpoint shard {self.dir / info.file} is truncated at tensor {key}")
             done += n
         if _FADVISE:
             os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        if direct:
+            return out  # type: ignore[return-value]
         t = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
-        return t.reshape(shape).to(torch.float32)
+        t = t.reshape(shape).to(torch.float32)
+        return out.copy_(t) if out is not None else t
 
     def drop_page_cache(self) -> None:
         """Forget the shards' pages (the dense weights now live in tensors): the page cache would otherwise keep a
@@ -212,17 +221,21 @@ _FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
 
 def expert_loader(ckpt: Checkpoint, args: ModelArgs) -> Loader:
-    """(layer, expert) -> its (gate, up, down) float32 matrices read from disk, and the bytes read."""
+    """(layer, expert) -> its (gate and up stacked, down) float32 matrices read from disk, and the bytes read."""
     spec = ARCHS[args.arch]
     prefix = [f"model.layers.{i}.{spec.moe_block}.experts." for i in range(args.n_layers)]
     gate, up, down = spec.expert_proj
     shapes = ((gate, (args.expert_ff, args.dim)), (up, (args.expert_ff, args.dim)), (down, (args.dim, args.expert_ff)))
 
-    def load(layer: int, expert: int) -> tuple[tuple[Tensor, Tensor, Tensor], int]:
+    def load(layer: int, expert: int) -> tuple[tuple[Tensor, Tensor], int]:
         p = f"{prefix[layer]}{expert}."
-        mats = tuple(ckpt.read(f"{p}{name}.weight", shape) for name, shape in shapes)
+        gate_up = torch.empty(2 * args.expert_ff, args.dim)  # gate and up stacked: one matmul for both
+        down = torch.empty(args.dim, args.expert_ff)
+        ckpt.read(f"{p}{shapes[0][0]}.weight", shapes[0][1], gate_up[: args.expert_ff])
+        ckpt.read(f"{p}{shapes[1][0]}.weight", shapes[1][1], gate_up[args.expert_ff :])
+        ckpt.read(f"{p}{shapes[2][0]}.weight", shapes[2][1], down)
         nbytes = sum(ckpt.tensors[f"{p}{name}.weight"].nbytes for name, _ in shapes)
-        return mats, nbytes  # type: ignore[return-value]
+        return (gate_up, down), nbytes
 
     return load
 
@@ -555,7 +568,7 @@ class TorchMoEEngine:
 
     Options: `expert_slots` (fast-tier experts per layer; default from the plan's memory budget), `fast_memory` /
     `warm_memory` (budget overrides in bytes), `cache_policy` (lru, lfu, lfru, fifo), `prefetch` (pre-gating in
-    a background thread; default on when not every expert fits), `expert_dtype` (float32, bfloat16, int8),
+    a background thread; off by default), `expert_dtype` (float32, bfloat16, int8),
     `device` (cpu, cuda, mps; default CUDA when present), `expert_top_p` (adaptive expert count), `telemetry`
     (record the experts of every token in `routing`)."""
 
@@ -624,7 +637,8 @@ class TorchMoEEngine:
                     self.plan.raise_if_refused()
                     slots = self.plan.slots_per_layer
                 warm = self.plan.warm_slots_per_layer
-            prefetch = self.prefetch if self.prefetch is not None else slots < args.n_experts
+            # Off unless asked: measured here it costs more than it saves (benchmarks/RESULTS.md, moe-engine)
+            prefetch = bool(self.prefetch)
             store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
                                 policy=self.cache_policy, expert_dtype=self.expert_dtype, device=device,
                                 warm_slots=warm, prefetch=prefetch)
