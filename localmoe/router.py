@@ -4,8 +4,12 @@ a threshold from the user's preference, and one human sentence saying why.
 Strategies:
 - `features`: cheap signals of the text (length, numbers and operators, multi-step wording, dates, units, code,
   constraints, letter counting, non-Latin script) through a logistic model.
-- `learned`: a logistic model over a sentence embedding (the mean of the small GGUF model's own token-embedding
-  rows: no second model, no download, ~1 ms) plus the same signals, trained on labelled outcomes.
+- `learned`: a sentence embedding of the question (the mean of the small GGUF model's own token-embedding rows: no
+  second model, no download, ~1 ms) ranked by its labelled neighbours (similarity-weighted share of the k nearest
+  training questions the small model got wrong), stacked with the `features` estimate: a two-input logistic model
+  over the log-odds of both, trained on labelled outcomes. The neighbours catch what the signals cannot (a single
+  multiplication is easy, a single division is not; a capital city is easy, a multiple-choice question is not);
+  the features estimate ranks questions with no close neighbour.
 - `cascade`: the small model answers first; if its confidence (token log-probabilities) is low, the large tier
   answers again. Before answering it can only say "small first".
 
@@ -32,6 +36,7 @@ from localmoe.errors import LocalmoeError, UsageError
 from localmoe.router_eval import LogisticModel
 
 ROUTER_FILE = "router.json"
+ROUTER_VERSION = 2  # 2: the learned strategy stacks the features estimate with the neighbours' share
 MAX_ROUTE_TOKENS = 512  # the embedder reads the start of very long prompts only
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?")
@@ -144,21 +149,36 @@ class TokenEmbedder:
         return vec / norm if norm > 0 else vec
 
 
-NEIGHBOUR_SHARPNESS = 20.0  # softmax temperature over cosine similarities of the nearest labelled questions
+NEIGHBOUR_SHARPNESS = 10.0  # softmax temperature over cosine similarities of the nearest labelled questions
 
 
 def neighbour_scores(queries: np.ndarray, refs: np.ndarray, labels: np.ndarray, k: int,
-                     exclude: np.ndarray | None = None, ref_idx: np.ndarray | None = None) -> np.ndarray:
+                     exclude: np.ndarray | None = None, ref_idx: np.ndarray | None = None,
+                     sharpness: float = NEIGHBOUR_SHARPNESS) -> np.ndarray:
     """For each query vector: the similarity-weighted share of its k nearest labelled questions that the small
-    model got wrong. `exclude`/`ref_idx` leave a row out of its own neighbours (scores for training rows)."""
+    model got wrong (weights exp(sharpness · cosine)). `exclude`/`ref_idx` leave a row out of its own neighbours
+    (leave-one-out scores for training rows)."""
     sims = queries @ refs.T
     if exclude is not None and ref_idx is not None:
         sims[exclude[:, None] == ref_idx[None, :]] = -np.inf
     k = min(k, refs.shape[0])
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     s = np.take_along_axis(sims, top, axis=1)
-    w = np.exp(NEIGHBOUR_SHARPNESS * (s - s.max(axis=1, keepdims=True)))
+    w = np.exp(sharpness * (s - s.max(axis=1, keepdims=True)))
     return (w * labels[top]).sum(axis=1) / w.sum(axis=1)
+
+
+LOGIT_CLIP = 1e-4  # a share of 0 or 1 (all k neighbours agree) becomes log-odds of ±9.2, not ±inf
+
+
+def log_odds(p: np.ndarray | float) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(q / (1 - q))
+
+
+def stack_inputs(p_features: np.ndarray | float, similar: np.ndarray | float) -> np.ndarray:
+    """The learned strategy's inputs: the log-odds of the features estimate and of the neighbours' share."""
+    return np.stack([log_odds(p_features), log_odds(similar)], axis=-1)
 
 
 def centred(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -183,8 +203,8 @@ def decode_matrix(d: dict[str, Any]) -> np.ndarray:
 def _load_trained(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") != 1 or data.get("feature_names") != FEATURE_NAMES:
-            raise ValueError("unknown version or feature set")
+        if data.get("version") != ROUTER_VERSION or data.get("feature_names") != FEATURE_NAMES:
+            raise ValueError("unknown version or feature set; `localmoe router train` rewrites it")
         for key in ("features", "learned", "cascade"):
             data[key] = LogisticModel.from_dict(data[key])
         nb = data["neighbours"]
@@ -193,6 +213,10 @@ def _load_trained(path: Path) -> dict[str, Any]:
         nb["centre"] = np.array(nb["centre"], dtype=np.float64)
         if nb["matrix"].shape[0] != len(nb["y"]) or not np.isfinite(nb["matrix"]).all():
             raise ValueError("neighbour table does not match its labels")
+        if nb["centre"].shape != (nb["matrix"].shape[1],) or int(nb["k"]) < 1 or not float(nb["sharpness"]) > 0:
+            raise ValueError("neighbour settings are out of range")
+        if data["learned"].weights.size != 2 or data["features"].weights.size != len(FEATURE_NAMES):
+            raise ValueError("model sizes do not match the strategies")
         return data
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LocalmoeError(f"router file {path} is unreadable ({exc})") from None
@@ -249,16 +273,21 @@ class Router:
             w = np.array([_HAND_WEIGHTS[k] for k in FEATURE_NAMES])
             z = float(w @ fv + _HAND_BIAS)
             return 1 / (1 + math.exp(-z)), dict(zip(FEATURE_NAMES, w * fv, strict=True))
-        if strategy == "learned":
-            model: LogisticModel = self.trained["learned"]
-            nb = self.trained["neighbours"]
-            query = centred(self.embedder.embed(prompt)[None, :], nb["centre"])
-            similar = neighbour_scores(query, nb["matrix"], nb["y"], nb["k"])[0]
-            x = np.concatenate([fv, [similar]])
-            pulls = dict(zip([*FEATURE_NAMES, "similar"], _contributions(model, x), strict=True))
-            return float(model.predict(x)), pulls
-        model = self.trained["features"]
-        return float(model.predict(fv)), dict(zip(FEATURE_NAMES, _contributions(model, fv), strict=True))
+        fmodel: LogisticModel = self.trained["features"]
+        p_features = float(fmodel.predict(fv))
+        fpulls = dict(zip(FEATURE_NAMES, _contributions(fmodel, fv), strict=True))
+        if strategy != "learned":
+            return p_features, fpulls
+        model: LogisticModel = self.trained["learned"]
+        nb = self.trained["neighbours"]
+        query = centred(self.embedder.embed(prompt)[None, :], nb["centre"])
+        similar = neighbour_scores(query, nb["matrix"], nb["y"], nb["k"], sharpness=nb["sharpness"])[0]
+        x = stack_inputs(p_features, similar)
+        # The features estimate enters as one input: each signal keeps its share of it, scaled by that input's weight.
+        scale = float(model.weights[0] / model.std[0])
+        pulls = {name: scale * pull for name, pull in fpulls.items()}
+        pulls["similar"] = float(_contributions(model, x)[1])
+        return float(model.predict(x)), pulls
 
     def route(self, prompt: str) -> Decision:
         if not prompt.strip():
@@ -304,6 +333,14 @@ def _contributions(model: LogisticModel, x: np.ndarray) -> np.ndarray:
     return np.asarray(model.weights) * (x - np.asarray(model.mean)) / np.asarray(model.std)
 
 
+def _signal_text(name: str, tier: str, raw: dict[str, float]) -> str:
+    if name == "log_chars":
+        return "a long question" if tier == "large" else "a short question"
+    if name == "similar":
+        return "similar questions it got wrong" if tier == "large" else "similar questions it got right"
+    return _SIGNAL_TEXT[name].format(n=int(raw.get(name, 0)))
+
+
 def _reason(tier: str, p: float, threshold: float, pulls: dict[str, float], raw: dict[str, float]) -> str:
     toward = sorted(pulls.items(), key=lambda kv: -kv[1] if tier == "large" else kv[1])
     named = []
@@ -312,7 +349,9 @@ def _reason(tier: str, p: float, threshold: float, pulls: dict[str, float], raw:
             break
         if name == "fact_question" and tier == "large":
             continue
-        named.append(_SIGNAL_TEXT[name].format(n=int(raw.get(name, 0))))
+        if name not in ("log_chars", "similar") and not raw.get(name):
+            continue  # a signal the question lacks (no code, no dates) is no reason a reader would recognise
+        named.append(_signal_text(name, tier, raw))
     why = " and ".join(named) if named else ("no sign of multi-step work" if tier == "small" else "its overall shape")
     verb = "large model" if tier == "large" else "small model"
     cmp = "≥" if tier == "large" else "<"

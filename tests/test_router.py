@@ -108,23 +108,49 @@ def test_ask_routes_hard_to_the_moe_and_easy_to_the_small_model(home, tiny_moe):
     assert [r["tier"] for r in rows] == ["large", "small", "large"] and all(r["reason"] for r in rows)
 
 
-def test_training_on_real_labels_is_reproducible_and_well_above_chance(smollm):
-    """Labels from real runs of the embedded model (assets/router/labels.jsonl), five stratified splits.
+def test_learned_router_beats_features_on_held_out_real_labels(smollm):
+    """Labels from real runs of the embedded model (assets/router/labels.jsonl), five stratified 75/25 splits.
 
-    On these labels the learned router does NOT beat the features one (mean held-out AUC ~0.90 vs ~0.91): the
-    small model's failures follow the kind of question, which the features already name. The test pins what is
-    true: both are far above chance, the cascade's confidence is informative, and the shipped file is exactly
-    what training on the shipped labels produces, with the best strategy as the default."""
+    The learned strategy (the question's labelled neighbours in token-embedding space, stacked with the features
+    estimate; hyperparameters by cross-validation inside each training split) ranks small-tier failures better than
+    the features alone: on the mean over the five splits and on the shipped split (the first). The shipped file is
+    exactly what training on the shipped labels produces, with `learned` as the default."""
     rows = router_train.shipped_labels()
     assert len(rows) >= 500 and 0 < np.mean([r["small_wrong"] for r in rows]) < 1
-    trained = router_train.train(rows, TokenEmbedder(smollm.path))
-    auc = trained["evaluation"]["auc"]
-    assert auc["features"] > 0.85 and auc["learned"] > 0.85 and auc["cascade"] > 0.6
-    assert trained["default_strategy"] == max(auc, key=auc.get)
+    embedder = TokenEmbedder(smollm.path)
+    trained = router_train.train(rows, embedder)
+    ev = trained["evaluation"]
+    auc, split_auc = ev["auc"], ev["split_auc"]
+    assert ev["splits"] == 5 and all(len(v) == 5 for v in split_auc.values())
+    assert auc["features"] > 0.85 and auc["cascade"] > 0.6
+    assert auc["learned"] > auc["features"]
+    assert split_auc["learned"][0] > split_auc["features"][0]  # the split the shipped router is fitted on
+    assert trained["default_strategy"] == "learned" == max(auc, key=auc.get)
     shipped = json.loads(open(router_train_path()).read())
     for name in auc:
         assert shipped["evaluation"]["auc"][name] == pytest.approx(auc[name], abs=1e-9)
-    assert shipped["default_strategy"] == trained["default_strategy"]
+    assert shipped["default_strategy"] == "learned"
+    assert Router().strategy == "learned"
+
+
+def test_learned_router_wins_on_fresh_splits(smollm):
+    """Five splits move AUC by ±0.03 each, so the learned router's edge is also checked on 50 other splits (seeds
+    100-149, never used to design or tune it): it must win on the mean and on most splits."""
+    trained = router_train.train(router_train.shipped_labels(), TokenEmbedder(smollm.path),
+                                 seeds=tuple(range(100, 150)))
+    split_auc = trained["evaluation"]["split_auc"]
+    learned, feats = np.array(split_auc["learned"]), np.array(split_auc["features"])
+    assert learned.mean() > feats.mean() + 0.004
+    assert np.mean(learned > feats) >= 0.65
+
+
+def test_router_file_from_an_older_version_falls_back(tmp_path):
+    old = json.loads(open(router_train_path()).read())
+    old["version"] = 1
+    (tmp_path / "router.json").write_text(json.dumps(old))
+    r = Router(router_file=tmp_path / "router.json")
+    assert r.strategy == "features" and "router train" in r.notices[0]
+    assert r.route(HARD).strategy == "features"
 
 
 def router_train_path():
