@@ -470,6 +470,16 @@ class CheckpointPlan:
         if not self.fits:
             raise LocalmoeError(str(self.refusal))
 
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should know: experts that do not fit the fast tier are fetched per token."""
+        if not self.fits or self.slots_per_layer >= self.n_experts:
+            return []
+        source = "pinned RAM or disk" if self.warm_slots_per_layer else "disk"
+        return [f"{self.slots_per_layer} of {self.n_experts} experts per layer fit in fast memory; the others are "
+                f"read from {source} when the router picks them (expect {human_bytes(self.bytes_per_token)} read "
+                f"per token at uniform routing)"]
+
 
 def plan_checkpoint(
     config: dict[str, Any],

@@ -79,6 +79,8 @@ def test_gpu_plan_has_a_pinned_warm_tier(ckpt_dir):
     assert p.copied_per_token == int((1 - 2 / 8) * 2 * BPE * 2)  # host to device: past the fast tier
     text = describe_checkpoint(p)
     assert "warm     6 experts per layer in pinned CPU RAM" in text and "copied to cuda" in text
+    assert "2 of 8 experts per layer fit in fast memory" in p.warnings[0] and "pinned RAM or disk" in p.warnings[0]
+    assert plan_checkpoint(_config(ckpt_dir), tensors, 10**12, ctx=CTX).warnings == []  # everything fits
     cpu = plan_checkpoint(_config(ckpt_dir), tensors, vram, ctx=CTX, warm_budget_bytes=10**12)
     assert cpu.warm_slots_per_layer == 0 and len(cpu.tiers) == 2  # no warm tier without a GPU
 

@@ -137,3 +137,20 @@ def test_retry_on_the_large_tier_and_thumbs_become_labels(home, tiny_moe):
     labels = conn.execute("select prompt, small_wrong, source from route_labels order by id").fetchall()
     assert labels == [("Which city is the capital of Japan?", 0, "thumbs"),
                       ("Which city is the capital of Japan?", 1, "retry")]
+
+
+def test_torch_answers_show_the_expert_cache(home, tiny_moe):
+    """A checkpoint directory answers on the native engine; its stats line names the expert hit rate and bytes."""
+    async def run() -> None:
+        app = LocalmoeApp(model=str(tiny_moe[0]), config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = app.screen
+            await type_and_send(pilot, "Hello there")
+            answer = screen.query_one(Answer)
+            await wait_for(pilot, lambda: answer.done)
+            stats = str(answer.query_one(".stats", Static).render())
+            assert answer.status == "complete", stats
+            assert answer.experts is not None and answer.experts["hits"] + answer.experts["misses"] > 0
+            assert f"experts {answer.experts['hit_rate']:.0%} hit" in stats and "moved" in stats
+
+    asyncio.run(run())
