@@ -58,7 +58,7 @@ def decode(engine: TorchMoEEngine, n: int, replay: cachesim.Trace | None = None)
     return {"tok_s": n / wall, "wall_s": wall, "stall_fraction": s["stall_s"] / wall, **s}
 
 
-def write_results(path: Path, command: str) -> None:
+def write_results(path: Path, command: str, commit: str) -> None:
     """Format a results file from a device run into this benchmark's RESULTS.md section."""
     from common import write_section
 
@@ -82,10 +82,11 @@ greedy decode repeats itself and so hits unrealistically often.
 
 {chr(10).join(rows)}
 
-Reading: the warm tier keeps a quarter-resident model at 0.89× the resident speed on router traffic and at 50
-tok/s on the locality trace, against 7 tok/s when misses go to disk. Prefetch raises the hit rate (0.37 → 0.86
-on the trace) but costs speed on this GPU: each prediction synchronises with the device and the loader thread
-competes for the GIL; the engine is launch-bound at this model size (eager PyTorch, one token at a time).
+Reading (run of the engine at commit {commit}): see the rows above — the warm tier keeps a quarter-resident
+model close to resident speed on router traffic and several times faster than disk misses on the locality trace.
+Prefetch raises the hit rate on the trace but costs speed on this GPU: each prediction synchronises with the
+device and the loader thread competes for the GIL; at this model size the engine is launch-bound (eager
+PyTorch, one token at a time), so the H100 decodes only a few times faster than 2 CPU cores.
 """)
 
 
@@ -96,10 +97,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--write-from", type=Path, help="write RESULTS.md's section from a results file, then stop")
+    ap.add_argument("--commit", default="?", help="with --write-from: the engine commit that produced the file")
     args = ap.parse_args()
     if args.write_from:
         write_results(args.write_from, "python3 benchmarks/gpu_tiers.py --dir /tmp/mid --out gpu_tiers.json "
-                                       "--tokens 64")
+                                       "--tokens 64", args.commit)
         return
     t0 = time.perf_counter()
     path = build(args.dir)
