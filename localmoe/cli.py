@@ -207,7 +207,7 @@ def _prompt_arg(args: argparse.Namespace) -> str:
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """Torch-engine options given on the command line (each only when set)."""
-    names = ("fast_memory", "cache_policy", "expert_dtype", "device", "expert_top_p", "prefetch")
+    names = ("fast_memory", "cache_policy", "expert_dtype", "dense_dtype", "device", "expert_top_p", "prefetch")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -218,6 +218,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-policy", choices=["lru", "lfu", "lfru", "fifo"], help="expert cache policy (default lru)")
     g.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"],
                    help="how cached experts are held and computed (default float32)")
+    g.add_argument("--dense-dtype", choices=["float32", "int8"],
+                   help="int8: also quantise the attention projections and the output head (CPU; default float32)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
     g.add_argument("--expert-top-p", type=float, help="adaptive expert count: per token the fewest top experts "
                    "whose router probabilities reach this mass (at most the model's k)")

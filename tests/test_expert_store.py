@@ -206,6 +206,24 @@ def test_low_precision_experts_stay_within_tolerance(ckpt, dtype):
     assert per_expert == 3 * 32 * 64 * 4  # disk bytes are the checkpoint's float32, whatever the cache holds
 
 
+def test_int8_dense_and_experts_on_the_cpu_kernel(ckpt):
+    """expert_dtype=int8 + dense_dtype=int8 (attention and output head, as llama.cpp's q8_0): stated tolerance 5% of
+    the largest |logit| (measured ~2% here: activations are quantised too), same greedy tokens."""
+    from localmoe.engine.quant import Int8Linear, int8_linear_available
+
+    if not int8_linear_available():
+        pytest.skip("this torch has no dynamic int8 linear")
+    want_tokens, want = TorchMoEEngine(ckpt).decode_logits(PROMPT, 6)
+    engine = TorchMoEEngine(ckpt, expert_dtype="int8", dense_dtype="int8")
+    got_tokens, got = engine.decode_logits(PROMPT, 6)
+    assert isinstance(engine.model.output, Int8Linear)
+    assert isinstance(engine.store.get(0, 0).mats[0], Int8Linear)  # the CPU fast tier holds packed int8
+    assert 0 < np.abs(got - want).max() <= 0.05 * float(np.abs(want).max())
+    assert got_tokens == want_tokens
+    with pytest.raises(LocalmoeError, match="dense dtype"):
+        TorchMoEEngine(ckpt, dense_dtype="int4")
+
+
 # --- adaptive expert count ------------------------------------------------------------------------------------
 
 

@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from localmoe.cachesim import DEFAULT_LFRU_DECAY
+from localmoe.engine.quant import Int8Linear, int8_linear_available, quantize_rows
 from localmoe.errors import LocalmoeError
 from localmoe.plan import EXPERT_DTYPE_BYTES as EXPERT_DTYPES
 
@@ -32,24 +34,32 @@ class ExpertWeights:
     """One expert's matrices in the engine's expert dtype — gate and up stacked into one (one matmul instead of
     two), then down — and the FFN over them.
 
-    int8 is symmetric per output row (absmax / 127), computed with torch's int8 weight-only matmul on the CPU;
-    bfloat16 is computed in bfloat16. Both convert the result back to the activations' float32."""
+    int8 is symmetric per output row (absmax / 127): in the CPU fast tier packed for torch's dynamic int8 linear
+    (quant.Int8Linear), elsewhere int8 tensors + scales (copied to a GPU and computed there as float). bfloat16 is
+    computed in bfloat16. Results come back in the activations' float32."""
 
     __slots__ = ("dtype", "mats", "scales", "nbytes")
 
-    def __init__(self, mats: tuple[Tensor, Tensor], dtype: str = "float32") -> None:
-        """`mats`: (gate and up stacked on the output rows, down), float32."""
+    def __init__(self, mats: tuple[Tensor, Tensor], dtype: str = "float32", packed: bool = False) -> None:
+        """`mats`: (gate and up stacked on the output rows, down), float32. `packed`: int8 for the CPU kernel."""
         self.dtype = dtype
+        self.scales: tuple[Tensor, ...] | None = None
+        if dtype == "int8" and packed and int8_linear_available():
+            self.mats: tuple[Any, ...] = tuple(Int8Linear(m) for m in mats)
+            self.nbytes = sum(m.nbytes for m in self.mats)
+            return
         if dtype == "int8":
-            qs = [_quantize_rows(m) for m in mats]
+            qs = [quantize_rows(m) for m in mats]
             self.mats = tuple(q for q, _ in qs)
-            self.scales: tuple[Tensor, ...] | None = tuple(s for _, s in qs)
+            self.scales = tuple(s for _, s in qs)
         else:
             self.mats = tuple(m.to(torch.bfloat16) if dtype == "bfloat16" else m for m in mats)
-            self.scales = None
         self.nbytes = sum(t.numel() * t.element_size() for t in (*self.mats, *(self.scales or ())))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:
+        if torch.device(device).type == "cpu" and all(isinstance(m, Int8Linear) or m.device.type == "cpu"
+                                                      for m in self.mats):
+            return self
         out = ExpertWeights.__new__(ExpertWeights)
         out.dtype, out.nbytes = self.dtype, self.nbytes
         out.mats = tuple(m.to(device, non_blocking=non_blocking) for m in self.mats)
@@ -65,6 +75,8 @@ class ExpertWeights:
 
     def _linear(self, x: Tensor, i: int) -> Tensor:
         w = self.mats[i]
+        if isinstance(w, Int8Linear):
+            return w(x)
         if self.scales is not None:
             s = self.scales[i]
             if x.device.type == "cpu":
@@ -80,12 +92,6 @@ class ExpertWeights:
             return F.linear(F.silu(gate) * up, self.mats[1]).to(x.dtype)
         gate, up = self._linear(x, 0).chunk(2, dim=-1)
         return self._linear(F.silu(gate) * up, 1)
-
-
-def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.to(torch.float32).contiguous()
 
 
 # --- per-layer caches -------------------------------------------------------------------------------------
@@ -349,7 +355,8 @@ class ExpertStore:
             mats, nbytes = self._load(layer, expert)
             with self._lock:
                 st.bytes_read += nbytes
-            return ExpertWeights(mats, self.expert_dtype).to(self.device), False
+            on_cpu = self.device.type == "cpu"
+            return ExpertWeights(mats, self.expert_dtype, packed=on_cpu).to(self.device), False
         with self._lock:
             host = self.warm[layer].lookup(expert)
         warm_hit = host is not None

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from localmoe import chat_template
 from localmoe.engine import GenerationConfig, GenerationStats, Message, token_budget
 from localmoe.engine.expert_store import EXPERT_DTYPES, ExpertStore, Loader
+from localmoe.engine.quant import Int8Linear, int8_linear_available
 from localmoe.errors import LocalmoeError
 from localmoe.plan import CheckpointPlan, TensorInfo, plan_checkpoint, read_safetensors_header
 from localmoe.trace import Trace, TraceToken
@@ -298,7 +299,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
-        q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)
+        q, k, v = _linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)
         if self.q_norm is not None and self.k_norm is not None and not self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if a.clip_qkv is not None:
@@ -317,7 +318,7 @@ class Attention(nn.Module):
         k, v = k[:, :, :end], v[:, :, :end]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.head_dim),
                                            enable_gqa=a.n_heads != a.n_kv_heads)
-        return F.linear(y.transpose(1, 2).reshape(bsz, seqlen, a.n_heads * a.head_dim), self.wo)
+        return _linear(y.transpose(1, 2).reshape(bsz, seqlen, a.n_heads * a.head_dim), self.wo)
 
 
 class MoE(nn.Module):
@@ -483,7 +484,22 @@ class Transformer(nn.Module):
         x = F.embedding(idx, self.tok_embeddings)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return F.linear(self.norm(x), self.output)
+        return _linear(self.norm(x), self.output)
+
+    def quantize_dense(self) -> None:
+        """int8 for the big dense matmuls — attention projections and the output head — as llama.cpp's q8_0 has
+        them; embeddings, norms and routers stay float32."""
+        self.output = Int8Linear(self.output)
+        for block in self.layers:
+            block.attention.wqkv = Int8Linear(block.attention.wqkv)
+            block.attention.wo = Int8Linear(block.attention.wo)
+
+
+def _linear(x: Tensor, w: Tensor | Int8Linear, bias: Tensor | None = None) -> Tensor:
+    if isinstance(w, Int8Linear):
+        y = w(x)
+        return y + bias if bias is not None else y
+    return F.linear(x, w, bias)
 
 
 def _layer_weights(args: ModelArgs, ckpt: Checkpoint, i: int) -> dict[str, Tensor]:
@@ -569,7 +585,8 @@ class TorchMoEEngine:
     Options: `expert_slots` (fast-tier experts per layer; default from the plan's memory budget), `fast_memory` /
     `warm_memory` (budget overrides in bytes), `cache_policy` (lru, lfu, lfru, fifo), `prefetch` (pre-gating in
     a background thread; off by default), `expert_dtype` (float32, bfloat16, int8),
-    `device` (cpu, cuda, mps; default CUDA when present), `expert_top_p` (adaptive expert count), `telemetry`
+    `device` (cpu, cuda, mps; default CUDA when present), `dense_dtype` (float32; int8 quantises the attention
+    projections and the output head, CPU only), `expert_top_p` (adaptive expert count), `telemetry`
     (record the experts of every token in `routing`)."""
 
     backend = "torch"  # as ModelRef.backend and create_engine name it
@@ -589,6 +606,7 @@ class TorchMoEEngine:
         device: str | None = None,
         expert_top_p: float | None = None,
         telemetry: bool = False,
+        dense_dtype: str = "float32",
     ) -> None:
         self.model_dir = Path(model_dir)
         self.fast_memory, self.warm_memory = fast_memory, warm_memory
@@ -601,6 +619,9 @@ class TorchMoEEngine:
             raise LocalmoeError(f"expert_top_p must be in (0, 1], got {expert_top_p}")
         self.prefetch, self.expert_dtype, self.device_name = prefetch, expert_dtype, device
         self.expert_top_p, self.telemetry = expert_top_p, telemetry
+        if dense_dtype not in ("float32", "int8"):
+            raise LocalmoeError(f"unknown dense dtype {dense_dtype!r} (float32 or int8)")
+        self.dense_dtype = dense_dtype
         self.device = torch.device("cpu")
         self.args: ModelArgs | None = None
         self.model: Transformer | None = None
@@ -642,8 +663,12 @@ class TorchMoEEngine:
             store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
                                 policy=self.cache_policy, expert_dtype=self.expert_dtype, device=device,
                                 warm_slots=warm, prefetch=prefetch)
+            if self.dense_dtype == "int8" and (device != "cpu" or not int8_linear_available()):
+                raise LocalmoeError("dense_dtype int8 runs on the CPU only, with a torch that has int8 kernels")
             with torch.inference_mode():
                 model = Transformer(args, ckpt, store).eval()
+                if self.dense_dtype == "int8":
+                    model.quantize_dense()
             ckpt.drop_page_cache()
         except BaseException:
             ckpt.close()
