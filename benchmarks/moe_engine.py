@@ -4,7 +4,7 @@ model (synthetic Qwen3-MoE: hidden 1024, 8 layers, 32 experts, top-4, expert FFN
     .venv/bin/python benchmarks/moe_engine.py resident [--reps 5] [--tokens 64] [--write]
     .venv/bin/python benchmarks/moe_engine.py capped   [--tokens 32] [--abs-cap-mb 1500] [--write]
     .venv/bin/python benchmarks/moe_engine.py adaptive [--reps 3] [--tokens 64] [--write]
-    .venv/bin/python benchmarks/moe_engine.py cache    [--tokens 256] [--write]
+    .venv/bin/python benchmarks/moe_engine.py cache    [--tokens 256] [--cap-mb N] [--write]
 
 resident  everything in RAM: decode tok/s of our engine (expert dtypes float32, int8, bfloat16) and llama.cpp
           (f32 and q8_0 GGUF), alternating in one process, against the memory-bandwidth roofline.
@@ -69,6 +69,32 @@ def prompt_ids(hf: Path) -> list[int]:
 
 def command_line() -> str:
     return ".venv/bin/python benchmarks/moe_engine.py " + shlex.join(sys.argv[1:])
+
+
+def engine_commit() -> str:
+    """`git rev-parse --short HEAD`, the last commit that changed the engine (localmoe/engine) when that is an
+    earlier one, and the engine-side files (engine, planner, cache simulator, traces) that differ from HEAD; or, when
+    localmoe comes from outside this checkout, the commit its folder's COMMIT file names."""
+    import localmoe
+
+    src = Path(localmoe.__file__).resolve().parents[1]
+    if src != ROOT:  # an export on PYTHONPATH (e.g. `git archive COMMIT localmoe`), with a COMMIT file beside it
+        named = (src / "COMMIT").read_text().strip() if (src / "COMMIT").exists() else "unknown commit"
+        return f"{named} (localmoe imported from {src})"
+    paths = ["localmoe/engine", "localmoe/plan.py", "localmoe/cachesim.py", "localmoe/trace.py"]
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        engine = git("log", "-1", "--format=%h", "--", "localmoe/engine")
+        dirty = [ln.split(maxsplit=1)[-1] + (" (untracked)" if ln.startswith("??") else "")
+                 for ln in git("status", "--porcelain", "--", *paths).splitlines()]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    out = head + (f", engine last changed in {engine}" if engine and engine != head else "")
+    return out + (f", uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
 def med(xs: list[float]) -> float:
@@ -275,7 +301,10 @@ def resident(args: argparse.Namespace) -> None:
         name = f"ours {dtype}"
         active[name] = sizes["active"][dtype]
         if eng is not None:
-            eng.logits(list(range(100, 356)))  # 256 tokens: every expert of every layer read once
+            if hasattr(eng, "preload"):
+                eng.preload()  # every expert of every layer into the fast tier
+            else:
+                eng.logits(list(range(100, 356)))  # an engine without preload(): 256 tokens read every expert
             runners[name] = (lambda e=eng: ours_decode(e, args.tokens))
     for name, path in (("llama.cpp f32", f32), ("llama.cpp q8_0", q8)):
         llm = open_llama(path)
@@ -315,7 +344,8 @@ def resident(args: argparse.Namespace) -> None:
 
 Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}, 2 cores, {THREADS} threads, greedy, {args.tokens} decode
 tokens after a {len(ids)}-token chat prompt, median of {args.reps} alternating runs in one process, after a warm-up;
-our engine holds all {n_exp} experts per layer, prefetch off).
+our engine holds all {n_exp} experts per layer, read in by `engine.preload()` before the runs, prefetch off;
+engine commit `{engine_commit()}`).
 
 Read bandwidth: **{bw / 1e9:.1f} GB/s** (best of 10 sums of a 1 GiB float32 tensor, torch, {THREADS} threads, measured
 before and after the runs: {bw_before / 1e9:.1f} and {bw_after / 1e9:.1f} GB/s). llama.cpp f32 moved
@@ -365,6 +395,17 @@ def footprint(runtime: str) -> None:
         llm = open_llama(bench_moe())
         llama_decode(llm, prompt_ids(bench_hf()), 1)
         print(json.dumps({"rss": proc_status()["RssAnon"]}))
+        return
+    elif runtime == "ours-loaded":  # the capped runs' options: after load, after its slots filled and a decode
+        hf = bench_hf()
+        eng = open_ours(hf, **ours_opts(model_bytes(hf), False))
+        eng.load()
+        eng.chat_tokenizer()
+        loaded = proc_status()
+        eng.preload()
+        ours_decode(eng, 8)
+        print(json.dumps({"rss": loaded["RssAnon"], "loaded": loaded, "decoded": proc_status(),
+                          "slots": eng.cache_stats().get("slots")}))
         return
     elif runtime == "hf":
         import accelerate  # noqa: F401
@@ -449,12 +490,16 @@ def run_capped(runtime: str, opts: dict[str, Any], cap_mb: int, tokens: int, evi
     return out
 
 
-def footprints(runtimes: tuple[str, ...]) -> dict[str, int]:
+def footprints(runtimes: tuple[str, ...], details: dict[str, Any] | None = None) -> dict[str, int]:
+    """Each runtime's footprint in bytes (see `footprint`); `details` gets each child's whole JSON."""
     out = {}
     for runtime in runtimes:
         r = subprocess.run([sys.executable, __file__, "_footprint", runtime], capture_output=True, text=True,
                            check=True)
-        out[runtime] = json.loads(r.stdout.splitlines()[-1])["rss"]
+        found = json.loads(r.stdout.splitlines()[-1])
+        out[runtime] = found["rss"]
+        if details is not None:
+            details[runtime] = found
     return out
 
 
@@ -505,9 +550,15 @@ CAPPED_HEAD = "| runtime | cap MiB | decode tok/s | load s | detail | memcap pea
 def capped(args: argparse.Namespace) -> None:
     hf, f32 = bench_hf(), bench_moe()
     sizes = model_bytes(hf)
-    feet = footprints(("ours", "llama", "hf", "llama-loaded"))
+    detail: dict[str, Any] = {}
+    feet = footprints(("ours", "llama", "hf", "llama-loaded", "ours-loaded"), detail)
     weights = sizes["dense"] + sizes["experts_total"] // 4
-    caps = {rt: int((feet[rt] + weights) / MB) + 1 for rt in feet}
+    caps = {rt: int((feet[rt] + weights) / MB) + 1 for rt in feet if rt != "ours-loaded"}
+    loaded = detail["ours-loaded"]
+
+    def mib(status: dict[str, int]) -> str:
+        return (f"anonymous {status['RssAnon'] / MB:.0f} MiB + file-backed {status['RssFile'] / MB:.0f} MiB "
+                f"(RSS {status['VmRSS'] / MB:.0f} MiB)")
     print("footprints (MiB): " + ", ".join(f"{k} {v / MB:.0f}" for k, v in feet.items()))
     print("caps (MiB): " + ", ".join(f"{k} {v}" for k, v in caps.items()), flush=True)
     title = "" if args.temperature <= 0 else ", sampled decoding"
@@ -557,9 +608,9 @@ def capped(args: argparse.Namespace) -> None:
     body = f"""
 ## Native engine under a memory cap: vs llama.cpp (mmap) and transformers + accelerate (disk offload){title}
 
-Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}, 2 cores; each run is its own process under
-`../shared/tools/memcap` with the HF checkpoint and the f32 GGUF evicted from the page cache first; {mode},
-{args.tokens} timed decode tokens after an 8-token warm-up answer in the same process).
+Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}, engine commit `{engine_commit()}`, 2 cores;
+each run is its own process under `../shared/tools/memcap` with the HF checkpoint and the f32 GGUF evicted from the
+page cache first; {mode}, {args.tokens} timed decode tokens after an 8-token warm-up answer in the same process).
 
 Footprint with no weights (peak RSS after importing the runtime's libraries and making a tiny thing): ours
 (torch + localmoe.engine.torch_moe) {feet['ours'] / MB:.0f} MiB; llama.cpp (llama_cpp + a vocab-only load)
@@ -567,6 +618,11 @@ Footprint with no weights (peak RSS after importing the runtime's libraries and 
 llama.cpp's anonymous memory with this model loaded and one token decoded is {feet['llama-loaded'] / MB:.0f} MiB
 (compute buffers sized by vocab × batch, KV cache): the second llama.cpp row uses that instead of the no-weights
 footprint.
+Our engine measured the same way (uncapped, with the capped runs' options): no weights
+{feet['ours'] / MB:.0f} MiB peak; dense weights loaded (copied off the safetensors mmap) and the tokenizer read:
+{mib(loaded['loaded'])}; then its {loaded['slots']} slots per layer filled (`preload`) and 8 tokens decoded:
+{mib(loaded['decoded'])}, against an own cap of {caps['ours']} MiB (the file-backed part is clean page cache, which
+the cap can reclaim).
 Own cap = footprint + dense weights ({sizes['dense'] / MB:.0f} MiB, f32) + 25% of the experts
 ({sizes['experts_total'] / 4 / MB:.0f} MiB). Our engine gets `fast_memory` = its planner's RAM reserve + dense + KV +
 25% of the experts, which the planner turns into {sizes['n_experts'] // 4} slots per layer; accelerate gets
@@ -636,7 +692,7 @@ def adaptive(args: argparse.Namespace) -> None:
         print("expert_top_p is pending in this engine")
         return
     text_ids = eng.chat_tokenizer().tokenizer.encode(TEXT, add_special_tokens=False).ids
-    eng.logits(list(range(100, 356)))  # every expert read once
+    eng.preload()  # every expert of every layer into the fast tier
     settings: list[float | None] = [None, *args.top_p]
     logits, per_token, runs = {}, {}, {p: [] for p in settings}
     for p in settings:
@@ -658,7 +714,8 @@ def adaptive(args: argparse.Namespace) -> None:
     body = f"""
 ## Native engine: adaptive expert count (expert_top_p)
 
-Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}, 2 cores, all experts resident). Experts per token (mean
+Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}, engine commit `{engine_commit()}`, 2 cores,
+all experts resident, read in by `engine.preload()`, prefetch off). Experts per token (mean
 per layer) and KL are teacher-forced over the same {len(text_ids)}-token English text: KL(p_top-k ‖ p_top-p) of the
 next-token distributions, averaged over positions. tok/s: greedy, {args.tokens} decode tokens, median of
 {args.reps} alternating runs. top_p keeps a token's best experts until their router probability (softmax over all
@@ -730,7 +787,10 @@ def cache(args: argparse.Namespace) -> None:
 
     # (c) capped runs of our engine routing by the synthetic trace
     feet = footprints(("ours",))
-    cap = int((feet["ours"] + sizes["dense"] + sizes["experts_total"] // 4) / MB) + 1
+    own_cap = int((feet["ours"] + sizes["dense"] + sizes["experts_total"] // 4) / MB) + 1
+    cap = args.cap_mb or own_cap
+    cap_text = "its footprint + dense + 25% of the experts" if cap == own_cap else \
+        f"--cap-mb; its own cap, footprint + dense + 25% of the experts, would be {own_cap} MiB"
     live = []
     with tempfile.TemporaryDirectory(prefix="localmoe-trace-") as tmp:
         path = Path(tmp) / "synthetic.jsonl"
@@ -774,9 +834,9 @@ def cache(args: argparse.Namespace) -> None:
     body = f"""
 ## Expert cache: online policies vs Belady at {capacity} slots per layer (2 × top-{sizes['top_k']})
 
-Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}). Offline simulation (`localmoe.cachesim.report`) of
-per-layer caches over three traces; "prefetch previous" protects the experts a layer used for the previous token;
-sch16 = segment cache hit rate (16-token segments), a reference rather than a bound.
+Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}, engine commit `{engine_commit()}`). Offline simulation
+(`localmoe.cachesim.report`) of per-layer caches over three traces; "prefetch previous" protects the experts a layer
+used for the previous token; sch16 = segment cache hit rate (16-token segments), a reference rather than a bound.
 
 - text: our engine's routing on the benchmark model, teacher-forced over a {n.get('text', 0)}-token English text
   (telemetry on). Though random-init, this model's routers are far from uniform: in each layer a handful of experts
@@ -792,8 +852,8 @@ sch16 = segment cache hit rate (16-token segments), a reference rather than a bo
 
 {table()}
 
-(c) Live: our engine under memcap ({cap} MiB = its footprint + dense + 25% of the experts; {sizes['n_experts'] // 4}
-slots per layer) routing by the synthetic trace instead of its routers (`engine.replay`, cycling from the trace's
+(c) Live: our engine under memcap ({cap} MiB = {cap_text}; {sizes['n_experts'] // 4} slots per layer)
+routing by the synthetic trace instead of its routers (`engine.replay`, cycling from the trace's
 start; the logits are meaningless, the cache traffic real). Greedy, {args.live_tokens} timed decode tokens after an
 8-token warm-up; the live hit rate counts the timed decode steps, the simulated one the whole trace. Under replay
 the engine's prefetcher reads the next layer's experts from the trace (a perfect predictor one layer ahead), so the
@@ -831,6 +891,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="decode tokens of the recorded greedy trace")
     p.add_argument("--synthetic-tokens", type=int, default=2000)
     p.add_argument("--live-tokens", type=int, default=64)
+    p.add_argument("--cap-mb", type=int, help="memcap of the live runs (default: footprint + dense + 25%% of experts)")
     p.add_argument("--write", action="store_true")
     p = sub.add_parser("_footprint")  # internal: a child process
     p.add_argument("runtime")

@@ -115,6 +115,22 @@ def test_preload_makes_a_resident_engine_read_nothing_later(ckpt):
     assert s["misses"] == 0 and s["bytes_read"] == 0 and s["hits"] > 0
 
 
+def test_loaded_engine_keeps_no_mapping_of_the_checkpoint(ckpt):
+    """The dense weights are copied out and the shards unmapped: a mapped page cannot leave RAM, so keeping the
+    mmaps would hold the whole file resident under a memory cap. Experts still read (pread) afterwards."""
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc (Linux)")
+    engine = TorchMoEEngine(ckpt, expert_slots=2)
+    engine.load()
+    assert ".safetensors" not in "".join(line for line in maps.read_text().splitlines(True) if str(ckpt) in line)
+    engine.decode_logits(PROMPT, 2)
+    assert engine.cache_stats()["misses"] > 0
+    engine.close()
+
+
 def test_unknown_policy_and_dtype_are_clear_errors(ckpt):
     with pytest.raises(LocalmoeError, match="unknown expert cache policy 'mru'"):
         TorchMoEEngine(ckpt, cache_policy="mru").load()
@@ -147,9 +163,11 @@ def test_exact_prefetch_turns_misses_into_prefetch_hits(ckpt):
     off, on = counts[False], counts[True]
     assert off["prefetches"] == off["prefetch_hits"] == 0
     assert on["prefetches"] > 0 and on["prefetch_hits"] > 0
-    later = on["layers"][1:]  # layer 0 has no previous layer to predict it
-    assert sum(lay["misses"] for lay in later) == 0
-    assert sum(lay["wasted_prefetches"] for lay in later) == 0
+    later_on, later_off = on["layers"][1:], off["layers"][1:]  # layer 0 has no previous layer to predict it
+    # A prediction still queued when its layer starts is read by the compute thread instead (a miss, not a wait
+    # behind the queue), so how many misses remain depends on timing; with exact predictions most vanish.
+    assert sum(lay["misses"] for lay in later_on) < sum(lay["misses"] for lay in later_off) / 2
+    assert sum(lay["wasted_prefetches"] for lay in later_on) == 0
     assert on["misses"] < off["misses"]
     assert on["hits"] + on["misses"] == off["hits"] + off["misses"]  # same uses, served differently
 

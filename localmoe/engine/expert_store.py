@@ -175,6 +175,23 @@ class LFRUCache(LayerCache):
 
 
 PREFETCH_SWITCH_INTERVAL_S = 0.0005
+MMAP_THRESHOLD = 1 << 20
+
+
+def _return_big_blocks_to_the_os() -> None:
+    """glibc keeps freed multi-MiB blocks in its heaps (and gives the prefetch thread a heap of its own), so an
+    expert cache that evicts and reads experts all day grows its RSS by hundreds of MiB over its budget — fatal
+    under a memory cap. A fixed mmap threshold makes every block of 1 MiB or more its own mapping, returned to the
+    OS when freed. Linux/glibc only; elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # musl or another libc: its own policy stands
 
 POLICIES: dict[str, type[LayerCache]] = {"lru": LRUCache, "lfu": LFUCache, "lfru": LFRUCache, "fifo": LayerCache}
 
@@ -245,6 +262,8 @@ class ExpertStore:
         self._in_use: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
         self._predicted: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="localmoe-prefetch") if prefetch else None
+        if self.slots < n_experts:
+            _return_big_blocks_to_the_os()
         if prefetch and sys.getswitchinterval() > PREFETCH_SWITCH_INTERVAL_S:
             # The loader thread holds the GIL between its reads; at CPython's default 5 ms the compute thread
             # could wait that long for it at every layer, more than a prefetch saves.
@@ -278,6 +297,8 @@ class ExpertStore:
                     st.prefetch_hits += 1
                 return found
             future = self._pending.get((layer, expert))
+            if future is not None and future.cancel():
+                future = None  # a prefetch still queued behind others: read it now rather than wait for the queue
             if future is None:  # a demand load, registered so a prefetch of the same expert waits for it
                 future = self._pending[(layer, expert)] = Future()
                 demand = True
@@ -326,6 +347,8 @@ class ExpertStore:
             self._pool.submit(self._prefetch_one, layer, expert, future)
 
     def _prefetch_one(self, layer: int, expert: int, future: Future[ExpertWeights]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the compute thread needed it first and read it itself
         try:
             weights, _ = self._fetch(layer, expert, background=True)
         except BaseException as e:  # the compute thread re-raises it if it waits for this expert

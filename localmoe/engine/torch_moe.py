@@ -139,16 +139,19 @@ class Checkpoint:
             weight_map = {}
         from safetensors import safe_open
 
-        handles = {}
+        # safetensors handles (each an mmap of its shard) serve the dense weights at load, then are closed by
+        # release_mmaps(): a mapped page cannot be dropped from RAM, and the whole file would stay resident.
+        self._mmaps = ExitStack()
+        self._stack.callback(self._mmaps.close)
+        self._handles: dict[str, Any] = {}
         for name in files:
             path = model_dir / name
             if not path.exists():
                 raise LocalmoeError(f"checkpoint shard {name} is missing from {model_dir}")
             try:
-                handles[name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                self._handles[name] = self._mmaps.enter_context(safe_open(str(path), framework="pt"))
             except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
                 raise LocalmoeError(f"cannot read checkpoint shard {path}: {e}") from None
-        self._by_key = {key: h for h in handles.values() for key in h.keys()}
         # Offsets from the headers, for the cold tier's pread reads; one fd per shard, closed with the stack.
         self.tensors: dict[str, TensorInfo] = {}
         self._fds: dict[str, int] = {}
@@ -160,15 +163,22 @@ class Checkpoint:
         self.bytes_read = 0
 
     def get(self, key: str, shape: tuple[int, ...]) -> Tensor:
-        if key not in self._by_key:
+        info = self.tensors.get(key)
+        if info is None:
             raise LocalmoeError(f"tensor {key} is missing from the checkpoint in {self.dir}")
-        handle = self._by_key[key]
-        found = tuple(handle.get_slice(key).get_shape())
-        if found != shape:  # checked from the header, before the bytes are read
-            raise LocalmoeError(f"tensor {key} has shape {list(found)}, expected {list(shape)} from config.json")
+        if tuple(info.shape) != shape:  # checked from the header, before the bytes are read
+            raise LocalmoeError(f"tensor {key} has shape {list(info.shape)}, expected {list(shape)} from config.json")
+        handle = self._handles.get(info.file)
+        if handle is None:  # after release_mmaps (only dtypes pread cannot decode come here): open it briefly
+            from safetensors import safe_open
+
+            with safe_open(str(self.dir / info.file), framework="pt") as h:
+                raw = h.get_tensor(key).clone()
+        else:
+            raw = handle.get_tensor(key)
         # copy=True: a float32 tensor would otherwise stay a view of the file's mmap, pages the kernel may evict
-        # and read again under memory pressure (and that drop_page_cache would throw away)
-        t = handle.get_tensor(key).to(device=self.device, dtype=torch.float32, copy=True)
+        # and read again under memory pressure
+        t = raw.to(device=self.device, dtype=torch.float32, copy=True)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -202,6 +212,11 @@ class Checkpoint:
         t = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
         t = t.reshape(shape).to(torch.float32)
         return out.copy_(t) if out is not None else t
+
+    def release_mmaps(self) -> None:
+        """Unmap the shards once the dense weights are copied out; experts are read with pread from then on."""
+        self._handles.clear()
+        self._mmaps.close()
 
     def drop_page_cache(self) -> None:
         """Forget the shards' pages (the dense weights now live in tensors): the page cache would otherwise keep a
@@ -669,6 +684,7 @@ class TorchMoEEngine:
                 model = Transformer(args, ckpt, store).eval()
                 if self.dense_dtype == "int8":
                     model.quantize_dense()
+            ckpt.release_mmaps()
             ckpt.drop_page_cache()
         except BaseException:
             ckpt.close()
