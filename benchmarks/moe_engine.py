@@ -292,14 +292,17 @@ def resident(args: argparse.Namespace) -> None:
     n_exp = sizes["n_experts"]
     runners: dict[str, Any] = {}
     active: dict[str, int] = {}
-    for dtype in ("float32", "int8", "bfloat16"):
+    for dtype in ("float32", "int8", "bfloat16", "int8 dense"):
         opts = {"expert_slots": n_exp, "prefetch": False} if dtype == "float32" else \
-            {"expert_slots": n_exp, "prefetch": False, "expert_dtype": dtype}
+            {"expert_slots": n_exp, "prefetch": False, "expert_dtype": dtype.split()[0]}
+        if dtype == "int8 dense":  # attention and output head in int8 too, as q8_0 has them
+            opts["dense_dtype"] = "int8"
         eng = open_ours(hf, **opts)
         if eng is None and dtype == "float32":
             eng = open_ours(hf, expert_slots=n_exp)  # an engine without the prefetch option
         name = f"ours {dtype}"
-        active[name] = sizes["active"][dtype]
+        active[name] = sizes["active"][dtype] if dtype in sizes["active"] else \
+            sizes["active"]["int8"] - sizes["dense_read"] * 3 // 4
         if eng is not None:
             if hasattr(eng, "preload"):
                 eng.preload()  # every expert of every layer into the fast tier
@@ -334,7 +337,8 @@ def resident(args: argparse.Namespace) -> None:
     checks = [
         ("ours f32 / roofline (f32 experts)", ratio(tps["ours float32"], roof["ours float32"]), 0.8),
         ("ours f32 / llama.cpp f32", ratio(tps["ours float32"], tps["llama.cpp f32"]), 0.9),
-        ("ours int8 / llama.cpp q8_0", ratio(tps["ours int8"], tps["llama.cpp q8_0"]), 0.8),
+        ("ours int8 (experts) / llama.cpp q8_0", ratio(tps["ours int8"], tps["llama.cpp q8_0"]), None),
+        ("ours int8 (experts and dense) / llama.cpp q8_0", ratio(tps["ours int8 dense"], tps["llama.cpp q8_0"]), 0.8),
         ("ours bf16 / llama.cpp f32", ratio(tps["ours bfloat16"], tps["llama.cpp f32"]), None),
         ("roofline ours int8 / roofline llama.cpp q8_0 (the int8 ratio's ceiling while dense weights stay f32)",
          ratio(roof["ours int8"], roof["llama.cpp q8_0"]), None),
