@@ -52,6 +52,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
                                    ("seed", args.seed)) if v is not None}
     if args.backend and not args.model:
         raise LocalmoeError("--backend needs --model (a .gguf file or a checkpoint directory)")
+    if _engine_options(args) and not args.model:
+        raise LocalmoeError(f"--{next(iter(_engine_options(args))).replace('_', '-')} needs --model "
+                            "(a Hugging Face checkpoint directory)")
     if args.model:  # an explicit model: no routing
         from localmoe import models
 
@@ -160,7 +163,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from localmoe.trace import Trace
 
     prompt = _prompt_arg(args)
-    session = Session(args.model, engine_options={"telemetry": True, **_engine_options(args)})
+    options = _engine_options(args)
+    if options:
+        from localmoe import models
+
+        ref = models.resolve(args.model) if args.model else models.default_model()
+        if ref.backend != "torch":
+            raise LocalmoeError(f"--{next(iter(options)).replace('_', '-')} applies to the torch engine "
+                                f"(checkpoint directories), not to {ref.backend}")
+    session = Session(args.model, engine_options={"telemetry": True, **options})
     try:
         engine = session.engine
         if engine.backend == "torch":
@@ -224,7 +235,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-top-p", type=float, help="adaptive expert count: per token the fewest top experts "
                    "whose router probabilities reach this mass (at most the model's k)")
     g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
-                   help="prefetch the next layer's predicted experts (default: on when not all experts fit)")
+                   help="prefetch the next layer's predicted experts in a background thread (default: off)")
 
 
 def cmd_cache_sim(args: argparse.Namespace) -> int:

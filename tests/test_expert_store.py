@@ -140,6 +140,34 @@ def test_unknown_policy_and_dtype_are_clear_errors(ckpt):
         TorchMoEEngine(ckpt, expert_top_p=1.5)
 
 
+def test_bad_device_names_are_clear_errors(ckpt):
+    for bad in ("gpu", "cuda:x"):
+        with pytest.raises(LocalmoeError, match="unsupported device"):
+            TorchMoEEngine(ckpt, device=bad).load()
+
+
+def test_engine_options_without_a_checkpoint_are_refused(tmp_path, smollm):
+    r = run_cli("ask", "hi", "--prefetch", home=tmp_path)
+    assert r.returncode != 0 and "--prefetch needs --model" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("trace", "hi", "--model", str(smollm.path), "--cache-policy", "lfu", home=tmp_path)
+    assert r.returncode != 0 and "applies to the torch engine" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_shard_closes_what_it_opened(ckpt, tmp_path):
+    """A checkpoint whose index names a missing shard: a one-line error, and no file descriptor left open."""
+    import os
+    import shutil
+
+    d = tmp_path / "broken"
+    shutil.copytree(ckpt, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(LocalmoeError, match="missing"):
+        TorchMoEEngine(d).load()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_cuda_without_a_gpu_is_a_clear_error(ckpt):
     with pytest.raises(LocalmoeError, match="torch sees no CUDA GPU"):

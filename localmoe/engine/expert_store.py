@@ -253,7 +253,8 @@ class ExpertStore:
         self.slots = min(slots, n_experts)
         self.layers = [POLICIES[policy](self.slots) for _ in range(n_layers)]
         on_gpu = self.device.type != "cpu"
-        self.warm_slots = min(warm_slots, n_experts) if on_gpu else 0
+        # pinned host memory is a separate tier only for a discrete GPU; MPS shares RAM with the CPU
+        self.warm_slots = min(warm_slots, n_experts) if self.device.type == "cuda" else 0
         self.warm = [LRUCache(self.warm_slots) for _ in range(n_layers)] if self.warm_slots else None
         self.stats = [LayerStats() for _ in range(n_layers)]
         self._lock = threading.Lock()
@@ -326,8 +327,7 @@ class ExpertStore:
             with self._lock:
                 st.hits += 1
                 st.prefetch_hits += 1
-                self._unused_prefetch[layer].discard(expert)
-                self.layers[layer].lookup(expert)  # count the use for the policy
+                self._unused_prefetch[layer].discard(expert)  # the use was counted by the lookup above
         st.stall_s += time.perf_counter() - t0
         return weights
 
@@ -409,7 +409,8 @@ class ExpertStore:
         return total
 
     def reset_stats(self) -> None:
-        self.stats = [LayerStats() for _ in self.stats]
+        with self._lock:  # a prefetch finishing now must not count into the counters being replaced
+            self.stats = [LayerStats() for _ in self.stats]
 
     def close(self) -> None:
         if self._pool is not None:

@@ -38,8 +38,12 @@ class Int8Linear:
         self.nbytes = q.numel() + 4 * n
 
     def __call__(self, x: Tensor) -> Tensor:
-        # reduce_range=False: full 8-bit activations (the VNNI path); 7-bit ones double the error on these models
-        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, False)
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, _REDUCE_RANGE)
+
+
+# Full 8-bit activations halve the error, but AVX2's int8 dot product (vpmaddubsw) can saturate its int16 sums with
+# them: only AVX-512 machines (VNNI-class kernels) get the full range; others use torch's safe 7-bit default.
+_REDUCE_RANGE = torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX")
 
 
 @cache

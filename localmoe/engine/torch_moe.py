@@ -128,6 +128,14 @@ class Checkpoint:
         self.dir = model_dir
         self.device = torch.device(device)  # where `get` puts the dense weights
         self._stack = ExitStack()
+        try:
+            self._open(model_dir)
+        except BaseException:
+            self._stack.close()  # the fds and maps opened so far: the caller never gets an object to close
+            raise
+        self.bytes_read = 0
+
+    def _open(self, model_dir: Path) -> None:
         index = model_dir / "model.safetensors.index.json"
         if index.exists():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -157,10 +165,12 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
         for name in files:
             self.tensors.update(read_safetensors_header(model_dir / name))
-            fd = os.open(model_dir / name, os.O_RDONLY)
+            try:
+                fd = os.open(model_dir / name, os.O_RDONLY)
+            except OSError as e:
+                raise LocalmoeError(f"cannot open checkpoint shard {model_dir / name}: {e.strerror}") from None
             self._stack.callback(os.close, fd)
             self._fds[name] = fd
-        self.bytes_read = 0
 
     def get(self, key: str, shape: tuple[int, ...]) -> Tensor:
         info = self.tensors.get(key)
@@ -566,7 +576,7 @@ def plan_for(
     from localmoe import hardware
 
     ram = None
-    if warm_memory is None and device != "cpu":
+    if warm_memory is None and device.startswith("cuda"):
         ram = warm_memory = hardware.detect(measure=False).ram_available_bytes
     if fast_memory is not None:
         budget, source = fast_memory, "override"
@@ -584,9 +594,15 @@ def resolve_device(device: str | None) -> str:
     """`None` picks CUDA when torch sees a GPU, else the CPU; an explicit device must exist."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(device).type
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LocalmoeError(f"unsupported device {device!r} (cpu, cuda, cuda:N or mps)") from None
+    kind = dev.type
     if kind == "cuda" and not torch.cuda.is_available():
         raise LocalmoeError(f"device {device!r} asked for, but torch sees no CUDA GPU (a CPU-only torch build?)")
+    if kind == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LocalmoeError(f"device {device!r}: torch sees only {torch.cuda.device_count()} CUDA GPU(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise LocalmoeError("device 'mps' asked for, but Metal is not available to torch here")
     if kind not in ("cpu", "cuda", "mps"):
