@@ -129,6 +129,9 @@ def _start_long_answer(home):
         [sys.executable, "-m", "localmoe", "ask", "Write a very long story about a dragon who bakes bread.",
          "--max-tokens", "2000", "--temperature", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as at a terminal: a suite started in the background by a non-interactive shell inherits SIGINT ignored,
+        # and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # wait until the answer is streaming
     first = proc.stdout.read(20)
