@@ -184,7 +184,7 @@ def detect_gpus() -> list[GPU]:
     gpus = _nvml_gpus()
     if gpus:
         return gpus
-    # NVML absent, failing, or (seen once on an H100 VM) initialised yet listing no device: ask torch
+    # NVML absent, failing, or initialised yet listing no device (e.g. a container without the device nodes)
     return _torch_gpus()
 
 

@@ -38,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -109,6 +109,19 @@ class Meter(ABC):
 def _note(notes: list[str] | None, text: str) -> None:
     if notes is not None:
         notes.append(text)
+
+
+M = TypeVar("M", bound=Meter)
+
+
+def _readable(meter: M, notes: list[str] | None, failure: str) -> M | None:
+    """`meter` if a first reading works; otherwise a note ("<failure> (<why>)") and None."""
+    try:
+        meter.read()
+    except (OSError, ValueError) as exc:
+        _note(notes, f"{failure} ({exc})")
+        return None
+    return meter
 
 
 # --- RAPL (Intel and AMD CPUs on Linux) -------------------------------------------------------------------------
@@ -265,13 +278,7 @@ class AmdGpuMeter(Meter):
         if not paths:
             _note(notes, "amdgpu: no GPU power sensor in /sys/class/drm")
             return None
-        meter = cls(paths, cards)
-        try:
-            meter.read()
-        except (OSError, ValueError) as exc:
-            _note(notes, f"amdgpu: power sensor unreadable ({exc})")
-            return None
-        return meter
+        return _readable(cls(paths, cards), notes, "amdgpu: power sensor unreadable")
 
 
 # --- Apple powermetrics -----------------------------------------------------------------------------------------
@@ -391,13 +398,7 @@ class BatteryMeter(Meter):
             _note(notes, "battery: none")
         if not sources:
             return None
-        meter = cls(sources, names)
-        try:
-            meter.read()
-        except (OSError, ValueError) as exc:
-            _note(notes, f"battery: unreadable ({exc})")
-            return None
-        return meter
+        return _readable(cls(sources, names), notes, "battery: unreadable")
 
 
 # --- The estimate -----------------------------------------------------------------------------------------------

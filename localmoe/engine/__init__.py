@@ -7,6 +7,7 @@ session, CLI and UI never know which one runs.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -50,6 +51,33 @@ def token_budget(stats: GenerationStats, n_ctx: int, model_id: str, max_tokens: 
         raise LocalmoeError(f"the conversation is {stats.prompt_tokens} tokens but {model_id} holds {n_ctx}: "
                             "start a new conversation")
     return min(max_tokens, room)
+
+
+class DecodeClock:
+    """The timings both engines report: time to first token, decode rate after it (the first token's own time is
+    prompt processing), wall time, and the log-probability summary."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.received = 0  # sampled tokens, the end-of-generation token included
+
+    def token(self, stats: GenerationStats) -> None:
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+            stats.ttft_s = now - self.t0
+        self.t_last = now
+        self.received += 1
+
+    def finish(self, s: GenerationStats, logprobs: list[float] | None) -> None:
+        s.wall_s = time.perf_counter() - self.t0
+        if logprobs:
+            s.mean_logprob = sum(logprobs) / len(logprobs)
+            s.min_logprob = min(logprobs)
+        if self.t_first is not None and self.t_last is not None and self.received > 1 and self.t_last > self.t_first:
+            s.tokens_per_s = (self.received - 1) / (self.t_last - self.t_first)
 
 
 class Engine(Protocol):

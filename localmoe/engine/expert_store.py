@@ -252,7 +252,6 @@ class ExpertStore:
         self.device = torch.device(device)
         self.slots = min(slots, n_experts)
         self.layers = [POLICIES[policy](self.slots) for _ in range(n_layers)]
-        on_gpu = self.device.type != "cpu"
         # pinned host memory is a separate tier only for a discrete GPU; MPS shares RAM with the CPU
         self.warm_slots = min(warm_slots, n_experts) if self.device.type == "cuda" else 0
         self.warm = [LRUCache(self.warm_slots) for _ in range(n_layers)] if self.warm_slots else None
@@ -269,7 +268,7 @@ class ExpertStore:
             # The loader thread holds the GIL between its reads; at CPython's default 5 ms the compute thread
             # could wait that long for it at every layer, more than a prefetch saves.
             sys.setswitchinterval(PREFETCH_SWITCH_INTERVAL_S)
-        self._copy_stream = torch.cuda.Stream(self.device) if on_gpu and self.device.type == "cuda" else None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
     def prefetching(self) -> bool:

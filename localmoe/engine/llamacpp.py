@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from localmoe import chat_template
-from localmoe.engine import GenerationConfig, GenerationStats, Message, token_budget
+from localmoe.engine import DecodeClock, GenerationConfig, GenerationStats, Message, token_budget
 from localmoe.errors import LocalmoeError
 from localmoe.layout import read_layout
 from localmoe.plan import Budget, Plan, make_plan
@@ -181,7 +181,7 @@ class LlamaCppEngine:
     ) -> Iterator[str]:
         import llama_cpp
 
-        t0 = time.perf_counter()
+        clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
         tokens = self.prompt_tokens(messages)
         stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
         budget = token_budget(stats, self.n_ctx, self.model_id, config.max_tokens)
@@ -194,8 +194,6 @@ class LlamaCppEngine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         logprobs: list[float] | None = [] if config.logprobs else None
         self.token_logprobs = logprobs or []
-        t_first = t_last = None
-        received = 0  # decode steps, the end-of-generation token included
         gen = llm.generate(
             tokens,
             temp=config.temperature,
@@ -206,12 +204,7 @@ class LlamaCppEngine:
         )
         try:
             for token in gen:
-                now = time.perf_counter()
-                if t_first is None:
-                    t_first = now
-                    stats.ttft_s = now - t0
-                t_last = now
-                received += 1
+                clock.token(stats)
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     stats.stop_reason = "stop"
                     break
@@ -235,12 +228,7 @@ class LlamaCppEngine:
             raise
         finally:
             gen.close()
-            stats.wall_s = time.perf_counter() - t0
-            if logprobs:
-                stats.mean_logprob = sum(logprobs) / len(logprobs)
-                stats.min_logprob = min(logprobs)
+            clock.finish(stats, logprobs)
             if self._tap is not None:
                 ids = list(llm.input_ids[: llm.n_tokens])
                 self.routing = self._collect_routing(ids, llm.n_tokens, len(tokens))
-            if t_first is not None and t_last is not None and received > 1 and t_last > t_first:
-                stats.tokens_per_s = (received - 1) / (t_last - t_first)

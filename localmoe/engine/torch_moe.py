@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from localmoe import chat_template
-from localmoe.engine import GenerationConfig, GenerationStats, Message, token_budget
+from localmoe.engine import DecodeClock, GenerationConfig, GenerationStats, Message, token_budget
 from localmoe.engine.expert_store import EXPERT_DTYPES, ExpertStore, Loader
 from localmoe.engine.quant import Int8Linear, int8_linear_available
 from localmoe.errors import LocalmoeError
@@ -390,14 +389,15 @@ class MoE(nn.Module):
         self.last_topk = idx
         out = torch.zeros_like(x)
         # Ascending expert order: deterministic, and the cache sees the same request sequence every run.
-        experts = sorted({e for e in idx.flatten().tolist() if e >= 0})
+        rows = idx.tolist()  # one device-to-host read per layer (a sync on a GPU)
+        experts = sorted({e for row in rows for e in row if e >= 0})
         store = self.store
         store.begin_step(self.layer, experts)
         stats = store.stats[self.layer]
         stats.tokens += x.shape[0]
         try:
             if x.shape[0] == 1:  # decode: no gather/scatter for one token (same sums, same order)
-                ids = idx[0].tolist()
+                ids = rows[0]
                 stats.experts_used += len(experts)
                 for expert in experts:
                     out += store.get(self.layer, expert).ffn(x) * weights[0, ids.index(expert)]
@@ -849,7 +849,7 @@ class TorchMoEEngine:
     def _stream(
         self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None
     ) -> Iterator[str]:
-        t0 = time.perf_counter()
+        clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
         chat = self.chat_tokenizer()
         tokens = chat.encode_chat(messages)
         stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
@@ -865,8 +865,6 @@ class TorchMoEEngine:
         self.reset_cache_stats()  # cache_stats() then describes this answer
         logprobs: list[float] | None = [] if config.logprobs else None
         self.token_logprobs = logprobs or []
-        t_first = t_last = None
-        received = 0  # sampled tokens, the end-of-generation token included
         try:
             if budget <= 0 or (cancel is not None and cancel.is_set()):
                 stats.stop_reason = "cancelled" if budget > 0 else "length"
@@ -874,12 +872,7 @@ class TorchMoEEngine:
             last = self._forward(tokens, 0)[-1]  # prefill
             while True:
                 token = sampler.sample(last)
-                now = time.perf_counter()
-                if t_first is None:
-                    t_first = now
-                    stats.ttft_s = now - t0
-                t_last = now
-                received += 1
+                clock.token(stats)
                 if token in chat.eos_ids:
                     stats.stop_reason = "stop"
                     break
@@ -904,12 +897,7 @@ class TorchMoEEngine:
             stats.stop_reason = "cancelled"
             raise
         finally:
-            stats.wall_s = time.perf_counter() - t0
-            if logprobs:
-                stats.mean_logprob = sum(logprobs) / len(logprobs)
-                stats.min_logprob = min(logprobs)
-            if t_first is not None and t_last is not None and received > 1 and t_last > t_first:
-                stats.tokens_per_s = (received - 1) / (t_last - t_first)
+            clock.finish(stats, logprobs)
 
     def close(self) -> None:
         if self.store is not None:
