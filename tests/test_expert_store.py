@@ -364,6 +364,29 @@ def test_ask_json_reports_the_expert_cache(tiny_moe, tmp_path):
     assert experts["bytes_read"] > 0
 
 
+def test_ask_compiled_gives_the_same_answer(tiny_moe, tmp_path):
+    ckpt = tiny_moe[0]
+    args = ("ask", "Hello there", "--model", str(ckpt), "--json", "--max-tokens", "8", "--temperature", "0")
+    plain = run_cli(*args, home=tmp_path)
+    compiled = run_cli(*args, "--compile", home=tmp_path, timeout=300)
+    assert plain.returncode == 0 and compiled.returncode == 0, plain.stderr + compiled.stderr
+    plain, compiled = json.loads(plain.stdout), json.loads(compiled.stdout)
+    assert compiled["experts"]["compiled"] is True and plain["experts"]["compiled"] is False
+    assert compiled["answer"] == plain["answer"]
+    assert compiled["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 8
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(tiny_moe, tmp_path):
+    """Inductor's CPU code needs a C++ compiler; without one, `--compile` fails in one line, no traceback."""
+    env = {"CXX": "/nonexistent/c++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # nothing cached
+    r = run_cli("ask", "Hello there", "--model", str(tiny_moe[0]), "--max-tokens", "4", "--compile",
+                home=tmp_path, env_extra=env, timeout=300)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith("localmoe: error: torch.compile failed") and "compiler" in lines[0], lines[0]
+
+
 def test_engine_options_on_a_gguf_are_refused(tmp_path, smollm):
     r = run_cli("ask", "hi", "--model", str(smollm.path), "--expert-dtype", "int8", home=tmp_path)
     assert r.returncode != 0

@@ -93,6 +93,15 @@ class ExpertWeights:
         gate, up = self._linear(x, 0).chunk(2, dim=-1)
         return self._linear(F.silu(gate) * up, 1)
 
+    def ffn_add(self, x: Tensor, weight: float, out: Tensor) -> None:
+        """out += weight × ffn(x), fusing the scale and the sum into the down projection's matmul where it can."""
+        w = self.mats[1]
+        if self.scales is None and self.dtype == "float32" and w.dtype == x.dtype and x.dim() == 2:
+            gate, up = F.linear(x, self.mats[0]).chunk(2, dim=-1)
+            out.addmm_(F.silu(gate).mul_(up), w.t(), alpha=weight)
+        else:
+            out.add_(self.ffn(x), alpha=weight)
+
 
 # --- per-layer caches -------------------------------------------------------------------------------------
 

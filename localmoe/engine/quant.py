@@ -6,7 +6,9 @@ float32's bytes and runs 2-6x faster; torch's weight-only int8 kernel is slower 
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from functools import cache
 
 import torch
@@ -23,7 +25,7 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 class Int8Linear:
     """y = x · Wᵀ with W held as packed int8 (fbgemm/onednn/qnnpack, whichever torch's quantized engine is)."""
 
-    __slots__ = ("packed", "out_features", "nbytes")
+    __slots__ = ("packed", "out_features", "nbytes", "handle", "__weakref__")
 
     def __init__(self, w: Tensor) -> None:
         q, scale = quantize_rows(w.float())
@@ -36,9 +38,27 @@ class Int8Linear:
             self.packed = torch.ops.quantized.linear_prepack(qt, None)
         self.out_features = n
         self.nbytes = q.numel() + 4 * n
+        self.handle = next(_next_handle)
+        _LINEARS[self.handle] = self
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # packed params are an object torch.compile cannot trace: an opaque op
+            return torch.ops.localmoe.int8_linear(x, self.handle, self.out_features)
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, _REDUCE_RANGE)
+
+
+_LINEARS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+_next_handle = itertools.count()
+
+
+@torch.library.custom_op("localmoe::int8_linear", mutates_args=())
+def _int8_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return _LINEARS[handle](x)
+
+
+@_int8_linear.register_fake
+def _(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 # Full 8-bit activations halve the error, but AVX2's int8 dot product (vpmaddubsw) can saturate its int16 sums with

@@ -8,11 +8,14 @@ transformers is the test oracle only; nothing here imports it.
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -333,8 +336,10 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, a.n_kv_heads, a.head_dim)
         if self.q_norm is not None and self.k_norm is not None and self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # RoPE on q and k heads at once: half the small ops of a decode step's rotation
+        qk = apply_rope(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)
+        q, k = qk.split((a.n_heads, a.n_kv_heads), dim=1)
+        v = v.transpose(1, 2)
         k, v = self.kv_cache.update(input_pos, k, v)
         # Only the filled part of the cache (the mask's width): attending over all max_seq_length slots would read
         # the whole cache every decode step. GQA natively: no repeated copies of K and V.
@@ -357,6 +362,9 @@ class MoE(nn.Module):
         self.top_p: float | None = None  # adaptive expert count (see route)
         self.replay: TraceReplay | None = None  # benchmark switch: route by a recorded trace
         self.last_topk: Tensor | None = None  # (tokens, k) expert ids of the last call, -1 where unused
+        self.handle = _register(self)
+        # set by Transformer: the next layer's MoE, whose experts this one prefetches (not a submodule)
+        self.__dict__["next_moe"] = None
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(weights, expert ids), each (tokens, k), highest weight first.
@@ -380,10 +388,25 @@ class MoE(nn.Module):
             idx = idx.masked_fill(~keep, -1)
         return top, idx
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, predicted: Tensor | None = None) -> Tensor:
+        """`predicted`: the next layer's likely experts, to prefetch while this layer's run."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.route(x)
+        if torch.compiler.is_compiling():  # the expert loop as one opaque op: the rest of the model stays one graph
+            out = torch.ops.localmoe.moe_experts(x, weights, idx, self.handle, predicted)
+        else:
+            out = self.experts(x, weights, idx, predicted)
+        if self.shared is not None and self.shared_expert_gate is not None:
+            w_gate, w_up, w_down = self.shared
+            shared = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
+        return out.view(shape)
+
+    def experts(self, x: Tensor, weights: Tensor, idx: Tensor, predicted: Tensor | None = None) -> Tensor:
+        """Σ over each token's chosen experts of weight × expert(token)."""
+        if predicted is not None:
+            self.prefetch_next(predicted)
         if self.replay is not None:
             idx = self.replay.take(self.layer, x.shape[0]).to(idx.device)
         self.last_topk = idx
@@ -397,10 +420,10 @@ class MoE(nn.Module):
         stats.tokens += x.shape[0]
         try:
             if x.shape[0] == 1:  # decode: no gather/scatter for one token (same sums, same order)
-                ids = rows[0]
+                ids, scale = rows[0], weights[0].tolist()
                 stats.experts_used += len(experts)
                 for expert in experts:
-                    out += store.get(self.layer, expert).ffn(x) * weights[0, ids.index(expert)]
+                    store.get(self.layer, expert).ffn_add(x, scale[ids.index(expert)], out)
             else:
                 stats.experts_used += int((idx >= 0).sum())
                 for expert in experts:
@@ -409,11 +432,37 @@ class MoE(nn.Module):
                     out.index_add_(0, tokens, ye * weights[tokens, slot, None])
         finally:
             store.end_step(self.layer)
-        if self.shared is not None and self.shared_expert_gate is not None:
-            w_gate, w_up, w_down = self.shared
-            shared = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
-        return out.view(shape)
+        return out
+
+
+    def prefetch_next(self, predicted: Tensor) -> None:
+        nxt = self.next_moe
+        if nxt is None:
+            return
+        if nxt.replay is not None:
+            predicted = nxt.replay.peek(nxt.layer)  # a replayed trace knows the next layer's choice exactly
+        self.store.prefetch(nxt.layer, [e for e in predicted.tolist() if e >= 0])
+
+
+_MOES: weakref.WeakValueDictionary[int, MoE] = weakref.WeakValueDictionary()
+_next_handle = itertools.count()
+
+
+def _register(moe: MoE) -> int:
+    """An int naming `moe` in the custom op below (custom ops take tensors and numbers, not modules)."""
+    handle = next(_next_handle)
+    _MOES[handle] = moe
+    return handle
+
+
+@torch.library.custom_op("localmoe::moe_experts", mutates_args=())
+def _moe_experts(x: Tensor, weights: Tensor, idx: Tensor, handle: int, predicted: Tensor | None) -> Tensor:
+    return _MOES[handle].experts(x, weights, idx, predicted)
+
+
+@_moe_experts.register_fake
+def _(x: Tensor, weights: Tensor, idx: Tensor, handle: int, predicted: Tensor | None) -> Tensor:
+    return torch.empty_like(x)
 
 
 class TraceReplay:
@@ -453,25 +502,21 @@ class TransformerBlock(nn.Module):
         self.moe = MoE(args, layer, w, store)
         self.attention_norm = RMSNorm(w["input_layernorm"], args.norm_eps)
         self.ffn_norm = RMSNorm(w["post_attention_layernorm"], args.norm_eps)
-        self.next: TransformerBlock | None = None  # the following block, whose experts this one predicts
+        self.__dict__["next"] = None  # the following block, whose experts this one predicts (set by Transformer)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
-        if self.next is not None and self.moe.store.prefetching:
-            self.predict_next(h)
-        return h + self.moe(self.ffn_norm(h))
+        predicted = self.predict_next(h) if self.next is not None and self.moe.store.prefetching else None
+        return h + self.moe(self.ffn_norm(h), predicted)
 
-    def predict_next(self, h: Tensor) -> None:
+    def predict_next(self, h: Tensor) -> Tensor:
         """Pre-gating: the next layer's router applied to this layer's hidden state (of the last token) names the
-        experts it will probably want; the store starts loading them while this layer computes."""
+        experts it will probably want; this layer's MoE has the store start loading them before its own experts
+        run."""
         nxt = self.next
         assert nxt is not None
-        if nxt.moe.replay is not None:
-            ids = nxt.moe.replay.peek(nxt.moe.layer)  # a replayed trace knows the next layer's choice exactly
-        else:
-            logits = F.linear(nxt.ffn_norm(h[0, -1:]), nxt.moe.router)
-            ids = torch.topk(logits, self.moe.args.top_k, dim=-1).indices[0]
-        nxt.moe.store.prefetch(nxt.moe.layer, [e for e in ids.tolist() if e >= 0])
+        logits = F.linear(nxt.ffn_norm(h[0, -1:]), nxt.moe.router)
+        return torch.topk(logits, self.moe.args.top_k, dim=-1).indices[0]
 
 
 class Transformer(nn.Module):
@@ -484,7 +529,8 @@ class Transformer(nn.Module):
             TransformerBlock(args, i, _layer_weights(args, ckpt, i), store) for i in range(args.n_layers)
         )
         for block, nxt in zip(self.layers[:-1], self.layers[1:], strict=True):
-            block.next = nxt
+            block.__dict__["next"] = nxt  # a plain reference: registered, it would nest every later layer in this one
+            block.moe.__dict__["next_moe"] = nxt.moe
         self.norm = RMSNorm(ckpt.get("model.norm.weight", (args.dim,)), args.norm_eps)
         self.output = (
             self.tok_embeddings if args.tie_embeddings else ckpt.get("lm_head.weight", (args.vocab_size, args.dim))
@@ -518,6 +564,16 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attention.wqkv = Int8Linear(block.attention.wqkv)
             block.attention.wo = Int8Linear(block.attention.wo)
+
+
+def _root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost of the exceptions torch.compile wraps around each other."""
+    seen = {id(e)}
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().endswith("raised:")]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _linear(x: Tensor, w: Tensor | Int8Linear, bias: Tensor | None = None) -> Tensor:
@@ -618,7 +674,8 @@ class TorchMoEEngine:
     a background thread; off by default), `expert_dtype` (float32, bfloat16, int8),
     `device` (cpu, cuda, mps; default CUDA when present), `dense_dtype` (float32; int8 quantises the attention
     projections and the output head, CPU only), `expert_top_p` (adaptive expert count), `telemetry`
-    (record the experts of every token in `routing`)."""
+    (record the experts of every token in `routing`), `compile` (torch.compile the dense part of each layer: a
+    one-off compile of several seconds on the first prompt and first decode step for fewer, fused ops after it)."""
 
     backend = "torch"  # as ModelRef.backend and create_engine name it
 
@@ -638,6 +695,7 @@ class TorchMoEEngine:
         expert_top_p: float | None = None,
         telemetry: bool = False,
         dense_dtype: str = "float32",
+        compile: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.fast_memory, self.warm_memory = fast_memory, warm_memory
@@ -652,10 +710,11 @@ class TorchMoEEngine:
         self.expert_top_p, self.telemetry = expert_top_p, telemetry
         if dense_dtype not in ("float32", "int8"):
             raise LocalmoeError(f"unknown dense dtype {dense_dtype!r} (float32 or int8)")
-        self.dense_dtype = dense_dtype
+        self.dense_dtype, self.compile = dense_dtype, compile
         self.device = torch.device("cpu")
         self.args: ModelArgs | None = None
         self.model: Transformer | None = None
+        self._run: Any = None  # the model, or its torch.compile wrapper
         self.store: ExpertStore | None = None
         self._ckpt: Checkpoint | None = None
         self._stats = GenerationStats()
@@ -708,6 +767,14 @@ class TorchMoEEngine:
         for moe in model.moes:
             moe.top_p = self.expert_top_p
         self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
+        # dynamic: one graph for every prompt length and cache position (a decode step, length 1, gets its own)
+        self._run = model
+        if self.compile:
+            if not os.environ.get("TORCH_LOGS"):  # torch's warnings would precede our one-line error on failure
+                torch._logging.set_logs(dynamo=logging.ERROR, inductor=logging.ERROR)
+            # each engine's modules are new objects to dynamo's guards: room for more than a few engines a process
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._run = torch.compile(model, dynamic=True)
         self.device = torch.device(device)
 
     @property
@@ -743,6 +810,7 @@ class TorchMoEEngine:
             "prefetch": store.prefetching if store else None,
             "expert_dtype": self.expert_dtype,
             "device": str(self.device),
+            "compiled": self.compile,
             **total,
             "layers": [s.to_dict() for s in store.stats] if store else [],
         }
@@ -796,7 +864,11 @@ class TorchMoEEngine:
         self.forward_calls += 1
         dev = self.device
         with torch.inference_mode():
-            out = model(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)[0]
+            idx, pos = torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev)
+            if self.compile:
+                out = self._compiled(idx, pos, end)
+            else:
+                out = model(idx, pos, end)[0]
         if self.telemetry:
             per_layer = [[[e for e in row if e >= 0] for row in moe.last_topk.tolist()] for moe in model.moes
                          if moe.last_topk is not None]
@@ -806,6 +878,14 @@ class TorchMoEEngine:
                 self.routing.append(TraceToken(pos, token, "prompt" if pos < n_prompt else "decode",
                                                [layer[i] for layer in per_layer]))
         return out.float().cpu() if out.device.type != "cpu" else out
+
+    def _compiled(self, idx: Tensor, pos: Tensor, end: int) -> Tensor:
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            return self._run(idx, pos, end)[0]
+        except TorchDynamoException as e:  # no C++ compiler, an unsupported device, ...
+            raise LocalmoeError(f"torch.compile failed ({_root_cause(e)}); run without compile") from None
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0."""
