@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--only", help="run only the runs whose name contains this text")
     ap.add_argument("--write-from", type=Path, help="write RESULTS.md's section from a results file, then stop")
     ap.add_argument("--commit", default="?", help="with --write-from: the engine commit that produced the file")
     args = ap.parse_args()
@@ -112,16 +113,20 @@ def main() -> None:
     trace = cachesim.synthetic_trace(400, 8, 32, 4, seed=1)
     runs = {
         "resident": dict(),
+        "resident, compiled": dict(compile=True),
         "resident int8": dict(expert_dtype="int8"),
         "resident bf16": dict(expert_dtype="bfloat16"),
         "25% VRAM + warm RAM, prefetch": dict(fast_memory=quarter, prefetch=True),
         "25% VRAM + warm RAM, no prefetch": dict(fast_memory=quarter, prefetch=False),
+        "25% VRAM + warm RAM, no prefetch, compiled": dict(fast_memory=quarter, prefetch=False, compile=True),
         "25% VRAM + disk, prefetch": dict(fast_memory=quarter, warm_memory=0, prefetch=True),
         "25% VRAM + disk, no prefetch": dict(fast_memory=quarter, warm_memory=0, prefetch=False),
     }
     results: dict[str, dict] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                                 "tokens": args.tokens}
     for name, opts in runs.items():
+        if args.only and args.only not in name:
+            continue
         for replay in (None, trace) if "25%" in name else (None,):
             label = name + (", locality trace" if replay is not None else "")
             engine = TorchMoEEngine(path, device=args.device, max_seq_length=512, **opts)

@@ -292,15 +292,21 @@ def resident(args: argparse.Namespace) -> None:
     n_exp = sizes["n_experts"]
     runners: dict[str, Any] = {}
     active: dict[str, int] = {}
-    for dtype in ("float32", "int8", "bfloat16", "int8 dense"):
+    variants = ["float32", "int8", "bfloat16", "int8 dense"]
+    if not args.no_compile:
+        variants += ["float32 compiled", "int8 dense compiled"]
+    for variant in variants:
+        dtype = variant.removesuffix(" compiled")
         opts = {"expert_slots": n_exp, "prefetch": False} if dtype == "float32" else \
             {"expert_slots": n_exp, "prefetch": False, "expert_dtype": dtype.split()[0]}
         if dtype == "int8 dense":  # attention and output head in int8 too, as q8_0 has them
             opts["dense_dtype"] = "int8"
+        if variant.endswith("compiled"):
+            opts["compile"] = True
         eng = open_ours(hf, **opts)
-        if eng is None and dtype == "float32":
+        if eng is None and dtype == "float32" and "compile" not in opts:
             eng = open_ours(hf, expert_slots=n_exp)  # an engine without the prefetch option
-        name = f"ours {dtype}"
+        name = f"ours {variant}"
         active[name] = sizes["active"][dtype] if dtype in sizes["active"] else \
             sizes["active"]["int8"] - sizes["dense_read"] * 3 // 4
         if eng is not None:
@@ -334,9 +340,14 @@ def resident(args: argparse.Namespace) -> None:
     rows = [f"| {name} | {fmt(tps[name])} | {active[name] / MB:.0f} | {roof[name]:.1f} | "
             f"{fmt(ratio(tps[name], roof[name]), '.2f')} | {', '.join(f'{x:.1f}' for x in runs[name]) or '-'} |"
             for name in active]
+    compiled = {k: tps.get(f"ours {k} compiled") for k in ("float32", "int8 dense")}
     checks = [
         ("ours f32 / roofline (f32 experts)", ratio(tps["ours float32"], roof["ours float32"]), 0.8),
         ("ours f32 / llama.cpp f32", ratio(tps["ours float32"], tps["llama.cpp f32"]), 0.9),
+        ("ours f32 compiled / roofline", ratio(compiled["float32"], roof["ours float32"]), 0.8),
+        ("ours f32 compiled / llama.cpp f32", ratio(compiled["float32"], tps["llama.cpp f32"]), 0.9),
+        ("ours int8 (experts and dense) compiled / llama.cpp q8_0", ratio(compiled["int8 dense"],
+                                                                          tps["llama.cpp q8_0"]), 0.8),
         ("ours int8 (experts) / llama.cpp q8_0", ratio(tps["ours int8"], tps["llama.cpp q8_0"]), None),
         ("ours int8 (experts and dense) / llama.cpp q8_0", ratio(tps["ours int8 dense"], tps["llama.cpp q8_0"]), 0.8),
         ("ours bf16 / llama.cpp f32", ratio(tps["ours bfloat16"], tps["llama.cpp f32"]), None),
@@ -349,7 +360,7 @@ def resident(args: argparse.Namespace) -> None:
 Command: `{command_line()}` ({time.strftime('%Y-%m-%d')}, 2 cores, {THREADS} threads, greedy, {args.tokens} decode
 tokens after a {len(ids)}-token chat prompt, median of {args.reps} alternating runs in one process, after a warm-up;
 our engine holds all {n_exp} experts per layer, read in by `engine.preload()` before the runs, prefetch off;
-engine commit `{engine_commit()}`).
+"compiled": `compile=True` (`--compile`), compiled during the warm-up; engine commit `{engine_commit()}`).
 
 Read bandwidth: **{bw / 1e9:.1f} GB/s** (best of 10 sums of a 1 GiB float32 tensor, torch, {THREADS} threads, measured
 before and after the runs: {bw_before / 1e9:.1f} and {bw_after / 1e9:.1f} GB/s). llama.cpp f32 moved
@@ -879,6 +890,7 @@ def main() -> None:
     p = sub.add_parser("resident", help="fully resident decode tok/s vs llama.cpp and the roofline")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     p.add_argument("--write", action="store_true")
     p = sub.add_parser("capped", help="memory-capped decode tok/s vs llama.cpp (mmap) and accelerate offload")
     p.add_argument("--tokens", type=int, default=32)
