@@ -82,11 +82,13 @@ greedy decode repeats itself and so hits unrealistically often.
 
 {chr(10).join(rows)}
 
-Reading (run of the engine at commit {commit}): see the rows above — the warm tier keeps a quarter-resident
-model close to resident speed on router traffic and several times faster than disk misses on the locality trace.
+Reading (run of the engine at commit {commit}): the warm tier keeps a quarter-resident model close to resident
+speed on router traffic and several times faster than disk misses on the locality trace. "compiled"
+(`compile=True`): triton kernels for the dense part of each layer, the expert loop an opaque op in the same graph;
+it helps most where the GPU waits on kernel launches (resident, warm-tier hits) and not where copies dominate.
 Prefetch raises the hit rate on the trace but costs speed on this GPU: each prediction synchronises with the
-device and the loader thread competes for the GIL; at this model size the engine is launch-bound (eager
-PyTorch, one token at a time), so the H100 decodes only a few times faster than 2 CPU cores.
+device and the loader thread competes for the GIL; at this model size the engine is launch-bound (one token at a
+time, one kernel per expert matmul), so the H100 decodes only a few times faster than 2 CPU cores.
 """)
 
 

@@ -100,3 +100,19 @@ def test_gpu_compiled_engine_matches_transformers(checkpoint):
     s = engine.cache_stats()
     assert s["compiled"] and s["prefetches"] > 0 and s["warm_hits"] > 0
     engine.close()
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_gpu_copy_ahead_prefetch_from_the_warm_tier(checkpoint, slots):
+    """With the warm tier, a prefetch is an asynchronous copy on the side stream issued by the compute thread (the
+    compute stream waits on its event where the expert is used): same logits, and predictions that hit count."""
+    _, path, model = checkpoint
+    engine = TorchMoEEngine(path, device="cuda", expert_slots=slots, prefetch=True)
+    chosen, rows = engine.decode_logits(PROMPT, STEPS)
+    want = _reference(model, PROMPT + chosen[:-1])[len(PROMPT) - 1:]
+    assert np.abs(rows - want).max() <= TOL
+    assert chosen == [int(r.argmax()) for r in want]
+    s = engine.cache_stats()
+    assert s["prefetches"] > 0 and s["prefetch_hits"] > 0 and s["warm_hits"] > 0
+    assert s["prefetch_hits"] + s["wasted_prefetches"] <= s["prefetches"]
+    engine.close()

@@ -270,6 +270,7 @@ class ExpertStore:
         self._unused_prefetch: list[set[int]] = [set() for _ in range(n_layers)]
         self._in_use: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
         self._predicted: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
+        self._copied: dict[tuple[int, int], Any] = {}  # copy-ahead's CUDA event per expert not yet used
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="localmoe-prefetch") if prefetch else None
         if self.slots < n_experts:
             _return_big_blocks_to_the_os()
@@ -304,15 +305,20 @@ class ExpertStore:
                 if expert in self._unused_prefetch[layer]:
                     self._unused_prefetch[layer].discard(expert)
                     st.prefetch_hits += 1
-                return found
-            future = self._pending.get((layer, expert))
-            if future is not None and future.cancel():
-                future = None  # a prefetch still queued behind others: read it now rather than wait for the queue
-            if future is None:  # a demand load, registered so a prefetch of the same expert waits for it
-                future = self._pending[(layer, expert)] = Future()
-                demand = True
+                copied = self._copied.pop((layer, expert), None)
             else:
-                demand = False
+                future = self._pending.get((layer, expert))
+                if future is not None and future.cancel():
+                    future = None  # a prefetch still queued behind others: read it now, not after the queue
+                if future is None:  # a demand load, registered so a prefetch of the same expert waits for it
+                    future = self._pending[(layer, expert)] = Future()
+                    demand = True
+                else:
+                    demand = False
+        if found is not None:
+            if copied is not None:  # the compute stream's next kernels wait for the copy (the host does not)
+                torch.cuda.current_stream(self.device).wait_event(copied)
+            return found
         t0 = time.perf_counter()
         if demand:
             try:
@@ -350,9 +356,34 @@ class ExpertStore:
             with self._lock:
                 if expert in self.layers[layer] or (layer, expert) in self._pending:
                     continue
-                future: Future[ExpertWeights] = Future()
-                self._pending[(layer, expert)] = future
-            self._pool.submit(self._prefetch_one, layer, expert, future)
+                host = self.warm[layer].lookup(expert) if self.warm is not None and self._copy_stream else None
+                if host is None:
+                    future: Future[ExpertWeights] = Future()
+                    self._pending[(layer, expert)] = future
+            if host is not None:
+                self._copy_ahead(layer, expert, host)
+            else:
+                self._pool.submit(self._prefetch_one, layer, expert, future)
+
+    def _copy_ahead(self, layer: int, expert: int, host: ExpertWeights) -> None:
+        """Prefetch from the warm tier: an asynchronous copy on the side stream, issued by the compute thread
+        itself — no loader thread to hand the GIL to, and the compute stream waits for it only where the expert
+        is used (get)."""
+        assert self._copy_stream is not None
+        with torch.cuda.stream(self._copy_stream):
+            weights = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        compute = torch.cuda.current_stream(self.device)
+        for t in (*weights.mats, *(weights.scales or ())):
+            t.record_stream(compute)  # freed blocks wait for the compute stream before they are reused
+        with self._lock:
+            st = self.stats[layer]
+            st.prefetches += 1
+            st.bytes_copied += host.nbytes
+            self._insert(layer, expert, weights, self._predicted[layer])
+            self._unused_prefetch[layer].add(expert)
+            self._copied[(layer, expert)] = done
 
     def _prefetch_one(self, layer: int, expert: int, future: Future[ExpertWeights]) -> None:
         if not future.set_running_or_notify_cancel():
@@ -374,6 +405,8 @@ class ExpertStore:
     def _insert(self, layer: int, expert: int, weights: ExpertWeights, keep: frozenset[int] = frozenset()) -> None:
         """Under the lock."""
         evicted = self.layers[layer].insert(expert, weights, self._in_use[layer] | keep)
+        if evicted is not None:
+            self._copied.pop((layer, evicted), None)
         if evicted is not None and evicted in self._unused_prefetch[layer]:
             self._unused_prefetch[layer].discard(evicted)
             self.stats[layer].wasted_prefetches += 1

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -772,6 +773,8 @@ class TorchMoEEngine:
         if self.compile:
             if not os.environ.get("TORCH_LOGS"):  # torch's warnings would precede our one-line error on failure
                 torch._logging.set_logs(dynamo=logging.ERROR, inductor=logging.ERROR)
+                # advice to the compiler's developers (TF32, online softmax), not to someone chatting
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
             # each engine's modules are new objects to dynamo's guards: room for more than a few engines a process
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._run = torch.compile(model, dynamic=True)
