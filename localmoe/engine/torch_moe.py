@@ -768,7 +768,6 @@ class TorchMoEEngine:
         for moe in model.moes:
             moe.top_p = self.expert_top_p
         self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
-        # dynamic: one graph for every prompt length and cache position (a decode step, length 1, gets its own)
         self._run = model
         if self.compile:
             if not os.environ.get("TORCH_LOGS"):  # torch's warnings would precede our one-line error on failure
@@ -776,9 +775,24 @@ class TorchMoEEngine:
                 # advice to the compiler's developers (TF32, online softmax), not to someone chatting
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
             # each engine's modules are new objects to dynamo's guards: room for more than a few engines a process
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            cfg = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            setattr(cfg, limit, max(getattr(cfg, limit), 64))
+            # dynamic: one graph for every prompt length and cache position (a decode step, length 1, gets its own)
             self._run = torch.compile(model, dynamic=True)
         self.device = torch.device(device)
+        if self.compile:
+            self._compile_now()
+
+    def _compile_now(self) -> None:
+        """Compile at load (a 2-token prompt, then one decode step) rather than inside the first answer's timing;
+        the KV cache rows written here are overwritten by every later sequence, and the counters are reset."""
+        dev = self.device
+        with torch.inference_mode():
+            self._compiled(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2)
+            self._compiled(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.arange(2, 3, device=dev), 3)
+        assert self.store is not None
+        self.store.reset_stats()
 
     @property
     def loaded(self) -> bool:
