@@ -37,18 +37,23 @@ def _reference(model, tokens):
         return model(torch.tensor([tokens])).logits[0].numpy()
 
 
-@pytest.mark.parametrize("slots,warm", [(None, None), (1, None), (1, 0), (2, None)])
-def test_gpu_fast_tier_matches_transformers(checkpoint, slots, warm):
-    """warm=None: the warm tier takes the detected RAM (every expert fits); warm=0: no warm tier, misses go to
-    disk. Prefetch runs on a side CUDA stream whenever the fast tier cannot hold every expert."""
-    arch, path, model = checkpoint
-    engine = TorchMoEEngine(path, device="cuda", expert_slots=slots, warm_memory=warm)
+def _assert_matches(engine, model) -> None:
+    """The prompt's logits and STEPS greedy steps' within TOL of transformers on the CPU, the same tokens."""
     got = engine.logits(PROMPT)
     assert np.abs(got - _reference(model, PROMPT)).max() <= TOL
     chosen, rows = engine.decode_logits(PROMPT, STEPS)
     want = _reference(model, PROMPT + chosen[:-1])[len(PROMPT) - 1:]
     assert np.abs(rows - want).max() <= TOL
     assert chosen == [int(r.argmax()) for r in want]
+
+
+@pytest.mark.parametrize("slots,warm", [(None, None), (1, None), (1, 0), (2, None)])
+def test_gpu_fast_tier_matches_transformers(checkpoint, slots, warm):
+    """warm=None: the warm tier takes the detected RAM (every expert fits); warm=0: no warm tier, misses go to
+    disk. Prefetch runs on a side CUDA stream whenever the fast tier cannot hold every expert."""
+    arch, path, model = checkpoint
+    engine = TorchMoEEngine(path, device="cuda", expert_slots=slots, warm_memory=warm)
+    _assert_matches(engine, model)
     s = engine.cache_stats()
     assert s["device"].startswith("cuda")
     n_experts = SHAPES[arch]["experts"]
@@ -91,12 +96,7 @@ def test_gpu_compiled_engine_matches_transformers(checkpoint):
     the warm tier and prefetch: the same logits as transformers."""
     _, path, model = checkpoint
     engine = TorchMoEEngine(path, device="cuda", expert_slots=1, prefetch=True, compile=True)
-    got = engine.logits(PROMPT)
-    assert np.abs(got - _reference(model, PROMPT)).max() <= TOL
-    chosen, rows = engine.decode_logits(PROMPT, STEPS)
-    want = _reference(model, PROMPT + chosen[:-1])[len(PROMPT) - 1:]
-    assert np.abs(rows - want).max() <= TOL
-    assert chosen == [int(r.argmax()) for r in want]
+    _assert_matches(engine, model)
     s = engine.cache_stats()
     assert s["compiled"] and s["prefetches"] > 0 and s["warm_hits"] > 0
     engine.close()
@@ -108,10 +108,7 @@ def test_gpu_copy_ahead_prefetch_from_the_warm_tier(checkpoint, slots):
     compute stream waits on its event where the expert is used): same logits, and predictions that hit count."""
     _, path, model = checkpoint
     engine = TorchMoEEngine(path, device="cuda", expert_slots=slots, prefetch=True)
-    chosen, rows = engine.decode_logits(PROMPT, STEPS)
-    want = _reference(model, PROMPT + chosen[:-1])[len(PROMPT) - 1:]
-    assert np.abs(rows - want).max() <= TOL
-    assert chosen == [int(r.argmax()) for r in want]
+    _assert_matches(engine, model)
     s = engine.cache_stats()
     assert s["prefetches"] > 0 and s["prefetch_hits"] > 0 and s["warm_hits"] > 0
     assert s["prefetch_hits"] + s["wasted_prefetches"] <= s["prefetches"]

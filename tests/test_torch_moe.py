@@ -124,18 +124,23 @@ def test_cache_size_changes_counts_not_logits(checkpoint):
     assert full[2] > one[2]
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "fifo"])
-def test_one_slot_under_every_policy_with_prefetch_matches_transformers(checkpoint, policy):
-    """The smallest cache (1 slot per layer) under each policy, prefetching from the routers: the same logits as
-    transformers (≤ 1e-4) for the prompt and 8 greedy steps. Cache size, policy and prefetch change only speed."""
-    arch, path, model = checkpoint
-    engine = TorchMoEEngine(path, expert_slots=1, cache_policy=policy, prefetch=True)
+def _assert_matches(engine, model) -> None:
+    """The prompt's logits and 8 greedy steps' within 1e-4 of transformers, the same tokens chosen."""
     got = engine.logits(PROMPT)
     assert np.abs(got - _reference(model, PROMPT)).max() <= 1e-4
     chosen, rows = engine.decode_logits(PROMPT, DECODE_STEPS)
     want = _reference(model, PROMPT + chosen[:-1])[len(PROMPT) - 1:]
     assert np.abs(rows - want).max() <= 1e-4
     assert chosen == [int(r.argmax()) for r in want]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "fifo"])
+def test_one_slot_under_every_policy_with_prefetch_matches_transformers(checkpoint, policy):
+    """The smallest cache (1 slot per layer) under each policy, prefetching from the routers: the same logits as
+    transformers (≤ 1e-4) for the prompt and 8 greedy steps. Cache size, policy and prefetch change only speed."""
+    arch, path, model = checkpoint
+    engine = TorchMoEEngine(path, expert_slots=1, cache_policy=policy, prefetch=True)
+    _assert_matches(engine, model)
     stats = engine.cache_stats()
     assert stats["policy"] == policy and stats["slots"] == 1 and stats["prefetches"] > 0
     engine.close()
@@ -146,12 +151,7 @@ def test_compiled_engine_matches_transformers(checkpoint):
     prefetch from the in-graph prediction: the same logits as transformers (≤ 1e-4) for the prompt and 8 steps."""
     arch, path, model = checkpoint
     engine = TorchMoEEngine(path, expert_slots=1, prefetch=True, compile=True)
-    got = engine.logits(PROMPT)
-    assert np.abs(got - _reference(model, PROMPT)).max() <= 1e-4
-    chosen, rows = engine.decode_logits(PROMPT, DECODE_STEPS)
-    want = _reference(model, PROMPT + chosen[:-1])[len(PROMPT) - 1:]
-    assert np.abs(rows - want).max() <= 1e-4
-    assert chosen == [int(r.argmax()) for r in want]
+    _assert_matches(engine, model)
     stats = engine.cache_stats()
     assert stats["prefetches"] > 0 and stats["misses"] > 0
     import torch._dynamo.utils
