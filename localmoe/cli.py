@@ -50,11 +50,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prompt = _prompt_arg(args)
     overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
+    options = _engine_options(args)
     if args.backend and not args.model:
         raise LocalmoeError("--backend needs --model (a .gguf file or a checkpoint directory)")
-    if _engine_options(args) and not args.model:
-        raise LocalmoeError(f"--{next(iter(_engine_options(args))).replace('_', '-')} needs --model "
-                            "(a Hugging Face checkpoint directory)")
+    if options and not args.model:
+        raise LocalmoeError(f"{_first_flag(options)} needs --model (a Hugging Face checkpoint directory)")
     if args.model:  # an explicit model: no routing
         from localmoe import models
 
@@ -63,10 +63,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         ref = models.resolve(args.model)
         if args.backend and ref.backend != args.backend:
             raise LocalmoeError(f"{args.model} runs on the {ref.backend} backend, not {args.backend}")
-        options = _engine_options(args)
-        if options and ref.backend != "torch":
-            raise LocalmoeError(f"--{next(iter(options)).replace('_', '-')} applies to the torch engine "
-                                f"(checkpoint directories), not to {ref.backend}")
+        _check_torch_options(options, ref)
         session = Session(ref, engine_options=options)
         session.config = GenerationConfig(**{**session.model.defaults, **overrides})
         target, closer, route = session, session.close, None
@@ -167,10 +164,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if options:
         from localmoe import models
 
-        ref = models.resolve(args.model) if args.model else models.default_model()
-        if ref.backend != "torch":
-            raise LocalmoeError(f"--{next(iter(options)).replace('_', '-')} applies to the torch engine "
-                                f"(checkpoint directories), not to {ref.backend}")
+        _check_torch_options(options, models.resolve(args.model) if args.model else models.default_model())
     session = Session(args.model, engine_options={"telemetry": True, **options})
     try:
         engine = session.engine
@@ -221,6 +215,17 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("fast_memory", "cache_policy", "expert_dtype", "dense_dtype", "device", "expert_top_p", "prefetch",
              "compile")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _first_flag(options: dict[str, Any]) -> str:
+    return "--" + next(iter(options)).replace("_", "-")
+
+
+def _check_torch_options(options: dict[str, Any], ref: Any) -> None:
+    """Torch-engine options on a model another engine runs are a mistake, said in one line, not ignored."""
+    if options and ref.backend != "torch":
+        raise LocalmoeError(f"{_first_flag(options)} applies to the torch engine (checkpoint directories), "
+                            f"not to {ref.backend}")
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:

@@ -369,14 +369,7 @@ class ExpertStore:
         """Prefetch from the warm tier: an asynchronous copy on the side stream, issued by the compute thread
         itself — no loader thread to hand the GIL to, and the compute stream waits for it only where the expert
         is used (get)."""
-        assert self._copy_stream is not None
-        with torch.cuda.stream(self._copy_stream):
-            weights = host.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
-        compute = torch.cuda.current_stream(self.device)
-        for t in (*weights.mats, *(weights.scales or ())):
-            t.record_stream(compute)  # freed blocks wait for the compute stream before they are reused
+        weights, done = self._side_copy(host)
         with self._lock:
             st = self.stats[layer]
             st.prefetches += 1
@@ -433,15 +426,23 @@ class ExpertStore:
         with self._lock:
             st.bytes_copied += host.nbytes
         if background and self._copy_stream is not None:
-            # copy on a side stream and wait for it here, so the compute stream never sees a half-copied expert
-            with torch.cuda.stream(self._copy_stream):
-                weights = host.to(self.device, non_blocking=True)
-            self._copy_stream.synchronize()
-            compute = torch.cuda.default_stream(self.device)
-            for t in (*weights.mats, *(weights.scales or ())):
-                t.record_stream(compute)  # freed blocks wait for the compute stream before they are reused
+            # wait for the copy here, so the compute stream never sees a half-copied expert
+            weights, done = self._side_copy(host)
+            done.synchronize()
             return weights, warm_hit
         return host.to(self.device, non_blocking=True), warm_hit
+
+    def _side_copy(self, host: ExpertWeights) -> tuple[ExpertWeights, Any]:
+        """`host` copied to the fast tier on the side stream, and a CUDA event recorded where the copy ends."""
+        assert self._copy_stream is not None
+        with torch.cuda.stream(self._copy_stream):
+            weights = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        compute = torch.cuda.default_stream(self.device)
+        for t in (*weights.mats, *(weights.scales or ())):
+            t.record_stream(compute)  # freed blocks wait for the compute stream before they are reused
+        return weights, done
 
     def totals(self) -> LayerStats:
         total = LayerStats()

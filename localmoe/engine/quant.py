@@ -6,13 +6,13 @@ float32's bytes and runs 2-6x faster; torch's weight-only int8 kernel is slower 
 
 from __future__ import annotations
 
-import itertools
 import warnings
-import weakref
 from functools import cache
 
 import torch
 from torch import Tensor
+
+from localmoe.engine.handles import Handles
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,8 +38,7 @@ class Int8Linear:
             self.packed = torch.ops.quantized.linear_prepack(qt, None)
         self.out_features = n
         self.nbytes = q.numel() + 4 * n
-        self.handle = next(_next_handle)
-        _LINEARS[self.handle] = self
+        self.handle = _LINEARS.add(self)
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # packed params are an object torch.compile cannot trace: an opaque op
@@ -47,8 +46,7 @@ class Int8Linear:
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, _REDUCE_RANGE)
 
 
-_LINEARS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
-_next_handle = itertools.count()
+_LINEARS = Handles()
 
 
 @torch.library.custom_op("localmoe::int8_linear", mutates_args=())

@@ -8,7 +8,6 @@ transformers is the test oracle only; nothing here imports it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -16,7 +15,6 @@ import os
 import sys
 import threading
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 from localmoe import chat_template
 from localmoe.engine import DecodeClock, GenerationConfig, GenerationStats, Message, token_budget
 from localmoe.engine.expert_store import EXPERT_DTYPES, ExpertStore, Loader
+from localmoe.engine.handles import Handles
 from localmoe.engine.quant import Int8Linear, int8_linear_available
 from localmoe.errors import LocalmoeError
 from localmoe.plan import CheckpointPlan, TensorInfo, plan_checkpoint, read_safetensors_header
@@ -363,7 +362,7 @@ class MoE(nn.Module):
         self.top_p: float | None = None  # adaptive expert count (see route)
         self.replay: TraceReplay | None = None  # benchmark switch: route by a recorded trace
         self.last_topk: Tensor | None = None  # (tokens, k) expert ids of the last call, -1 where unused
-        self.handle = _register(self)
+        self.handle = _MOES.add(self)
         # set by Transformer: the next layer's MoE, whose experts this one prefetches (not a submodule)
         self.__dict__["next_moe"] = None
 
@@ -390,7 +389,7 @@ class MoE(nn.Module):
         return top, idx
 
     def forward(self, x: Tensor, predicted: Tensor | None = None) -> Tensor:
-        """`predicted`: the next layer's likely experts, to prefetch while this layer's run."""
+        """`predicted`: the next layer's likely experts, to prefetch while this layer's experts run."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.route(x)
@@ -435,7 +434,6 @@ class MoE(nn.Module):
             store.end_step(self.layer)
         return out
 
-
     def prefetch_next(self, predicted: Tensor) -> None:
         nxt = self.next_moe
         if nxt is None:
@@ -445,15 +443,7 @@ class MoE(nn.Module):
         self.store.prefetch(nxt.layer, [e for e in predicted.tolist() if e >= 0])
 
 
-_MOES: weakref.WeakValueDictionary[int, MoE] = weakref.WeakValueDictionary()
-_next_handle = itertools.count()
-
-
-def _register(moe: MoE) -> int:
-    """An int naming `moe` in the custom op below (custom ops take tensors and numbers, not modules)."""
-    handle = next(_next_handle)
-    _MOES[handle] = moe
-    return handle
+_MOES = Handles()  # the expert loop of each MoE layer, for the custom op below
 
 
 @torch.library.custom_op("localmoe::moe_experts", mutates_args=())
@@ -675,8 +665,8 @@ class TorchMoEEngine:
     a background thread; off by default), `expert_dtype` (float32, bfloat16, int8),
     `device` (cpu, cuda, mps; default CUDA when present), `dense_dtype` (float32; int8 quantises the attention
     projections and the output head, CPU only), `expert_top_p` (adaptive expert count), `telemetry`
-    (record the experts of every token in `routing`), `compile` (torch.compile the dense part of each layer: a
-    one-off compile of several seconds on the first prompt and first decode step for fewer, fused ops after it)."""
+    (record the experts of every token in `routing`), `compile` (torch.compile the dense part of each layer: fused
+    kernels after a one-off compile at load, tens of seconds on a few CPU cores)."""
 
     backend = "torch"  # as ModelRef.backend and create_engine name it
 
@@ -768,6 +758,7 @@ class TorchMoEEngine:
         for moe in model.moes:
             moe.top_p = self.expert_top_p
         self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
+        self.device = torch.device(device)
         self._run = model
         if self.compile:
             if not os.environ.get("TORCH_LOGS"):  # torch's warnings would precede our one-line error on failure
@@ -780,8 +771,6 @@ class TorchMoEEngine:
             setattr(cfg, limit, max(getattr(cfg, limit), 64))
             # dynamic: one graph for every prompt length and cache position (a decode step, length 1, gets its own)
             self._run = torch.compile(model, dynamic=True)
-        self.device = torch.device(device)
-        if self.compile:
             self._compile_now()
 
     def _compile_now(self) -> None:
@@ -789,8 +778,8 @@ class TorchMoEEngine:
         the KV cache rows written here are overwritten by every later sequence, and the counters are reset."""
         dev = self.device
         with torch.inference_mode():
-            self._compiled(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2)
-            self._compiled(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.arange(2, 3, device=dev), 3)
+            self._call(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2)
+            self._call(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.arange(2, 3, device=dev), 3)
         assert self.store is not None
         self.store.reset_stats()
 
@@ -881,11 +870,7 @@ class TorchMoEEngine:
         self.forward_calls += 1
         dev = self.device
         with torch.inference_mode():
-            idx, pos = torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev)
-            if self.compile:
-                out = self._compiled(idx, pos, end)
-            else:
-                out = model(idx, pos, end)[0]
+            out = self._call(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)
         if self.telemetry:
             per_layer = [[[e for e in row if e >= 0] for row in moe.last_topk.tolist()] for moe in model.moes
                          if moe.last_topk is not None]
@@ -896,7 +881,8 @@ class TorchMoEEngine:
                                                [layer[i] for layer in per_layer]))
         return out.float().cpu() if out.device.type != "cpu" else out
 
-    def _compiled(self, idx: Tensor, pos: Tensor, end: int) -> Tensor:
+    def _call(self, idx: Tensor, pos: Tensor, end: int) -> Tensor:
+        """The model (compiled or not) on one sequence: logits (n, vocab)."""
         from torch._dynamo.exc import TorchDynamoException
 
         try:
