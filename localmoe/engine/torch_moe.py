@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from localmoe import chat_template
-from localmoe.engine import DecodeClock, GenerationConfig, GenerationStats, Message, token_budget
+from localmoe.engine import DecodeClock, GenerationConfig, GenerationStats, Message, native, token_budget
 from localmoe.engine.expert_store import EXPERT_DTYPES, ExpertStore, Loader
 from localmoe.engine.handles import Handles
 from localmoe.engine.quant import Int8Linear, int8_linear_available
@@ -362,6 +362,7 @@ class MoE(nn.Module):
         self.top_p: float | None = None  # adaptive expert count (see route)
         self.replay: TraceReplay | None = None  # benchmark switch: route by a recorded trace
         self.last_topk: Tensor | None = None  # (tokens, k) expert ids of the last call, -1 where unused
+        self.native = False  # one-token float32 experts through native.moe_decode (set by the engine on a CPU)
         self.handle = _MOES.add(self)
         # set by Transformer: the next layer's MoE, whose experts this one prefetches (not a submodule)
         self.__dict__["next_moe"] = None
@@ -422,8 +423,21 @@ class MoE(nn.Module):
             if x.shape[0] == 1:  # decode: no gather/scatter for one token (same sums, same order)
                 ids, scale = rows[0], weights[0].tolist()
                 stats.experts_used += len(experts)
-                for expert in experts:
-                    store.get(self.layer, expert).ffn_add(x, scale[ids.index(expert)], out)
+                scales = [scale[ids.index(expert)] for expert in experts]
+                if self.native and x.dtype == torch.float32 and x.is_contiguous():
+                    # all of the layer's experts in one call of the native kernel (native.py)
+                    got = [store.get(self.layer, expert) for expert in experts]
+                    # a layer's experts come from one loader in one dtype: the first one's shapes stand for all
+                    if native.usable(x, got[0].mats) and all(
+                            w.dtype == "float32" and w.mats[0].is_contiguous() and w.mats[1].is_contiguous()
+                            for w in got):
+                        native.moe_decode(x, [w.mats for w in got], scales, out)
+                    else:
+                        for w, s in zip(got, scales, strict=True):
+                            w.ffn_add(x, s, out)
+                else:
+                    for expert, s in zip(experts, scales, strict=True):
+                        store.get(self.layer, expert).ffn_add(x, s, out)
             else:
                 stats.experts_used += int((idx >= 0).sum())
                 for expert in experts:
@@ -755,8 +769,11 @@ class TorchMoEEngine:
         except BaseException:
             ckpt.close()
             raise
+        # one-token float32 experts on the CPU in one native call per layer (native.py), when it builds here
+        use_native = device == "cpu" and self.expert_dtype == "float32" and native.available()
         for moe in model.moes:
             moe.top_p = self.expert_top_p
+            moe.native = use_native
         self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
         self.device = torch.device(device)
         self._run = model
@@ -817,9 +834,18 @@ class TorchMoEEngine:
             "expert_dtype": self.expert_dtype,
             "device": str(self.device),
             "compiled": self.compile,
+            "expert_kernel": self._expert_kernel(),
             **total,
             "layers": [s.to_dict() for s in store.stats] if store else [],
         }
+
+    def _expert_kernel(self) -> str:
+        """What computes a decode step's experts: "native" (native.py) or torch's kernels (and why)."""
+        if self.model is not None and self.model.moes and self.model.moes[0].native:
+            return "native"
+        if self.device.type != "cpu" or self.expert_dtype != "float32":
+            return "torch"
+        return native.kernels()
 
     def preload(self) -> None:
         """Read experts into the fast tier now (the first `slots` of every layer; all of them when everything
