@@ -787,7 +787,11 @@ class TorchMoEEngine:
             limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
             setattr(cfg, limit, max(getattr(cfg, limit), 64))
             # dynamic: one graph for every prompt length and cache position (a decode step, length 1, gets its own)
-            self._run = torch.compile(model, dynamic=True)
+            # no size/alignment asserts in the generated Python around the kernels: ~100 checks per decode step
+            # that test what the graph's own shapes already guarantee
+            quiet = {k: False for k in ("size_asserts", "alignment_asserts", "scalar_asserts")
+                     if hasattr(torch._inductor.config, k)}
+            self._run = torch.compile(model, dynamic=True, options=quiet)
             self._compile_now()
 
     def _compile_now(self) -> None:
