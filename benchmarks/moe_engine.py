@@ -422,11 +422,12 @@ Expert-cache misses in the timed runs of our engine (all experts resident after 
 
 def footprint(runtime: str) -> None:
     """Child: import a runtime's libraries, make a tiny thing, print the peak RSS in bytes."""
-    if runtime == "ours":
+    if runtime == "ours":  # like llama.cpp's vocab-only load below: the libraries and the model's tokenizer
         import torch
 
-        import localmoe.engine.torch_moe  # noqa: F401
+        from localmoe.engine.torch_moe import ChatTokenizer
 
+        ChatTokenizer(bench_hf())
         torch.ones(8) @ torch.ones(8)
     elif runtime == "llama":
         from llama_cpp import Llama
@@ -654,8 +655,9 @@ each run is its own process under `../shared/tools/memcap` with the HF checkpoin
 page cache first; {mode}, {args.tokens} timed decode tokens after an 8-token warm-up answer in the same process).
 
 Footprint with no weights (peak RSS after importing the runtime's libraries and making a tiny thing): ours
-(torch + localmoe.engine.torch_moe) {feet['ours'] / MB:.0f} MiB; llama.cpp (llama_cpp + a vocab-only load)
-{feet['llama'] / MB:.0f} MiB; transformers + accelerate (a tiny Qwen3-MoE forward) {feet['hf'] / MB:.0f} MiB.
+(torch + localmoe.engine.torch_moe + the checkpoint's tokenizer) {feet['ours'] / MB:.0f} MiB; llama.cpp
+(llama_cpp + a vocab-only load) {feet['llama'] / MB:.0f} MiB; transformers + accelerate (a tiny Qwen3-MoE
+forward) {feet['hf'] / MB:.0f} MiB.
 llama.cpp's anonymous memory with this model loaded and one token decoded is {feet['llama-loaded'] / MB:.0f} MiB
 (compute buffers sized by vocab × batch, KV cache): the second llama.cpp row uses that instead of the no-weights
 footprint.

@@ -259,3 +259,17 @@ def test_python_api_loads_both_backends(tiny_moe):
         native.close()
         gguf.close()
     assert a.shape == b.shape and np.abs(a - b).max() < 5e-3
+
+
+def test_uncompiled_engine_leaves_dynamo_unimported(tiny_moe):
+    """Importing torch._dynamo costs ~50 MiB of RAM (under a memory cap, that is expert slots): an engine that
+    does not compile must answer without it. Its own process, since other tests here compile."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from localmoe.engine.torch_moe import TorchMoEEngine; "
+            f"e = TorchMoEEngine({str(tiny_moe[0])!r}, expert_slots=2); e.load(); e.logits([1, 2, 3]); "
+            "e.decode_logits([4, 5], 3); print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

@@ -913,6 +913,8 @@ class TorchMoEEngine:
 
     def _call(self, idx: Tensor, pos: Tensor, end: int) -> Tensor:
         """The model (compiled or not) on one sequence: logits (n, vocab)."""
+        if not self.compile:  # importing torch._dynamo costs ~50 MiB of RAM: only a compiled engine needs it
+            return self._run(idx, pos, end)[0]
         from torch._dynamo.exc import TorchDynamoException
 
         try:
