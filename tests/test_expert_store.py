@@ -196,8 +196,66 @@ def test_exact_prefetch_turns_misses_into_prefetch_hits(ckpt):
     # behind the queue), so how many misses remain depends on timing; with exact predictions most vanish.
     assert sum(lay["misses"] for lay in later_on) < sum(lay["misses"] for lay in later_off) / 2
     assert sum(lay["wasted_prefetches"] for lay in later_on) == 0
+    # exact predictions are never gated off
+    assert on["prefetches_skipped"] == 0 and all(lay["prediction_precision"] == 1.0 for lay in later_on)
+    assert all(lay["prediction_precision"] is None for lay in off["layers"])
     assert on["misses"] < off["misses"]
     assert on["hits"] + on["misses"] == off["hits"] + off["misses"]  # same uses, served differently
+
+
+def _drain(store: ExpertStore) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while store._pending and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_prefetch_stops_while_predictions_are_wrong_and_resumes_when_right():
+    """A layer whose predictions are mostly wrong stops loading them (each wasted load is a read and an eviction);
+    its predictions are still scored, so it prefetches again once they come right."""
+    def load(layer, expert):
+        return (torch.full((4, 2), float(expert)), torch.full((2, 2), float(expert))), 48
+
+    store = ExpertStore(load, 1, 8, 2, prefetch=True)
+    st = store.stats[0]
+
+    def step(predicted: list[int], used: list[int]) -> None:
+        store.prefetch(0, predicted)
+        _drain(store)
+        store.begin_step(0, used)
+        for e in used:
+            store.get(0, e)
+        store.end_step(0)
+
+    for i in range(6):  # predicts 2, 3, ..., 7, uses 0: every prediction wrong
+        step([2 + i], [0])
+    # precision 1 → 0.8 → 0.64 → 0.51 → 0.41 after four wrong loads: the fifth and sixth are skipped
+    assert (st.prefetches, st.prefetches_skipped) == (4, 2)
+    assert store.precision[0] == pytest.approx(0.8 ** 6)
+    assert st.wasted_prefetches >= 3
+    for i in range(4):  # now right: 1 and 2 alternate, each not cached when predicted (2 slots)
+        step([1 + i % 2], [0, 1 + i % 2])
+    # scored while skipped: 0.26 → 0.41 → 0.53, so the third and fourth are loaded again, and used
+    assert (st.prefetches, st.prefetches_skipped, st.prefetch_hits) == (6, 4, 2)
+    assert store.precision[0] > 0.6
+    store.close()
+
+
+def test_a_prompt_step_does_not_score_the_prediction():
+    """A prompt's experts span all its tokens, the prediction only its last: only one-token steps are scored."""
+    def load(layer, expert):
+        return (torch.zeros(4, 2), torch.zeros(2, 2)), 48
+
+    store = ExpertStore(load, 1, 8, 2, prefetch=True, prefetch_min_precision=2.0)  # scores, never loads
+    store.prefetch(0, [5])
+    store.begin_step(0, [0, 1, 2], tokens=7)
+    assert store.precision[0] == 1.0
+    store.prefetch(0, [6])
+    store.begin_step(0, [0], tokens=1)
+    assert store.precision[0] == pytest.approx(0.8)
+    assert store.stats[0].prefetches == 0 and store.stats[0].prefetches_skipped == 2
+    store.close()
 
 
 def test_prefetch_from_the_routers_keeps_logits_and_counts_consistently(ckpt):

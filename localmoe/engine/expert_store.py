@@ -6,7 +6,9 @@
 
 Each layer has its own cache of slots per tier, with a replacement policy (LRU, LFU, LFRU or FIFO). A background
 thread can prefetch the experts the next layer's router predicts from the current hidden state (pre-gating), so
-disk reads overlap compute. Only speed depends on slots, policy and prefetch: the weights are always the same.
+disk reads overlap compute. A wrong prediction costs a read and evicts an expert, so each layer's predictions are
+scored against what the layer then used, issued or not, and a layer prefetches only while most of its recent
+predictions were right. Only speed depends on slots, policy and prefetch: the weights are always the same.
 """
 
 from __future__ import annotations
@@ -184,6 +186,10 @@ class LFRUCache(LayerCache):
 
 
 PREFETCH_SWITCH_INTERVAL_S = 0.0005
+# A wasted prefetch costs about what a useful one saves (one expert read, and it may evict an expert still needed):
+# below half of the predicted loads used, prefetching loses. The score is an average over the last few decode steps.
+PREFETCH_MIN_PRECISION = 0.5
+PRECISION_EMA = 0.2
 MMAP_THRESHOLD = 1 << 20
 
 
@@ -212,6 +218,7 @@ class LayerStats:
     misses: int = 0  # uses that had to read the expert from disk on demand
     prefetch_hits: int = 0  # uses of an expert a prefetch brought or was bringing
     prefetches: int = 0  # experts loaded by the prefetcher
+    prefetches_skipped: int = 0  # predicted loads not issued: the layer's recent predictions were mostly wrong
     wasted_prefetches: int = 0  # prefetched experts evicted before any use
     bytes_read: int = 0  # from disk (checkpoint bytes)
     bytes_copied: int = 0  # warm tier -> fast tier
@@ -250,6 +257,7 @@ class ExpertStore:
         device: torch.device | str = "cpu",
         warm_slots: int = 0,
         prefetch: bool = False,
+        prefetch_min_precision: float = PREFETCH_MIN_PRECISION,
     ) -> None:
         if policy not in POLICIES:
             raise LocalmoeError(f"unknown expert cache policy {policy!r} (known: {', '.join(POLICIES)})")
@@ -270,6 +278,11 @@ class ExpertStore:
         self._unused_prefetch: list[set[int]] = [set() for _ in range(n_layers)]
         self._in_use: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
         self._predicted: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
+        # per layer: the experts the last prediction would load (not cached, not coming), to score at its next step
+        self._candidates: list[frozenset[int]] = [frozenset() for _ in range(n_layers)]
+        self.min_precision = prefetch_min_precision
+        # per layer: moving average of the fraction of predicted loads the layer then used; starts trusting
+        self.precision = [1.0] * n_layers
         self._copied: dict[tuple[int, int], Any] = {}  # copy-ahead's CUDA event per expert not yet used
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="localmoe-prefetch") if prefetch else None
         if self.slots < n_experts:
@@ -284,9 +297,15 @@ class ExpertStore:
     def prefetching(self) -> bool:
         return self._pool is not None
 
-    def begin_step(self, layer: int, experts: list[int]) -> None:
-        """A forward call of `layer` is about to use `experts`: they may not be evicted until it ends."""
+    def begin_step(self, layer: int, experts: list[int], tokens: int = 1) -> None:
+        """A forward call of `layer` over `tokens` rows is about to use `experts`: they may not be evicted until it
+        ends. A one-token step scores the last prediction for this layer (a prompt's experts span many tokens,
+        the prediction only its last)."""
         with self._lock:
+            candidates, self._candidates[layer] = self._candidates[layer], frozenset()
+            if candidates and tokens == 1:
+                used = len(candidates.intersection(experts)) / len(candidates)
+                self.precision[layer] += PRECISION_EMA * (used - self.precision[layer])
             self.layers[layer].clock += 1
             if self.warm is not None:
                 self.warm[layer].clock += 1
@@ -352,7 +371,13 @@ class ExpertStore:
         experts = experts[: self.slots]
         with self._lock:
             self._predicted[layer] = frozenset(experts)  # a prefetch must not evict its own siblings
-        for expert in experts:
+            cache, pending = self.layers[layer], self._pending
+            fresh = [e for e in experts if e not in cache and (layer, e) not in pending]
+            self._candidates[layer] = frozenset(fresh)
+            if fresh and self.precision[layer] < self.min_precision:
+                self.stats[layer].prefetches_skipped += len(fresh)
+                return
+        for expert in fresh:
             with self._lock:
                 if expert in self.layers[layer] or (layer, expert) in self._pending:
                     continue

@@ -416,7 +416,7 @@ class MoE(nn.Module):
         rows = idx.tolist()  # one device-to-host read per layer (a sync on a GPU)
         experts = sorted({e for row in rows for e in row if e >= 0})
         store = self.store
-        store.begin_step(self.layer, experts)
+        store.begin_step(self.layer, experts, x.shape[0])
         stats = store.stats[self.layer]
         stats.tokens += x.shape[0]
         try:
@@ -676,7 +676,8 @@ class TorchMoEEngine:
 
     Options: `expert_slots` (fast-tier experts per layer; default from the plan's memory budget), `fast_memory` /
     `warm_memory` (budget overrides in bytes), `cache_policy` (lru, lfu, lfru, fifo), `prefetch` (pre-gating in
-    a background thread; off by default), `expert_dtype` (float32, bfloat16, int8),
+    a background thread, per layer only while its predictions are mostly right; off by default),
+    `expert_dtype` (float32, bfloat16, int8),
     `device` (cpu, cuda, mps; default CUDA when present), `dense_dtype` (float32; int8 quantises the attention
     projections and the output head, CPU only), `expert_top_p` (adaptive expert count), `telemetry`
     (record the experts of every token in `routing`), `compile` (torch.compile the dense part of each layer: fused
@@ -840,7 +841,9 @@ class TorchMoEEngine:
             "compiled": self.compile,
             "expert_kernel": self._expert_kernel(),
             **total,
-            "layers": [s.to_dict() for s in store.stats] if store else [],
+            # prediction_precision: the share of the layer's recent predicted loads it used (prefetch gates on it)
+            "layers": [{**s.to_dict(), "prediction_precision": round(p, 3) if store.prefetching else None}
+                       for s, p in zip(store.stats, store.precision, strict=True)] if store else [],
         }
 
     def _expert_kernel(self) -> str:
