@@ -569,8 +569,9 @@ def capped_row(label: str, cap_mb: int, r: dict[str, Any]) -> str:
         stall = ratio(r.get("decode_stall_s"), r.get("decode_wall_s"))
         extra.append(f"{r.get('slots')} slots/layer, hit rate {fmt(cache.get('hit_rate'), '.2f')}, "
                      f"stall {fmt(stall, '.2f')} of decode")
-        if cache.get("prefetches"):
-            extra.append(f"{cache['prefetches']} prefetched, {cache.get('wasted_prefetches')} wasted")
+        if cache.get("prefetches") or cache.get("prefetches_skipped"):
+            extra.append(f"{cache['prefetches']} prefetched, {cache.get('wasted_prefetches')} wasted, "
+                         f"{cache.get('prefetches_skipped', 0)} skipped (predictions mostly wrong)")
     if r.get("on_disk"):
         extra.append("on disk: " + ", ".join(_short_modules(r["on_disk"])))
     anon = (r.get("status") or {}).get("RssAnon")
@@ -671,7 +672,9 @@ Own cap = footprint + dense weights ({sizes['dense'] / MB:.0f} MiB, f32) + 25% o
 25% of the experts, which the planner turns into {sizes['n_experts'] // 4} slots per layer; accelerate gets
 `device_map="auto"`, `max_memory={{"cpu": dense + 25% of the experts}}` and an `offload_folder` (it places whole
 decoder layers, in order). Stall fraction = time the compute thread waited for expert weights during decode ÷
-decode wall time. Hit rates count decode steps only.
+decode wall time. Hit rates count decode steps only. With prefetch on, a layer loads its predicted experts only
+while most of its recent predictions were used ("skipped": predicted loads not issued); the random-init routers
+predict the next layer's experts poorly, so most are skipped after the first few tokens.
 
 {CAPPED_HEAD}
 {chr(10).join(rows['own'])}
