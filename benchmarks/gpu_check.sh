@@ -1,12 +1,13 @@
 #!/bin/bash
-# One device-machine session (see ../.library/device): the CUDA tier's tests, NVML detection and energy, and the
-# VRAM-tier benchmark. Carry .whl (platformdirs and gguf wheels, absent from that image). Results land in $OUT.
+# One device-machine session (see ../.library/device): the CUDA tier's tests, the expert store's (on CUDA by default
+# there), NVML detection and energy, and the VRAM-tier benchmark. Carry .whl (platformdirs and gguf wheels, absent
+# from that image). Results land in $OUT.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LOCALMOE_HOME=/tmp/lmhome
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,memory.free,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_expert_store.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 timeout 30 python3 -m localmoe hw --json > "$OUT/hw.json" 2>&1; head -c 1500 "$OUT/hw.json"; echo
 timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/nvml_energy.txt"
 import time, torch

@@ -241,7 +241,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-top-p", type=float, help="adaptive expert count: per token the fewest top experts "
                    "whose router probabilities reach this mass (at most the model's k)")
     g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
-                   help="prefetch the next layer's predicted experts in a background thread (default: off)")
+                   help="prefetch the next layer's predicted experts in a background thread, per layer while its "
+                        "predictions are mostly right (default: on the CPU when not all experts fit in memory)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the dense part of each layer: faster decoding after a one-off compile of "
                    "tens of seconds (needs a C++ compiler on the CPU)")

@@ -183,7 +183,7 @@ def test_exact_prefetch_turns_misses_into_prefetch_hits(ckpt):
     trace = cachesim.synthetic_trace(30, SHAPE["layers"], 8, 2, seed=9)
     counts = {}
     for prefetch in (False, True):
-        engine = TorchMoEEngine(ckpt, expert_slots=2, prefetch=prefetch)
+        engine = TorchMoEEngine(ckpt, expert_slots=2, prefetch=prefetch, device="cpu")  # no warm tier
         engine.replay(trace)
         engine.decode_logits([1], len(trace.tokens))
         counts[prefetch] = engine.cache_stats()
@@ -256,6 +256,22 @@ def test_a_prompt_step_does_not_score_the_prediction():
     assert store.precision[0] == pytest.approx(0.8)
     assert store.stats[0].prefetches == 0 and store.stats[0].prefetches_skipped == 2
     store.close()
+
+
+def test_prefetch_is_on_by_default_only_when_experts_come_from_disk(ckpt):
+    """On the CPU with experts left on disk; not when all are resident, and not on a GPU (measured slower)."""
+    cases = [("cpu", 2, True), ("cpu", 8, False)]  # 8 = every expert of a layer resident
+    if torch.cuda.is_available():
+        cases.append(("cuda", 2, False))
+    for device, slots, want in cases:
+        engine = TorchMoEEngine(ckpt, expert_slots=slots, device=device)
+        engine.load()
+        assert engine.cache_stats()["prefetch"] is want
+        engine.close()
+    engine = TorchMoEEngine(ckpt, expert_slots=2, prefetch=False, device="cpu")
+    engine.load()
+    assert engine.cache_stats()["prefetch"] is False
+    engine.close()
 
 
 def test_prefetch_from_the_routers_keeps_logits_and_counts_consistently(ckpt):
