@@ -52,7 +52,7 @@ def _store(policy: str, slots: int, trace_steps: list[list[int]], prefetch: bool
 
     store = ExpertStore(load, 1, 8, slots, policy=policy, prefetch=prefetch)
     for step in trace_steps:
-        store.begin_step(0, sorted(step))
+        store.begin_step(0, sorted(step), 1)
         for e in sorted(step):
             store.get(0, e)
         store.end_step(0)
@@ -196,8 +196,9 @@ def test_exact_prefetch_turns_misses_into_prefetch_hits(ckpt):
     # behind the queue), so how many misses remain depends on timing; with exact predictions most vanish.
     assert sum(lay["misses"] for lay in later_on) < sum(lay["misses"] for lay in later_off) / 2
     assert sum(lay["wasted_prefetches"] for lay in later_on) == 0
-    # exact predictions are never gated off
+    # exact predictions are never gated off; layer 0 is never predicted, so never scored
     assert on["prefetches_skipped"] == 0 and all(lay["prediction_precision"] == 1.0 for lay in later_on)
+    assert on["layers"][0]["prediction_precision"] is None
     assert all(lay["prediction_precision"] is None for lay in off["layers"])
     assert on["misses"] < off["misses"]
     assert on["hits"] + on["misses"] == off["hits"] + off["misses"]  # same uses, served differently
@@ -223,7 +224,7 @@ def test_prefetch_stops_while_predictions_are_wrong_and_resumes_when_right():
     def step(predicted: list[int], used: list[int]) -> None:
         store.prefetch(0, predicted)
         _drain(store)
-        store.begin_step(0, used)
+        store.begin_step(0, used, 1)
         for e in used:
             store.get(0, e)
         store.end_step(0)

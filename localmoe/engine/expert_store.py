@@ -283,6 +283,7 @@ class ExpertStore:
         self.min_precision = prefetch_min_precision
         # per layer: moving average of the fraction of predicted loads the layer then used; starts trusting
         self.precision = [1.0] * n_layers
+        self.scored = [0] * n_layers  # predictions scored per layer (layer 0 is never predicted)
         self._copied: dict[tuple[int, int], Any] = {}  # copy-ahead's CUDA event per expert not yet used
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="localmoe-prefetch") if prefetch else None
         if self.slots < n_experts:
@@ -297,7 +298,7 @@ class ExpertStore:
     def prefetching(self) -> bool:
         return self._pool is not None
 
-    def begin_step(self, layer: int, experts: list[int], tokens: int = 1) -> None:
+    def begin_step(self, layer: int, experts: list[int], tokens: int) -> None:
         """A forward call of `layer` over `tokens` rows is about to use `experts`: they may not be evicted until it
         ends. A one-token step scores the last prediction for this layer (a prompt's experts span many tokens,
         the prediction only its last)."""
@@ -306,6 +307,7 @@ class ExpertStore:
             if candidates and tokens == 1:
                 used = len(candidates.intersection(experts)) / len(candidates)
                 self.precision[layer] += PRECISION_EMA * (used - self.precision[layer])
+                self.scored[layer] += 1
             self.layers[layer].clock += 1
             if self.warm is not None:
                 self.warm[layer].clock += 1
@@ -365,7 +367,9 @@ class ExpertStore:
         return weights
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Load `experts` of `layer` in the background unless cached or already coming (no-op without prefetch)."""
+        """Load `experts` of `layer` in the background unless cached or already coming (no-op without prefetch).
+        The prediction is kept to be scored at the layer's next step; its loads are skipped while the layer's
+        precision is below `min_precision`."""
         if self._pool is None or not 0 <= layer < len(self.layers):
             return
         experts = experts[: self.slots]
@@ -478,6 +482,8 @@ class ExpertStore:
     def reset_stats(self) -> None:
         with self._lock:  # a prefetch finishing now must not count into the counters being replaced
             self.stats = [LayerStats() for _ in self.stats]
+            for unused in self._unused_prefetch:  # counted by the old counters: no hit or waste in the new ones
+                unused.clear()
 
     def close(self) -> None:
         if self._pool is not None:

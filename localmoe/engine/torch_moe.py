@@ -677,12 +677,14 @@ class TorchMoEEngine:
     Options: `expert_slots` (fast-tier experts per layer; default from the plan's memory budget), `fast_memory` /
     `warm_memory` (budget overrides in bytes), `cache_policy` (lru, lfu, lfru, fifo), `prefetch` (pre-gating in
     a background thread, per layer only while its predictions are mostly right; by default on the CPU when not
-    all experts fit),
-    `expert_dtype` (float32, bfloat16, int8),
-    `device` (cpu, cuda, mps; default CUDA when present), `dense_dtype` (float32; int8 quantises the attention
-    projections and the output head, CPU only), `expert_top_p` (adaptive expert count), `telemetry`
-    (record the experts of every token in `routing`), `compile` (torch.compile the dense part of each layer: fused
-    kernels after a one-off compile at load, tens of seconds on a few CPU cores)."""
+    all experts fit), `expert_dtype` (float32, bfloat16, int8), `device` (cpu, cuda, mps; default CUDA when
+    present), `dense_dtype` (float32; int8 quantises the attention projections and the output head, CPU only),
+    `expert_top_p` (adaptive expert count), `telemetry` (record the experts of every token in `routing`),
+    `compile` (torch.compile the dense part of each layer: fused kernels after a one-off compile at load, tens of
+    seconds on a few CPU cores).
+
+    With float32 weights on the CPU and every expert resident, a one-token decode step runs whole in native code
+    (native.DecodeStep; `cache_stats()["decode_step"]`), unless compiled or prefetching, with top-p or a replay."""
 
     backend = "torch"  # as ModelRef.backend and create_engine name it
 
@@ -731,6 +733,9 @@ class TorchMoEEngine:
         self.token_logprobs: list[float] = []
         self.routing: list[TraceToken] = []  # with telemetry: experts per layer of each token evaluated
         self.forward_calls = 0  # model calls (prefill or one decode step) since load, for tests and benchmarks
+        # the whole decode step in one native call once every expert is resident (None: not yet, False: never)
+        self._step: native.DecodeStep | bool | None = None
+        self.native_steps = 0  # decode steps that ran there, for tests and benchmarks
 
     def load(self) -> None:
         if self.model is not None:
@@ -780,6 +785,8 @@ class TorchMoEEngine:
             moe.native = use_native
         self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
         self.device = torch.device(device)
+        # slots for every expert: none is ever evicted, so the native step may hold their addresses
+        self._step = None if use_native and self.dense_dtype == "float32" and store.slots == args.n_experts else False
         self._run = model
         if self.compile:
             if not os.environ.get("TORCH_LOGS"):  # torch's warnings would precede our one-line error on failure
@@ -843,10 +850,12 @@ class TorchMoEEngine:
             "device": str(self.device),
             "compiled": self.compile,
             "expert_kernel": self._expert_kernel(),
+            # "native": one-token steps run whole in native code (every expert resident), else in torch
+            "decode_step": "native" if self._step else "torch",
             **total,
             # prediction_precision: the share of the layer's recent predicted loads it used (prefetch gates on it)
-            "layers": [{**s.to_dict(), "prediction_precision": round(p, 3) if store.prefetching else None}
-                       for s, p in zip(store.stats, store.precision, strict=True)] if store else [],
+            "layers": [{**s.to_dict(), "prediction_precision": round(p, 3) if store.prefetching and n else None}
+                       for s, p, n in zip(store.stats, store.precision, store.scored, strict=True)] if store else [],
         }
 
     def _expert_kernel(self) -> str:
@@ -905,8 +914,13 @@ class TorchMoEEngine:
             raise LocalmoeError(f"token id {bad[0]} is outside the vocabulary (0..{model.args.vocab_size - 1})")
         self.forward_calls += 1
         dev = self.device
-        with torch.inference_mode():
-            out = self._call(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)
+        step = self._native_step() if len(tokens) == 1 else None
+        if step is not None:
+            out = step(tokens[0], start)
+            self._count_native_step(step)
+        else:
+            with torch.inference_mode():
+                out = self._call(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)
         if self.telemetry:
             per_layer = [[[e for e in row if e >= 0] for row in moe.last_topk.tolist()] for moe in model.moes
                          if moe.last_topk is not None]
@@ -916,6 +930,36 @@ class TorchMoEEngine:
                 self.routing.append(TraceToken(pos, token, "prompt" if pos < n_prompt else "decode",
                                                [layer[i] for layer in per_layer]))
         return out.float().cpu() if out.device.type != "cpu" else out
+
+    def _native_step(self) -> native.DecodeStep | None:
+        """The native decode step where it applies now: float32 on the CPU, not compiled, every expert resident,
+        no prefetch, adaptive top-p or trace replay (which the torch path implements)."""
+        if self._step is False or self.compile:
+            return None
+        model, store = self._model(), self.store
+        assert store is not None
+        if store.prefetching or any(m.top_p is not None or m.replay is not None for m in model.moes):
+            return None
+        if self._step is None:
+            n = model.args.n_experts
+            if any(len(c.entries) < n for c in store.layers):
+                return None  # not all read in yet (preload() reads them at once)
+            experts = [[c.entries[e].mats for e in range(n)] for c in store.layers]
+            self._step = native.decode_step(model, experts) or False
+        return self._step or None
+
+    def _count_native_step(self, step: native.DecodeStep) -> None:
+        """The statistics the torch path keeps per layer: every expert a hit (all are resident)."""
+        self.native_steps += 1
+        k = step.top_k
+        chosen = step.chosen() if self.telemetry else None
+        for st in self.store.stats:
+            st.tokens += 1
+            st.experts_used += k
+            st.hits += k
+        if chosen is not None:
+            for moe, ids in zip(self._model().moes, chosen, strict=True):
+                moe.last_topk = torch.tensor([ids])
 
     def _call(self, idx: Tensor, pos: Tensor, end: int) -> Tensor:
         """The model (compiled or not) on one sequence: logits (n, vocab)."""
@@ -1026,6 +1070,7 @@ class TorchMoEEngine:
         if self._ckpt is not None:
             self._ckpt.close()
         self.model = self.store = self._ckpt = None
+        self._step = None  # it holds the model's tensors
 
 
 # --- tokenizer, detokenizer, sampler ----------------------------------------------------------------------
