@@ -312,7 +312,9 @@ def resident(args: argparse.Namespace) -> None:
         active[name] = sizes["active"][dtype] if dtype in sizes["active"] else \
             sizes["active"]["int8"] - sizes["dense_read"] * 3 // 4
         if eng is not None and variant.endswith("torch kernels"):
-            for moe in eng.model.moes:  # the experts through torch's matmuls, not the native kernel (native.py)
+            # the torch path as without a C compiler: no native decode step, experts through torch's matmuls
+            eng._step = False
+            for moe in eng.model.moes:
                 moe.native = False
         if eng is not None:
             if hasattr(eng, "preload"):
@@ -327,6 +329,7 @@ def resident(args: argparse.Namespace) -> None:
 
     runs: dict[str, list[float]] = {name: [] for name in active}
     misses: dict[str, int] = {}
+    steps: dict[str, str] = {}  # what ran our engine's one-token steps: "native" (native.DecodeStep) or "torch"
     for run in runners.values():
         run()  # warm-up
     names = list(runners)
@@ -337,6 +340,7 @@ def resident(args: argparse.Namespace) -> None:
             runs[name].append(r["tok_s"])
             if "cache" in r:
                 misses[name] = misses.get(name, 0) + (r["cache"].get("misses") or 0)
+                steps[name] = r["cache"].get("decode_step", "torch")
         bw_reps.append(read_bandwidth(reps=3))  # the VM's bandwidth drifts: measured beside every repetition
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v)
               + f", read bandwidth {bw_reps[-1] / 1e9:.1f} GB/s", flush=True)
@@ -366,7 +370,7 @@ def resident(args: argparse.Namespace) -> None:
         vs_roof("ours float32", "ours f32 / roofline (f32 experts)", 0.8),
         vs("ours float32", "llama.cpp f32", "ours f32 / llama.cpp f32", 0.9),
         vs("ours float32", "ours float32 torch kernels",
-           "ours f32 / ours f32 with torch kernels (the native expert kernel's gain)", None),
+           "ours f32 / ours f32 with torch kernels (the native decode step's gain)", None),
         vs_roof("ours float32 compiled", "ours f32 compiled / roofline", 0.8),
         vs("ours float32 compiled", "llama.cpp f32", "ours f32 compiled / llama.cpp f32", 0.9),
         vs("ours int8 dense compiled", "llama.cpp q8_0", "ours int8 (experts and dense) compiled / llama.cpp q8_0",
@@ -411,6 +415,8 @@ llama.cpp logits over the {len(ids)} prompt positions: max |Δ| {q8_check['max_a
 
 Expert-cache misses in the timed runs of our engine (all experts resident after the warm-up, so expected 0):
 {', '.join(f'{k} {v}' for k, v in misses.items()) or 'n/a'}.
+Decode steps ran in: {', '.join(f'{k}: {v}' for k, v in steps.items()) or 'n/a'} ("native": the whole step in
+one call of `lm_step_f32`, gemv.c; "torch": the torch model, with the native expert kernel where float32).
 """
     print(body)
     if args.write:
