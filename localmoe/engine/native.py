@@ -139,6 +139,7 @@ def usable(x: Tensor, mats: tuple[Tensor, ...]) -> bool:
 
 _QK_NORM = {None: 0, "head": 1, "full": 2}
 _MAX_TOP_K = 64  # lm_step_f32's per-layer arrays
+_CFG_THREADS = 12  # index of the thread count in lm_step_f32's int config (C_THREADS)
 
 
 class DecodeStep:
@@ -146,8 +147,8 @@ class DecodeStep:
     experts are all resident in its store. Built from the torch model's own tensors (weights, KV cache, RoPE
     tables), used in place: the torch path and this one can alternate on the same sequence.
 
-    `build` returns None where the step does not apply (see `why_not`); the experts' addresses are read once, so
-    the engine uses it only while no expert can move (every slot of every layer filled, none evictable)."""
+    `decode_step` returns None where the step does not apply (see `why_not`); the experts' addresses are read
+    once, so the engine uses it only while no expert can move (every slot of every layer filled, none evictable)."""
 
     def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, experts: list[list[tuple[Tensor, Tensor]]]) -> None:
         a = model.args
@@ -207,7 +208,7 @@ class DecodeStep:
         """Logits (1, vocab) of `token` at position `pos`; the KV cache gets its keys and values at `pos`."""
         m = self._model
         logits = torch.empty(1, m.args.vocab_size)
-        self._cfg[12] = torch.get_num_threads()
+        self._cfg[_CFG_THREADS] = torch.get_num_threads()
         self._lib.lm_step_f32(self._cfg, self._eps, self._clip, self._layers, self._gate_up, self._down,
                               m.tok_embeddings[token].data_ptr(), m.norm.weight.data_ptr(), m.output.data_ptr(),
                               m.cos[pos].data_ptr(), m.sin[pos].data_ptr(), pos, logits.data_ptr(), self._chosen,

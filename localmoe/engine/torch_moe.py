@@ -785,8 +785,10 @@ class TorchMoEEngine:
             moe.native = use_native
         self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
         self.device = torch.device(device)
-        # slots for every expert: none is ever evicted, so the native step may hold their addresses
-        self._step = None if use_native and self.dense_dtype == "float32" and store.slots == args.n_experts else False
+        # slots for every expert: none is ever evicted, so the native step may hold their addresses; a compiled or
+        # prefetching engine keeps its torch path (DecodeStep.why_not rules out the rest once experts are resident)
+        native_step = use_native and not self.compile and not prefetch and store.slots == args.n_experts
+        self._step = None if native_step else False
         self._run = model
         if self.compile:
             if not os.environ.get("TORCH_LOGS"):  # torch's warnings would precede our one-line error on failure
@@ -932,13 +934,13 @@ class TorchMoEEngine:
         return out.float().cpu() if out.device.type != "cpu" else out
 
     def _native_step(self) -> native.DecodeStep | None:
-        """The native decode step where it applies now: float32 on the CPU, not compiled, every expert resident,
-        no prefetch, adaptive top-p or trace replay (which the torch path implements)."""
-        if self._step is False or self.compile:
+        """The native decode step where it applies now (see load): every expert resident, and no adaptive top-p
+        or trace replay, which the torch path implements (both are set on every layer at once)."""
+        if self._step is False:
             return None
         model, store = self._model(), self.store
         assert store is not None
-        if store.prefetching or any(m.top_p is not None or m.replay is not None for m in model.moes):
+        if model.moes[0].top_p is not None or model.moes[0].replay is not None:
             return None
         if self._step is None:
             n = model.args.n_experts
