@@ -21,8 +21,8 @@ import time
 from common import write_section
 from llama_cpp import Llama
 
-from localmoe import models
 from localmoe.engine.llamacpp import DEFAULT_CTX, LlamaCppEngine, default_threads
+from localmoe.home import models
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 

@@ -11,7 +11,7 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/te
 timeout 30 python3 -m localmoe hw --json > "$OUT/hw.json" 2>&1; head -c 1500 "$OUT/hw.json"; echo
 timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/nvml_energy.txt"
 import time, torch
-from localmoe import meters
+from localmoe.record import meters
 m, notes = meters.select_meter()
 print("meter:", m, "notes:", notes)
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from localmoe import cachesim  # noqa: E402
 from localmoe.engine.torch_moe import TorchMoEEngine  # noqa: E402
-from localmoe.plan import checkpoint_tensors, plan_checkpoint  # noqa: E402
+from localmoe.experts import cachesim  # noqa: E402
+from localmoe.placement.plan import plan_checkpoint  # noqa: E402
+from localmoe.placement.safetensors import checkpoint_tensors  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
              num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, vocab_size=49152)

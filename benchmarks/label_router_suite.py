@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from localmoe import scoring, suites
+from localmoe.bench import scoring, suites
+from localmoe.chat.session import Session
 from localmoe.engine import GenerationConfig
-from localmoe.recorder import Recorder
-from localmoe.session import Session
+from localmoe.record.recorder import Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 

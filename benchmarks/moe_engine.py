@@ -81,7 +81,8 @@ def engine_commit() -> str:
     if src != ROOT:  # an export on PYTHONPATH (e.g. `git archive COMMIT localmoe`), with a COMMIT file beside it
         named = (src / "COMMIT").read_text().strip() if (src / "COMMIT").exists() else "unknown commit"
         return f"{named} (localmoe imported from {src})"
-    paths = ["localmoe/engine", "localmoe/plan.py", "localmoe/cachesim.py", "localmoe/trace.py"]
+    paths = ["localmoe/engine", "localmoe/placement/plan.py", "localmoe/placement/safetensors.py",
+             "localmoe/experts/cachesim.py", "localmoe/experts/trace.py"]
 
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -112,7 +113,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def model_bytes(hf: Path) -> dict[str, Any]:
     """Sizes from the safetensors headers: dense bytes (f32, all of them resident; `dense_read` excludes the input
     embedding table, of which a decode step reads one row), bytes per expert as each expert dtype holds it."""
-    from localmoe.plan import checkpoint_tensors
+    from localmoe.placement.safetensors import checkpoint_tensors
 
     config = json.loads((hf / "config.json").read_text())
     dense = dense_read = 0
@@ -305,17 +306,14 @@ def resident(args: argparse.Namespace) -> None:
             opts["dense_dtype"] = "int8"
         if variant.endswith("compiled"):
             opts["compile"] = True
+        if variant.endswith("torch kernels"):  # the torch path as without a C compiler: no native step or kernel
+            opts["kernels"] = "torch"
         eng = open_ours(hf, **opts)
-        if eng is None and dtype == "float32" and "compile" not in opts:
+        if eng is None and dtype == "float32" and "compile" not in opts and "kernels" not in opts:
             eng = open_ours(hf, expert_slots=n_exp)  # an engine without the prefetch option
         name = f"ours {variant}"
         active[name] = sizes["active"][dtype] if dtype in sizes["active"] else \
             sizes["active"]["int8"] - sizes["dense_read"] * 3 // 4
-        if eng is not None and variant.endswith("torch kernels"):
-            # the torch path as without a C compiler: no native decode step, experts through torch's matmuls
-            eng._step = False
-            for moe in eng.model.moes:
-                moe.native = False
         if eng is not None:
             if hasattr(eng, "preload"):
                 eng.preload()  # every expert of every layer into the fast tier
@@ -329,7 +327,7 @@ def resident(args: argparse.Namespace) -> None:
 
     runs: dict[str, list[float]] = {name: [] for name in active}
     misses: dict[str, int] = {}
-    steps: dict[str, str] = {}  # what ran our engine's one-token steps: "native" (native.DecodeStep) or "torch"
+    steps: dict[str, str] = {}  # what ran our engine's one-token steps: "native" (step.DecodeStep) or "torch"
     for run in runners.values():
         run()  # warm-up
     names = list(runners)
@@ -416,7 +414,7 @@ llama.cpp logits over the {len(ids)} prompt positions: max |Δ| {q8_check['max_a
 Expert-cache misses in the timed runs of our engine (all experts resident after the warm-up, so expected 0):
 {', '.join(f'{k} {v}' for k, v in misses.items()) or 'n/a'}.
 Decode steps ran in: {', '.join(f'{k}: {v}' for k, v in steps.items()) or 'n/a'} ("native": the whole step in
-one call of `lm_step_f32`, gemv.c; "torch": the torch model, with the native expert kernel where float32).
+one call of `lm_step_f32`, moe_kernels.c; "torch": the torch model, with the native expert kernel where float32).
 """
     print(body)
     if args.write:
@@ -493,7 +491,7 @@ def child_run(runtime: str, opts: dict[str, Any], tokens: int, temp: float) -> N
             print(json.dumps({**out, "pending": True}))
             return
         if trace:
-            from localmoe.trace import Trace
+            from localmoe.experts.trace import Trace
 
             eng.replay(Trace.load(trace))
         out["load_s"] = time.perf_counter() - t0
@@ -554,7 +552,8 @@ def footprints(runtimes: tuple[str, ...], details: dict[str, Any] | None = None)
 def ours_opts(sizes: dict[str, Any], prefetch: bool, **extra: Any) -> dict[str, Any]:
     """fast_memory for 25% of the experts: the planner takes its RAM reserve, the dense weights and the KV cache
     off the budget before it counts expert slots, so those are added back here."""
-    from localmoe.plan import RAM_RESERVE, checkpoint_tensors, plan_checkpoint
+    from localmoe.placement.plan import RAM_RESERVE, plan_checkpoint
+    from localmoe.placement.safetensors import checkpoint_tensors
 
     hf = bench_hf()
     config = json.loads((hf / "config.json").read_text())
@@ -789,7 +788,7 @@ next-token distributions, averaged over positions. tok/s: greedy, {args.tokens} 
 def record_traces(hf: Path, tokens: int) -> dict[str, Any]:
     """Routing of our engine (all experts resident, telemetry on): teacher-forced over TEXT, and over a greedy
     answer's decode tokens. Empty when the engine records no routing."""
-    from localmoe.trace import Trace
+    from localmoe.experts.trace import Trace
 
     eng = open_ours(hf, expert_slots=32, prefetch=False, telemetry=True)
     if eng is None:
@@ -824,7 +823,7 @@ def concentration(trace: Any, n_layers: int) -> dict[str, Any]:
 
 
 def cache(args: argparse.Namespace) -> None:
-    from localmoe.cachesim import DEFAULT_LOCALITY, DEFAULT_ZIPF, report, synthetic_trace
+    from localmoe.experts.cachesim import DEFAULT_LOCALITY, DEFAULT_ZIPF, report, synthetic_trace
 
     hf, f32 = bench_hf(), bench_moe()
     sizes = model_bytes(hf)

@@ -13,8 +13,9 @@ import time
 import numpy as np
 from common import write_section
 
-from localmoe import models, router_train
-from localmoe.router import Router, TokenEmbedder, trained_path
+from localmoe.home import models
+from localmoe.routing import train as router_train
+from localmoe.routing.router import Router, TokenEmbedder, trained_path
 
 FRESH_SEEDS = tuple(range(100, 150))
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from common import write_section
 
-from localmoe import meters, models
 from localmoe.engine import GenerationConfig
 from localmoe.engine.llamacpp import LlamaCppEngine
+from localmoe.home import models
+from localmoe.record import meters
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 

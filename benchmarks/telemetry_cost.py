@@ -14,9 +14,9 @@ from pathlib import Path
 
 from common import bench_moe, write_section
 
-from localmoe import models
 from localmoe.engine import GenerationConfig
 from localmoe.engine.llamacpp import LlamaCppEngine
+from localmoe.home import models
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 

@@ -11,12 +11,64 @@ from pathlib import Path
 from typing import Any
 
 from localmoe import __version__
-from localmoe.errors import LocalmoeError
+from localmoe.errors import LocalmoeError, UsageError
 from localmoe.units import human_bytes
 
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that refuses bad input in one line (exit 2), in JSON under --json, and suggests the closest
+    command for a misspelt one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if "invalid choice" in message and "argument COMMAND" in message:
+            import difflib
+            import re
+
+            m = re.search(r"invalid choice: '([^']*)'", message)
+            names = sorted(self._subcommands())
+            close = difflib.get_close_matches(m.group(1), names, n=1) if m else []
+            message = f"unknown command {m.group(1)!r}" if m else message
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        _report_error(f"{message} (see `{self.prog} --help`)", json_out="--json" in sys.argv[1:])
+        raise SystemExit(2)
+
+    def _subcommands(self) -> list[str]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return list(action.choices)
+        return []
+
+
+def _report_error(message: str, json_out: bool = False) -> None:
+    """The one way a command fails: one line on stderr (and a JSON error object on stdout under --json)."""
+    if json_out:
+        print(json.dumps({"status": "error", "error": message}))
+    print(f"localmoe: error: {message}", file=sys.stderr)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 5:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} is outside 0-5 (0 = greedy)")
+    return value
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -26,26 +78,10 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _stats_line(reply: Any, route: Any = None) -> str:
-    s = reply.stats
-    rate = f"{s.tokens_per_s:.1f} tok/s" if s.tokens_per_s else "-"
-    ttft = f"{s.ttft_s:.2f}s" if s.ttft_s is not None else "-"
-    energy = ""
-    if reply.energy is not None:
-        e = reply.energy
-        energy = f" · {'' if e.measured else '~'}{e.joules:.1f} J ({e.meter})"
-    experts = ""
-    if getattr(reply, "experts", None):
-        from localmoe.session import experts_text
-
-        experts = f" · {experts_text(reply.experts)}"
-    tier = f" · {route.tier} tier: {route.reason}" if route is not None else ""
-    return f"{reply.model} · {s.completion_tokens} tokens · {rate} · first token {ttft}{experts}{energy}{tier}"
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
+    from localmoe.chat.display import stats_line
+    from localmoe.chat.session import Session
     from localmoe.engine import GenerationConfig
-    from localmoe.session import Session
 
     prompt = _prompt_arg(args)
     overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
@@ -56,7 +92,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if options and not args.model:
         raise LocalmoeError(f"{_first_flag(options)} needs --model (a Hugging Face checkpoint directory)")
     if args.model:  # an explicit model: no routing
-        from localmoe import models
+        from localmoe.home import models
 
         if args.tier:
             raise LocalmoeError("--model and --tier exclude each other")
@@ -65,16 +101,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
             raise LocalmoeError(f"{args.model} runs on the {ref.backend} backend, not {args.backend}")
         _check_torch_options(options, ref)
         session = Session(ref, engine_options=options)
-        session.config = GenerationConfig(**{**session.model.defaults, **overrides})
+        session.config = GenerationConfig(**{**models.generation_defaults(ref), **overrides})
         target, closer, route = session, session.close, None
         notices = session.warnings
     else:
-        from localmoe.assistant import Assistant
+        from localmoe.chat.assistant import Assistant
 
         assistant = Assistant(overrides=overrides, strategy=args.strategy, preference=args.preference)
         target, closer = assistant, assistant.close
         notices = list(assistant.notices)
     try:
+        if args.cont or args.conversation is not None:
+            _resume(target, args.conversation)
         reply = target.ask(prompt, tier=args.tier) if not args.model else target.ask(prompt)
         if not args.model:
             notices = list(target.notices)  # tiers resolve while routing: their notices exist only now
@@ -94,16 +132,34 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            if route is not None and route.warning:
+                print(f"localmoe: warning: {route.warning}", file=sys.stderr)
+            final = reply.reply if route is not None else reply
+            if final is not None and final.stats is not None and final.stats.stop_reason == "length":
+                print(f"localmoe: note: cut off at {final.stats.completion_tokens} tokens (--max-tokens N allows "
+                      "more)", file=sys.stderr)
             if sys.stderr.isatty():
-                final = reply.reply if route is not None else reply
-                print(f"\x1b[2m{_stats_line(final, route)}\x1b[0m", file=sys.stderr)
+                line = stats_line(final.model, final.stats, final.status, final.energy, final.experts, route)
+                print(f"\x1b[2m{line}\x1b[0m", file=sys.stderr)
     finally:
         closer()
     return 0
 
 
+def _resume(target: Any, conversation_id: int | None) -> None:
+    """Put a recorded conversation (the latest chat one when no id is given) into the asker's context."""
+    rec = target.recorder
+    cid = conversation_id if conversation_id is not None else rec.latest_conversation_id()
+    if cid is None:
+        raise UsageError("there is no conversation to continue yet: ask without -c first")
+    messages = rec.conversation_messages(cid)
+    if not messages:
+        raise UsageError(f"there is no conversation {cid} (see `localmoe logs`)")
+    target.conversation.resume(cid, messages)
+
+
 def cmd_route(args: argparse.Namespace) -> int:
-    from localmoe.assistant import Assistant
+    from localmoe.chat.assistant import Assistant
 
     assistant = Assistant(strategy=args.strategy, preference=args.preference)
     try:
@@ -122,10 +178,11 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_router_train(args: argparse.Namespace) -> int:
-    from localmoe import models, router_train
-    from localmoe.paths import data_dir
-    from localmoe.recorder import Recorder
-    from localmoe.router import ROUTER_FILE, TokenEmbedder
+    from localmoe.home import models, paths
+    from localmoe.home.paths import data_dir
+    from localmoe.record.recorder import Recorder
+    from localmoe.routing import train as router_train
+    from localmoe.routing.router import ROUTER_FILE, TokenEmbedder
 
     small = models.default_model()
     rows = router_train.shipped_labels()
@@ -135,7 +192,10 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     trained = router_train.train(rows, TokenEmbedder(small.path))
     out = Path(args.out) if args.out else data_dir() / ROUTER_FILE
     try:
-        out.write_text(json.dumps(trained, indent=1))
+        if args.out:
+            out.write_text(json.dumps(trained, indent=1))
+        else:
+            paths.write_private(out, json.dumps(trained, indent=1))
     except OSError as exc:
         raise LocalmoeError(f"cannot write {out}: {exc.strerror or exc}") from None
     ev = trained["evaluation"]
@@ -155,27 +215,23 @@ def cmd_router_train(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    from localmoe.chat.session import Session
     from localmoe.engine import GenerationConfig
-    from localmoe.session import Session
-    from localmoe.trace import Trace
+    from localmoe.experts.trace import Trace
 
     prompt = _prompt_arg(args)
     options = _engine_options(args)
     if options:
-        from localmoe import models
+        from localmoe.home import models
 
         _check_torch_options(options, models.resolve(args.model) if args.model else models.default_model())
     session = Session(args.model, engine_options={"telemetry": True, **options})
     try:
         engine = session.engine
-        if engine.backend == "torch":
-            engine.load()
-            shape = (engine.args.n_layers, engine.args.n_experts, engine.args.top_k)
-        else:
-            layout = engine.layout
-            if not layout.is_moe:
-                raise LocalmoeError(f"{session.model.id} is a dense model: it has no experts to trace")
-            shape = (layout.n_layers, layout.n_experts, layout.n_experts_used)
+        shape = engine.moe_shape()
+        if shape is None:
+            raise LocalmoeError(f"{session.model.id} is a dense model: it has no experts to trace")
+        # the catalog's sampling only: no penalty or loop guard, so a trace records the model's own choices
         session.config = GenerationConfig(**{**session.model.defaults, "max_tokens": args.max_tokens,
                                              **({"temperature": args.temperature} if args.temperature is not None
                                                 else {})})
@@ -206,15 +262,18 @@ def _prompt_arg(args: argparse.Namespace) -> str:
     else:
         prompt = args.prompt or ""
     if not prompt.strip():
-        raise LocalmoeError("the prompt is empty")
+        raise UsageError("the prompt is empty")
     return prompt
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Torch-engine options given on the command line (each only when set)."""
-    names = ("fast_memory", "cache_policy", "expert_dtype", "dense_dtype", "device", "expert_top_p", "prefetch",
-             "compile")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """Torch-engine options given on the command line (each only when set), checked by TorchOptions."""
+    from localmoe.engine.torch_moe.options import TorchOptions
+
+    names = [f.name for f in TorchOptions.flags()]
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    TorchOptions(**options)  # a bad value is one line now, not after a model has loaded
+    return options
 
 
 def _first_flag(options: dict[str, Any]) -> str:
@@ -229,28 +288,23 @@ def _check_torch_options(options: dict[str, Any], ref: Any) -> None:
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TorchOptions field that has help text; None when not given, so the engine's default applies."""
+    from localmoe.engine.torch_moe.options import TorchOptions
+
+    kinds: dict[Any, dict[str, Any]] = {"bytes": {"type": _size}, float: {"type": float},
+                                        "switch": {"action": argparse.BooleanOptionalAction},
+                                        "flag": {"action": "store_true"}}
     g = p.add_argument_group("torch engine (checkpoint directories)")
-    g.add_argument("--fast-memory", type=_size, help="bytes for dense weights, KV cache and expert slots in the fast "
-                   "tier (e.g. 2GiB; default: detected free VRAM or RAM)")
-    g.add_argument("--cache-policy", choices=["lru", "lfu", "lfru", "fifo"], help="expert cache policy (default lru)")
-    g.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"],
-                   help="how cached experts are held and computed (default float32)")
-    g.add_argument("--dense-dtype", choices=["float32", "int8"],
-                   help="int8: also quantise the attention projections and the output head (CPU; default float32)")
-    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
-    g.add_argument("--expert-top-p", type=float, help="adaptive expert count: per token the fewest top experts "
-                   "whose router probabilities reach this mass (at most the model's k)")
-    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
-                   help="prefetch the next layer's predicted experts in a background thread, per layer while its "
-                        "predictions are mostly right (default: on the CPU when not all experts fit in memory)")
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the dense part of each layer: faster decoding after a one-off compile of "
-                   "tens of seconds (needs a C++ compiler on the CPU)")
+    for f in TorchOptions.flags():
+        extra = dict(kinds[f.metadata["type"]]) if "type" in f.metadata else {}
+        if "choices" in f.metadata:
+            extra["choices"] = f.metadata["choices"]
+        g.add_argument("--" + f.name.replace("_", "-"), default=None, help=f.metadata["help"], **extra)
 
 
 def cmd_cache_sim(args: argparse.Namespace) -> int:
-    from localmoe import cachesim
-    from localmoe.trace import Trace
+    from localmoe.experts import cachesim
+    from localmoe.experts.trace import Trace
 
     trace = Trace.load(args.trace)
     policies = [p for p in args.policies.split(",") if p] if args.policies else list(cachesim.POLICIES)
@@ -288,8 +342,8 @@ def _checkpoint_summary(path: Path) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from localmoe import models
-    from localmoe.layout import read_layout
+    from localmoe.home import models
+    from localmoe.placement.layout import read_layout
 
     entries = []
     for ref in models.list_models():
@@ -309,7 +363,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not entries:
         print("no models installed")
         return 0
-    rows = []
+    rows, problems = [], []
     for ref, lay, err in entries:
         if ref.backend == "torch":
             c = _checkpoint_summary(ref.path)
@@ -318,17 +372,20 @@ def cmd_models(args: argparse.Namespace) -> int:
                          human_bytes(c["bytes"]), str(c["context"])])
             continue
         if lay is None:
-            rows.append([ref.id, ref.source, f"unreadable: {err}", "", "", "", "", ""])
+            rows.append([ref.id, ref.source, "unreadable (see below)", "", "", "", "", ""])
+            problems.append(f"{ref.id}: {err}")
             continue
         experts = f"{lay.n_experts} (top-{lay.n_experts_used})" if lay.is_moe else "dense"
         rows.append([ref.id, ref.source, lay.architecture, str(lay.n_layers), experts, lay.quantization,
                      human_bytes(lay.file_bytes), str(lay.context_length)])
     print(_table(rows, ["ID", "SOURCE", "ARCH", "LAYERS", "EXPERTS", "QUANT", "SIZE", "CONTEXT"]))
+    for line in problems:
+        print(f"unreadable: {line}")
     return 0
 
 
 def cmd_hw(args: argparse.Namespace) -> int:
-    from localmoe import hardware
+    from localmoe.placement import hardware
 
     hw = hardware.detect()
     if args.json:
@@ -358,8 +415,9 @@ def _size(text: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from localmoe import models, plan
-    from localmoe.layout import read_layout
+    from localmoe.home import models
+    from localmoe.placement import plan
+    from localmoe.placement.layout import read_layout
 
     ref = models.resolve(args.model)
     if ref.backend == "torch":  # a Hugging Face checkpoint directory: expert slots per tier from a memory budget
@@ -391,8 +449,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from localmoe import bench, report
-    from localmoe.recorder import Recorder
+    from localmoe.bench import report
+    from localmoe.bench import runner as bench
+    from localmoe.record.recorder import Recorder
 
     sub = getattr(args, "bench_cmd", None)
     if sub == "router":
@@ -470,8 +529,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_router(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from localmoe import router_eval, router_train
-    from localmoe.router import Router
+    from localmoe.routing import evaluate as router_eval
+    from localmoe.routing import train as router_train
+    from localmoe.routing.router import Router
 
     rows = router_train.read_labels(args.labels)
     y = np.array([r["small_wrong"] for r in rows], dtype=float)
@@ -517,21 +577,28 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from localmoe.recorder import Recorder
+    from localmoe.record.recorder import Recorder
 
     with Recorder() as rec:
-        rows = rec.recent_exchanges(args.n)
+        rows = rec.recent_exchanges(args.n)[::-1]  # oldest first in text and JSON alike: the latest ends the output
+    for r in rows:
+        if r.get("measured") is not None:
+            r["measured"] = bool(r["measured"])
     if args.json:
         _print_json(rows)
         return 0
     if not rows:
         print("no exchanges recorded yet")
         return 0
-    for r in reversed(rows):
+    for r in rows:
         rate = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
         joules = f"{'' if r['measured'] else '~'}{r['joules']:.1f} J" if r.get("joules") is not None else ""
+        status = r.get("status") or ""
+        if status == "complete" and r.get("stop_reason") in ("length", "repetition"):
+            status = {"length": f"length (cut off at {r.get('completion_tokens')} tokens)",
+                      "repetition": "repetition (stopped a loop)"}[r["stop_reason"]]
         meta = " · ".join(x for x in (r["created_at"][:19].replace("T", " "), r.get("model") or "",
-                                      r.get("status") or "", rate, joules) if x)
+                                      status, rate, joules) if x)
         print(f"# {meta}  (conversation {r['conversation_id']})")
         print(f"> {r['prompt']}")
         print(r["answer"] or "(no answer)")
@@ -540,13 +607,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("the chat needs a terminal; without one, use `localmoe ask \"QUESTION\"`")
+    model = getattr(args, "model", None)
+    if model:  # a model that cannot load is refused here, not shown as an empty chat
+        from localmoe.home import models
+
+        models.check_loadable(models.resolve(model))
     from localmoe.ui.app import run_app
 
-    return run_app(model=getattr(args, "model", None))
+    return run_app(model=model)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="localmoe",
         description="Local, offline chat with Mixture-of-Experts models. With no command, starts the chat UI.",
     )
@@ -563,10 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--backend", choices=["llama.cpp", "torch"],
                    help="require this engine (torch: a checkpoint directory given with --model)")
     a.add_argument("--json", action="store_true", help="print one JSON object with the answer and its stats")
-    a.add_argument("--max-tokens", type=int, help="stop after this many tokens (default 512)")
-    a.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    a.add_argument("--max-tokens", type=_positive_int, help="stop after this many tokens (default 512)")
+    a.add_argument("--temperature", type=_temperature, help="sampling temperature (0 = greedy)")
     a.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
     a.add_argument("--tier", choices=["small", "large", "remote"], help="skip the router: answer on this tier")
+    a.add_argument("-c", "--continue", dest="cont", action="store_true",
+                   help="continue the latest conversation (the model sees its earlier questions and answers)")
+    a.add_argument("--conversation", type=_positive_int, metavar="ID",
+                   help="continue this conversation (ids are in `localmoe logs`)")
     a.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy")
     a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     _add_engine_options(a)
@@ -574,10 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rt = sub.add_parser("route", help="show where the router would send a prompt, without answering",
                         description="Print the router's decision: tier, model, strategy, score, threshold, reason.")
-    rt.add_argument("prompt")
-    rt.add_argument("--strategy", choices=["features", "learned", "cascade"])
+    rt.add_argument("prompt", help="the question to route")
+    rt.add_argument("--strategy", choices=["features", "learned", "cascade"],
+                    help="router strategy (default: settings.toml [router] strategy)")
     rt.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
-    rt.add_argument("--json", action="store_true")
+    rt.add_argument("--json", action="store_true", help="print the decision as one JSON object")
     rt.set_defaults(func=cmd_route)
 
     ro = sub.add_parser("router", help="train the router", description="Router maintenance.")
@@ -597,8 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-m", "--model", help="MoE model id, path to a .gguf file, or a Hugging Face MoE checkpoint "
                    "directory (torch engine)")
     t.add_argument("-o", "--out", default="trace.jsonl", help="trace file to write (default trace.jsonl)")
-    t.add_argument("--max-tokens", type=int, default=128)
-    t.add_argument("--temperature", type=float)
+    t.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate (default 128)")
+    t.add_argument("--temperature", type=_temperature, help="sampling temperature (0 = greedy)")
     _add_engine_options(t)
     t.set_defaults(func=cmd_trace)
 
@@ -610,17 +689,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slots per layer, or a multiple of experts-per-token (2x); repeatable")
     cs.add_argument("--policies", help="comma-separated subset of lru,lfu,lfru,belady")
     cs.add_argument("--prefetch", action="store_true", help="also show the 'previous token' prefetch")
-    cs.add_argument("--json", action="store_true")
+    cs.add_argument("--json", action="store_true", help="print JSON instead of text")
     cs.set_defaults(func=cmd_cache_sim)
 
     m = sub.add_parser("models", help="list installed models", description="List embedded and installed "
                        "models with their layout (architecture, layers, experts, quantisation).")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print JSON instead of text")
     m.set_defaults(func=cmd_models)
 
     h = sub.add_parser("hw", help="show this machine's hardware", description="Show CPU, RAM, GPUs, disk "
                        "and measured memory bandwidth.")
-    h.add_argument("--json", action="store_true")
+    h.add_argument("--json", action="store_true", help="print JSON instead of text")
     h.set_defaults(func=cmd_hw)
 
     pl = sub.add_parser("plan", help="show where a model's tensors would live on this machine",
@@ -636,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--ctx", type=int, help="context length in tokens (default: 4096 or what fits)")
     pl.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"], default="float32",
                     help="checkpoints: how the engine holds experts (default float32)")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of text")
     pl.set_defaults(func=cmd_plan)
 
     b = sub.add_parser("bench", help="benchmark accuracy and energy (intelligence per watt)",
@@ -644,13 +723,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "report accuracy, joules, watts and IPW. Also: `bench list`, `bench compare RUN RUN`.")
     b.add_argument("--suite", default="quick", help="built-in suite name, a JSONL file, or hf:gsm8k|hf:mmlu|hf:arc")
     b.add_argument("--models", help="comma-separated model ids or .gguf paths (default: the default model)")
-    b.add_argument("--policies", help="comma-separated: direct (default), small, large")
-    b.add_argument("--limit", type=int, help="at most N items of the suite")
-    b.add_argument("--max-tokens", type=int, default=128, help="answer length limit (default 128)")
+    b.add_argument("--policies", help="comma-separated: direct (default: each model answers), small, large "
+                   "(one tier), routed (the router picks per question), cascade (small first, large when unsure)")
+    b.add_argument("--limit", type=_positive_int, help="at most N items of the suite")
+    b.add_argument("--max-tokens", type=_positive_int, default=128, help="answer length limit (default 128)")
     b.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
                    help="measure idle power this long first and also record idle-subtracted joules")
     b.add_argument("--resume", type=int, metavar="RUN", help="continue an interrupted run")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.add_argument("--report", metavar="FILE.html", help="also write an HTML report with an accuracy/energy plot")
     b.set_defaults(func=cmd_bench)
     bsub = b.add_subparsers(dest="bench_cmd", metavar="{list,compare,router}")
@@ -660,17 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "`question`, `small_correct` and optionally `large_correct` (default 1), `mean_logprob`, "
                          "`min_logprob` (for the cascade).")
     br.add_argument("--suite", dest="labels", required=True, help="labelled JSONL file")
-    br.add_argument("--json", action="store_true")
+    br.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     bl = bsub.add_parser("list", help="list benchmark runs")
-    bl.add_argument("--json", action="store_true")
+    bl.add_argument("--json", action="store_true", help="print the runs as JSON")
     bc = bsub.add_parser("compare", help="compare two runs")
-    bc.add_argument("run_a", type=int)
-    bc.add_argument("run_b", type=int)
-    bc.add_argument("--json", action="store_true")
+    bc.add_argument("run_a", type=int, help="a run id (see `bench list`)")
+    bc.add_argument("run_b", type=int, help="the run to compare it with")
+    bc.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     lg = sub.add_parser("logs", help="show recent exchanges", description="Show recent recorded exchanges.")
-    lg.add_argument("-n", type=int, default=10, help="how many (default 10)")
-    lg.add_argument("--json", action="store_true")
+    lg.add_argument("-n", type=_positive_int, default=10, help="how many (default 10)")
+    lg.add_argument("--json", action="store_true", help="print JSON instead of text")
     lg.set_defaults(func=cmd_logs)
 
     c = sub.add_parser("chat", help="start the chat UI (the default)", description="Start the terminal chat UI.")
@@ -682,10 +762,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    json_out = bool(getattr(args, "json", False))
+    try:
+        return _run(func, args, json_out)
+    finally:
+        _privacy_notice()
+
+
+def _privacy_notice() -> None:
+    from localmoe.home import paths
+
+    if paths.tightened:
+        print(f"localmoe: notice: made {', '.join(dict.fromkeys(paths.tightened))} readable by you only "
+              "(conversations are private)", file=sys.stderr)
+        paths.tightened.clear()
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, json_out: bool) -> int:
     try:
         return func(args)
     except LocalmoeError as exc:
-        print(f"localmoe: error: {exc}", file=sys.stderr)
+        _report_error(str(exc), json_out)
         return exc.exit_code
     except KeyboardInterrupt:
         print("\nlocalmoe: interrupted (the question and the partial answer are recorded)", file=sys.stderr)
@@ -695,6 +792,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, with a way to get the details
         if os.environ.get("LOCALMOE_DEBUG"):
             raise
-        print(f"localmoe: internal error: {type(exc).__name__}: {exc} (set LOCALMOE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        _report_error(f"internal error: {type(exc).__name__}: {exc} (set LOCALMOE_DEBUG=1 for the traceback)",
+                      json_out)
         return 70

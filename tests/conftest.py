@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from localmoe import models
+from localmoe.home import models
 
 
 @pytest.fixture(autouse=True)

@@ -370,7 +370,7 @@ def _tokenizer_fields_cached(path: Path) -> dict[str, tuple[Any, gguf.GGUFValueT
 
 
 def _embedded_gguf() -> Path:
-    from localmoe.models import embedded_models
+    from localmoe.home.models import embedded_models
 
     found = embedded_models()
     if not found:

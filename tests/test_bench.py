@@ -11,8 +11,8 @@ import time
 import pytest
 
 from helpers import run_cli
-from localmoe import bench
-from localmoe.recorder import Recorder
+from localmoe.bench import runner as bench
+from localmoe.record.recorder import Recorder
 
 
 def db(home):
@@ -69,9 +69,8 @@ def test_interrupted_run_keeps_items_and_resumes(home, tmp_path):
                       on_start=lambda run_id, s: started.update(run=run_id, errors=s.errors))
         run_id = started["run"]
         assert started["errors"] and "line 2" in started["errors"][0]
-        [row] = rec.query("select status from bench_runs where id = ?", [run_id])
-        assert row["status"] == "interrupted"
-        assert len(rec.query("select * from bench_items where run_id = ?", [run_id])) == 2
+        assert rec.bench_run(run_id)["status"] == "interrupted"
+        assert len(rec.done_bench_items(run_id)) == 2
 
     r = run_cli("bench", "--resume", str(run_id), "--json", timeout=300)
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from localmoe.cachesim import (
+from localmoe.errors import LocalmoeError
+from localmoe.experts.cachesim import (
     POLICIES,
     CacheSimError,
     capacity_from_spec,
@@ -18,8 +19,7 @@ from localmoe.cachesim import (
     simulate,
     synthetic_trace,
 )
-from localmoe.errors import LocalmoeError
-from localmoe.trace import Trace, TraceToken
+from localmoe.experts.trace import Trace, TraceToken
 
 
 def make_trace(layers: list[list[list[int]]], n_experts: int = 8) -> Trace:

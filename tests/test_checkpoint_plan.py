@@ -14,7 +14,8 @@ from synthetic_moe import build_hf_moe
 from helpers import run_cli
 from localmoe.engine.torch_moe import Checkpoint, TorchMoEEngine
 from localmoe.errors import LocalmoeError
-from localmoe.plan import RAM_RESERVE, checkpoint_tensors, describe_checkpoint, plan_checkpoint
+from localmoe.placement.plan import RAM_RESERVE, describe_checkpoint, plan_checkpoint
+from localmoe.placement.safetensors import checkpoint_tensors
 
 MiB = 1024**2
 SHAPE = dict(hidden=64, layers=2, experts=8, top_k=2, expert_ff=32, heads=4, kv_heads=2, head_dim=16)

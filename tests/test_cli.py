@@ -169,3 +169,112 @@ def test_a_crash_mid_answer_never_corrupts_the_file(home):
 def test_human_output(cmd, home):
     r = run_cli(*cmd)
     assert r.returncode == 0 and r.stdout.strip()
+
+
+def one_line_refusal(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("localmoe: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_options_are_validated_up_front_in_one_line(home):
+    one_line_refusal(run_cli("ask", "hi", "--temperature", "-0.5"), 2, "--temperature", "outside")
+    one_line_refusal(run_cli("ask", "hi", "--max-tokens", "0"), 2, "--max-tokens", "below 1")
+    one_line_refusal(run_cli("logs", "-n", "0"), 2, "-n", "below 1")
+    one_line_refusal(run_cli("bench", "--limit", "-3"), 2, "--limit")
+    one_line_refusal(run_cli("asx", "hi"), 2, "unknown command 'asx'", "did you mean 'ask'")
+    # empty prompts: the same exit code wherever they come from
+    one_line_refusal(run_cli("ask", "  "), 2, "empty")
+    one_line_refusal(run_cli("route", "  "), 2, "empty")
+    assert not (home / "localmoe.db").exists() or db_rows(home, "select * from messages") == []
+
+
+def test_json_errors_are_json_with_the_same_exit_code(home):
+    r = run_cli("ask", "  ", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout) == {"status": "error", "error": "the prompt is empty"}
+    r = run_cli("ask", "hi", "--json", "--max-tokens", "0")
+    out = json.loads(r.stdout)
+    assert r.returncode == 2 and out["status"] == "error" and "--max-tokens" in out["error"]
+    r = run_cli("ask", "hi", "--json", "--model", "/nowhere/x.gguf")
+    assert r.returncode == 1 and "not found" in json.loads(r.stdout)["error"]
+
+
+def test_chat_refuses_without_a_terminal_and_a_model_that_cannot_load(home, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "localmoe"], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=60, env={**__import__("os").environ, "LOCALMOE_HOME": str(home)})
+    one_line_refusal(r, 2, "needs a terminal")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    # with a terminal (script(1) gives one) a model that cannot load is refused before the screen opens
+    if subprocess.run(["which", "script"], capture_output=True).returncode == 0:
+        cmd = f"{sys.executable} -m localmoe chat -m {bad}; echo EXIT=$?"
+        r = subprocess.run(["script", "-qc", cmd, "/dev/null"], capture_output=True, text=True, timeout=60,
+                           env={**__import__("os").environ, "LOCALMOE_HOME": str(home)}, stdin=subprocess.DEVNULL)
+        assert "EXIT=2" in r.stdout and "cannot load bad" in r.stdout, r.stdout
+
+
+HARD_Q = "A train leaves at 3:40 pm and travels 217 km at 62 km/h. At what time does it arrive? Show the steps."
+
+
+def test_no_large_tier_flags_a_probably_wrong_answer_and_refuses_tier_large(home):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[router]\nstrategy = "features"\npreference = "quality"\n')
+    r = run_cli("ask", HARD_Q, "--json", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    route = json.loads(r.stdout)["route"]
+    assert route["wanted"] == "large" and route["tier"] == "small" and route["probably_wrong"] is True
+    assert "likely wrong" in route["warning"] and "models" in route["warning"]  # says where a large model goes
+    assert route["reason"].startswith("wanted large → no large model is installed → small answered")
+    text = run_cli("ask", HARD_Q, "--max-tokens", "8")
+    assert "localmoe: warning: the small model answered" in text.stderr
+    one_line_refusal(run_cli("ask", "hi", "--tier", "large"), 2, "no large model is installed", ".gguf")
+    # the easy question is not flagged
+    easy = json.loads(run_cli("ask", "Hi!", "--json", "--max-tokens", "4").stdout)["route"]
+    assert easy["tier"] == "small" and easy["probably_wrong"] is False and easy["wanted"] is None
+
+
+def test_a_cut_off_answer_says_so_everywhere_and_logs_agree(home):
+    r = run_cli("ask", "Write a long poem about the sea.", "--json", "--max-tokens", "3")
+    out = json.loads(r.stdout)
+    assert out["stop_reason"] == "length" and out["usage"]["completion_tokens"] == 3
+    assert isinstance(out["energy"]["measured"], bool)
+    run_cli("ask", "Say hi.", "--max-tokens", "12")
+    entries = json.loads(run_cli("logs", "--json").stdout)
+    # oldest first, as in the text output; booleans are booleans
+    assert [e["prompt"] for e in entries] == ["Write a long poem about the sea.", "Say hi."]
+    assert entries[0]["stop_reason"] == "length" and isinstance(entries[0]["measured"], bool)
+    text = run_cli("logs").stdout
+    assert "length (cut off at 3 tokens)" in text
+    assert text.index("> Write a long poem") < text.index("> Say hi.")
+
+
+def test_ask_continue_carries_the_conversation_and_its_history(home):
+    first = json.loads(run_cli("ask", "My name is Ada. Say hello to me.", "--json", "--max-tokens", "16",
+                               "--temperature", "0").stdout)
+    json.loads(run_cli("ask", "What is 2 + 2?", "--json", "--max-tokens", "8").stdout)  # another conversation
+    again = json.loads(run_cli("ask", "What is my name?", "--json", "--max-tokens", "16", "--temperature", "0",
+                               "--conversation", str(first["conversation_id"])).stdout)
+    assert again["conversation_id"] == first["conversation_id"]
+    # the model saw the first exchange: the prompt grew by it (the answer text is the model's business)
+    alone = json.loads(run_cli("ask", "What is my name?", "--json", "--max-tokens", "1").stdout)
+    assert again["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"] + 10
+    latest = json.loads(run_cli("ask", "Thanks!", "-c", "--json", "--max-tokens", "4").stdout)
+    assert latest["conversation_id"] == alone["conversation_id"]
+    rows = db_rows(home, f"select role from messages where conversation_id = {first['conversation_id']} order by id")
+    assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"]
+    one_line_refusal(run_cli("ask", "hi", "--conversation", "999"), 2, "no conversation 999")
+
+
+def test_continue_with_nothing_to_continue_is_refused(home):
+    one_line_refusal(run_cli("ask", "hi", "-c"), 2, "no conversation to continue")
+
+
+def test_the_france_question_ends_quickly_with_its_stop_reason_recorded(home):
+    r = run_cli("ask", "What is the capital of France?", "--json", "--temperature", "0")
+    out = json.loads(r.stdout)
+    assert out["usage"]["completion_tokens"] < 80 and out["stop_reason"] in ("stop", "repetition")
+    assert out["sampling"]["repeat_penalty"] > 1.0 and out["sampling"]["max_tokens"] <= 96  # a short question
+    [row] = db_rows(home, "select stop_reason, completion_tokens from generations")
+    assert row["stop_reason"] == out["stop_reason"] and row["completion_tokens"] == out["usage"]["completion_tokens"]

@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from localmoe import chat_template
-from localmoe.engine import GenerationConfig
+from localmoe.engine import GenerationConfig, chat_template
 from localmoe.engine.llamacpp import LlamaCppEngine
 from localmoe.errors import LocalmoeError
 
@@ -90,3 +89,49 @@ def test_template_sandbox_blocks_escapes():
 def test_template_fallback_is_chatml():
     out = chat_template.render(None, [{"role": "user", "content": "hi"}])
     assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_the_loop_guard_stops_a_real_loop_and_keeps_its_first_round(engine):
+    # greedy without a penalty: SmolLM2 loops ", la Femme, la Femme, …" to the token limit
+    looping = GenerationConfig(max_tokens=300, temperature=0.0, repeat_penalty=1.0)
+    unguarded = "".join(engine.stream(FRANCE, looping))
+    assert engine.stats.stop_reason == "length" and engine.stats.completion_tokens == 300
+    streamed = "".join(engine.stream(FRANCE, GenerationConfig(**{**vars(looping), "loop_guard": True})))
+    s = engine.stats
+    assert s.stop_reason == "repetition" and s.completion_tokens < 80, s
+    assert unguarded.startswith(streamed)  # same tokens until the guard stopped them
+    kept = streamed[: s.kept_chars]
+    assert 0 < len(kept) < len(streamed) and kept.count("la Femme") == 1 and "repeated" in s.repetition
+
+
+def test_the_products_defaults_end_the_france_answer_without_a_loop(engine, smollm):
+    from localmoe.home import models
+
+    config = GenerationConfig(**models.generation_defaults(smollm))
+    assert config.repeat_penalty > 1.0 and config.loop_guard and config.min_p > 0
+    for seed in range(3):
+        text = "".join(engine.stream(FRANCE, GenerationConfig(**{**vars(config), "seed": seed})))
+        assert engine.stats.stop_reason in ("stop", "repetition") and engine.stats.completion_tokens < 80, text
+
+
+def test_a_stopped_loop_is_recorded_as_its_first_round(home, smollm):
+    import sqlite3
+
+    from localmoe.chat.session import Session
+
+    config = GenerationConfig(max_tokens=300, temperature=0.0, repeat_penalty=1.0, loop_guard=True)
+    session = Session(smollm, config=config, meter=False)
+    try:
+        reply = session.ask(FRANCE[0]["content"])
+        streamed = "".join(reply)
+    finally:
+        session.close()
+    assert reply.stats.stop_reason == "repetition" and reply.to_dict()["repetition"]
+    assert reply.text == streamed[: reply.stats.kept_chars] and len(reply.text) < len(streamed)
+    conn = sqlite3.connect(home / "localmoe.db")
+    content, stop = conn.execute("select m.content, g.stop_reason from messages m join generations g "
+                                 "on g.message_id = m.id where m.role = 'assistant'").fetchone()
+    assert content == reply.text and stop == "repetition"

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 from synthetic_moe import build_hf_moe
 
 from helpers import run_cli
-from localmoe import cachesim
-from localmoe.engine.expert_store import ExpertStore, ExpertWeights, LayerStats
 from localmoe.engine.torch_moe import TorchMoEEngine
+from localmoe.engine.torch_moe.expert_store import ExpertStore, ExpertWeights, LayerStats
 from localmoe.errors import LocalmoeError
-from localmoe.trace import Trace, TraceToken
+from localmoe.experts import cachesim
+from localmoe.experts.trace import Trace, TraceToken
 
 VOCAB = 320
 SHAPE = dict(hidden=64, layers=3, experts=8, top_k=2, expert_ff=32, heads=4, kv_heads=2, head_dim=16)
@@ -330,7 +330,7 @@ def test_low_precision_experts_stay_within_tolerance(ckpt, dtype):
 def test_int8_dense_and_experts_on_the_cpu_kernel(ckpt):
     """expert_dtype=int8 + dense_dtype=int8 (attention and output head, as llama.cpp's q8_0): stated tolerance 5% of
     the largest |logit| (measured ~2% here: activations are quantised too), same greedy tokens."""
-    from localmoe.engine.quant import Int8Linear, int8_linear_available
+    from localmoe.engine.torch_moe.quant import Int8Linear, int8_linear_available
 
     if not int8_linear_available():
         pytest.skip("this torch has no dynamic int8 linear")

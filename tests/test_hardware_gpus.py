@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from localmoe import hardware
+from localmoe.placement import hardware
 
 GPU = hardware.GPU(0, "Test GPU", "nvidia", 80 * 2**30, 79 * 2**30, "torch.cuda")
 NVML_GPU = hardware.GPU(0, "Test GPU", "nvidia", 80 * 2**30, 78 * 2**30, "nvml")

@@ -7,7 +7,7 @@ import pytest
 from gguf import GGUFWriter
 
 from localmoe.errors import LocalmoeError
-from localmoe.layout import read_layout
+from localmoe.placement.layout import read_layout
 
 
 def write_tiny_moe(path: Path, *, n_layers: int = 2, n_expert: int = 4, n_used: int = 2,

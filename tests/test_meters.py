@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from localmoe import meters
 from localmoe.errors import LocalmoeError, UsageError
-from localmoe.meters import (
+from localmoe.record import meters
+from localmoe.record.meters import (
     AmdGpuMeter,
     BatteryMeter,
     CompositeMeter,

@@ -13,9 +13,9 @@ from helpers import run_cli
 from localmoe.engine import GenerationConfig, llama_hooks
 from localmoe.engine.llamacpp import LlamaCppEngine
 from localmoe.errors import LocalmoeError
-from localmoe.layout import read_layout
-from localmoe.plan import Budget, Plan, make_plan
-from localmoe.trace import Trace
+from localmoe.experts.trace import Trace
+from localmoe.placement.layout import read_layout
+from localmoe.placement.plan import Budget, Plan, make_plan
 
 TOKENS = [1, 9690, 314, 253, 2362, 30, 49151, 17, 2, 1000, 4242, 12]
 

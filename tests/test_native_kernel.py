@@ -1,5 +1,6 @@
-"""The native one-token expert kernel (localmoe/engine/gemv.c via native.py): built here with the system compiler,
-checked against torch on awkward shapes, and against the engine's torch path on a real tiny checkpoint."""
+"""The native one-token expert kernel (localmoe/engine/torch_moe/moe_kernels.c via kernels.py): built here with the
+system compiler, checked against torch on awkward shapes, and against the engine's torch path on a real tiny
+checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localmoe.engine import native
+import localmoe.engine.torch_moe.kernels as native
 from localmoe.engine.torch_moe import TorchMoEEngine
 
 PROMPT = [5, 17, 300, 42, 42, 7, 1, 250, 99, 123, 64, 8, 8, 201, 77, 3, 150, 11]
@@ -60,7 +61,7 @@ def test_moe_decode_matches_torch(hidden, ff, n, threads):
 @needs_cc
 def test_kernel_is_built_once_and_shares_torchs_openmp(home):
     assert native.kernels() == "native"
-    built = list((home / "kernels").glob("gemv-*.so"))
+    built = list((home / "kernels").glob("moe_kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     native._library.cache_clear()

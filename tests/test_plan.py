@@ -7,8 +7,8 @@ import json
 import pytest
 
 from helpers import run_cli
-from localmoe.layout import ModelLayout, read_layout
-from localmoe.plan import RAM_RESERVE, VRAM_RESERVE, Budget, make_plan
+from localmoe.placement.layout import ModelLayout, read_layout
+from localmoe.placement.plan import RAM_RESERVE, VRAM_RESERVE, Budget, make_plan
 
 GiB = 1024**3
 

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import numpy as np
 import pytest
 
 from helpers import run_cli
-from localmoe import router_eval, router_train, settings
-from localmoe.assistant import Assistant
+from localmoe.chat.assistant import Assistant
 from localmoe.errors import LocalmoeError, UsageError
-from localmoe.recorder import Recorder
-from localmoe.router import Router, TokenEmbedder, features
+from localmoe.home import paths, settings
+from localmoe.record.recorder import Recorder
+from localmoe.routing import evaluate as router_eval
+from localmoe.routing import train as router_train
+from localmoe.routing.router import Router, TokenEmbedder, features
+
+
+def db_rows(sql):
+    """Rows from the real SQLite file (only the recorder's code runs SQL in the package)."""
+    conn = sqlite3.connect(paths.db_path())
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql)]
+    finally:
+        conn.close()
 
 HARD = ("A shop sells pens at 3 dollars each. Tom buys 14 pens, then returns 5, and pays with a 50 dollar "
         "note. How much change does he get? Answer with a number only.")
@@ -103,8 +116,7 @@ def test_ask_routes_hard_to_the_moe_and_easy_to_the_small_model(home, tiny_moe):
     assert easy["route"]["tier"] == "small" and easy["model"] == "smollm2-135m-instruct"
     forced = json.loads(run_cli("ask", easy_q, "--json", "--max-tokens", "4", "--tier", "large").stdout)
     assert forced["model"] == "tiny-moe" and forced["route"]["strategy"] == "override"
-    with Recorder() as rec:
-        rows = rec.query("select tier, model, strategy, reason from routing_decisions order by message_id")
+    rows = db_rows("select tier, model, strategy, reason from routing_decisions order by message_id")
     assert [r["tier"] for r in rows] == ["large", "small", "large"] and all(r["reason"] for r in rows)
 
 
@@ -154,7 +166,7 @@ def test_router_file_from_an_older_version_falls_back(tmp_path):
 
 
 def router_train_path():
-    from localmoe.router import trained_path
+    from localmoe.routing.router import trained_path
 
     return trained_path()
 
@@ -179,8 +191,7 @@ def test_cascade_escalates_on_a_wrong_answer_and_not_on_a_right_one(home, tiny_m
     assert r_wrong.escalated and r_wrong.reply.model == "tiny-moe" and r_wrong.small_reply is not None
     assert "escalated" in r_wrong.decision.reason
     assert not r_right.escalated and r_right.reply.model == "smollm2-135m-instruct"
-    with Recorder() as rec:
-        decisions = rec.query("select tier, escalated_from from routing_decisions order by message_id")
+    decisions = db_rows("select tier, escalated_from from routing_decisions order by message_id")
     assert [d["tier"] for d in decisions] == ["small", "large", "small"]
     assert decisions[1]["escalated_from"] is not None
 

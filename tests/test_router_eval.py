@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from localmoe.router_eval import (
+from localmoe.routing.evaluate import (
     LogisticModel,
     OperatingPoint,
     accuracy_at_share,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from localmoe import suites
+from localmoe.bench import suites
+from localmoe.bench.scoring import Verdict, extract_number, score
+from localmoe.bench.suites import Item, arc_item, builtin_suites, convert_rows, gsm8k_item, load_suite, mmlu_item
 from localmoe.errors import LocalmoeError
-from localmoe.scoring import Verdict, extract_number, score
-from localmoe.suites import Item, arc_item, builtin_suites, convert_rows, gsm8k_item, load_suite, mmlu_item
 
 CATEGORIES = ["arithmetic", "word_problems", "dates", "units", "letters", "facts"]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]

@@ -12,7 +12,7 @@ import torch
 from gguf import GGUFReader
 from safetensors import safe_open
 
-from localmoe.layout import read_layout
+from localmoe.placement.layout import read_layout
 
 HIDDEN, LAYERS, EXPERTS, TOP_K, EXPERT_FF = 64, 2, 8, 2, 32
 # Spread over the vocabulary, specials included; 12 positions exercise rope and the causal mask.

@@ -109,10 +109,10 @@ def test_prompt_and_greedy_decode_match_transformers(checkpoint, slots):
 
 
 def test_native_decode_step_matches_transformers(checkpoint, monkeypatch):
-    """Every expert resident (preload): one-token steps run whole in native code (native.DecodeStep) for every
+    """Every expert resident (preload): one-token steps run whole in native code (step.DecodeStep) for every
     architecture but Qwen2-MoE's shared expert, and still match transformers to 1e-4 for 8 greedy steps; its
     telemetry names the same experts as the torch path's."""
-    from localmoe.engine import native
+    import localmoe.engine.torch_moe.kernels as native
 
     arch, path, model = checkpoint
     runs_native = native.available() and arch != "qwen2_moe"  # no C compiler: the torch path both times
@@ -151,7 +151,7 @@ def test_cache_size_changes_counts_not_logits(checkpoint):
     for other in (one, three):
         np.testing.assert_array_equal(full[0], other[0])
         assert full[1][0] == other[1][0]
-        # decode steps with every expert resident run whole in native code (native.DecodeStep): the same sums in
+        # decode steps with every expert resident run whole in native code (step.DecodeStep): the same sums in
         # another order, so equal to float rounding rather than bit for bit
         np.testing.assert_allclose(full[1][1], other[1][1], rtol=0, atol=1e-5)
     assert full[3] < three[3] < one[3]  # fewer slots, more reads
@@ -199,7 +199,7 @@ def test_compiled_int8_engine_matches_eager_int8(checkpoint):
     arch, path, _ = checkpoint
     if arch != "qwen3_moe":
         pytest.skip("one architecture is enough for the int8 op under compile")
-    from localmoe.engine.quant import int8_linear_available
+    from localmoe.engine.torch_moe.quant import int8_linear_available
 
     if not int8_linear_available():
         pytest.skip("this torch has no int8 linear")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -11,11 +12,10 @@ import torch
 from synthetic_moe import _embedded_gguf, build_hf_moe
 from tokenizers import Tokenizer
 
-from localmoe import chat_template, models, paths
-from localmoe.engine import GenerationConfig, create_engine
+from localmoe.engine import GenerationConfig, chat_template, create_engine
 from localmoe.engine.torch_moe import IncrementalDetokenizer, TorchMoEEngine
 from localmoe.errors import LocalmoeError
-from localmoe.recorder import Recorder
+from localmoe.home import models, paths
 
 MESSAGES = [{"role": "user", "content": "Name three colours, please."}]
 GREEDY = GenerationConfig(max_tokens=8, temperature=0.0)
@@ -146,7 +146,7 @@ def test_incremental_detokenizer_never_splits_a_character(engine):
 
 
 def test_session_records_a_torch_answer(hf_dir, home):
-    from localmoe.session import Session
+    from localmoe.chat.session import Session
 
     ref = models.resolve(str(hf_dir))
     assert (ref.backend, ref.id, ref.path) == ("torch", "tiny-qwen3", hf_dir.resolve())
@@ -157,10 +157,12 @@ def test_session_records_a_torch_answer(hf_dir, home):
     finally:
         session.close()
     assert str(paths.db_path()).startswith(str(home))
-    with Recorder() as rec:  # a fresh connection: the answer is on disk, not just in the session
-        rows = rec.query(
-            "select m.content, m.status, g.backend, g.completion_tokens, g.stop_reason, g.prompt_tokens "
-            "from messages m join generations g on g.message_id = m.id where m.id = ?", [reply.message_id])
+    conn = sqlite3.connect(paths.db_path())  # a fresh connection: the answer is on disk, not just in the session
+    conn.row_factory = sqlite3.Row
+    rows = [dict(r) for r in conn.execute(
+        "select m.content, m.status, g.backend, g.completion_tokens, g.stop_reason, g.prompt_tokens "
+        "from messages m join generations g on g.message_id = m.id where m.id = ?", [reply.message_id])]
+    conn.close()
     assert rows == [{"content": reply.text, "status": "complete", "backend": "torch",
                      "completion_tokens": reply.stats.completion_tokens, "stop_reason": reply.stats.stop_reason,
                      "prompt_tokens": reply.stats.prompt_tokens}]

@@ -154,3 +154,80 @@ def test_torch_answers_show_the_expert_cache(home, tiny_moe):
             assert f"experts {answer.experts['hit_rate']:.0%} hit" in stats and "moved" in stats
 
     asyncio.run(run())
+
+
+def test_the_prompt_keeps_the_keyboard_recalls_questions_and_rates_once(home):
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=24, temperature=0.0))
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = app.screen
+            prompt = screen.query_one("#prompt", Input)
+            for q in ("Name a color.", "Name a fruit.", "Name an animal."):
+                await type_and_send(pilot, q)
+                await wait_for(pilot, lambda: all(a.done for a in screen.query(Answer)))
+            # Tab leaves nothing else to focus: typing still goes into the prompt
+            await pilot.press("tab")
+            assert app.focused is prompt
+            await pilot.press("x")
+            assert prompt.value == "x"
+            prompt.value = ""
+            # Up/Down walk back and forth through this session's questions
+            await pilot.press("up")
+            assert prompt.value == "Name an animal."
+            await pilot.press("up", "up", "up")
+            assert prompt.value == "Name a color."
+            await pilot.press("down")
+            assert prompt.value == "Name a fruit."
+            await pilot.press("down", "down")
+            assert prompt.value == ""
+            # PgUp scrolls the answers while the prompt keeps focus
+            conversation = screen.query_one("#conversation")
+            await pilot.pause()
+            bottom = conversation.scroll_y
+            assert conversation.max_scroll_y > 0 and bottom > 0
+            await pilot.press("pageup")
+            await pilot.pause()
+            assert conversation.scroll_y < bottom and app.focused is prompt
+            await pilot.press("pagedown")
+            await pilot.pause()
+            assert conversation.scroll_y > bottom - 1
+            # ratings: bad, then good replaces it, then good again takes it back; one label at most
+            answer = screen.query(Answer).last()
+            await pilot.press("ctrl+b")
+            assert answer.rating is False and "rated bad" in str(answer.query_one(".rating", Static).render())
+            await pilot.press("ctrl+g")
+            assert answer.rating is True
+            labels = sqlite3.connect(home / "localmoe.db").execute(
+                "select small_wrong, source from route_labels").fetchall()
+            assert labels == [(0, "thumbs")]
+            await pilot.press("ctrl+g")
+            assert answer.rating is None
+            assert sqlite3.connect(home / "localmoe.db").execute("select count(*) from route_labels").fetchone() \
+                == (0,)
+            # the footer names the rating and quit keys
+            footer_keys = {b.binding.action for b in screen.active_bindings.values() if b.binding.show}
+            assert {"thumbs_up", "thumbs_down", "quit"} <= footer_keys
+            # a new chat puts the keyboard back in the prompt
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            assert app.focused is prompt
+            await pilot.press("h", "i")
+            assert prompt.value == "hi"
+
+    asyncio.run(run())
+
+
+def test_a_stopped_loop_is_taken_back_on_screen(home):
+    async def run() -> None:
+        config = GenerationConfig(max_tokens=300, temperature=0.0, repeat_penalty=1.0, loop_guard=True)
+        app = LocalmoeApp(config=config)
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            await type_and_send(pilot, "What is the capital of France?")
+            answer = screen.query_one(Answer)
+            await wait_for(pilot, lambda: answer.done)
+            assert answer.stats.stop_reason == "repetition"
+            assert answer.text.count("la Femme") == 1 and answer.query_one(Markdown).source == answer.text
+            assert "repeating itself" in str(answer.query_one(".stats", Static).render())
+
+    asyncio.run(run())

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,38 +19,23 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Markdown, Static
 
-from localmoe.assistant import Assistant
+from localmoe.chat.assistant import Assistant
+from localmoe.chat.display import stats_line
 from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
-from localmoe.session import experts_text
+from localmoe.home import paths
 
 # Rendering shares two cores (and the GIL) with the decode loop: batch tokens into ten appends a second.
 UPDATE_INTERVAL_S = 0.1
 
 
-def joules_text(energy: Any) -> str:
-    """`~` marks an estimate: no power sensor was readable, so the figure comes from CPU time."""
-    return f"{'' if energy.measured else '~'}{energy.joules:.1f} J"
-
-
-def stats_line(model: str, stats: GenerationStats, status: str, energy: Any = None,
-               experts: dict[str, Any] | None = None) -> str:
-    parts = [model, f"{stats.completion_tokens} tokens"]
-    if stats.tokens_per_s:
-        parts.append(f"{stats.tokens_per_s:.1f} tok/s")
-    if stats.ttft_s is not None:
-        parts.append(f"first token {stats.ttft_s:.2f} s")
-    if experts:
-        parts.append(experts_text(experts))
-    if energy is not None:
-        parts.append(joules_text(energy))
-    if status != "complete":
-        parts.append({"cancelled": "stopped"}.get(status, status))
-    return " · ".join(parts)
-
-
 class Question(Static):
     pass
+
+
+class Conversation(VerticalScroll, can_focus=False):
+    """The questions and answers. Not focusable: the prompt keeps the keyboard, and PgUp/PgDn scroll this from
+    there."""
 
 
 class Answer(VerticalScroll, can_focus=False):
@@ -64,16 +50,30 @@ class Answer(VerticalScroll, can_focus=False):
         self.energy: Any = None
         self.decision: Any = None
         self.status = "pending"
+        self.rating: bool | None = None  # True good, False bad, None unrated
 
     def compose(self) -> ComposeResult:
         yield Markdown("", classes="body")
         yield Static("…", classes="stats")
         yield Static("", classes="route")
+        yield Static("", classes="rating")
+
+    def show_rating(self, good: bool | None) -> None:
+        self.rating = good
+        mark = {True: "rated good (Ctrl+G again to undo)", False: "rated bad (Ctrl+B again to undo)"}
+        line = self.query_one(".rating", Static)
+        line.update(mark[good] if good is not None else "")
+        line.display = good is not None
 
     async def append(self, delta: str) -> None:
         """Add streamed text; Markdown.append re-parses only the last block, not the whole answer."""
         self.text += delta
         await self.query_one(Markdown).append(delta)
+
+    async def keep(self, n_chars: int) -> None:
+        """Take back what streamed after the first round of a loop the engine stopped."""
+        self.text = self.text[:n_chars]
+        await self.query_one(Markdown).update(self.text)
 
     def finish(self, stats: GenerationStats | None, status: str, error: str | None = None,
                energy: Any = None, decision: Any = None, experts: dict[str, Any] | None = None) -> None:
@@ -82,12 +82,16 @@ class Answer(VerticalScroll, can_focus=False):
         line = self.query_one(".stats", Static)
         if error:
             self.add_class("error")
-            line.update(f"error: {error}")
+            line.update(Text(f"error: {error}"))
         elif stats is not None:
-            line.update(stats_line(self.model, stats, status, energy, experts))
+            line.update(Text(stats_line(self.model, stats, status, energy, experts)))
         if decision is not None and not error:
             tier = "large (escalated)" if decision.escalated else decision.tier
-            self.query_one(".route", Static).update(f"{tier} tier · {decision.reason}")
+            route = self.query_one(".route", Static)
+            route.update(Text(f"{tier} tier · {decision.reason}"))  # reasons name settings like [tiers]: no markup
+            if decision.warning:
+                self.add_class("doubtful")
+                route.update(Text(f"⚠ {decision.warning}\n{tier} tier · {decision.reason}"))
 
 
 class ChatScreen(Screen):
@@ -95,9 +99,12 @@ class ChatScreen(Screen):
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("ctrl+l", "retry_large", "Retry on large"),
-        Binding("ctrl+g", "thumbs_up", "Good", show=False),
-        Binding("ctrl+b", "thumbs_down", "Bad answer", show=False),
-        Binding("ctrl+q", "app.quit", "Quit"),
+        Binding("ctrl+g", "thumbs_up", "Good"),
+        Binding("ctrl+b", "thumbs_down", "Bad"),
+        Binding("pageup", "scroll_answers(-1)", "Scroll up", show=False),
+        Binding("pagedown", "scroll_answers(1)", "Scroll down", show=False),
+        Binding("up", "recall(-1)", "Earlier question", show=False),
+        Binding("down", "recall(1)", "Later question", show=False),
     ]
 
     class Chunk(Message):
@@ -129,10 +136,12 @@ class ChatScreen(Screen):
         self._cancel: threading.Event | None = None
         self.generating = False
         self._shown_notices: set[str] = set()
+        self.asked: list[str] = []  # this screen's questions, for Up/Down recall
+        self._recall: int | None = None  # index into `asked` while recalling
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with VerticalScroll(id="conversation"):
+        with Conversation(id="conversation"):
             yield Static("Loading the model… you can type your question now.", id="notice")
         yield Input(placeholder="Ask anything (Enter to send, Esc to stop, Ctrl+N for a new chat)", id="prompt")
         yield Footer()
@@ -163,13 +172,17 @@ class ChatScreen(Screen):
         notice = self.query_one("#notice", Static)
         if message.error:
             self.sub_title = "no model"
-            notice.update(f"Could not start the model: {message.error}")
+            notice.update(Text(f"Could not start the model: {message.error}"))
             return
         self.sub_title = message.model or ""
         notice.update(f"{message.model} is ready (loaded in {message.load_s:.1f} s). Ask a question below.")
         a = self.assistant
+        if paths.tightened:
+            self.notify(f"Made {', '.join(dict.fromkeys(paths.tightened))} readable by you only.", title="Privacy",
+                        markup=False)
+            paths.tightened.clear()
         for warning in (a.session_for("small").warnings + a.notices) if a else []:
-            self.notify(warning, title="Note", severity="warning", timeout=15)
+            self.notify(warning, title="Note", severity="warning", timeout=15, markup=False)
 
     @on(Input.Submitted, "#prompt")
     async def ask(self, event: Input.Submitted) -> None:
@@ -177,13 +190,33 @@ class ChatScreen(Screen):
         if not prompt:
             return
         event.input.clear()
+        if not self.asked or self.asked[-1] != prompt:
+            self.asked.append(prompt)
+        self._recall = None
         await self._ask(prompt)
+
+    def action_recall(self, step: int) -> None:
+        """Up/Down in the prompt: earlier and later questions of this session, then back to an empty prompt."""
+        if not self.asked:
+            return
+        i = (len(self.asked) if self._recall is None else self._recall) + step
+        prompt = self.query_one("#prompt", Input)
+        if i >= len(self.asked):
+            self._recall, prompt.value = None, ""
+        else:
+            self._recall = max(0, i)
+            prompt.value = self.asked[self._recall]
+        prompt.cursor_position = len(prompt.value)
+
+    def action_scroll_answers(self, pages: int) -> None:
+        conversation = self.query_one("#conversation", Conversation)
+        (conversation.scroll_page_down if pages > 0 else conversation.scroll_page_up)(animate=False)
 
     async def _ask(self, prompt: str, tier: str | None = None) -> None:
         if self.generating:
             self.notify("Still answering: press Esc to stop it first.", severity="warning")
             return
-        conversation = self.query_one("#conversation", VerticalScroll)
+        conversation = self.query_one("#conversation", Conversation)
         answer = Answer(self.model_name or "model")
         await conversation.mount(Question(prompt))
         await conversation.mount(answer)
@@ -231,24 +264,32 @@ class ChatScreen(Screen):
     async def on_chat_screen_chunk(self, message: Chunk) -> None:
         if not message.answer.done and message.text:
             await message.answer.append(message.text)
-            self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+            self.query_one("#conversation", Conversation).scroll_end(animate=False)
 
     async def on_chat_screen_done(self, message: Done) -> None:
         if message.model:
             message.answer.model = message.model
+        s, d = message.stats, message.decision
+        if s is not None and s.kept_chars is not None and not (d is not None and d.escalated):
+            await message.answer.keep(s.kept_chars)
         message.answer.finish(message.stats, message.status, message.error, message.energy, message.decision,
                               message.experts)
         self.generating = False
         notice = message.decision.notice if message.decision is not None else None
         if notice and notice not in self._shown_notices:  # once per session: the stats line keeps the tier
             self._shown_notices.add(notice)
-            self.notify(notice, title="Router", severity="warning", timeout=10)
-        self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+            self.notify(notice, title="Router", severity="warning", timeout=10, markup=False)
+        self.query_one("#conversation", Conversation).scroll_end(animate=False)
 
     async def action_retry_large(self) -> None:
         """Re-ask the last question on the large tier; the small answer was not good enough: a label."""
         if self.last is None or self.assistant is None:
             self.notify("Nothing to retry yet.")
+            return
+        try:
+            self.assistant.available("large", load=False, fall_back=False)
+        except LocalmoeError as exc:
+            self.notify(str(exc), title="No large model", severity="warning", timeout=15, markup=False)
             return
         prompt, routed = self.last
         if routed.decision.tier == "small":
@@ -256,15 +297,23 @@ class ChatScreen(Screen):
         await self._ask(prompt, tier="large")
 
     def _thumbs(self, good: bool) -> None:
-        if self.last is None or self.assistant is None:
+        """Rate the latest answer; the same key again takes the rating back, the other key changes it. One rating
+        per answer is stored (the router learns from small-tier answers' ratings)."""
+        answers = self.query(Answer)
+        if self.last is None or self.assistant is None or not answers:
             self.notify("No answer to rate yet.")
             return
         prompt, routed = self.last
-        if routed.decision.tier != "small":
+        answer = answers.last()
+        rating = None if answer.rating is good else good
+        self.assistant.rate(routed.reply.message_id, prompt, rating, small=routed.decision.tier == "small")
+        answer.show_rating(rating)
+        if rating is None:
+            self.notify("Rating removed.")
+        elif routed.decision.tier != "small":
             self.notify("Thanks. (Only small-model answers teach the router.)")
-            return
-        self.assistant.label(routed.reply.message_id, prompt, not good, "thumbs")
-        self.notify("Thanks: recorded for `localmoe router train`.")
+        else:
+            self.notify("Thanks: recorded for `localmoe router train`.")
 
     def action_thumbs_up(self) -> None:
         self._thumbs(True)
@@ -288,6 +337,7 @@ class ChatScreen(Screen):
         if self.assistant is not None:
             self.assistant.new_conversation()
         self.last = None
-        conversation = self.query_one("#conversation", VerticalScroll)
+        conversation = self.query_one("#conversation", Conversation)
         await conversation.query("Question, Answer").remove()
         self.query_one("#notice", Static).update("New conversation.")
+        self.query_one("#prompt", Input).focus()

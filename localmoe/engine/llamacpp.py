@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from localmoe import chat_template
-from localmoe.engine import DecodeClock, GenerationConfig, GenerationStats, Message, token_budget
+import localmoe.engine.chat_template as chat_template
+from localmoe.engine.base import DecodeClock, Engine, GenerationConfig, GenerationStats, Message, limits, stop_after
 from localmoe.errors import LocalmoeError
-from localmoe.layout import read_layout
-from localmoe.plan import Budget, Plan, make_plan
-from localmoe.trace import TraceToken
+from localmoe.experts.trace import TraceToken
+from localmoe.placement.layout import read_layout
+from localmoe.placement.plan import Budget, Plan, make_plan
 
 DEFAULT_CTX = 4096
 
@@ -32,7 +32,7 @@ def default_threads() -> int:
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(Engine):
     backend = "llama.cpp"
 
     def __init__(
@@ -84,7 +84,7 @@ class LlamaCppEngine:
                 return
             from llama_cpp import Llama
 
-            from localmoe.engine import llama_hooks
+            import localmoe.engine.llama_hooks as llama_hooks
 
             overrides = llama_hooks.build_overrides(self.plan.overrides) if self.plan.overrides else None
             self._tap = llama_hooks.RoutingTap(max(1, self.layout.n_experts_used)) if self.telemetry else None
@@ -114,6 +114,10 @@ class LlamaCppEngine:
             self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") == "true"
             self._bos = self._token_text(self._llm.token_bos())
             self._eos = self._token_text(self._llm.token_eos())
+
+    def moe_shape(self) -> tuple[int, int, int] | None:
+        lay = self.layout
+        return (lay.n_layers, lay.n_experts, lay.n_experts_used) if lay.is_moe else None
 
     def close(self) -> None:
         with self._load_lock:
@@ -170,12 +174,6 @@ class LlamaCppEngine:
         add_bos = self._add_bos and not (self._bos and text.startswith(self._bos))
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def stream(
-        self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None = None
-    ) -> Iterator[str]:
-        with self._gen_lock:
-            yield from self._stream(messages, config, cancel)
-
     def _stream(
         self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None
     ) -> Iterator[str]:
@@ -184,7 +182,7 @@ class LlamaCppEngine:
         clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
         tokens = self.prompt_tokens(messages)
         stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
-        budget = token_budget(stats, self.n_ctx, self.model_id, config.max_tokens)
+        budget, guard = limits(stats, self.n_ctx, self.model_id, config)
         llm = self._llm
         vocab = llm._model.vocab
         if self._tap is not None:
@@ -199,8 +197,8 @@ class LlamaCppEngine:
             temp=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
-            min_p=0.0,
-            repeat_penalty=1.0,
+            min_p=config.min_p,
+            repeat_penalty=config.repeat_penalty,
         )
         try:
             for token in gen:
@@ -214,11 +212,7 @@ class LlamaCppEngine:
                 piece = decoder.decode(llm.detokenize([token]))
                 if piece:
                     yield piece
-                if stats.completion_tokens >= budget:
-                    break
-                # Checked before resuming the generator, which is where the next decode step happens.
-                if cancel is not None and cancel.is_set():
-                    stats.stop_reason = "cancelled"
+                if stop_after(token, piece, stats, budget, guard, cancel):
                     break
             tail = decoder.decode(b"", final=True)
             if tail:

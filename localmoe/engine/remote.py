@@ -15,13 +15,13 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from localmoe.engine import GenerationConfig, GenerationStats, Message
+from localmoe.engine.base import Engine, GenerationConfig, GenerationStats, Message
 from localmoe.errors import LocalmoeError
 
 TIMEOUT_S = 30.0
 
 
-class RemoteEngine:
+class RemoteEngine(Engine):
     backend = "remote"
 
     def __init__(self, url: str, model: str, *, model_id: str | None = None, api_key_env: str | None = None,

@@ -1,0 +1,191 @@
+"""Energy benchmarking: suites × models × policies → accuracy, joules, watts, intelligence per watt.
+
+Every question is asked through the same Session path as a chat (so its generation stats and energy land in the
+same tables), in a conversation of kind `bench`, and graded with `scoring`. Each finished item is committed on
+its own, so an interrupted run keeps what it did and `--resume RUN` picks up the rest.
+
+IPW follows the Stanford study: accuracy ÷ average power (W). Accuracy per joule: accuracy ÷ mean joules per query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from localmoe import __version__
+from localmoe.bench import scoring, suites
+from localmoe.engine import GenerationConfig
+from localmoe.errors import UsageError
+from localmoe.home import models
+from localmoe.record.recorder import Recorder
+
+POLICIES = ("direct", "small", "large", "routed", "cascade")
+RESULT_KEYS = ("policy", "model", "n", "accuracy", "joules", "joules_per_query", "avg_watts", "ipw",
+               "accuracy_per_joule", "latency_s", "tokens_per_s", "large_share", "meter", "measured")
+
+
+@dataclass
+class Target:
+    """One column of the comparison: which model answers, under which policy."""
+
+    model: models.ModelRef
+    policy: str
+
+
+def targets(model_names: list[str], policies: list[str]) -> list[Target]:
+    out: list[Target] = []
+    for policy in policies:
+        if policy not in POLICIES:
+            raise UsageError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+        if policy in ("routed", "cascade"):
+            # both tiers, chosen per question by the router; the column is named after the pair
+            out.append(Target(models.ModelRef("router", models.default_model().path, "router"), policy))
+        elif policy == "direct":
+            names: list[str | None] = list(model_names) or [None]
+            out += [Target(models.resolve(name), "direct") for name in names]
+        else:
+            out.append(Target(models.tier_model(policy), policy))
+    return out
+
+
+def run(
+    recorder: Recorder,
+    *,
+    suite: str = "quick",
+    model_names: list[str] | None = None,
+    policies: list[str] | None = None,
+    limit: int | None = None,
+    max_tokens: int = 128,
+    resume: int | None = None,
+    meter: Any = None,
+    idle_seconds: float = 0.0,
+    progress: Callable[[int, int, str], None] | None = None,
+    on_start: Callable[[int, suites.Suite], None] | None = None,
+) -> int:
+    """Run (or resume) a benchmark and return its run id. Ctrl-C leaves the run `interrupted` and resumable."""
+    from localmoe.chat.assistant import Assistant, RoutedReply
+    from localmoe.chat.session import Session
+    from localmoe.placement import hardware
+    from localmoe.record import meters
+
+    if resume is not None:
+        row = recorder.bench_run(resume)
+        if row is None:
+            raise UsageError(f"no benchmark run {resume} (see `localmoe bench list`)")
+        suite, limit = row["suite"], row["item_limit"]
+        model_names, policies = row["models"], row["policies"]
+    policies = policies or ["direct"]
+    loaded = suites.load_suite(suite, limit=limit)
+    plan = targets(model_names or [], policies)
+    if meter is None:
+        meter, _notes = meters.select_meter()
+    idle = meters.measure_idle(meter, idle_seconds) if idle_seconds > 0 else None
+
+    if resume is None:
+        hw = hardware.detect(measure=False)
+        run_id = recorder.start_bench_run(
+            suite=suite, source=loaded.source, models=model_names or [], policies=policies, item_limit=limit,
+            hardware=hw.to_dict(), fingerprint=hw.fingerprint, meter=meter.name, measured=meter.measured,
+            version=__version__,
+        )
+    else:
+        run_id = resume
+        recorder.set_bench_run_status(run_id, "running")
+    if on_start:
+        on_start(run_id, loaded)
+    done = recorder.done_bench_items(run_id)
+
+    total = len(loaded.items) * len(plan)
+    finished = len(done)
+    status = "interrupted"
+    try:
+        for target in plan:
+            opts = {"meter": meter, "keep_samples": True, "idle_watts": idle}
+            config = GenerationConfig(max_tokens=max_tokens, temperature=0.0, logprobs=True)
+            if target.policy in ("routed", "cascade"):
+                asker: Any = Assistant(recorder=recorder, overrides=vars(config), session_options=opts,
+                                       strategy="cascade" if target.policy == "cascade" else None)
+            else:
+                asker = Session(target.model, recorder=recorder, config=config, **opts)
+            asker.conversation.kind = "bench"
+            try:
+                for item in loaded.items:
+                    key = (target.model.id, target.policy, item.id)
+                    if key in done:
+                        continue
+                    asker.new_conversation()
+                    answer = asker.ask(item.question).run()
+                    replies = [r for r in (getattr(answer, "small_reply", None), getattr(answer, "reply", answer))
+                               if r is not None]
+                    final = replies[-1]
+                    verdict = scoring.score(item, final.text)
+                    tier = answer.decision.tier if isinstance(answer, RoutedReply) else (
+                        target.policy if target.policy in ("small", "large") else None)
+                    energies = [r.energy for r in replies if r.energy is not None]
+                    s = final.stats
+                    recorder.add_bench_item(run_id, {
+                        "model": target.model.id, "policy": target.policy, "item_id": item.id,
+                        "question": item.question, "expected": item.answer, "kind": item.kind,
+                        "category": item.category, "difficulty": item.difficulty, "output": final.text,
+                        "extracted": verdict.extracted, "correct": int(verdict.correct), "method": verdict.method,
+                        "tier": tier, "message_id": final.message_id,
+                        # an escalated cascade answer costs both answers
+                        "joules": sum(e.joules for e in energies) if energies else None,
+                        "avg_watts": (sum(e.joules for e in energies) / sum(e.seconds for e in energies))
+                        if energies and sum(e.seconds for e in energies) > 0 else None,
+                        "seconds": sum(e.seconds for e in energies) if energies else s.wall_s,
+                        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                        "ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s,
+                    })
+                    finished += 1
+                    if progress:
+                        progress(finished, total, f"{target.model.id}/{target.policy}")
+            finally:
+                asker.close() if isinstance(asker, Assistant) else asker.engine.close()
+        status = "complete"
+    finally:
+        recorder.set_bench_run_status(run_id, status, finished=True)
+    return run_id
+
+
+def results(recorder: Recorder, run_id: int) -> dict[str, Any]:
+    row = recorder.bench_run(run_id)
+    if row is None:
+        raise UsageError(f"no benchmark run {run_id} (see `localmoe bench list`)")
+    rows = recorder.bench_results(run_id)
+    out = []
+    for r in rows:
+        d = {k: r[k] for k in RESULT_KEYS}
+        d["measured"] = bool(d["measured"])
+        out.append(d)
+    hw = row["hardware"]
+    return {"run_id": run_id, "suite": row["suite"], "status": row["status"], "started_at": row["started_at"],
+            "machine": f"{hw.get('cpu_model', '?')}, {hw.get('physical_cores', '?')} cores",
+            "meter": row["meter"], "measured": row["measured"], "results": out}
+
+
+def list_runs(recorder: Recorder, limit: int = 20) -> list[dict[str, Any]]:
+    return recorder.bench_runs(limit)
+
+
+def compare(recorder: Recorder, a: int, b: int) -> dict[str, Any]:
+    """Both runs' results side by side, matched on (model, policy), with B − A differences."""
+    ra, rb = results(recorder, a), results(recorder, b)
+    index_b = {(r["model"], r["policy"]): r for r in rb["results"]}
+    rows = []
+    for r in ra["results"]:
+        other = index_b.pop((r["model"], r["policy"]), None)
+        rows.append({"model": r["model"], "policy": r["policy"], "a": r, "b": other,
+                     "delta": _delta(r, other)})
+    rows += [{"model": r["model"], "policy": r["policy"], "a": None, "b": r, "delta": None}
+             for r in index_b.values()]
+    return {"a": {k: v for k, v in ra.items() if k != "results"},
+            "b": {k: v for k, v in rb.items() if k != "results"}, "rows": rows}
+
+
+def _delta(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, float] | None:
+    if b is None:
+        return None
+    keys = ("accuracy", "joules_per_query", "avg_watts", "ipw", "accuracy_per_joule", "tokens_per_s")
+    return {k: b[k] - a[k] for k in keys if isinstance(a.get(k), (int, float)) and isinstance(b.get(k), (int, float))}

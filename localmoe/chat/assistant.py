@@ -1,0 +1,242 @@
+"""Questions in, answers out, each on the tier the router picks: one conversation across tiers, every model
+loaded once, every decision recorded. The CLI's `ask` and the UI use this; `Session` stays one-model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from localmoe.chat.conversation import Conversation
+from localmoe.chat.session import Reply, Session
+from localmoe.engine import GenerationConfig
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.home import models, settings
+from localmoe.record.recorder import Recorder
+from localmoe.routing.budget import answer_budget
+from localmoe.routing.router import Decision, Router
+
+TIERS = ("small", "large", "remote")
+# Where a tier's questions go when it is missing or will not load, in order.
+FALLBACK = {"small": ("small", "large", "remote"), "large": ("large", "remote", "small"),
+            "remote": ("remote", "large", "small")}
+
+
+class RoutedReply:
+    """Iterate for text; `decision` says which tier answered and why. With the cascade, a low-confidence small
+    answer is followed by the large tier's: `escalated` turns True and `on_escalate` (if given) is called between
+    the two, so a UI can say so."""
+
+    def __init__(self, assistant: Assistant, prompt: str, decision: Decision, cancel: threading.Event | None) -> None:
+        self.assistant, self.prompt, self.decision, self.cancel = assistant, prompt, decision, cancel
+        self.reply: Reply | None = None
+        self.small_reply: Reply | None = None
+        self.escalated = False
+        self.on_escalate: Any = None
+
+    def __iter__(self) -> Iterator[str]:
+        a, d = self.assistant, self.decision
+        session = a.session_for(d.tier)
+        config = session.config
+        if d.strategy == "cascade":
+            config = replace(config, logprobs=True)
+        if d.tier == "small" and a.pinned is None and "max_tokens" not in a.overrides:
+            config = replace(config, max_tokens=answer_budget(self.prompt, config.max_tokens))
+        self.reply = session.ask(self.prompt, self.cancel, config)
+        try:
+            yield from self.reply
+            bigger = a.available("large") if d.strategy == "cascade" and self.reply.status == "complete" else None
+            if bigger is not None and bigger != d.tier:
+                s = self.reply.stats
+                escalate, _p, why = a.router.cascade_escalates(s.mean_logprob, s.min_logprob)
+                d.reason = why
+                if escalate:
+                    self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, bigger
+                    a._record(self.small_reply, Decision(**{**vars(d), "tier": "small", "escalated": False}))
+                    if self.on_escalate:
+                        self.on_escalate(self)
+                    large = a.session_for(bigger)
+                    d.model = large.model.id
+                    self.reply = large.ask(self.prompt, self.cancel)
+                    yield from self.reply
+        finally:
+            # recorded even when the answer was stopped or interrupted: the decision was still made
+            a._record(self.reply, d, escalated_from=self.small_reply.message_id if self.small_reply else None)
+
+    def run(self) -> RoutedReply:
+        for _ in self:
+            pass
+        return self
+
+    @property
+    def text(self) -> str:
+        return self.reply.text if self.reply else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.reply.to_dict() if self.reply else {}
+        d["route"] = self.decision.to_dict()
+        if self.small_reply is not None:
+            d["route"]["small_answer"] = self.small_reply.text
+        return d
+
+
+class Assistant:
+    def __init__(self, *, recorder: Recorder | None = None, overrides: dict[str, Any] | None = None,
+                 strategy: str | None = None, preference: str | float | None = None,
+                 user_settings: settings.Settings | None = None, session_options: dict[str, Any] | None = None,
+                 pinned_model: str | None = None) -> None:
+        """`pinned_model`: answer everything with this model (no routing), as `--model` asks."""
+        self.settings = user_settings or settings.load()
+        self.recorder = recorder or Recorder()
+        self.overrides = overrides or {}  # generation settings over each model's own defaults
+        self.session_options = session_options or {}
+        self.notices: list[str] = []
+        self._refs: dict[str, models.ModelRef | None] = {}
+        self._sessions: dict[str, Session] = {}
+        self.conversation = Conversation()  # shared by every tier's session
+        self.pinned = models.resolve(pinned_model) if pinned_model else None
+        small = self.tier_ref("small")
+        self.router = Router(strategy or self.settings.strategy,
+                             settings.parse_preference(preference) if preference is not None
+                             else self.settings.preference,
+                             small_model_path=small.path if small else None)
+        self.notices += self.router.notices
+
+    # -- tiers ---------------------------------------------------------------------------------------------
+    def tier_ref(self, tier: str) -> models.ModelRef | None:
+        if tier not in self._refs:
+            self._refs[tier] = self._resolve_tier(tier)
+        return self._refs[tier]
+
+    def _resolve_tier(self, tier: str) -> models.ModelRef | None:
+        if self.pinned is not None:
+            return self.pinned
+        st = self.settings
+        if tier == "remote":
+            if not st.remote:
+                return None
+            model = st.remote_model or "default"
+            return models.ModelRef(f"remote:{model}", Path(st.remote), "remote", backend="remote",
+                                   options={"url": st.remote, "model": model, "api_key_env": st.remote_api_key_env})
+        configured = st.small if tier == "small" else st.large
+        try:
+            if configured:
+                return models.resolve(configured)
+            if tier == "small":
+                return models.default_model()
+            return models.tier_model("large")
+        except LocalmoeError as exc:
+            if configured:
+                self.notices.append(f"the {tier} tier ({configured}) is unavailable: {exc}")
+            return None
+
+    def has_tier(self, tier: str) -> bool:
+        return self.tier_ref(tier) is not None
+
+    def available(self, tier: str, load: bool = True, fall_back: bool = True) -> str:
+        """The tier that will actually answer for `tier`: the first in its fallback chain that exists and loads.
+        Loading happens here, so a broken model or unreachable server falls back before the question is asked.
+        `fall_back=False` (a tier the user asked for by name): that tier or a UsageError saying how to add it."""
+        if self.pinned is not None:
+            return "small"
+        for candidate in FALLBACK[tier] if fall_back else (tier,):
+            if self.tier_ref(candidate) is None:
+                continue
+            if not load:
+                return candidate
+            try:
+                self.session_for(candidate).load()
+                return candidate
+            except LocalmoeError as exc:
+                self.notices.append(f"the {candidate} tier cannot be used: {exc}")
+                self._refs[candidate] = None
+                self._sessions.pop(candidate, None)
+        if not fall_back:
+            missing, how = self._add_tier_hint(tier)
+            raise UsageError(f"no {tier} model {missing}: {how}")
+        raise LocalmoeError("no model available for any tier: run `make setup` or configure [tiers]")
+
+    def session_for(self, tier: str) -> Session:
+        """The tier's session, created once (models stay loaded between questions)."""
+        if self.pinned is not None:
+            tier = "small"  # one model, one session
+        ref = self.tier_ref(tier)
+        if ref is None:
+            raise LocalmoeError(f"no {tier} model is configured")
+        if tier not in self._sessions:
+            config = GenerationConfig(**{**models.generation_defaults(ref), **self.overrides})
+            self._sessions[tier] = Session(ref, recorder=self.recorder, config=config,
+                                           conversation=self.conversation, **self.session_options)
+        return self._sessions[tier]
+
+    # -- conversation ------------------------------------------------------------------------------------
+    @property
+    def conversation_id(self) -> int | None:
+        return self.conversation.id
+
+    def new_conversation(self) -> None:
+        self.conversation.restart()
+
+    # -- asking --------------------------------------------------------------------------------------------
+    def route(self, prompt: str, tier: str | None = None, load: bool = True) -> Decision:
+        """The decision for `prompt`; `load=False` (the `route` command) names the tier without loading it."""
+        if self.pinned is not None:
+            if not prompt.strip():
+                raise UsageError("the prompt is empty")
+            return Decision("small", self.pinned.id, "pinned", 0.0, 0.5, "model chosen by the user", 0.0)
+        if tier is not None:
+            if tier not in TIERS:
+                raise UsageError(f"unknown tier {tier!r} (small, large or remote)")
+            d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
+                         f"{tier}: asked for with --tier {tier}", 0.0)
+        else:
+            d = self.router.route(prompt)
+        actual = self.available(d.tier, load, fall_back=tier is None)
+        if actual != d.tier:
+            hint = self._add_tier_hint(d.tier)
+            d.wanted, d.tier = d.tier, actual
+            d.reason = f"wanted {d.wanted} → no {d.wanted} model {hint[0]} → {actual} answered ({d.reason})"
+            d.notice = "; ".join(x for x in (d.notice, f"no {d.wanted} model is available; the {actual} model "
+                                             f"answers instead — {hint[1]}") if x)
+            if actual == "small":
+                d.warning = (f"the small model answered; estimated {d.score:.0%} likely wrong — {hint[1]}")
+        ref = self.tier_ref(d.tier)
+        d.model = ref.id if ref else None
+        return d
+
+    def _add_tier_hint(self, tier: str) -> tuple[str, str]:
+        """(what is missing, in a few words; how to add it) for a tier that could not answer."""
+        configured = {"large": self.settings.large, "remote": self.settings.remote}.get(tier)
+        if configured:
+            return "could be used", f"check the [tiers] {tier} setting ({configured})"
+        if tier == "remote":
+            return "is configured", "set [tiers] remote in settings.toml to an OpenAI-compatible URL"
+        return "is installed", (f"put a MoE .gguf in {models.paths.models_dir()} or set [tiers] {tier} in "
+                                "settings.toml")
+
+    def ask(self, prompt: str, cancel: threading.Event | None = None, tier: str | None = None) -> RoutedReply:
+        return RoutedReply(self, prompt, self.route(prompt, tier), cancel)
+
+    def _record(self, reply: Reply, d: Decision, escalated_from: int | None = None) -> None:
+        self.recorder.record_decision(
+            reply.message_id, tier=d.tier, model=reply.model, strategy=d.strategy, score=d.score,
+            threshold=d.threshold, reason=d.reason, latency_ms=d.latency_ms, notice=d.notice,
+            escalated_from=escalated_from,
+        )
+
+    def label(self, message_id: int | None, prompt: str, small_wrong: bool, source: str) -> None:
+        """A user signal about the small tier (retry on large, thumbs up/down) for `router train`."""
+        self.recorder.add_label(message_id, prompt, small_wrong, source)
+
+    def rate(self, message_id: int, prompt: str, good: bool | None, small: bool = True) -> None:
+        """The user's rating of one answer (None takes it back): one rating per answer is kept. Only small-tier
+        answers are labels for `router train`: a rating of a large answer says nothing about the small model."""
+        if small:
+            self.recorder.set_label(message_id, prompt, None if good is None else not good, "thumbs")
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.engine.close()

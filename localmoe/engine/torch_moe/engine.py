@@ -1,0 +1,418 @@
+"""The torch engine: loads a checkpoint into the model and its expert store, then runs the loop that turns a chat
+into tokens (prefill, then one token at a time through the KV cache) and reports what the expert cache did.
+
+Dense weights (embeddings, attention, norms, routers) are read once; each expert's three matrices are read from
+the safetensors files only when the router picks it and it is not cached. transformers is the test oracle only;
+nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import localmoe.engine.torch_moe.compiled as compiled
+import localmoe.engine.torch_moe.kernels as kernels
+from localmoe.engine.base import DecodeClock, Engine, GenerationConfig, GenerationStats, Message, limits, stop_after
+from localmoe.engine.torch_moe.checkpoint import Checkpoint, DenseWeights, expert_loader
+from localmoe.engine.torch_moe.config import ModelArgs
+from localmoe.engine.torch_moe.device import plan_for, resolve_device
+from localmoe.engine.torch_moe.expert_store import ExpertStore
+from localmoe.engine.torch_moe.model import TraceReplay, Transformer
+from localmoe.engine.torch_moe.options import TorchOptions
+from localmoe.engine.torch_moe.quant import int8_linear_available
+from localmoe.engine.torch_moe.sampling import Sampler
+from localmoe.engine.torch_moe.step import DecodeStep, decode_step
+from localmoe.engine.torch_moe.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from localmoe.errors import LocalmoeError
+from localmoe.experts.trace import Trace, TraceToken
+from localmoe.placement.plan import CheckpointPlan
+
+
+class TorchMoEEngine(Engine):
+    """Runs a Hugging Face MoE checkpoint directory through a tiered expert cache (see expert_store).
+
+    How it runs is a `TorchOptions` (options.py: expert slots, memory budgets, cache policy, prefetch, dtypes,
+    device, adaptive expert count, compile, kernels), given as `options` or as keyword arguments of the same names,
+    which override it. `telemetry` records the experts of every token in `routing`; `max_seq_length` bounds the
+    context (default 2048, or the model's own when shorter).
+
+    With float32 weights on the CPU and every expert resident, a one-token decode step runs whole in native code
+    (step.DecodeStep; `cache_stats()["decode_step"]`), unless compiled or prefetching, with top-p or a replay, or
+    with kernels="torch" (`set_kernels`)."""
+
+    backend = "torch"  # as ModelRef.backend and create_engine name it
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        options: TorchOptions | None = None,
+        *,
+        max_seq_length: int | None = None,
+        model_id: str | None = None,
+        telemetry: bool = False,
+        **overrides: Any,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        # a name that is no option is a TypeError, as for any keyword argument; a bad value a LocalmoeError
+        self.options = replace(options or TorchOptions(), **overrides)
+        self.plan: CheckpointPlan | None = None
+        self.model_id = model_id or self.model_dir.name
+        self.max_seq_length, self.telemetry = max_seq_length, telemetry
+        self.device = torch.device("cpu")
+        self.args: ModelArgs | None = None
+        self.model: Transformer | None = None
+        self._run: Any = None  # the model, or its torch.compile wrapper
+        self.store: ExpertStore | None = None
+        self._ckpt: Checkpoint | None = None
+        self._stats = GenerationStats()
+        self._chat: ChatTokenizer | None = None
+        self._gen_lock = threading.Lock()  # one generation at a time: the KV cache is shared
+        self.tokens: list[int] = []  # prompt + generated ids of the last generation
+        self.token_logprobs: list[float] = []
+        self.routing: list[TraceToken] = []  # with telemetry: experts per layer of each token evaluated
+        self.forward_calls = 0  # model calls (prefill or one decode step) since load, for tests and benchmarks
+        # the whole decode step in one native call once every expert is resident (None: not yet, False: never)
+        self._step: DecodeStep | bool | None = None
+        self.native_steps = 0  # decode steps that ran there, for tests and benchmarks
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        config_path = self.model_dir / "config.json"
+        if not config_path.exists():
+            raise LocalmoeError(f"{self.model_dir} has no config.json: not a Hugging Face checkpoint directory")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise LocalmoeError(f"{config_path} is not valid JSON: {e}") from None
+        o = self.options
+        args = ModelArgs.from_config(config, self.max_seq_length)
+        device = resolve_device(o.device)
+        ckpt = Checkpoint(self.model_dir, device)
+        try:
+            slots, warm = o.expert_slots, 0
+            if slots is None or device != "cpu":
+                self.plan = plan_for(self.model_dir, config, ckpt.tensors, o.fast_memory, args.max_seq_length,
+                                     device=device, expert_dtype=o.expert_dtype, warm_memory=o.warm_memory,
+                                     fast_slots=slots)
+                if slots is None:
+                    self.plan.raise_if_refused()
+                    slots = self.plan.slots_per_layer
+                warm = self.plan.warm_slots_per_layer
+            # By default only where loads come from disk into CPU RAM: there an exact prediction saved a quarter
+            # of the decode time under a memory cap, and the accuracy gate bounds the cost of wrong ones; on a GPU
+            # prefetch has measured slower even when right (benchmarks/RESULTS.md), and resident has nothing to load.
+            prefetch = o.prefetch if o.prefetch is not None else device == "cpu" and slots < args.n_experts
+            store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
+                                policy=o.cache_policy, expert_dtype=o.expert_dtype, device=device,
+                                warm_slots=warm, prefetch=prefetch)
+            if o.dense_dtype == "int8" and (device != "cpu" or not int8_linear_available()):
+                raise LocalmoeError("dense_dtype int8 runs on the CPU only, with a torch that has int8 kernels")
+            with torch.inference_mode():
+                model = Transformer(args, DenseWeights(ckpt, args), store).eval()
+                if o.dense_dtype == "int8":
+                    model.quantize_dense()
+            ckpt.release_mmaps()
+            ckpt.drop_page_cache()
+        except BaseException:
+            ckpt.close()
+            raise
+        for moe in model.moes:
+            moe.top_p = o.expert_top_p
+        self.args, self._ckpt, self.store, self.model = args, ckpt, store, model
+        self.device = torch.device(device)
+        self._use_kernels()
+        self._run = model
+        if o.compile:
+            self._run = compiled.compile_model(model)
+            self._compile_now()
+
+    def set_kernels(self, kernels: str) -> None:
+        """"native" (the default: the engine's own C kernels where they build and apply) or "torch" (torch's kernels
+        only, as on a machine without a C compiler), from the next forward pass on."""
+        self.options = replace(self.options, kernels=kernels)
+        if self.model is not None:
+            self._use_kernels()
+
+    def _use_kernels(self) -> None:
+        """One-token float32 experts on the CPU in one native call per layer (kernels.py) where the library builds,
+        and the whole decode step in native code (step.py) once every expert is resident."""
+        o, model, store = self.options, self.model, self.store
+        assert model is not None and store is not None
+        use_native = (o.kernels == "native" and str(self.device) == "cpu" and o.expert_dtype == "float32"
+                      and kernels.available())
+        for moe in model.moes:
+            moe.native = use_native
+        # slots for every expert: none is ever evicted, so the native step may hold their addresses; a compiled or
+        # prefetching engine keeps its torch path (DecodeStep.why_not rules out the rest once experts are resident)
+        native_step = use_native and not o.compile and not store.prefetching and store.slots == model.args.n_experts
+        self._step = None if native_step else False
+
+    def _compile_now(self) -> None:
+        """Compile at load (a 2-token prompt, then one decode step) rather than inside the first answer's timing;
+        the KV cache rows written here are overwritten by every later sequence, and the counters are reset."""
+        dev = self.device
+        with torch.inference_mode():
+            self._call(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2)
+            self._call(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.arange(2, 3, device=dev), 3)
+        assert self.store is not None
+        self.store.reset_stats()
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._stats
+
+    @property
+    def hits(self) -> int:
+        return self.store.totals().hits if self.store else 0
+
+    @property
+    def misses(self) -> int:
+        return self.store.totals().misses if self.store else 0
+
+    @property
+    def experts_per_token(self) -> float | None:
+        """Mean experts computed per token per layer since load (or the last reset_cache_stats)."""
+        return self.store.totals().to_dict()["experts_per_token"] if self.store else None
+
+    def moe_shape(self) -> tuple[int, int, int] | None:
+        self.load()
+        return self.args.n_layers, self.args.n_experts, self.args.top_k
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Expert-cache counters since load, the start of the last streamed answer or reset_cache_stats: totals,
+        then `layers` with one dict each."""
+        store, o = self.store, self.options
+        total = store.totals().to_dict() if store else {}
+        return {
+            "slots": store.slots if store else None,
+            "warm_slots": store.warm_slots if store else None,
+            "policy": o.cache_policy,
+            "prefetch": store.prefetching if store else None,
+            "expert_dtype": o.expert_dtype,
+            "device": str(self.device),
+            "compiled": o.compile,
+            "expert_kernel": self._expert_kernel(),
+            # "native": one-token steps run whole in native code (every expert resident), else in torch
+            "decode_step": "native" if self._step else "torch",
+            # the options in effect: as given, with what load chose where they were left to it
+            "options": {**o.to_dict(), **({"expert_slots": store.slots, "prefetch": store.prefetching,
+                                           "device": str(self.device)} if store else {})},
+            **total,
+            # prediction_precision: the share of the layer's recent predicted loads it used (prefetch gates on it)
+            "layers": [{**s.to_dict(), "prediction_precision": round(p, 3) if store.prefetching and n else None}
+                       for s, p, n in zip(store.stats, store.precision, store.scored, strict=True)] if store else [],
+        }
+
+    def _expert_kernel(self) -> str:
+        """What computes a decode step's experts: "native" (kernels.py) or torch's kernels (and why)."""
+        if self.model is not None and self.model.moes and self.model.moes[0].native:
+            return "native"
+        if self.options.kernels == "torch":
+            return "torch (kernels=torch)"
+        if self.device.type != "cpu" or self.options.expert_dtype != "float32":
+            return "torch"
+        return kernels.kernels()
+
+    def preload(self) -> None:
+        """Read experts into the fast tier now (the first `slots` of every layer; all of them when everything
+        fits), so a fully resident benchmark or a latency-sensitive session pays no reads later. Counters reset."""
+        model = self._model()
+        assert self.store is not None
+        for moe in model.moes:
+            for expert in range(min(self.store.slots, model.args.n_experts)):
+                self.store.get(moe.layer, expert)
+        self.reset_cache_stats()
+
+    def reset_cache_stats(self) -> None:
+        if self.store is not None:
+            self.store.reset_stats()
+
+    def set_expert_top_p(self, top_p: float | None) -> None:
+        """Adaptive expert count from now on (None: the model's top-k)."""
+        self.options = replace(self.options, expert_top_p=top_p)
+        for moe in self._model().moes:
+            moe.top_p = top_p
+
+    def replay(self, trace: Trace | None) -> None:
+        """Benchmark only: route by `trace` (cycling through its tokens) instead of the routers; None undoes it.
+        The logits are then meaningless; the expert cache meets the trace's locality."""
+        model = self._model()
+        replay = TraceReplay.from_trace(trace, model.args.n_layers, model.args.n_experts, model.args.top_k) \
+            if trace is not None else None
+        for moe in model.moes:
+            moe.replay = replay
+
+    def _model(self) -> Transformer:
+        self.load()
+        assert self.model is not None
+        return self.model
+
+    def _forward(self, tokens: list[int], start: int, n_prompt: int | None = None) -> Tensor:
+        """Logits (len(tokens), vocab) on the CPU for `tokens` at positions start...; telemetry marks the
+        positions below `n_prompt` as prompt."""
+        model = self._model()
+        end = start + len(tokens)
+        if end > model.args.max_seq_length:
+            raise LocalmoeError(f"{end} tokens exceed the engine's context of {model.args.max_seq_length}")
+        bad = [t for t in tokens if not 0 <= t < model.args.vocab_size]
+        if bad:
+            raise LocalmoeError(f"token id {bad[0]} is outside the vocabulary (0..{model.args.vocab_size - 1})")
+        self.forward_calls += 1
+        dev = self.device
+        step = self._native_step() if len(tokens) == 1 else None
+        if step is not None:
+            out = step(tokens[0], start)
+            self._count_native_step(step)
+        else:
+            with torch.inference_mode():
+                out = self._call(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)
+        if self.telemetry:
+            per_layer = [[[e for e in row if e >= 0] for row in moe.last_topk.tolist()] for moe in model.moes
+                         if moe.last_topk is not None]
+            n_prompt = end if n_prompt is None else n_prompt
+            for i, token in enumerate(tokens):
+                pos = start + i
+                self.routing.append(TraceToken(pos, token, "prompt" if pos < n_prompt else "decode",
+                                               [layer[i] for layer in per_layer]))
+        return out.float().cpu() if out.device.type != "cpu" else out
+
+    def _native_step(self) -> DecodeStep | None:
+        """The native decode step where it applies now (see _use_kernels): every expert resident, and no adaptive top-p
+        or trace replay, which the torch path implements (both are set on every layer at once)."""
+        if self._step is False:
+            return None
+        model, store = self._model(), self.store
+        assert store is not None
+        if model.moes[0].top_p is not None or model.moes[0].replay is not None:
+            return None
+        if self._step is None:
+            n = model.args.n_experts
+            if any(len(c.entries) < n for c in store.layers):
+                return None  # not all read in yet (preload() reads them at once)
+            experts = [[c.entries[e].mats for e in range(n)] for c in store.layers]
+            self._step = decode_step(model, experts) or False
+        return self._step or None
+
+    def _count_native_step(self, step: DecodeStep) -> None:
+        """The statistics the torch path keeps per layer: every expert a hit (all are resident)."""
+        self.native_steps += 1
+        k = step.top_k
+        chosen = step.chosen() if self.telemetry else None
+        for st in self.store.stats:
+            st.tokens += 1
+            st.experts_used += k
+            st.hits += k
+        if chosen is not None:
+            for moe, ids in zip(self._model().moes, chosen, strict=True):
+                moe.last_topk = torch.tensor([ids])
+
+    def _call(self, idx: Tensor, pos: Tensor, end: int) -> Tensor:
+        """The model (compiled or not) on one sequence: logits (n, vocab)."""
+        if not self.options.compile:  # importing torch._dynamo costs ~50 MiB of RAM: only a compiled engine needs it
+            return self._run(idx, pos, end)[0]
+        return compiled.call(self._run, idx, pos, end)[0]
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0."""
+        return self._forward(list(token_ids), 0).numpy()
+
+    def decode_logits(self, token_ids: list[int], n_steps: int) -> tuple[list[int], np.ndarray]:
+        """Greedy decode: prefill, then one token at a time through the KV cache.
+
+        Returns the n_steps chosen tokens and the (n_steps, vocab) logits each was chosen from (row 0 is the
+        prefill's last row).
+        """
+        last = self._forward(list(token_ids), 0)[-1]
+        chosen: list[int] = []
+        rows = []
+        pos = len(token_ids)
+        for step in range(n_steps):
+            rows.append(last)
+            chosen.append(int(last.argmax()))
+            if step + 1 < n_steps:
+                last = self._forward(chosen[-1:], pos)[-1]
+                pos += 1
+        return chosen, torch.stack(rows).numpy()
+
+    # --- chat ---------------------------------------------------------------------------------------------
+
+    def chat_tokenizer(self) -> ChatTokenizer:
+        """The checkpoint's tokenizer and chat template, read on first use (logits() works without them)."""
+        if self._chat is None:
+            self._chat = ChatTokenizer(self.model_dir)
+        return self._chat
+
+    def prompt_tokens(self, messages: list[Message]) -> list[int]:
+        return self.chat_tokenizer().encode_chat(messages)
+
+    def _stream(
+        self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
+        chat = self.chat_tokenizer()
+        tokens = chat.encode_chat(messages)
+        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
+        model = self._model()
+        if not tokens:
+            stats.stop_reason = "error"
+            raise LocalmoeError("the chat template rendered an empty prompt")
+        budget, guard = limits(stats, model.args.max_seq_length, self.model_id, config)
+        sampler = Sampler(config)
+        detok = IncrementalDetokenizer(chat.tokenizer)
+        self.tokens = list(tokens)
+        self.routing = []
+        self.reset_cache_stats()  # cache_stats() then describes this answer
+        logprobs: list[float] | None = [] if config.logprobs else None
+        self.token_logprobs = logprobs or []
+        try:
+            if budget <= 0 or (cancel is not None and cancel.is_set()):
+                stats.stop_reason = "cancelled" if budget > 0 else "length"
+                return
+            last = self._forward(tokens, 0)[-1]  # prefill
+            while True:
+                token = sampler.sample(last, self.tokens)
+                clock.token(stats)
+                if token in chat.eos_ids:
+                    stats.stop_reason = "stop"
+                    break
+                if logprobs is not None:
+                    logprobs.append(float(torch.log_softmax(last.float(), dim=-1)[token]))
+                self.tokens.append(token)
+                stats.completion_tokens += 1
+                piece = detok.add(token)
+                if piece:
+                    yield piece
+                if stop_after(token, piece, stats, budget, guard, cancel):
+                    break
+                last = self._forward([token], len(self.tokens) - 1, len(tokens))[-1]
+            tail = detok.flush()
+            if tail:
+                yield tail
+        except GeneratorExit:
+            stats.stop_reason = "cancelled"
+            raise
+        finally:
+            clock.finish(stats, logprobs)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self._ckpt is not None:
+            self._ckpt.close()
+        self.model = self.store = self._ckpt = None
+        self._step = None  # it holds the model's tensors
+

@@ -1,0 +1,278 @@
+/* The torch engine's native kernels for one-token decode steps: float32 matrix-vector products (the part of a decode
+ * step that is all weight reads), a whole MoE layer's experts in one call, and a whole decode step in one call.
+ *
+ * torch's gemv for one token runs at ~22 GB/s on the 2-core machines we measure on, llama.cpp's at ~26 GB/s: the
+ * difference is a fixed cost per call (thread wake-ups, a gemm path for m = 1) on matrices of a few MB. These
+ * kernels read each weight row once, four rows at a time against the same activations (four independent sums keep
+ * the FMA units busy and four sequential streams keep the prefetchers busy), and run a whole MoE layer's experts in
+ * one parallel region with one barrier, split by rows over torch's own OpenMP threads (this library is loaded after
+ * torch, so `libgomp.so.1` resolves to the runtime torch already runs: one thread pool, no oversubscription).
+ *
+ * Built at first use with the system C compiler for the machine it runs on (`-march=native`) and loaded with
+ * ctypes (see kernels.py); without a compiler the engine keeps torch's kernels.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+#include <omp.h>
+
+#define UNROLL 4
+
+/* out[j] = w[j] . x for the 4 rows starting at w (row stride ld) */
+static inline void dot4(const float *restrict w, size_t ld, const float *restrict x, int k, float *restrict out)
+{
+    const float *restrict w0 = w, *restrict w1 = w + ld, *restrict w2 = w + 2 * ld, *restrict w3 = w + 3 * ld;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int i = 0; i < k; i++) {
+        const float xi = x[i];
+        s0 += w0[i] * xi;
+        s1 += w1[i] * xi;
+        s2 += w2[i] * xi;
+        s3 += w3[i] * xi;
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+    out[3] = s3;
+}
+
+static inline float dot1(const float *restrict w, const float *restrict x, int k)
+{
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < k; i++)
+        s += w[i] * x[i];
+    return s;
+}
+
+/* rows [lo, hi) of w (n x k, row-major) times x into y: y[r] = w[r] . x (+ bias[r]) */
+static void rows(const float *w, const float *x, const float *bias, float *y, int lo, int hi, int k)
+{
+    int r = lo;
+    float acc[UNROLL];
+    for (; r + UNROLL <= hi; r += UNROLL) {
+        dot4(w + (size_t)r * k, (size_t)k, x, k, acc);
+        for (int j = 0; j < UNROLL; j++)
+            y[r + j] = bias ? acc[j] + bias[r + j] : acc[j];
+    }
+    for (; r < hi; r++)
+        y[r] = dot1(w + (size_t)r * k, x, k) + (bias ? bias[r] : 0.f);
+}
+
+/* this thread's share [*lo, *hi) of n rows, cut at multiples of UNROLL */
+static void share(int n, int *lo, int *hi)
+{
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int blocks = (n + UNROLL - 1) / UNROLL;
+    const int b0 = (int)((long)blocks * t / nt), b1 = (int)((long)blocks * (t + 1) / nt);
+    *lo = b0 * UNROLL;
+    *hi = b1 * UNROLL < n ? b1 * UNROLL : n;
+}
+
+/* y (n) = w (n x k) . x (k) + bias (n, or NULL) */
+void lm_gemv_f32(const float *w, const float *x, const float *bias, float *y, int n, int k, int threads)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        int lo, hi;
+        share(n, &lo, &hi);
+        rows(w, x, bias, y, lo, hi, k);
+    }
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* One token through n_exp experts of an MoE layer, accumulated into out (k):
+ *   out += sum_e scale[e] * down[e] . (silu(gate_e . x) * (up_e . x))
+ * gate_up[e] is (2f x k): the f gate rows, then the f up rows; down[e] is (k x f); h is scratch (n_exp x f).
+ * The experts' hidden rows are split over the threads, then (after the one barrier) the output rows, each thread
+ * summing every expert's contribution to its rows in expert order. */
+void lm_moe_decode_f32(int n_exp, const float *const *gate_up, const float *const *down, const float *scale,
+                       const float *x, float *out, float *h, int k, int f, int threads)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        int lo, hi;
+        share(n_exp * f, &lo, &hi);
+        float g[UNROLL], u[UNROLL];
+        for (int i = lo; i < hi;) {
+            const int e = i / f, r = i % f;
+            const float *gw = gate_up[e] + (size_t)r * k, *uw = gate_up[e] + (size_t)(f + r) * k;
+            float *he = h + (size_t)e * f;
+            if (r + UNROLL <= f && i + UNROLL <= hi) {
+                dot4(gw, (size_t)k, x, k, g);
+                dot4(uw, (size_t)k, x, k, u);
+                for (int j = 0; j < UNROLL; j++)
+                    he[r + j] = silu(g[j]) * u[j];
+                i += UNROLL;
+            } else {
+                he[r] = silu(dot1(gw, x, k)) * dot1(uw, x, k);
+                i += 1;
+            }
+        }
+#pragma omp barrier
+        share(k, &lo, &hi);
+        float acc[UNROLL];
+        for (int e = 0; e < n_exp; e++) {
+            const float *dw = down[e], *he = h + (size_t)e * f;
+            const float s = scale[e];
+            int r = lo;
+            for (; r + UNROLL <= hi; r += UNROLL) {
+                dot4(dw + (size_t)r * f, (size_t)f, he, f, acc);
+                for (int j = 0; j < UNROLL; j++)
+                    out[r + j] += s * acc[j];
+            }
+            for (; r < hi; r++)
+                out[r] += s * dot1(dw + (size_t)r * f, he, f);
+        }
+    }
+}
+
+/* One decode step of a whole float32 MoE model with every expert resident, in one call (step.DecodeStep).
+ *
+ * Per token, torch's path costs ~2-4 ms of Python and small kernels around ~22 ms of weight reads on the machines we
+ * measure on; this is the same step (RMSNorm, q/k norms, rotate-half RoPE, GQA attention over the KV cache, softmax
+ * top-k routing, the experts) with no interpreter between the matrix-vector products. Same layouts as the torch
+ * model: its weights, KV cache and RoPE tables are used in place. Summation order follows the torch path (experts
+ * in ascending id), so results agree to float rounding. */
+enum { P_ATTN_NORM, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_FFN_NORM, P_ROUTER, P_KCACHE, P_VCACHE, P_N };
+
+/* The model's shape and switches, filled from ModelArgs by kernels.StepConfig (a ctypes mirror of this struct): the
+ * loader compares lm_step_config_size() with the mirror's size and keeps torch's kernels when they differ. */
+typedef struct {
+    int dim, n_heads, n_kv_heads, head_dim, n_experts, top_k, expert_ff, vocab_size, max_seq_length, n_layers;
+    int qk_norm;      /* 0: none, 1: per head over head_dim (qwen3), 2: over the whole q and k projections (olmoe) */
+    int renormalise;  /* rescale a token's top-k router weights to sum to one */
+    int threads;      /* OpenMP threads: torch's own count, set before every call */
+    float eps;        /* RMSNorm epsilon */
+    float clip;       /* clamp q, k and v to [-clip, clip] (olmoe); 0 for none */
+} lm_step_config;
+
+size_t lm_step_config_size(void) { return sizeof(lm_step_config); }
+
+static void rmsnorm(const float *x, const float *w, float *y, int n, float eps)
+{
+    float ss = 0.f;
+    for (int i = 0; i < n; i++)
+        ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++)
+        y[i] = x[i] * r * w[i];
+}
+
+static void rope(float *v, const float *cos, const float *sin, int hd)
+{
+    const int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* logits (vocab) for one token at position pos; chosen (n_layers x top_k): each layer's experts, ascending */
+void lm_step_f32(const lm_step_config *c, const void *const *lp, const float *const *gate_up,
+                 const float *const *down, const float *embed, const float *final_norm, const float *lm_head,
+                 const float *cos, const float *sin, int pos, float *logits, int *chosen, float *scratch)
+{
+    const int dim = c->dim, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim, ne = c->n_experts,
+              k = c->top_k, ff = c->expert_ff, maxseq = c->max_seq_length, nt = c->threads;
+    const float eps = c->eps, clip = c->clip;
+    const int qo = nh * hd, kvo = nkv * hd, nqkv = qo + 2 * kvo, n = pos + 1;
+    float *x = scratch, *xn = x + dim, *xin = xn + dim, *qkv = xin + dim, *att = qkv + nqkv, *probs = att + qo, *h = probs + ne,
+          *sc = h + (size_t)k * ff;  /* sc: nh x maxseq scores */
+    const float scale = 1.f / sqrtf((float)hd);
+    memcpy(x, embed, sizeof(float) * dim);
+    for (int l = 0; l < c->n_layers; l++) {
+        const void *const *p = lp + (size_t)l * P_N;
+        float *kc = (float *)p[P_KCACHE], *vc = (float *)p[P_VCACHE];
+        rmsnorm(x, p[P_ATTN_NORM], xn, dim, eps);
+        lm_gemv_f32(p[P_WQKV], xn, p[P_BQKV], qkv, nqkv, dim, nt);
+        float *q = qkv, *kk = qkv + qo, *v = qkv + qo + kvo;
+        if (c->qk_norm == 2) {  /* over the whole projections (olmoe) */
+            rmsnorm(q, p[P_QNORM], q, qo, eps);
+            rmsnorm(kk, p[P_KNORM], kk, kvo, eps);
+        }
+        if (clip > 0.f)
+            for (int i = 0; i < nqkv; i++)
+                qkv[i] = qkv[i] < -clip ? -clip : qkv[i] > clip ? clip : qkv[i];
+        for (int i = 0; i < nh; i++) {
+            if (c->qk_norm == 1)
+                rmsnorm(q + i * hd, p[P_QNORM], q + i * hd, hd, eps);
+            rope(q + i * hd, cos, sin, hd);
+        }
+        for (int i = 0; i < nkv; i++) {
+            if (c->qk_norm == 1)
+                rmsnorm(kk + i * hd, p[P_KNORM], kk + i * hd, hd, eps);
+            rope(kk + i * hd, cos, sin, hd);
+            memcpy(kc + ((size_t)i * maxseq + pos) * hd, kk + i * hd, sizeof(float) * hd);
+            memcpy(vc + ((size_t)i * maxseq + pos) * hd, v + i * hd, sizeof(float) * hd);
+        }
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int i = 0; i < nh; i++) {
+            const int g = i / (nh / nkv);
+            const float *qi = q + i * hd, *kb = kc + (size_t)g * maxseq * hd, *vb = vc + (size_t)g * maxseq * hd;
+            float *s = sc + (size_t)i * maxseq, *o = att + i * hd, mx = -INFINITY, sum = 0.f;
+            for (int t = 0; t < n; t++) {
+                s[t] = dot1(kb + (size_t)t * hd, qi, hd) * scale;
+                mx = s[t] > mx ? s[t] : mx;
+            }
+            for (int t = 0; t < n; t++)
+                sum += (s[t] = expf(s[t] - mx));
+            for (int d = 0; d < hd; d++)
+                o[d] = 0.f;
+            for (int t = 0; t < n; t++) {
+                const float w = s[t] / sum, *vt = vb + (size_t)t * hd;
+                for (int d = 0; d < hd; d++)
+                    o[d] += w * vt[d];
+            }
+        }
+        lm_gemv_f32(p[P_WO], att, NULL, xn, dim, qo, nt);
+        for (int i = 0; i < dim; i++)
+            x[i] += xn[i];
+        rmsnorm(x, p[P_FFN_NORM], xin, dim, eps);
+        /* routing: softmax over all experts, top-k, renormalised (mixtral's softmax over the top-k logits is
+         * the same numbers) */
+        lm_gemv_f32(p[P_ROUTER], xin, NULL, probs, ne, dim, 1);
+        float mx = -INFINITY, sum = 0.f;
+        for (int e = 0; e < ne; e++)
+            mx = probs[e] > mx ? probs[e] : mx;
+        for (int e = 0; e < ne; e++)
+            sum += (probs[e] = expf(probs[e] - mx));
+        int *ch = chosen + (size_t)l * k;
+        float w[64], wsum = 0.f;
+        for (int j = 0; j < k; j++) {  /* k small: selection; ties to the lower id, as torch.topk on CPU */
+            int best = -1;
+            for (int e = 0; e < ne; e++) {
+                int taken = 0;
+                for (int m = 0; m < j; m++)
+                    taken |= ch[m] == e;
+                if (!taken && (best < 0 || probs[e] > probs[best]))
+                    best = e;
+            }
+            ch[j] = best;
+        }
+        for (int a = 1; a < k; a++)  /* ascending ids: the torch path's summation order */
+            for (int b = a; b > 0 && ch[b] < ch[b - 1]; b--) {
+                int t = ch[b]; ch[b] = ch[b - 1]; ch[b - 1] = t;
+            }
+        for (int j = 0; j < k; j++)
+            wsum += (w[j] = probs[ch[j]] / sum);
+        if (c->renormalise)
+            for (int j = 0; j < k; j++)
+                w[j] /= wsum;
+        const float *gu[64], *dn[64];
+        for (int j = 0; j < k; j++) {
+            gu[j] = gate_up[(size_t)l * ne + ch[j]];
+            dn[j] = down[(size_t)l * ne + ch[j]];
+        }
+        for (int i = 0; i < dim; i++)
+            xn[i] = 0.f;
+        lm_moe_decode_f32(k, gu, dn, w, xin, xn, h, dim, ff, nt);
+        for (int i = 0; i < dim; i++)
+            x[i] += xn[i];
+    }
+    rmsnorm(x, final_norm, xn, dim, eps);
+    lm_gemv_f32(lm_head, xn, NULL, logits, c->vocab_size, dim, nt);
+}

@@ -1,0 +1,185 @@
+"""Which models exist on this machine and how a name on the command line becomes a file."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.home import paths
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    id: str
+    path: Path
+    source: str  # "embedded" | "installed" | "file"
+    backend: str = "llama.cpp"
+    defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # engine arguments
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": str(self.path), "source": self.source, "backend": self.backend}
+
+
+@cache
+def catalog() -> list[dict[str, Any]]:
+    text = files("localmoe.assets").joinpath("catalog.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)["model"]
+
+
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+# What a model runs with when neither its catalog entry nor its file says otherwise: llama.cpp's classic repeat
+# penalty and min-p, which end the loops small models fall into when decoded near-greedily, and the loop guard.
+SANE_DEFAULTS: dict[str, Any] = {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
+                                 "repeat_penalty": 1.1, "loop_guard": True}
+
+
+def _sampling(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in SAMPLING if k in entry}
+
+
+def generation_defaults(ref: ModelRef) -> dict[str, Any]:
+    """GenerationConfig fields for `ref`: its catalog entry, else its GGUF file's recommended sampling
+    (`general.sampling.*`), else SANE_DEFAULTS. Settings and flags go on top of these."""
+    from_file: dict[str, Any] = {}
+    if ref.backend == "llama.cpp" and ref.path.suffix.lower() == ".gguf":
+        from localmoe.placement.layout import read_layout
+
+        try:
+            from_file = {k: v for k, v in read_layout(ref.path).sampling.items() if k in SAMPLING}
+        except LocalmoeError:
+            pass  # an unreadable file fails where it is loaded, with its own message
+    return {**SANE_DEFAULTS, **from_file, **ref.defaults}
+
+
+def embedded_models() -> list[ModelRef]:
+    """Catalog models whose weights ship in an installed package, found with find_spec (never imported)."""
+    found = []
+    for entry in catalog():
+        if entry.get("source") != "embedded":
+            continue
+        spec = importlib.util.find_spec(entry["package"])
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(loc) / entry["filename"]
+            if candidate.is_file():
+                found.append(ModelRef(entry["id"], candidate, "embedded", defaults=_sampling(entry)))
+                break
+    return found
+
+
+def installed_models() -> list[ModelRef]:
+    """GGUF files the user put (or `pull`ed) into `<data dir>/models`, then Hugging Face checkpoint directories
+    there (a folder with a config.json), which the torch engine runs."""
+    d = paths.models_dir()
+    if not d.is_dir():
+        return []
+    found = [ModelRef(p.stem.lower(), p, "installed") for p in sorted(d.glob("*.gguf"))]
+    found += [checkpoint_ref(p, "installed") for p in sorted(d.iterdir()) if is_checkpoint_dir(p)]
+    return found
+
+
+def is_checkpoint_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def checkpoint_ref(p: Path, source: str = "file") -> ModelRef:
+    """A Hugging Face checkpoint directory → a ModelRef for the torch engine, named after the directory."""
+    return ModelRef(p.name.lower(), p.resolve(), source, backend="torch")
+
+
+def list_models() -> list[ModelRef]:
+    return embedded_models() + installed_models()
+
+
+def default_model() -> ModelRef:
+    available = list_models()
+    if not available:
+        raise LocalmoeError(
+            "no model installed: run `make setup` (installs the embedded SmolLM2) "
+            f"or put a .gguf file in {paths.models_dir()}"
+        )
+    return available[0]
+
+
+def resolve(name: str | None) -> ModelRef:
+    """A model id, alias, path to a .gguf file or to a Hugging Face checkpoint directory → ModelRef;
+    None means the default model."""
+    if not name:
+        return default_model()
+    available = list_models()
+    for ref in available:
+        if name == ref.id:
+            return ref
+    aliases = {a: e["id"] for e in catalog() for a in e.get("aliases", [])}
+    if name in aliases:
+        for ref in available:
+            if ref.id == aliases[name]:
+                return ref
+        raise LocalmoeError(f"model {name!r} is in the catalog but not installed (run `make setup`)")
+    p = Path(name).expanduser()
+    if p.suffix.lower() == ".gguf" or p.exists() or "/" in name:
+        if not p.exists():
+            raise LocalmoeError(f"model file not found: {p}")
+        if is_checkpoint_dir(p):
+            return checkpoint_ref(p)
+        if p.is_dir():
+            raise LocalmoeError(f"model directory {p} has no config.json: not a Hugging Face checkpoint")
+        if not p.is_file():
+            raise LocalmoeError(f"model path is not a file: {p}")
+        return ModelRef(p.stem.lower(), p.resolve(), "file")
+    known = ", ".join(r.id for r in available) or "none"
+    raise UsageError(
+        f"unknown model {name!r} (installed: {known}; or pass a path to a .gguf file or checkpoint directory)"
+    )
+
+
+def check_loadable(ref: ModelRef) -> None:
+    """Refuse (UsageError, one line) a model whose file cannot be read or whose plan does not fit here, before a
+    screen opens on it; reads headers only."""
+    try:
+        if ref.backend == "llama.cpp":
+            from localmoe.placement.layout import read_layout
+            from localmoe.placement.plan import Budget, make_plan
+
+            make_plan(read_layout(ref.path), Budget.detect()).raise_if_refused()
+        elif ref.backend == "torch":
+            import json
+
+            json.loads((ref.path / "config.json").read_text(encoding="utf-8"))
+    except UsageError:
+        raise
+    except LocalmoeError as exc:
+        raise UsageError(f"cannot load {ref.id}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load {ref.id}: {exc}") from None
+
+
+def tier_model(tier: str) -> ModelRef:
+    """small: the default model; large: the largest installed MoE whose plan fits this machine."""
+    if tier == "small":
+        return default_model()
+    from localmoe.placement.layout import read_layout
+    from localmoe.placement.plan import Budget, make_plan
+
+    budget = Budget.detect()
+    best: tuple[int, ModelRef] | None = None
+    for ref in list_models():
+        if ref.backend != "llama.cpp":
+            continue
+        try:
+            layout = read_layout(ref.path)
+        except LocalmoeError:
+            continue
+        if layout.is_moe and make_plan(layout, budget).fits and (best is None or layout.file_bytes > best[0]):
+            best = (layout.file_bytes, ref)
+    if best is None:
+        raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "
+                            "pass --models instead")
+    return best[1]

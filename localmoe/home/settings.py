@@ -1,0 +1,84 @@
+"""User settings: one TOML file in the data dir. Every key is optional; a missing file means the defaults.
+
+    [tiers]
+    small = "smollm2-135m-instruct"   # model id or .gguf path; default: the embedded model
+    large = "qwen3-30b-a3b-q4_k_m"    # default: the largest installed MoE the planner says fits
+    remote = "http://127.0.0.1:8080/v1"   # optional OpenAI-compatible endpoint; used only when set
+    remote_model = "my-model"
+    remote_api_key_env = "OPENAI_API_KEY"  # the variable holding the key (the key itself is never stored)
+
+    [router]
+    strategy = "learned"      # features | learned | cascade; default: the best on the shipped held-out data
+    preference = "balanced"   # quality | balanced | energy, or a number in (0, 1): the threshold itself
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+from localmoe.errors import LocalmoeError
+from localmoe.home import paths
+
+FILENAME = "settings.toml"
+STRATEGIES = ("features", "learned", "cascade")
+PREFERENCES = ("quality", "balanced", "energy")
+
+
+@dataclass
+class Settings:
+    small: str | None = None
+    large: str | None = None
+    remote: str | None = None
+    remote_model: str | None = None
+    remote_api_key_env: str | None = None
+    strategy: str | None = None
+    preference: str | float = "balanced"
+    path: Path | None = None
+
+
+def parse_preference(value: str | float) -> str | float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 < float(value) < 1:
+            raise LocalmoeError(f"router preference {value} must be between 0 and 1 (or quality/balanced/energy)")
+        return float(value)
+    text = str(value).strip().lower()
+    if text in PREFERENCES:
+        return text
+    try:
+        return parse_preference(float(text))
+    except ValueError:
+        raise LocalmoeError(f"unknown router preference {value!r} (quality, balanced, energy or a number)") from None
+
+
+def load(path: Path | None = None) -> Settings:
+    p = path or paths.data_dir() / FILENAME
+    if not p.exists():
+        return Settings(path=p)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalmoeError(f"cannot read settings {p}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LocalmoeError(f"settings {p} is not valid TOML: {exc}") from None
+    tiers, router = data.get("tiers", {}), data.get("router", {})
+    if not isinstance(tiers, dict) or not isinstance(router, dict):
+        raise LocalmoeError(f"settings {p}: [tiers] and [router] must be tables")
+    strategy = router.get("strategy")
+    remote = tiers.get("remote")
+    if remote and not str(remote).startswith(("http://", "https://")):
+        raise LocalmoeError(f"settings {p}: [tiers] remote must be an http(s) URL, not {remote!r}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise LocalmoeError(f"settings {p}: unknown router strategy {strategy!r} ({', '.join(STRATEGIES)})")
+    return Settings(
+        small=tiers.get("small") or None,
+        large=tiers.get("large") or None,
+        remote=tiers.get("remote") or None,
+        remote_model=tiers.get("remote_model") or None,
+        remote_api_key_env=tiers.get("remote_api_key_env") or None,
+        strategy=strategy,
+        preference=parse_preference(router.get("preference", "balanced")),
+        path=p,
+    )

@@ -1,0 +1,258 @@
+"""What this machine has. Everything else asks this module; nobody re-detects.
+
+GPU discovery tries NVML first (cheap, exact free VRAM), then torch.cuda (only when an NVIDIA driver is
+present, because importing torch costs seconds), then Apple MPS. The memory-bandwidth figure is measured once
+per hardware fingerprint and cached in the data dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from localmoe.home import paths
+
+BANDWIDTH_CACHE = "hardware.json"
+
+
+@dataclass
+class GPU:
+    index: int
+    name: str
+    vendor: str  # nvidia | apple
+    vram_total_bytes: int
+    vram_free_bytes: int
+    source: str  # nvml | torch.cuda | mps
+    unified_memory: bool = False
+
+
+@dataclass
+class Hardware:
+    os: str
+    arch: str
+    cpu_model: str
+    physical_cores: int
+    logical_cores: int
+    ram_total_bytes: int
+    ram_available_bytes: int
+    swap_total_bytes: int
+    swap_free_bytes: int
+    memory_limit_bytes: int | None = None
+    gpus: list[GPU] = field(default_factory=list)
+    data_dir: str = ""
+    disk_free_bytes: int = 0
+    memory_bandwidth_gbps: float | None = None
+    bandwidth_cached: bool = False
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=2
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_memory() -> tuple[int, int] | None:
+    """(limit, available) bytes of this process's cgroup, or None when it has no limit.
+
+    Containers and `memcap` cap memory (page cache included) below what /proc/meminfo shows; planning against
+    the host's RAM there would plan a model that gets killed. Reclaimable file cache counts as available.
+    """
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    root = Path("/sys/fs/cgroup")
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if "memory" in controllers.split(","):  # cgroup v1
+            d = root / "memory" / rel.lstrip("/")
+            limit, usage = _read_int(d / "memory.limit_in_bytes"), _read_int(d / "memory.usage_in_bytes")
+            inactive = _stat_value(d / "memory.stat", "total_inactive_file")
+            break
+    else:
+        rel = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        d = root / rel.lstrip("/")  # cgroup v2
+        limit, usage = _read_int(d / "memory.max"), _read_int(d / "memory.current")
+        inactive = _stat_value(d / "memory.stat", "inactive_file")
+    # v1 reports "no limit" as a page-rounded 2**63.
+    if limit is None or usage is None or limit >= psutil.virtual_memory().total:
+        return None
+    return limit, max(0, limit - usage + inactive)
+
+
+def _nvml_gpus() -> list[GPU] | None:
+    if importlib.util.find_spec("pynvml") is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None  # library present, driver absent
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            gpus.append(GPU(i, name, "nvidia", int(mem.total), int(mem.free), "nvml"))
+        return gpus
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _nvidia_driver_present() -> bool:
+    return Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi") is not None
+
+
+def _torch_gpus() -> list[GPU]:
+    if importlib.util.find_spec("torch") is None:
+        return []
+    on_mac_arm = sys.platform == "darwin" and platform.machine() == "arm64"
+    if not (_nvidia_driver_present() or on_mac_arm):
+        return []
+    import torch
+
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append(GPU(i, torch.cuda.get_device_name(i), "nvidia", int(total), int(free), "torch.cuda"))
+    elif on_mac_arm and torch.backends.mps.is_available():
+        vm = psutil.virtual_memory()
+        # Unified memory: the GPU shares system RAM, so "VRAM" is what the OS would give us.
+        gpus.append(GPU(0, "Apple GPU (MPS)", "apple", int(vm.total), int(vm.available), "mps", True))
+    return gpus
+
+
+def detect_gpus() -> list[GPU]:
+    gpus = _nvml_gpus()
+    if gpus:
+        return gpus
+    # NVML absent, failing, or initialised yet listing no device (e.g. a container without the device nodes)
+    return _torch_gpus()
+
+
+def measure_bandwidth(seconds: float = 0.25, size_mb: int = 64) -> float:
+    """Memory-copy bandwidth in GB/s (bytes read + bytes written per second), best of several copies."""
+    import numpy as np
+
+    src = np.ones(size_mb * 1024 * 1024 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    runs = 0
+    while runs < 3 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+        if runs >= 50:
+            break
+    return round(2 * src.nbytes / best / 1e9, 2)
+
+
+def fingerprint(hw: Hardware) -> str:
+    key = json.dumps(
+        [hw.cpu_model, hw.physical_cores, hw.logical_cores, hw.ram_total_bytes, [g.name for g in hw.gpus]]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def detect(measure: bool = True) -> Hardware:
+    vm = psutil.virtual_memory()
+    sw = psutil.swap_memory()
+    ddir = paths.data_dir()
+    cg = cgroup_memory()
+    hw = Hardware(
+        os=f"{platform.system()} {platform.release()}",
+        arch=platform.machine(),
+        cpu_model=cpu_model(),
+        physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        logical_cores=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
+        ram_total_bytes=int(vm.total),
+        ram_available_bytes=min(int(vm.available), cg[1]) if cg else int(vm.available),
+        swap_total_bytes=int(sw.total),
+        swap_free_bytes=int(sw.free),
+        memory_limit_bytes=cg[0] if cg else None,
+        gpus=detect_gpus(),
+        data_dir=str(ddir),
+        disk_free_bytes=int(shutil.disk_usage(ddir).free),
+    )
+    hw.fingerprint = fingerprint(hw)
+    if measure:
+        hw.memory_bandwidth_gbps, hw.bandwidth_cached = _cached_bandwidth(ddir / BANDWIDTH_CACHE, hw.fingerprint)
+    return hw
+
+
+def _cached_bandwidth(cache: Path, fp: str) -> tuple[float, bool]:
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("fingerprint") == fp and isinstance(data.get("memory_bandwidth_gbps"), (int, float)):
+            return float(data["memory_bandwidth_gbps"]), True
+    except (OSError, ValueError):
+        pass  # missing or unreadable cache: measure again
+    bw = measure_bandwidth()
+    try:
+        tmp = cache.with_suffix(".tmp")
+        paths.write_private(tmp, json.dumps({"fingerprint": fp, "memory_bandwidth_gbps": bw,
+                                             "measured_at": time.time()}))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only data dir costs a re-measurement next time, nothing more
+    return bw, False

@@ -1,0 +1,1 @@
+"""Record: what each answer cost (energy meters) and where everything is written (the SQLite recorder)."""

@@ -1,0 +1,639 @@
+"""Every exchange goes into one SQLite file, with versioned migrations (the simonw/llm way).
+
+This is the only module that knows SQL and table names: the rest of localmoe records and reads through the
+Recorder's named methods.
+
+Migrations are small functions applied in order at open and recorded in `_migrations`; a file written by a
+newer localmoe (a migration we do not know) is refused rather than guessed at. Many processes may use the file
+at once (a chat, a script, a benchmark): each migration is checked and applied under an exclusive lock in its own
+transaction, and every writer waits its turn (a busy timeout, then bounded retries) instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from localmoe.errors import LocalmoeError
+from localmoe.home import paths
+
+T = TypeVar("T")
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "create table conversations (id integer primary key, title text, model text, created_at text)"
+    )
+    db.execute(
+        """create table messages (
+            id integer primary key,
+            conversation_id integer references conversations(id),
+            role text, content text, model text, created_at text)"""
+    )
+    db.execute("create index idx_messages_conversation_id on messages(conversation_id)")
+
+
+@migration
+def m002_generations(db: sqlite_utils.Database) -> None:
+    # An answer starts `pending` and ends `complete`, `cancelled`, `interrupted` or `error`;
+    # `reply_to` ties it to the question it answers.
+    db.execute("alter table messages add column status text not null default 'complete'")
+    db.execute("alter table messages add column reply_to integer references messages(id)")
+    db.execute("alter table messages add column completed_at text")
+    db.execute(
+        """create table generations (
+            message_id integer primary key references messages(id),
+            model text, backend text,
+            prompt_tokens integer, completion_tokens integer,
+            ttft_s real, tokens_per_s real, wall_s real, stop_reason text, created_at text)"""
+    )
+
+
+@migration
+def m003_energy_and_bench(db: sqlite_utils.Database) -> None:
+    # Benchmark questions are real exchanges (same engine path, same stats) but stay out of `logs`.
+    db.execute("alter table conversations add column kind text not null default 'chat'")
+    db.execute(
+        """create table energy (
+            message_id integer primary key references messages(id),
+            joules real, net_joules real, idle_watts real, avg_watts real, peak_watts real, seconds real,
+            tokens_per_joule real, meter text, measured integer, created_at text)"""
+    )
+    db.execute(
+        """create table power_samples (
+            message_id integer references messages(id), t real, watts real)"""
+    )
+    db.execute("create index idx_power_samples_message_id on power_samples(message_id)")
+    db.execute(
+        """create table bench_runs (
+            id integer primary key, suite text, source text, models text, policies text, item_limit integer,
+            hardware text, fingerprint text, meter text, measured integer, status text,
+            started_at text, finished_at text, localmoe_version text)"""
+    )
+    db.execute(
+        """create table bench_items (
+            run_id integer references bench_runs(id), model text, policy text, item_id text,
+            question text, expected text, kind text, category text, difficulty integer,
+            output text, extracted text, correct integer, method text, tier text,
+            message_id integer references messages(id),
+            joules real, avg_watts real, seconds real, prompt_tokens integer, completion_tokens integer,
+            ttft_s real, tokens_per_s real, created_at text,
+            primary key (run_id, model, policy, item_id))"""
+    )
+    # IPW (Stanford): accuracy / average power. Accuracy per joule: accuracy / mean energy per query.
+    db.execute(
+        """create view bench_results as
+        select b.run_id, b.model, b.policy, count(*) as n, avg(b.correct) as accuracy,
+               sum(b.joules) as joules, sum(b.joules) / count(*) as joules_per_query,
+               sum(b.joules) / sum(b.seconds) as avg_watts,
+               avg(b.correct) / (sum(b.joules) / sum(b.seconds)) as ipw,
+               avg(b.correct) / (sum(b.joules) / count(*)) as accuracy_per_joule,
+               avg(b.seconds) as latency_s, sum(b.completion_tokens) / sum(b.seconds) as tokens_per_s,
+               avg(case when b.tier = 'large' then 1.0 else 0.0 end) as large_share,
+               r.meter, r.measured, r.fingerprint, r.started_at
+        from bench_items b join bench_runs r on r.id = b.run_id
+        group by b.run_id, b.model, b.policy"""
+    )
+
+
+@migration
+def m004_routing(db: sqlite_utils.Database) -> None:
+    db.execute("alter table generations add column mean_logprob real")
+    db.execute("alter table generations add column min_logprob real")
+    # One row per routed answer: the decision, and whether the cascade escalated after a small-tier answer.
+    db.execute(
+        """create table routing_decisions (
+            message_id integer primary key references messages(id),
+            tier text, model text, strategy text, score real, threshold real, reason text, latency_ms real,
+            notice text, escalated_from integer references messages(id), created_at text)"""
+    )
+    # What users and benchmarks tell us about the small tier: label 1 = the small tier's answer was not good.
+    db.execute(
+        """create table route_labels (
+            id integer primary key, message_id integer references messages(id), prompt text,
+            small_wrong integer, source text, created_at text)"""
+    )
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# How long a writer waits for another process to finish before giving up (seconds). Long enough for any one
+# transaction of ours (a migration, an answer's stats); the variable exists so tests can make it tiny.
+TIMEOUT_ENV = "LOCALMOE_DB_TIMEOUT"
+DEFAULT_TIMEOUT_S = 30.0
+# Test-only hook: "<migration name>:<seconds>" holds the process inside that migration, its changes made but not
+# committed, so a test can kill -9 it there. Unset in normal use.
+PAUSE_ENV = "LOCALMOE_TEST_MIGRATION_PAUSE"
+
+
+class DatabaseBusy(LocalmoeError):
+    """Another process kept the database locked for longer than the timeout."""
+
+
+def busy_timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        raise LocalmoeError(f"{TIMEOUT_ENV} must be a number of seconds, not {raw!r}") from None
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; the message on 3.10
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED, with their extended codes
+    msg = str(exc)
+    return "database is locked" in msg or "database table is locked" in msg or "busy" in msg
+
+
+def _retry(fn: Callable[[], T], conn: sqlite3.Connection, path: Path | str, timeout: float) -> T:
+    """Run `fn` until it gets past SQLITE_BUSY or `timeout` seconds have gone. SQLite's own busy handler does most
+    of the waiting, but some lock conflicts (changing the journal mode of a new file, WAL recovery) return BUSY at
+    once, so we retry as well; each retry's busy handler gets only the time left, which keeps the bound."""
+    deadline = time.monotonic() + timeout
+    pause, shortened = 0.002, False
+    try:
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DatabaseBusy(busy_message(Path(path), timeout)) from None
+            # jitter, so processes that collided do not collide again in step
+            time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
+            pause = min(pause * 2, 0.1)
+            conn.execute(f"PRAGMA busy_timeout = {max(int((deadline - time.monotonic()) * 1000), 0)}")
+            shortened = True
+    finally:
+        if shortened:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+
+
+def _lock_holders(path: Path) -> tuple[list[int], bool]:
+    """Other processes that hold a write lock on the database or its WAL index (Linux /proc/locks), else those
+    that merely have it open (/proc/*/fd); the flag says which. Best effort: empty where /proc is not readable."""
+    me = os.getpid()
+    files = [path, path.with_name(path.name + "-shm"), path.with_name(path.name + "-wal")]
+    inodes = set()
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        inodes.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    holders: set[int] = set()
+    try:
+        with open("/proc/locks") as fh:
+            for line in fh:
+                parts = line.split()
+                # "1: POSIX  ADVISORY  WRITE 4242 fd:01:123456 0 EOF"; "1: -> POSIX ..." lines are waiters
+                if len(parts) < 6 or parts[1] == "->" or parts[3] != "WRITE":
+                    continue
+                major, minor, ino = parts[5].split(":")
+                if (int(major, 16), int(minor, 16), int(ino)) in inodes and int(parts[4]) not in (me, -1):
+                    holders.add(int(parts[4]))
+    except (OSError, ValueError):
+        pass
+    if holders:
+        return sorted(holders), True
+    targets = {str(f) for f in files}
+    try:
+        procs = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != me]
+    except OSError:
+        return [], False
+    for pid in procs:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in targets for fd in fds):
+                holders.add(int(pid))
+        except OSError:
+            continue
+    return sorted(holders), False
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return "?"
+    text = " ".join(raw.decode(errors="replace").split("\0")).strip()
+    text = " ".join(text.split())  # one line, whatever the arguments held
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def busy_message(path: Path, timeout: float) -> str:
+    pids, locked = _lock_holders(path.resolve())
+    who = ", ".join(f"process {pid} ({_command_line(pid)})" for pid in pids[:3])
+    if not who:
+        by = "by another process"
+    else:
+        by = f"by {who}" if locked else f"(open in {who})"
+    return f"database {path} is busy: still locked after {timeout:g} s {by}; try again when it has finished"
+
+
+@contextmanager
+def transaction(
+    conn: sqlite3.Connection, *, exclusive: bool = False, path: Path | str | None = None,
+    timeout: float | None = None,
+) -> Iterator[None]:
+    """All-or-nothing writes, DDL included: the connection runs in autocommit mode and we BEGIN ourselves,
+    because Python's implicit transactions do not cover DDL and `with conn:` blocks commit early. The write lock
+    is taken at BEGIN (IMMEDIATE), so the body never meets a busy database; only BEGIN and COMMIT wait."""
+    timeout = busy_timeout() if timeout is None else timeout
+    where = path if path is not None else _file_of(conn)
+    _retry(lambda: conn.execute("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE"), conn, where, timeout)
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+            conn.execute("ROLLBACK")
+        raise
+    # A COMMIT that finds readers in rollback-journal mode fails with BUSY and leaves the transaction open to retry.
+    _retry(lambda: conn.execute("COMMIT"), conn, where, timeout)
+
+
+@contextmanager
+def _db_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        msg = str(exc)
+        if "full" in msg:
+            msg += " (free some disk space; nothing already recorded was lost)"
+        raise LocalmoeError(f"database {path}: {msg}") from None
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return
+    # Switching needs the file to itself; when another process is opening the same new file SQLite may answer
+    # BUSY, or just keep the old mode: both mean try again.
+    if conn.execute("PRAGMA journal_mode=wal").fetchone()[0] != "wal":
+        raise sqlite3.OperationalError("database is locked")
+
+
+BENCH_ITEM_FIELDS = frozenset({
+    "model", "policy", "item_id", "question", "expected", "kind", "category", "difficulty", "output", "extracted",
+    "correct", "method", "tier", "message_id", "joules", "avg_watts", "seconds", "prompt_tokens",
+    "completion_tokens", "ttft_s", "tokens_per_s",
+})
+
+
+class Recorder:
+    """The SQLite log. Open it, record and read through its methods, close it; safe to keep open for a whole
+    session and to share between threads.
+
+    `timeout`: seconds a write waits for other processes before failing with DatabaseBusy (default 30, or
+    LOCALMOE_DB_TIMEOUT)."""
+
+    def __init__(self, path: str | Path | None = None, *, timeout: float | None = None) -> None:
+        self.path = Path(path) if path else paths.db_path()
+        self.timeout = busy_timeout() if timeout is None else timeout
+        # Created owner-only before SQLite opens it: its WAL and shared-memory files copy the database's mode.
+        paths.private_file(self.path)
+        with _db_errors(self.path):
+            # Shared by the UI thread and generation workers; sqlite serialises calls, the lock our transactions.
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=self.timeout, isolation_level=None)
+            self._db = sqlite_utils.Database(conn)
+            self._lock = threading.RLock()
+            try:
+                # WAL keeps the file consistent if we die mid-write, and lets readers go on while one writes.
+                self._retry(lambda: _enable_wal(conn))
+                # FULL sync so an answer reported is on disk. Both pragmas are per connection: no lock needed.
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                migrate(self._db, self.path, timeout=self.timeout)
+            except BaseException:
+                conn.close()  # a refused or busy file is not left open behind the error
+                raise
+
+    def close(self) -> None:
+        self._db.conn.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing: the only SQL runners ------------------------------------------------------------------------
+    def _retry(self, fn: Callable[[], T]) -> T:
+        return _retry(fn, self._db.conn, self.path, self.timeout)
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        with _db_errors(self.path), self._lock, transaction(self._db.conn, path=self.path, timeout=self.timeout):
+            yield
+
+    def _insert(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int:
+        """One row into `table`, inside a `_write()` block; returns its rowid."""
+        verb = "insert or replace" if replace else "insert"
+        cur = self._db.execute(
+            f"{verb} into {table} ({', '.join(row)}) values ({', '.join('?' * len(row))})", list(row.values())
+        )
+        return int(cur.lastrowid)
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with _db_errors(self.path), self._lock:
+            return self._retry(lambda: list(self._db.query(sql, params or [])))
+
+    # -- conversations ----------------------------------------------------------------------------------------
+    def new_conversation(self, model: str, title: str | None = None, kind: str = "chat") -> int:
+        with self._write():
+            return self._insert("conversations", {"title": title, "model": model, "created_at": now(), "kind": kind})
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        model: str | None = None,
+        status: str = "complete",
+        reply_to: int | None = None,
+    ) -> int:
+        row = {
+            "conversation_id": conversation_id,
+            "role": role,
+            "content": content,
+            "model": model,
+            "created_at": now(),
+            "status": status,
+            "reply_to": reply_to,
+            "completed_at": now() if status == "complete" else None,
+        }
+        with self._write():
+            return self._insert("messages", row)
+
+    def finish_message(
+        self,
+        message_id: int,
+        content: str,
+        status: str,
+        stats: dict[str, Any] | None,
+        energy: dict[str, Any] | None = None,
+        samples: list[tuple[float, float]] | None = None,
+    ) -> None:
+        """Store an answer's final text, its generation stats and its energy in one transaction."""
+        with self._write():
+            self._db.execute(
+                "update messages set content = ?, status = ?, completed_at = ? where id = ?",
+                [content, status, now(), message_id],
+            )
+            if stats is not None:
+                self._insert("generations", {"message_id": message_id, "created_at": now(), **stats}, replace=True)
+            if energy is not None:
+                self._insert("energy", {"message_id": message_id, "created_at": now(), **energy}, replace=True)
+            if samples:
+                self._db.conn.executemany(
+                    "insert into power_samples (message_id, t, watts) values (?, ?, ?)",
+                    [(message_id, t, w) for t, w in samples],
+                )
+
+    def latest_conversation_id(self) -> int | None:
+        """The most recent chat conversation (benchmark ones are not chats), or None before the first question."""
+        rows = self._rows("select id from conversations where kind = 'chat' order by id desc limit 1")
+        return rows[0]["id"] if rows else None
+
+    def conversation_messages(self, conversation_id: int) -> list[dict[str, Any]]:
+        return self._rows("select * from messages where conversation_id = ? order by id", [conversation_id])
+
+    def recent_exchanges(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The last `limit` questions with their answers and stats, newest first."""
+        sql = """
+            select q.id as question_id, q.conversation_id, q.content as prompt, q.created_at,
+                   a.id as answer_id, a.content as answer, a.model, a.status,
+                   g.prompt_tokens, g.completion_tokens, g.ttft_s, g.tokens_per_s, g.wall_s, g.stop_reason,
+                   e.joules, e.avg_watts, e.meter, e.measured
+            from messages q
+            join conversations c on c.id = q.conversation_id and c.kind = 'chat'
+            left join messages a on a.reply_to = q.id and a.role = 'assistant'
+            left join generations g on g.message_id = a.id
+            left join energy e on e.message_id = a.id
+            where q.role = 'user'
+            order by q.id desc
+            limit ?
+        """
+        return self._rows(sql, [limit])
+
+    # -- routing ------------------------------------------------------------------------------------------------
+    def record_decision(
+        self,
+        message_id: int | None,
+        *,
+        tier: str,
+        model: str | None,
+        strategy: str,
+        score: float,
+        threshold: float,
+        reason: str,
+        latency_ms: float,
+        notice: str | None = None,
+        escalated_from: int | None = None,
+    ) -> None:
+        """Which tier answered `message_id` and why; recording the same answer again replaces the first."""
+        with self._write():
+            self._insert("routing_decisions", {
+                "message_id": message_id, "tier": tier, "model": model, "strategy": strategy, "score": score,
+                "threshold": threshold, "reason": reason, "latency_ms": latency_ms, "notice": notice,
+                "escalated_from": escalated_from, "created_at": now(),
+            }, replace=True)
+
+    def add_label(self, message_id: int | None, prompt: str, small_wrong: bool, source: str) -> int:
+        """A signal about the small tier's answer to `prompt` (`source`: retry, thumbs, ...); returns its id."""
+        with self._write():
+            return self._insert("route_labels", {"message_id": message_id, "prompt": prompt,
+                                                 "small_wrong": int(small_wrong), "source": source,
+                                                 "created_at": now()})
+
+    def set_label(self, message_id: int, prompt: str, small_wrong: bool | None, source: str) -> None:
+        """The one label of `source` on an answer: replaces an earlier one, and None removes it (a rating taken
+        back)."""
+        with self._write():
+            self._db.execute("delete from route_labels where message_id = ? and source = ?", [message_id, source])
+            if small_wrong is not None:
+                self._insert("route_labels", {"message_id": message_id, "prompt": prompt,
+                                              "small_wrong": int(small_wrong), "source": source, "created_at": now()})
+
+    def route_labels(self) -> list[dict[str, Any]]:
+        """Every label that carries its question: prompt, small_wrong (0/1), source; oldest first."""
+        return self._rows("select prompt, small_wrong, source from route_labels where prompt is not null order by id")
+
+    def labelled_outcomes(self, model: str) -> list[dict[str, Any]]:
+        """Benchmark verdicts of `model`: question, correct (0/1), category and the answer's log-probabilities."""
+        return self._rows(
+            "select b.question, b.correct, b.category, g.mean_logprob, g.min_logprob "
+            "from bench_items b left join generations g on g.message_id = b.message_id where b.model = ?",
+            [model],
+        )
+
+    # -- benchmarks --------------------------------------------------------------------------------------------
+    def start_bench_run(
+        self,
+        *,
+        suite: str,
+        source: str,
+        models: list[str],
+        policies: list[str],
+        item_limit: int | None,
+        hardware: dict[str, Any],
+        fingerprint: str,
+        meter: str,
+        measured: bool,
+        version: str,
+    ) -> int:
+        """A new run, status `running`; returns its id."""
+        with self._write():
+            return self._insert("bench_runs", {
+                "suite": suite, "source": source, "models": json.dumps(models), "policies": json.dumps(policies),
+                "item_limit": item_limit, "hardware": json.dumps(hardware), "fingerprint": fingerprint,
+                "meter": meter, "measured": int(measured), "status": "running", "started_at": now(),
+                "localmoe_version": version,
+            })
+
+    def bench_run(self, run_id: int) -> dict[str, Any] | None:
+        """A run as started (models, policies and hardware decoded, measured a bool), or None if there is none."""
+        rows = self._rows("select * from bench_runs where id = ?", [run_id])
+        if not rows:
+            return None
+        row = rows[0]
+        row["models"], row["policies"] = json.loads(row["models"] or "[]"), json.loads(row["policies"] or "[]")
+        row["hardware"] = json.loads(row["hardware"] or "{}")
+        row["measured"] = bool(row["measured"])
+        return row
+
+    def set_bench_run_status(self, run_id: int, status: str, *, finished: bool = False) -> None:
+        """`finished` stamps the end time too (the run stopped, whether complete or interrupted)."""
+        with self._write():
+            if finished:
+                self._db.execute("update bench_runs set status = ?, finished_at = ? where id = ?",
+                                 [status, now(), run_id])
+            else:
+                self._db.execute("update bench_runs set status = ? where id = ?", [status, run_id])
+
+    def add_bench_item(self, run_id: int, item: dict[str, Any]) -> None:
+        """One graded question of a run, committed on its own so an interrupted run keeps it. `item` holds
+        model, policy and item_id and any of BENCH_ITEM_FIELDS."""
+        unknown = set(item) - BENCH_ITEM_FIELDS
+        if unknown:
+            raise ValueError(f"unknown benchmark item fields: {', '.join(sorted(unknown))}")
+        with self._write():
+            self._insert("bench_items", {"run_id": run_id, **item, "created_at": now()})
+
+    def done_bench_items(self, run_id: int) -> set[tuple[str, str, str]]:
+        """(model, policy, item_id) of every item the run already has."""
+        rows = self._rows("select model, policy, item_id from bench_items where run_id = ?", [run_id])
+        return {(r["model"], r["policy"], r["item_id"]) for r in rows}
+
+    def bench_results(self, run_id: int) -> list[dict[str, Any]]:
+        """Per (model, policy) of a run: accuracy, energy, IPW and the rest of the `bench_results` view."""
+        return self._rows("select * from bench_results where run_id = ? order by model, policy", [run_id])
+
+    def bench_runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest runs, newest first: id, suite, status, started_at, meter and how many items each holds."""
+        return self._rows(
+            "select r.id, r.suite, r.status, r.started_at, r.meter, count(b.item_id) as items "
+            "from bench_runs r left join bench_items b on b.run_id = r.id group by r.id order by r.id desc limit ?",
+            [limit],
+        )
+
+
+def _file_of(conn: sqlite3.Connection) -> str:
+    try:
+        return conn.execute("PRAGMA database_list").fetchone()[2] or "(in memory)"
+    except sqlite3.Error:
+        return "(unknown file)"
+
+
+def _applied(db: sqlite_utils.Database) -> set[str]:
+    try:
+        return {r[0] for r in db.execute("select name from _migrations").fetchall()}
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return set()
+        raise
+
+
+def _refuse_newer(done: set[str], known: list[str], where: Path | str) -> None:
+    newer = sorted(done - set(known))
+    if newer:
+        raise LocalmoeError(
+            f"database {where} was written by a newer localmoe (it has migration {newer[-1]}); "
+            "upgrade localmoe or set LOCALMOE_HOME to another directory"
+        )
+
+
+def _test_pause(name: str) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    target, _, seconds = spec.partition(":")
+    if target == name:
+        print(f"localmoe: test pause inside migration {name}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 60))
+
+
+def migrate(
+    db: sqlite_utils.Database,
+    path: Path | None = None,
+    migrations: list[Migration] | None = None,
+    *,
+    timeout: float | None = None,
+) -> list[str]:
+    """Apply the migrations this file lacks (all of MIGRATIONS unless told); returns the names this call applied.
+
+    Safe against other processes migrating the same file: each migration is checked and applied under an
+    exclusive lock, in its own transaction with its `_migrations` row, so it is applied once, and a crash leaves
+    the file at the previous migration for the next start to continue from."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    timeout = busy_timeout() if timeout is None else timeout
+    where: Path | str = path or _file_of(db.conn)
+    known = [m.__name__ for m in migrations]
+    # Without the lock: migrations are only ever added, so a file that has them all stays so, and a warm start
+    # (the common case) takes no lock at all.
+    done = _retry(lambda: _applied(db), db.conn, where, timeout)
+    _refuse_newer(done, known, where)
+    applied = []
+    for fn in migrations:
+        if fn.__name__ in done:
+            continue
+        with transaction(db.conn, exclusive=True, path=where, timeout=timeout):
+            db.execute("create table if not exists _migrations (name text primary key, applied_at text)")
+            done = _applied(db)  # again, inside the lock: another process may have done it while we waited
+            _refuse_newer(done, known, where)
+            if fn.__name__ in done:
+                continue
+            fn(db)
+            _test_pause(fn.__name__)
+            db.execute("insert into _migrations (name, applied_at) values (?, ?)", [fn.__name__, now()])
+        applied.append(fn.__name__)
+    return applied

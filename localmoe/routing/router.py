@@ -1,0 +1,362 @@
+"""Which tier answers a question: a score (estimated probability that the small model would answer wrongly),
+a threshold from the user's preference, and one human sentence saying why.
+
+Strategies:
+- `features`: cheap signals of the text (length, numbers and operators, multi-step wording, dates, units, code,
+  constraints, letter counting, non-Latin script) through a logistic model.
+- `learned`: a sentence embedding of the question (the mean of the small GGUF model's own token-embedding rows: no
+  second model, no download, ~1 ms) ranked by its labelled neighbours (similarity-weighted share of the k nearest
+  training questions the small model got wrong), stacked with the `features` estimate: a two-input logistic model
+  over the log-odds of both, trained on labelled outcomes. The neighbours catch what the signals cannot (a single
+  multiplication is easy, a single division is not; a capital city is easy, a multiple-choice question is not);
+  the features estimate ranks questions with no close neighbour.
+- `cascade`: the small model answers first; if its confidence (token log-probabilities) is low, the large tier
+  answers again. Before answering it can only say "small first".
+
+The trained models live in `assets/router/router.json` (shipped, trained on the project's own suites with labels
+from real runs of the embedded model) or in `<data dir>/router.json` after `localmoe router train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.home import paths
+from localmoe.routing.evaluate import LogisticModel
+
+ROUTER_FILE = "router.json"
+ROUTER_VERSION = 2  # 2: the learned strategy stacks the features estimate with the neighbours' share
+MAX_ROUTE_TOKENS = 512  # the embedder reads the start of very long prompts only
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?")
+_OPERATOR = re.compile(r"\d\s*[-+*/×÷^%]\s*\(?\s*\d|[×÷^]")
+_STEPS = re.compile(r"\b(then|after|total|each|remaining|left|altogether|per|twice|times|percent|discount|"
+                    r"how many|how much|more than|less than|if|after that|finally)\b", re.I)
+_DATE = re.compile(r"\b(monday|tuesday|wednesday|thursday|friday|saturday|sunday|january|february|march|april|"
+                   r"may|june|july|august|september|october|november|december|days?|weeks?|date|weekday)\b", re.I)
+_UNIT = re.compile(r"\b(km|kg|g|m|cm|mm|miles?|hours?|minutes?|seconds?|°?[cf]|celsius|fahrenheit|km/h|m/s|"
+                   r"litres?|liters?|grams?|metres?|meters?)\b", re.I)
+_CODE = re.compile(r"```|\bdef |\bfunction\b|\bclass \w+|[{};]\s*$|\b(python|javascript|regex|sql|code|bug|"
+                   r"compile|stack trace)\b", re.I | re.M)
+_CONSTRAINT = re.compile(r"\b(exactly|at least|at most|must|without|only|no more than|in \d+ words|step by step|"
+                         r"explain|prove|why)\b", re.I)
+_LETTERS = re.compile(r"\b(letters?|spell|characters?|how many times)\b", re.I)
+# "What is the …", "Which city is …", "Who wrote …": one-hop lookups a small model often knows
+_FACT = re.compile(r"^\s*(what|who|which|where|when)(\s+\w+)?\s+(is|was|are|were|did|does|wrote|invented)\b"
+                   r"(?!\s*[-+\d(])", re.I)
+
+FEATURE_NAMES = ["log_chars", "numbers", "big_numbers", "operators", "multi_step", "dates", "units", "code",
+                 "constraints", "letters", "non_latin", "fact_question"]
+# How each signal reads in a reason sentence.
+_SIGNAL_TEXT = {
+    "log_chars": "a long question", "numbers": "{n} numbers", "big_numbers": "large numbers",
+    "operators": "arithmetic", "multi_step": "multi-step wording", "dates": "date reasoning",
+    "units": "unit conversion", "code": "code", "constraints": "explicit constraints",
+    "letters": "letter counting", "non_latin": "non-Latin script", "fact_question": "a simple fact question",
+    "similar": "similar questions",
+}
+# Hand-set weights for when no trained file is readable: every signal of work pushes towards the large tier.
+_HAND_WEIGHTS = {"log_chars": 0.3, "numbers": 0.4, "big_numbers": 0.5, "operators": 1.2, "multi_step": 0.6,
+                 "dates": 0.8, "units": 0.6, "code": 1.0, "constraints": 0.4, "letters": 1.0, "non_latin": 0.5,
+                 "fact_question": -1.0}
+_HAND_BIAS = -2.0
+
+
+def features(prompt: str) -> dict[str, float]:
+    numbers = _NUMBER.findall(prompt)
+    letters = sum(ch.isalpha() for ch in prompt) or 1
+    return {
+        "log_chars": math.log1p(len(prompt)),
+        "numbers": float(len(numbers)),
+        "big_numbers": float(sum(len(re.sub(r"\D", "", n)) >= 3 for n in numbers)),
+        "operators": float(len(_OPERATOR.findall(prompt))),
+        "multi_step": float(len(_STEPS.findall(prompt))),
+        "dates": float(len(_DATE.findall(prompt))),
+        "units": float(len(_UNIT.findall(prompt))),
+        "code": float(len(_CODE.findall(prompt))),
+        "constraints": float(len(_CONSTRAINT.findall(prompt))),
+        "letters": float(len(_LETTERS.findall(prompt))),
+        "non_latin": sum(ch.isalpha() and ord(ch) > 0x24F for ch in prompt) / letters,
+        "fact_question": float(bool(_FACT.match(prompt))),
+    }
+
+
+def feature_vector(prompt: str) -> np.ndarray:
+    f = features(prompt)
+    return np.array([f[k] for k in FEATURE_NAMES], dtype=np.float64)
+
+
+@dataclass
+class Decision:
+    tier: str  # small | large
+    model: str | None
+    strategy: str
+    score: float
+    threshold: float
+    reason: str
+    latency_ms: float
+    notice: str | None = None  # a fallback the user should see (missing tier, unreadable router file)
+    escalated: bool = False
+    wanted: str | None = None  # the tier the router chose, when another one had to answer
+    # set when the router wanted a larger tier that could not answer: the answer is probably wrong, and why
+    warning: str | None = None
+    signals: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["probably_wrong"] = self.warning is not None
+        d["signals"] = {k: round(v, 3) for k, v in self.signals.items()}
+        return d
+
+
+class TokenEmbedder:
+    """Sentence vectors from the small GGUF model's token-embedding matrix: tokenise with llama.cpp (vocab only),
+    dequantise the rows of the prompt's tokens, average, normalise. The rows are memory-mapped, not loaded."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        from gguf import GGMLQuantizationType
+        from llama_cpp import Llama
+
+        from localmoe.engine.llama_hooks import patched_defaults
+        from localmoe.placement.gguf_file import read_header
+
+        header = read_header(model_path)
+        info = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+        if info is None or len(info.shape) != 2:
+            raise LocalmoeError(f"{Path(model_path).name} has no token embedding matrix to embed questions with")
+        self.dim, vocab = info.shape
+        self.qtype = GGMLQuantizationType(info.type)
+        self.rows = np.memmap(model_path, dtype=np.uint8, mode="r", offset=info.offset,
+                              shape=(vocab, info.n_bytes // vocab))
+        with patched_defaults():  # keeps llama.cpp's load log off the terminal
+            self.vocab = Llama(str(model_path), vocab_only=True, verbose=False)
+
+    def embed(self, text: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        ids = self.vocab.tokenize(text.encode("utf-8", errors="replace"), add_bos=False)[:MAX_ROUTE_TOKENS]
+        if not ids:
+            return np.zeros(self.dim)
+        vec = dequantize(self.rows[ids], self.qtype).astype(np.float64).mean(axis=0)
+        norm = np.linalg.norm(vec)
+        return vec / norm if norm > 0 else vec
+
+
+NEIGHBOUR_SHARPNESS = 10.0  # softmax temperature over cosine similarities of the nearest labelled questions
+
+
+def neighbour_scores(queries: np.ndarray, refs: np.ndarray, labels: np.ndarray, k: int,
+                     exclude: np.ndarray | None = None, ref_idx: np.ndarray | None = None,
+                     sharpness: float = NEIGHBOUR_SHARPNESS) -> np.ndarray:
+    """For each query vector: the similarity-weighted share of its k nearest labelled questions that the small
+    model got wrong (weights exp(sharpness · cosine)). `exclude`/`ref_idx` leave a row out of its own neighbours
+    (leave-one-out scores for training rows)."""
+    sims = queries @ refs.T
+    if exclude is not None and ref_idx is not None:
+        sims[exclude[:, None] == ref_idx[None, :]] = -np.inf
+    k = min(k, refs.shape[0])
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    s = np.take_along_axis(sims, top, axis=1)
+    w = np.exp(sharpness * (s - s.max(axis=1, keepdims=True)))
+    return (w * labels[top]).sum(axis=1) / w.sum(axis=1)
+
+
+LOGIT_CLIP = 1e-4  # a share of 0 or 1 (all k neighbours agree) becomes log-odds of ±9.2, not ±inf
+
+
+def log_odds(p: np.ndarray | float) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(q / (1 - q))
+
+
+def stack_inputs(p_features: np.ndarray | float, similar: np.ndarray | float) -> np.ndarray:
+    """The learned strategy's inputs: the log-odds of the features estimate and of the neighbours' share."""
+    return np.stack([log_odds(p_features), log_odds(similar)], axis=-1)
+
+
+def centred(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    v = vectors - centre
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+
+def encode_matrix(m: np.ndarray) -> dict[str, Any]:
+    import base64
+
+    return {"shape": list(m.shape), "float16_base64": base64.b64encode(m.astype("<f2").tobytes()).decode()}
+
+
+def decode_matrix(d: dict[str, Any]) -> np.ndarray:
+    import base64
+
+    m = np.frombuffer(base64.b64decode(d["float16_base64"]), dtype="<f2").astype(np.float64)
+    return m.reshape(d["shape"])
+
+
+def _load_trained(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != ROUTER_VERSION or data.get("feature_names") != FEATURE_NAMES:
+            raise ValueError("unknown version or feature set; `localmoe router train` rewrites it")
+        for key in ("features", "learned", "cascade"):
+            data[key] = LogisticModel.from_dict(data[key])
+        nb = data["neighbours"]
+        nb["matrix"] = decode_matrix(nb["embeddings"])
+        nb["y"] = np.array(nb["labels"], dtype=np.float64)
+        nb["centre"] = np.array(nb["centre"], dtype=np.float64)
+        if nb["matrix"].shape[0] != len(nb["y"]) or not np.isfinite(nb["matrix"]).all():
+            raise ValueError("neighbour table does not match its labels")
+        if nb["centre"].shape != (nb["matrix"].shape[1],) or int(nb["k"]) < 1 or not float(nb["sharpness"]) > 0:
+            raise ValueError("neighbour settings are out of range")
+        if data["learned"].weights.size != 2 or data["features"].weights.size != len(FEATURE_NAMES):
+            raise ValueError("model sizes do not match the strategies")
+        return data
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LocalmoeError(f"router file {path} is unreadable ({exc})") from None
+
+
+def trained_path() -> Path:
+    """The user's own trained router if there is one, else the shipped default."""
+    user = paths.data_dir() / ROUTER_FILE
+    if user.exists():
+        return user
+    return Path(str(files("localmoe.assets").joinpath("router", ROUTER_FILE)))
+
+
+DEFAULT_THRESHOLDS = {"quality": 0.35, "balanced": 0.5, "energy": 0.65}
+
+
+class Router:
+    def __init__(self, strategy: str | None = None, preference: str | float = "balanced",
+                 small_model_path: str | Path | None = None, router_file: Path | None = None) -> None:
+        self.notices: list[str] = []
+        self.trained: dict[str, Any] | None = None
+        try:
+            self.trained = _load_trained(router_file or trained_path())
+        except LocalmoeError as exc:
+            self.notices.append(f"{exc}; routing with the built-in features strategy")
+        default = self.trained.get("default_strategy", "features") if self.trained else "features"
+        self.strategy = strategy or default
+        if self.strategy not in ("features", "learned", "cascade"):
+            raise UsageError(f"unknown router strategy {self.strategy!r} (features, learned, cascade)")
+        if self.trained is None and self.strategy != "features":
+            self.strategy = "features"
+        self.preference = preference
+        self.small_model_path = small_model_path
+
+    def threshold(self, strategy: str) -> float:
+        if isinstance(self.preference, float):
+            return self.preference
+        table = (self.trained or {}).get("thresholds", {}).get(strategy, DEFAULT_THRESHOLDS)
+        return float(table.get(self.preference, DEFAULT_THRESHOLDS[self.preference]))
+
+    @cached_property
+    def embedder(self) -> TokenEmbedder:
+        if self.small_model_path is None:
+            from localmoe.home import models
+
+            self.small_model_path = models.default_model().path
+        return TokenEmbedder(self.small_model_path)
+
+    def score(self, prompt: str, strategy: str | None = None) -> tuple[float, dict[str, float]]:
+        """P(small tier answers wrongly) and each signal's pull towards the large tier (log-odds)."""
+        strategy = strategy or self.strategy
+        fv = feature_vector(prompt)
+        if self.trained is None:
+            w = np.array([_HAND_WEIGHTS[k] for k in FEATURE_NAMES])
+            z = float(w @ fv + _HAND_BIAS)
+            return 1 / (1 + math.exp(-z)), dict(zip(FEATURE_NAMES, w * fv, strict=True))
+        fmodel: LogisticModel = self.trained["features"]
+        p_features = float(fmodel.predict(fv))
+        fpulls = dict(zip(FEATURE_NAMES, _contributions(fmodel, fv), strict=True))
+        if strategy != "learned":
+            return p_features, fpulls
+        model: LogisticModel = self.trained["learned"]
+        nb = self.trained["neighbours"]
+        query = centred(self.embedder.embed(prompt)[None, :], nb["centre"])
+        similar = neighbour_scores(query, nb["matrix"], nb["y"], nb["k"], sharpness=nb["sharpness"])[0]
+        x = stack_inputs(p_features, similar)
+        # The features estimate enters as one input: each signal keeps its share of it, scaled by that input's weight.
+        scale = float(model.weights[0] / model.std[0])
+        pulls = {name: scale * pull for name, pull in fpulls.items()}
+        pulls["similar"] = float(_contributions(model, x)[1])
+        return float(model.predict(x)), pulls
+
+    def route(self, prompt: str) -> Decision:
+        if not prompt.strip():
+            raise UsageError("the prompt is empty")
+        t0 = time.perf_counter()
+        strategy = self.strategy
+        notice = "; ".join(self.notices) or None
+        try:
+            # The cascade answers small first; its pre-answer score is the features estimate, for the record.
+            p, pulls = self.score(prompt, "features" if strategy == "cascade" else strategy)
+        except LocalmoeError as exc:
+            notice = f"{exc}; routing with the features strategy"
+            strategy = "features"
+            p, pulls = self.score(prompt, "features")
+        threshold = self.threshold(strategy)
+        if strategy == "cascade":
+            tier = "small"
+            reason = (f"cascade: the small model answers first and the large one takes over if its confidence is "
+                      f"low (features estimate {p:.0%} it would be wrong)")
+        else:
+            tier = "large" if p >= threshold else "small"
+            reason = _reason(tier, p, threshold, pulls, features(prompt))
+        return Decision(tier, None, strategy, p, threshold, reason, (time.perf_counter() - t0) * 1000, notice,
+                        signals=pulls)
+
+    def cascade_escalates(self, mean_logprob: float | None, min_logprob: float | None) -> tuple[bool, float, str]:
+        """After a small-tier answer: escalate? Returns (escalate, P(wrong), reason)."""
+        if mean_logprob is None or min_logprob is None:
+            return False, 0.0, "no token probabilities to judge the small answer by"
+        if self.trained is not None:
+            p = float(self.trained["cascade"].predict(np.array([mean_logprob, min_logprob])))
+        else:
+            p = 1 / (1 + math.exp(-(-4.0 * mean_logprob - 1.5)))
+        threshold = self.threshold("cascade")
+        confidence = math.exp(mean_logprob)
+        if p >= threshold:
+            return True, p, (f"escalated: the small model was unsure (mean token probability {confidence:.2f}, "
+                             f"estimated {p:.0%} chance of a wrong answer ≥ {threshold:.0%})")
+        return False, p, f"kept the small answer (mean token probability {confidence:.2f}, {p:.0%} risk)"
+
+
+def _contributions(model: LogisticModel, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model.weights) * (x - np.asarray(model.mean)) / np.asarray(model.std)
+
+
+def _signal_text(name: str, tier: str, raw: dict[str, float]) -> str:
+    if name == "log_chars":
+        return "a long question" if tier == "large" else "a short question"
+    if name == "similar":
+        return "similar questions it got wrong" if tier == "large" else "similar questions it got right"
+    return _SIGNAL_TEXT[name].format(n=int(raw.get(name, 0)))
+
+
+def _reason(tier: str, p: float, threshold: float, pulls: dict[str, float], raw: dict[str, float]) -> str:
+    toward = sorted(pulls.items(), key=lambda kv: -kv[1] if tier == "large" else kv[1])
+    named = []
+    for name, pull in toward:
+        if (pull <= 0.05 if tier == "large" else pull >= -0.05) or len(named) == 2:
+            break
+        if name == "fact_question" and tier == "large":
+            continue
+        if name not in ("log_chars", "similar") and not raw.get(name):
+            continue  # a signal the question lacks (no code, no dates) is no reason a reader would recognise
+        named.append(_signal_text(name, tier, raw))
+    why = " and ".join(named) if named else ("no sign of multi-step work" if tier == "small"
+                                              else "no single sign, but its wording taken together")
+    cmp = "≥" if tier == "large" else "<"
+    return f"{tier} model: {why} (estimated {p:.0%} chance the small model is wrong, {cmp} threshold {threshold:.0%})"
