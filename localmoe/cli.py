@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
             message = f"unknown command {m.group(1)!r}" if m else message
             if close:
                 message += f" (did you mean {close[0]!r}?)"
-        _report_error(f"{message} (see `{self.prog} --help`)", json_out="--json" in sys.argv[1:])
+        _report_error(f"{message} (see `{self.prog} --help`)", json_out="--json" in _ARGV)
         raise SystemExit(2)
 
     def _subcommands(self) -> list[str]:
@@ -91,6 +91,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise LocalmoeError("--backend needs --model (a .gguf file or a checkpoint directory)")
     if options and not args.model:
         raise LocalmoeError(f"{_first_flag(options)} needs --model (a Hugging Face checkpoint directory)")
+    if args.no_log and (args.cont or args.conversation is not None):
+        # continuing means reading the history from the database, and a follow-up usually wants the record too
+        raise UsageError("--no-log cannot continue a recorded conversation (-c/--conversation)")
+    recorder = None
+    if args.no_log:
+        from localmoe.record.recorder import Recorder
+
+        recorder = Recorder.in_memory()  # the same path through the code, with nothing reaching the database
     if args.model:  # an explicit model: no routing
         from localmoe.home import models
 
@@ -100,14 +108,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if args.backend and ref.backend != args.backend:
             raise LocalmoeError(f"{args.model} runs on the {ref.backend} backend, not {args.backend}")
         _check_torch_options(options, ref)
-        session = Session(ref, engine_options=options)
+        session = Session(ref, engine_options=options, recorder=recorder)
         session.config = GenerationConfig(**{**models.generation_defaults(ref), **overrides})
         target, closer, route = session, session.close, None
         notices = session.warnings
     else:
         from localmoe.chat.assistant import Assistant
 
-        assistant = Assistant(overrides=overrides, strategy=args.strategy, preference=args.preference)
+        assistant = Assistant(overrides=overrides, strategy=args.strategy, preference=args.preference,
+                              recorder=recorder)
         target, closer = assistant, assistant.close
         notices = list(assistant.notices)
     try:
@@ -120,21 +129,29 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if route is not None and route.notice:
             notices.append(route.notice)
         if route is not None:
-            reply.on_escalate = lambda r: print(f"\nlocalmoe: {r.decision.reason}; the large model answers:",
-                                                file=sys.stderr, flush=True)
+            reply.on_escalate = lambda r: print(f"\nlocalmoe: {r.decision.reason}; the large model answers:"
+                                                + (f"\nlocalmoe: notice: {r.remote_notice}" if r.remote_notice
+                                                   else ""), file=sys.stderr, flush=True)
         for notice in dict.fromkeys(notices):
             print(f"localmoe: notice: {notice}", file=sys.stderr)
         if args.json:
             reply.run()
-            _print_json(reply.to_dict())
+            out = reply.to_dict()
+            if args.no_log:  # ids of a scratch database would name rows that do not exist
+                out.update(conversation_id=None, message_id=None)
+            _print_json({**out, "recorded": not args.no_log})
         else:
             for piece in reply:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            sys.stdout.flush()  # the answer before the notes about it, also when stdout is a pipe
             if route is not None and route.warning:
                 print(f"localmoe: warning: {route.warning}", file=sys.stderr)
             final = reply.reply if route is not None else reply
+            if final is not None and final.stats is not None and final.stats.stop_reason == "repetition":
+                print(f"localmoe: note: stopped a loop ({final.stats.repetition}); the answer keeps its first "
+                      "round", file=sys.stderr)
             if final is not None and final.stats is not None and final.stats.stop_reason == "length":
                 print(f"localmoe: note: cut off at {final.stats.completion_tokens} tokens (--max-tokens N allows "
                       "more)", file=sys.stderr)
@@ -579,6 +596,10 @@ def _bench_router(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from localmoe.record.recorder import Recorder
 
+    if args.delete is not None or args.before is not None or args.all:
+        return _delete_logs(args)
+    if args.yes:
+        raise UsageError("--yes goes with --delete, --before or --all")
     with Recorder() as rec:
         rows = rec.recent_exchanges(args.n)[::-1]  # oldest first in text and JSON alike: the latest ends the output
     for r in rows:
@@ -604,6 +625,63 @@ def cmd_logs(args: argparse.Namespace) -> int:
         print(r["answer"] or "(no answer)")
         print()
     return 0
+
+
+def _delete_logs(args: argparse.Namespace) -> int:
+    """`logs --delete/--before/--all`: the conversations and everything tied to them, then a smaller file."""
+    from localmoe.record.recorder import Recorder
+
+    with Recorder() as rec:
+        found = rec.conversations_matching(ids=args.delete, before=args.before)
+        if args.delete is not None:
+            missing = sorted(set(args.delete) - {c["id"] for c in found})
+            if missing:
+                raise UsageError(f"there is no conversation {missing[0]} (see `localmoe logs`)")
+        n_messages = sum(c["messages"] for c in found)
+        if not found:
+            if args.json:
+                _print_json({"deleted": {"conversations": 0, "messages": 0}, "conversation_ids": []})
+            else:
+                print("no conversations to delete")
+            return 0
+        what = f"delete {len(found)} conversation{'s' * (len(found) != 1)} ({n_messages} messages)"
+        if not args.yes:
+            if not sys.stdin.isatty():  # a script must say so: nobody is there to answer
+                raise UsageError(f"{what}: needs a confirmation; run it in a terminal or add --yes")
+            sys.stderr.write(f"{what}? [y/N] ")
+            sys.stderr.flush()
+            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+                print("nothing deleted", file=sys.stderr)
+                return 0
+        size = _db_size(rec.path)
+        counts = rec.delete_conversations([c["id"] for c in found])
+        rec.vacuum()
+        after = _db_size(rec.path)
+    if args.json:
+        _print_json({"deleted": counts, "conversation_ids": [c["id"] for c in found], "bytes_before": size,
+                     "bytes_after": after})
+        return 0
+    tied = sum(n for table, n in counts.items() if table not in ("conversations", "messages"))
+    print(f"deleted {counts['conversations']} conversation{'s' * (counts['conversations'] != 1)}, "
+          f"{counts['messages']} messages and {tied} rows tied to them; the database went from {human_bytes(size)} "
+          f"to {human_bytes(after)}")
+    return 0
+
+
+def _db_size(path: Path) -> int:
+    """The database with its WAL: deleted text lives in both until the vacuum."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+def _iso_date(text: str) -> str:
+    from datetime import date
+
+    try:
+        if len(text) != 10:
+            raise ValueError
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date written YYYY-MM-DD") from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -645,6 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the latest conversation (the model sees its earlier questions and answers)")
     a.add_argument("--conversation", type=_positive_int, metavar="ID",
                    help="continue this conversation (ids are in `localmoe logs`)")
+    a.add_argument("--no-log", action="store_true",
+                   help="off the record: answer without storing the question or the answer anywhere")
     a.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy")
     a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     _add_engine_options(a)
@@ -748,9 +828,18 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("run_b", type=int, help="the run to compare it with")
     bc.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
-    lg = sub.add_parser("logs", help="show recent exchanges", description="Show recent recorded exchanges.")
+    lg = sub.add_parser("logs", help="show or delete recorded exchanges",
+                        description="Show recent recorded exchanges, or delete conversations with everything tied "
+                        "to them (stats, energy, routing decisions, labels); the database is then compacted.")
     lg.add_argument("-n", type=_positive_int, default=10, help="how many (default 10)")
     lg.add_argument("--json", action="store_true", help="print JSON instead of text")
+    forget = lg.add_mutually_exclusive_group()
+    forget.add_argument("--delete", type=_positive_int, nargs="+", metavar="ID",
+                        help="delete these conversations (ids as shown by `localmoe logs`)")
+    forget.add_argument("--before", type=_iso_date, metavar="YYYY-MM-DD",
+                        help="delete the conversations whose last message is older than this day (UTC)")
+    forget.add_argument("--all", action="store_true", help="delete every chat conversation")
+    lg.add_argument("--yes", action="store_true", help="delete without asking (needed without a terminal)")
     lg.set_defaults(func=cmd_logs)
 
     c = sub.add_parser("chat", help="start the chat UI (the default)", description="Start the terminal chat UI.")
@@ -759,7 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_ARGV: list[str] = []  # this invocation's arguments, for the parser's errors (which argparse raises mid-parse)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _ARGV[:] = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     json_out = bool(getattr(args, "json", False))

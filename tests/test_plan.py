@@ -82,7 +82,7 @@ def test_model_larger_than_ram_plus_vram_is_refused_with_a_suggestion():
     assert DENSE_70B.file_bytes > budget.vram_bytes + budget.ram_bytes
     plan = make_plan(DENSE_70B, budget)
     assert not plan.fits
-    assert "cannot run here" in plan.refusal and "RAM" in plan.refusal
+    assert "does not fit this machine" in plan.refusal and "RAM" in plan.refusal
     assert "quantisation" in plan.suggestion
 
 
@@ -136,3 +136,24 @@ def test_plan_cli_refusal_exits_3(smollm):
 def test_plan_cli_rejects_bad_sizes(bad, smollm):
     r = run_cli("plan", str(smollm.path), "--ram", bad)
     assert r.returncode == 2 and "not a size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_roomy_override_budget_keeps_a_small_model_in_ram_without_a_paging_warning(smollm):
+    layout = read_layout(smollm.path)
+    budget = Budget(vram_bytes=0, ram_bytes=800 * 1024**2, source="mixed", ram_given=True)
+    plan = make_plan(layout, budget)
+    assert plan.fits and plan.paged_bytes == 0 and not plan.warnings
+    assert plan.ctx < 4096 and any("stays in RAM" in n for n in plan.notes)  # the default context gave way
+    assert make_plan(layout, budget, ctx=4096).ctx == 4096  # an explicit one does not
+
+
+def test_a_refusal_under_an_override_names_the_budget_and_its_reserve():
+    budget = Budget(vram_bytes=8 * GiB, ram_bytes=16 * GiB, source="override")
+    plan = make_plan(DENSE_70B, budget)
+    assert not plan.fits
+    assert "does not fit this budget" in plan.refusal and "this machine" not in plan.refusal
+    assert "512.0 MiB held back" in plan.refusal
+    r = run_cli("plan", "smollm2", "--ram", "300MiB", "--vram", "0")
+    assert r.returncode == 3
+    assert "both given; 512.0 MiB of it held back" in r.stdout and "this budget" in r.stdout
+    assert "(mixed)" not in run_cli("plan", "smollm2", "--ram", "800MiB").stdout

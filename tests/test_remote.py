@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from test_tui import type_and_send, wait_for
+from textual.widgets import Static
 
 from helpers import run_cli
+from localmoe.chat.assistant import REMOTE_SEEN_FILE, Assistant
+from localmoe.chat.display import stats_line
 from localmoe.engine import GenerationConfig
 from localmoe.engine.remote import RemoteEngine
 from localmoe.errors import LocalmoeError
+from localmoe.ui.app import LocalmoeApp
+from localmoe.ui.chat import Answer
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
@@ -108,3 +116,83 @@ def test_remote_must_be_a_url(home):
     (home / "settings.toml").write_text('[tiers]\nremote = "file:///etc/passwd"\n')
     r = run_cli("route", "hi")
     assert r.returncode == 1 and "http(s) URL" in r.stderr
+
+
+# -- nothing leaves silently ---------------------------------------------------------------------------------------
+HARD_Q = "What is 17 * 23 + 4? Answer with a number only."
+ANNOUNCED = "leaves this machine"
+
+
+def remote_settings(home, server: str, extra: str = "") -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nremote = "{server}"\nremote_model = "fake-model"\n{extra}'
+                                        '[router]\nstrategy = "features"\npreference = 0.01\n')
+
+
+def test_the_first_remote_question_is_announced_once_then_each_badge_names_the_host(home, server):
+    remote_settings(home, server)
+    first = run_cli("ask", "hi", "--tier", "remote", "--json")
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.count(ANNOUNCED) == 1 and f"remote tier at {server}" in first.stderr
+    assert json.loads(first.stdout)["endpoint"] == server
+    seen = home / REMOTE_SEEN_FILE
+    assert seen.read_text().split() == [server] and stat.S_IMODE(seen.stat().st_mode) == 0o600
+    second = run_cli("ask", HARD_Q, "--json")  # routed there this time: known, so not announced again
+    assert second.returncode == 0, second.stderr
+    out = json.loads(second.stdout)
+    assert out["route"]["tier"] == "remote" and out["endpoint"] == server and ANNOUNCED not in second.stderr
+    # the badge (the stats line under the answer, CLI and chat alike) names the host
+    assistant = Assistant()
+    try:
+        routed = assistant.ask("hi", tier="remote").run()
+        assert routed.remote_notice is None
+        r = routed.reply
+        port = server.split(":")[2].split("/")[0]
+        assert stats_line(r.model, r.stats, r.status, r.energy).startswith(
+            f"remote:fake-model @ 127.0.0.1:{port} · 4 tokens")
+    finally:
+        assistant.close()
+        assistant.recorder.close()
+    # another endpoint is another first time
+    other = server.replace("127.0.0.1", "localhost")
+    remote_settings(home, other)
+    third = run_cli("ask", "hi", "--tier", "remote", "--json")
+    assert third.returncode == 0 and third.stderr.count(ANNOUNCED) == 1 and other in third.stderr
+
+
+def test_the_chat_announces_the_first_remote_question_and_badges_the_host(home, server):
+    remote_settings(home, server)
+    shown: list[str] = []
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=16, temperature=0.0))
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = app.screen
+            notify = screen.notify
+            screen.notify = lambda message, **kw: (shown.append(str(message)), notify(message, **kw))[1]
+            for n in (1, 2):
+                await type_and_send(pilot, HARD_Q)
+                await wait_for(pilot, lambda n=n: len(screen.query(Answer)) == n and screen.query(Answer)[-1].done)
+                answer = screen.query(Answer)[-1]
+                assert answer.decision.tier == "remote" and answer.text == "Paris is the capital."
+                assert str(answer.query_one(".stats", Static).render()).startswith(
+                    f"remote:fake-model @ {server.split('/')[2]} · ")
+
+    asyncio.run(run())
+    announced = [m for m in shown if ANNOUNCED in m]
+    assert len(announced) == 1 and server in announced[0]
+
+
+def test_with_remote_forbidden_nothing_is_sent(home, server):
+    remote_settings(home, server, "allow_remote = false\n")
+    r = run_cli("ask", HARD_Q, "--json", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    route = json.loads(r.stdout)["route"]
+    assert route["wanted"] == "large" and route["tier"] == "small"
+    assert "allow_remote = false" in route["notice"] and "allow_remote = false" in r.stderr
+    refused = run_cli("ask", "hi", "--tier", "remote")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "allow_remote = false" in refused.stderr
+    assert FakeOpenAI.requests == [] and not (home / REMOTE_SEEN_FILE).exists()
+    remote_settings(home, server, 'allow_remote = "no"\n')
+    bad = run_cli("route", "hi")
+    assert bad.returncode == 1 and "allow_remote must be true or false" in bad.stderr

@@ -27,6 +27,7 @@ from localmoe.home import paths
 
 # Rendering shares two cores (and the GIL) with the decode loop: batch tokens into ten appends a second.
 UPDATE_INTERVAL_S = 0.1
+OFF_THE_RECORD = " · off the record"
 
 
 class Question(Static):
@@ -101,6 +102,9 @@ class ChatScreen(Screen):
         Binding("ctrl+l", "retry_large", "Retry on large"),
         Binding("ctrl+g", "thumbs_up", "Good"),
         Binding("ctrl+b", "thumbs_down", "Bad"),
+        # One key, two labels: check_action shows the one that applies, so the footer says which mode is on.
+        Binding("ctrl+o", "recording(False)", "Off the record"),
+        Binding("ctrl+o", "recording(True)", "Record again"),
         Binding("pageup", "scroll_answers(-1)", "Scroll up", show=False),
         Binding("pagedown", "scroll_answers(1)", "Scroll down", show=False),
         Binding("up", "recall(-1)", "Earlier question", show=False),
@@ -130,7 +134,8 @@ class ChatScreen(Screen):
         self.model_name = model
         self.config = config
         self.assistant: Assistant | None = None
-        self.last: tuple[str, Any] | None = None  # (prompt, RoutedReply) of the latest answer, for retry and labels
+        # (prompt, RoutedReply, its Answer widget) of the latest finished answer, for retry and ratings
+        self.last: tuple[str, Any, Answer] | None = None
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._cancel: threading.Event | None = None
@@ -175,7 +180,7 @@ class ChatScreen(Screen):
             notice.update(Text(f"Could not start the model: {message.error}"))
             return
         self.sub_title = message.model or ""
-        notice.update(f"{message.model} is ready (loaded in {message.load_s:.1f} s). Ask a question below.")
+        notice.update(Text(f"{message.model} is ready (loaded in {message.load_s:.1f} s). Ask a question below."))
         a = self.assistant
         if paths.tightened:
             self.notify(f"Made {', '.join(dict.fromkeys(paths.tightened))} readable by you only.", title="Privacy",
@@ -197,8 +202,8 @@ class ChatScreen(Screen):
 
     def action_recall(self, step: int) -> None:
         """Up/Down in the prompt: earlier and later questions of this session, then back to an empty prompt."""
-        if not self.asked:
-            return
+        if not self.asked or (self._recall is None and step > 0):
+            return  # Down with nothing recalled keeps what is being typed
         i = (len(self.asked) if self._recall is None else self._recall) + step
         prompt = self.query_one("#prompt", Input)
         if i >= len(self.asked):
@@ -218,7 +223,7 @@ class ChatScreen(Screen):
             return
         conversation = self.query_one("#conversation", Conversation)
         answer = Answer(self.model_name or "model")
-        await conversation.mount(Question(prompt))
+        await conversation.mount(Question(prompt, markup=False))  # a question is text, not Rich markup
         await conversation.mount(answer)
         conversation.scroll_end(animate=False)
         self.generating = True
@@ -234,6 +239,7 @@ class ChatScreen(Screen):
         routed = None
         try:
             routed = self.assistant.ask(prompt, cancel=cancel, tier=tier)
+            self._tell_remote(routed)
             state = {"last": 0.0, "sent": 0}
 
             def flush(force: bool = False) -> None:
@@ -249,13 +255,14 @@ class ChatScreen(Screen):
                 self.post_message(self.Chunk(answer, "\n\n---\n*The small model was unsure; the large model "
                                                      "answers:*\n\n"))
                 state["sent"] = 0
+                self._tell_remote(routed)
 
             routed.on_escalate = escalated
             for _ in routed:
                 flush()
             flush(force=True)
             reply = routed.reply
-            self.last = (prompt, routed)
+            self.last = (prompt, routed, answer)
             self.post_message(self.Done(answer, None, reply.stats, reply.status, energy=reply.energy,
                                         decision=routed.decision, model=reply.model, experts=reply.experts))
         except LocalmoeError as exc:
@@ -286,31 +293,33 @@ class ChatScreen(Screen):
         if self.last is None or self.assistant is None:
             self.notify("Nothing to retry yet.")
             return
+        if self.generating:
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
         try:
             self.assistant.available("large", load=False, fall_back=False)
         except LocalmoeError as exc:
             self.notify(str(exc), title="No large model", severity="warning", timeout=15, markup=False)
             return
-        prompt, routed = self.last
-        if routed.decision.tier == "small":
+        prompt, routed, _ = self.last
+        if routed.decision.tier == "small" and self.assistant.pinned is None:
             self.assistant.label(routed.reply.message_id, prompt, True, "retry")
         await self._ask(prompt, tier="large")
 
     def _thumbs(self, good: bool) -> None:
         """Rate the latest answer; the same key again takes the rating back, the other key changes it. One rating
         per answer is stored (the router learns from small-tier answers' ratings)."""
-        answers = self.query(Answer)
-        if self.last is None or self.assistant is None or not answers:
+        if self.last is None or self.assistant is None:
             self.notify("No answer to rate yet.")
             return
-        prompt, routed = self.last
-        answer = answers.last()
+        prompt, routed, answer = self.last  # the answer that finished last, even while another streams
         rating = None if answer.rating is good else good
-        self.assistant.rate(routed.reply.message_id, prompt, rating, small=routed.decision.tier == "small")
+        small = routed.decision.tier == "small" and self.assistant.pinned is None
+        self.assistant.rate(routed.reply.message_id, prompt, rating, small=small)
         answer.show_rating(rating)
         if rating is None:
             self.notify("Rating removed.")
-        elif routed.decision.tier != "small":
+        elif not small:
             self.notify("Thanks. (Only small-model answers teach the router.)")
         else:
             self.notify("Thanks: recorded for `localmoe router train`.")
@@ -329,6 +338,38 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self._cancel is not None and self.generating:
             self._cancel.set()
+
+    def _tell_remote(self, routed: Any) -> None:
+        """From a generation worker: the first question to a remote endpoint is announced before it is sent."""
+        notice = routed.remote_notice
+        if notice and notice not in self._shown_notices:
+            self._shown_notices.add(notice)
+            self.app.call_from_thread(self.notify, notice, title="Leaving this machine", severity="warning",
+                                      timeout=20, markup=False)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "recording":  # the Ctrl+O that applies: off when recording, back on when off
+            recording = self.assistant is None or self.assistant.recording
+            return bool(parameters[0]) != recording
+        return True
+
+    def action_recording(self, on: bool) -> None:
+        """Off the record (or back): the next questions are answered and stay in the conversation, but nothing of
+        them is stored."""
+        if self.assistant is None or not self._ready.is_set():
+            self.notify("The model is still loading: try again in a moment.")
+            return
+        if self.generating:  # the answer under way would be split between two databases
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
+        self.assistant.set_recording(on)
+        self.last = None  # its ids belong to the other database: no rating or retry label may land on them
+        base = self.sub_title.removesuffix(OFF_THE_RECORD)
+        self.sub_title = base if on else base + OFF_THE_RECORD
+        self.refresh_bindings()
+        self.notify("Recording again: the next questions and answers are saved." if on else
+                    "Off the record: the next questions and answers are not saved (Ctrl+O to record again).",
+                    title="Privacy", markup=False)
 
     async def action_new_conversation(self) -> None:
         if self.generating:

@@ -10,11 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from localmoe.chat import display
 from localmoe.chat.conversation import Conversation
 from localmoe.chat.session import Reply, Session
 from localmoe.engine import GenerationConfig
 from localmoe.errors import LocalmoeError, UsageError
-from localmoe.home import models, settings
+from localmoe.home import models, paths, settings
 from localmoe.record.recorder import Recorder
 from localmoe.routing.budget import answer_budget
 from localmoe.routing.router import Decision, Router
@@ -23,12 +24,17 @@ TIERS = ("small", "large", "remote")
 # Where a tier's questions go when it is missing or will not load, in order.
 FALLBACK = {"small": ("small", "large", "remote"), "large": ("large", "remote", "small"),
             "remote": ("remote", "large", "small")}
+# The remote endpoints this data dir's user has been told about, one URL a line: the first question to each is
+# announced once, not on every run.
+REMOTE_SEEN_FILE = "remote_endpoints"
+FORBIDDEN = "remote use is off ([tiers] allow_remote = false in settings.toml)"
 
 
 class RoutedReply:
     """Iterate for text; `decision` says which tier answered and why. With the cascade, a low-confidence small
     answer is followed by the large tier's: `escalated` turns True and `on_escalate` (if given) is called between
-    the two, so a UI can say so."""
+    the two, so a UI can say so. `remote_notice` is set when this answer is the first to go to a remote endpoint
+    (before it is sent, escalation included): the UI must show it."""
 
     def __init__(self, assistant: Assistant, prompt: str, decision: Decision, cancel: threading.Event | None) -> None:
         self.assistant, self.prompt, self.decision, self.cancel = assistant, prompt, decision, cancel
@@ -36,6 +42,7 @@ class RoutedReply:
         self.small_reply: Reply | None = None
         self.escalated = False
         self.on_escalate: Any = None
+        self.remote_notice: str | None = None
 
     def __iter__(self) -> Iterator[str]:
         a, d = self.assistant, self.decision
@@ -56,6 +63,7 @@ class RoutedReply:
                 if escalate:
                     self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, bigger
                     a._record(self.small_reply, Decision(**{**vars(d), "tier": "small", "escalated": False}))
+                    self.remote_notice = a.first_remote_notice(bigger) or self.remote_notice
                     if self.on_escalate:
                         self.on_escalate(self)
                     large = a.session_for(bigger)
@@ -80,6 +88,9 @@ class RoutedReply:
         d["route"] = self.decision.to_dict()
         if self.small_reply is not None:
             d["route"]["small_answer"] = self.small_reply.text
+        ref = self.assistant.tier_ref(self.decision.tier)
+        if ref is not None and ref.backend == "remote":
+            d["endpoint"] = ref.options["url"]
         return d
 
 
@@ -91,6 +102,8 @@ class Assistant:
         """`pinned_model`: answer everything with this model (no routing), as `--model` asks."""
         self.settings = user_settings or settings.load()
         self.recorder = recorder or Recorder()
+        self._log = self.recorder if self.recorder.persistent else None  # the real database, once opened
+        self._announced: set[str] = set()
         self.overrides = overrides or {}  # generation settings over each model's own defaults
         self.session_options = session_options or {}
         self.notices: list[str] = []
@@ -116,9 +129,10 @@ class Assistant:
             return self.pinned
         st = self.settings
         if tier == "remote":
-            if not st.remote:
+            if not st.remote or not st.allow_remote:
                 return None
             model = st.remote_model or "default"
+            display.note_endpoint(f"remote:{model}", st.remote)
             return models.ModelRef(f"remote:{model}", Path(st.remote), "remote", backend="remote",
                                    options={"url": st.remote, "model": model, "api_key_env": st.remote_api_key_env})
         configured = st.small if tier == "small" else st.large
@@ -151,6 +165,8 @@ class Assistant:
                 self.session_for(candidate).load()
                 return candidate
             except LocalmoeError as exc:
+                if not fall_back:  # the user named this tier: say why it cannot answer, not that it is missing
+                    raise UsageError(f"the {tier} tier cannot be used: {exc}") from None
                 self.notices.append(f"the {candidate} tier cannot be used: {exc}")
                 self._refs[candidate] = None
                 self._sessions.pop(candidate, None)
@@ -177,6 +193,34 @@ class Assistant:
     def conversation_id(self) -> int | None:
         return self.conversation.id
 
+    @property
+    def recording(self) -> bool:
+        """Whether exchanges go into the database; False: off the record (kept in memory, gone at close)."""
+        return self.recorder.persistent
+
+    def set_recording(self, on: bool) -> None:
+        """Record the next questions, or not. The conversation goes on either way (the models still see it); only
+        where its exchanges are written changes. Not while an answer is being produced: its rows would be split
+        between two databases."""
+        if on == self.recording:
+            return
+        if on:
+            scratch = self.recorder
+            conv = self.conversation
+            # A conversation begun (or restarted) off the record has no row in the real database: the next recorded
+            # question starts one there. A recorded one goes on under its id, without the exchanges in between.
+            if conv.id is not None and scratch.conversation(conv.id) is not None:
+                conv.id = None
+            if self._log is None:
+                self._log = Recorder()
+            rec = self._log
+            scratch.close()
+        else:
+            rec = Recorder.in_memory()
+        self.recorder = rec
+        for s in self._sessions.values():
+            s.recorder = rec
+
     def new_conversation(self) -> None:
         self.conversation.restart()
 
@@ -190,6 +234,8 @@ class Assistant:
         if tier is not None:
             if tier not in TIERS:
                 raise UsageError(f"unknown tier {tier!r} (small, large or remote)")
+            if tier == "remote" and not self.settings.allow_remote:
+                raise UsageError(f"--tier remote: {FORBIDDEN}")
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
                          f"{tier}: asked for with --tier {tier}", 0.0)
         else:
@@ -199,8 +245,12 @@ class Assistant:
             hint = self._add_tier_hint(d.tier)
             d.wanted, d.tier = d.tier, actual
             d.reason = f"wanted {d.wanted} → no {d.wanted} model {hint[0]} → {actual} answered ({d.reason})"
+            how = "" if actual == "small" else f" — {hint[1]}"  # the small answer's warning gives the hint
             d.notice = "; ".join(x for x in (d.notice, f"no {d.wanted} model is available; the {actual} model "
-                                             f"answers instead — {hint[1]}") if x)
+                                             f"answers instead{how}") if x)
+            chain = FALLBACK[d.wanted]
+            if not self.settings.allow_remote and chain.index("remote") < chain.index(actual):
+                d.notice += f"; {FORBIDDEN}: nothing is sent off this machine"
             if actual == "small":
                 d.warning = (f"the small model answered; estimated {d.score:.0%} likely wrong — {hint[1]}")
         ref = self.tier_ref(d.tier)
@@ -218,7 +268,33 @@ class Assistant:
                                 "settings.toml")
 
     def ask(self, prompt: str, cancel: threading.Event | None = None, tier: str | None = None) -> RoutedReply:
-        return RoutedReply(self, prompt, self.route(prompt, tier), cancel)
+        routed = RoutedReply(self, prompt, self.route(prompt, tier), cancel)
+        routed.remote_notice = self.first_remote_notice(routed.decision.tier)
+        return routed
+
+    def first_remote_notice(self, tier: str) -> str | None:
+        """When `tier` is a remote endpoint no question of this data dir has gone to yet: the notice that says this
+        one will (also kept in `notices`), and the endpoint is remembered so it is said once. Otherwise None."""
+        ref = self.tier_ref(tier)
+        if ref is None or ref.backend != "remote":
+            return None
+        url = ref.options["url"]
+        seen_file = paths.data_dir() / REMOTE_SEEN_FILE
+        try:
+            seen = seen_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            seen = []
+        if url in seen or url in self._announced:
+            return None
+        self._announced.add(url)
+        try:
+            paths.write_private(seen_file, "".join(f"{u}\n" for u in [*seen, url]))
+        except OSError:
+            pass  # not remembered: the next run tells again, which is the side to err on
+        notice = (f"this question is sent to the remote tier at {url}: it leaves this machine (each remote answer "
+                  "names its host; [tiers] allow_remote = false in settings.toml forbids remote use)")
+        self.notices.append(notice)
+        return notice
 
     def _record(self, reply: Reply, d: Decision, escalated_from: int | None = None) -> None:
         self.recorder.record_decision(

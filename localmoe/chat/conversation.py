@@ -21,7 +21,8 @@ class Conversation:
         history: list[Message] = []
         for m in messages:
             if m["role"] == "assistant":
-                if m["status"] == "complete" and m["content"] and history and history[-1]["role"] == "user":
+                # as Session keeps them live: any answer with text, a stopped one included
+                if m["content"] and history and history[-1]["role"] == "user":
                     history.append({"role": "assistant", "content": m["content"]})
                 elif history and history[-1]["role"] == "user":
                     history.pop()

@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from localmoe.engine.base import GenerationStats
 from localmoe.units import human_bytes
+
+# A remote model's id names the model, not the machine it runs on; where the answer came from is what the user
+# needs to see under it. The assistant notes each remote tier's endpoint here when it resolves the tier, so every
+# stats line (CLI and TUI, which only pass the model id) can name it.
+_endpoints: dict[str, str] = {}
+
+
+def note_endpoint(model_id: str, url: str) -> None:
+    """Say that answers of `model_id` come from the server at `url`."""
+    _endpoints[model_id] = url
+
+
+def host_of(url: str) -> str:
+    """`host:port` of an endpoint URL, without any credentials it holds."""
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port: the server will refuse it; the badge still says which host
+        port = None
+    return f"{host}:{port}" if port else host
+
+
+def model_label(model: str) -> str:
+    """The model id, and for a remote model the host that answered: `remote:my-model @ 127.0.0.1:8080`."""
+    url = _endpoints.get(model)
+    return f"{model} @ {host_of(url)}" if url else model
 
 
 def joules_text(energy: Any) -> str:
@@ -24,9 +54,9 @@ def experts_text(experts: dict[str, Any]) -> str:
 def stats_line(model: str, stats: GenerationStats | None, status: str = "complete", energy: Any = None,
                experts: dict[str, Any] | None = None, route: Any = None) -> str:
     """`model · N tokens · R tok/s · first token T s · experts … · E J`, then how it ended if not complete, then
-    the tier and the router's reason when the answer was routed."""
+    the tier and the router's reason when the answer was routed. A remote model is followed by its host."""
     stats = stats or GenerationStats()
-    parts = [model, f"{stats.completion_tokens} tokens"]
+    parts = [model_label(model), f"{stats.completion_tokens} tokens"]
     if stats.tokens_per_s:
         parts.append(f"{stats.tokens_per_s:.1f} tok/s")
     if stats.ttft_s is not None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import paths

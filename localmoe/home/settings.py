@@ -6,6 +6,7 @@
     remote = "http://127.0.0.1:8080/v1"   # optional OpenAI-compatible endpoint; used only when set
     remote_model = "my-model"
     remote_api_key_env = "OPENAI_API_KEY"  # the variable holding the key (the key itself is never stored)
+    allow_remote = true       # false: no question ever leaves the machine, whatever else is set
 
     [router]
     strategy = "learned"      # features | learned | cascade; default: the best on the shipped held-out data
@@ -14,10 +15,9 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths
@@ -34,6 +34,7 @@ class Settings:
     remote: str | None = None
     remote_model: str | None = None
     remote_api_key_env: str | None = None
+    allow_remote: bool = True
     strategy: str | None = None
     preference: str | float = "balanced"
     path: Path | None = None
@@ -70,6 +71,9 @@ def load(path: Path | None = None) -> Settings:
     remote = tiers.get("remote")
     if remote and not str(remote).startswith(("http://", "https://")):
         raise LocalmoeError(f"settings {p}: [tiers] remote must be an http(s) URL, not {remote!r}")
+    allow_remote = tiers.get("allow_remote", True)
+    if not isinstance(allow_remote, bool):  # "false" as a string would be truthy: refuse rather than send
+        raise LocalmoeError(f"settings {p}: [tiers] allow_remote must be true or false, not {allow_remote!r}")
     if strategy is not None and strategy not in STRATEGIES:
         raise LocalmoeError(f"settings {p}: unknown router strategy {strategy!r} ({', '.join(STRATEGIES)})")
     return Settings(
@@ -78,6 +82,7 @@ def load(path: Path | None = None) -> Settings:
         remote=tiers.get("remote") or None,
         remote_model=tiers.get("remote_model") or None,
         remote_api_key_env=tiers.get("remote_api_key_env") or None,
+        allow_remote=allow_remote,
         strategy=strategy,
         preference=parse_preference(router.get("preference", "balanced")),
         path=p,

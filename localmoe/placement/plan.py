@@ -39,7 +39,20 @@ class Budget:
     ram_bytes: int  # RAM available to us (cgroup caps included)
     unified: bool = False  # Apple silicon: the "VRAM" is the same RAM
     gpu_name: str | None = None
-    source: str = "detected"  # detected | override | mixed
+    source: str = "detected"  # detected | override | mixed (one of --vram/--ram given, the other detected)
+    ram_given: bool = False  # --ram (or --fast-memory) overrides the detected RAM
+
+    @property
+    def where(self) -> str:
+        """How messages name the memory planned for: a budget the user gave is not "this machine"."""
+        return "this machine" if self.source == "detected" else "this budget"
+
+    def describe_source(self) -> str:
+        if self.source == "detected":
+            return "detected"
+        if self.source == "override":
+            return "both given"
+        return "RAM given, VRAM detected" if self.ram_given else "VRAM given, RAM detected"
 
     @classmethod
     def detect(cls, vram: int | None = None, ram: int | None = None) -> Budget:
@@ -56,6 +69,7 @@ class Budget:
             unified=bool(gpu and gpu.unified_memory) and vram is None,
             gpu_name=gpu.name if gpu and (vram is None or vram > 0) else None,
             source=source,
+            ram_given=ram is not None,
         )
 
 
@@ -135,7 +149,8 @@ def describe(plan: Plan, layout: ModelLayout) -> str:
     lines = [
         f"model    {layout.architecture}, {layout.n_layers} layers, {experts}, {layout.quantization}, "
         f"{human_bytes(layout.file_bytes)}",
-        f"budget   {gpu}; {human_bytes(b.ram_bytes)} RAM available ({b.source})",
+        f"budget   {gpu}; {human_bytes(b.ram_bytes)} RAM available ({b.describe_source()}; "
+        f"{human_bytes(RAM_RESERVE)} of it held back for this process, the UI and the OS)",
     ]
     if not plan.fits:
         lines.append(f"REFUSED  {plan.refusal}")
@@ -263,6 +278,20 @@ def make_plan(
         notes.append(f"context reduced from {use} to {max_ctx} to fit in memory")
         use = max_ctx
 
+    def in_ram_at(c: int) -> bool:
+        q = _place(layout, budget, c, layer_usage)
+        return q.ram_weights + q.ram_resident <= ram_usable
+
+    if not explicit and max_ctx and not in_ram_at(use) and in_ram_at(lo):
+        # The KV cache alone tips the model into paging: a shorter context keeps everything in RAM, which a
+        # default should prefer (an explicit --ctx is honoured and paged instead).
+        good, bad = lo, use
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if in_ram_at(mid) else (good, mid)
+        notes.append(f"context reduced from {use} to {good} so the whole model stays in RAM")
+        use = good
+
     p = _place(layout, budget, use, layer_usage)
     kv = layout.kv_bytes_per_token * use
     plan = Plan(
@@ -280,16 +309,17 @@ def make_plan(
         need = p.working_set + RAM_RESERVE
         plan.fits = False
         plan.refusal = (
-            f"{layout.architecture} model ({human_bytes(layout.file_bytes)}) cannot run here: even at {lo} tokens "
-            f"of context every token needs {human_bytes(need)} in RAM"
+            f"{layout.architecture} model ({human_bytes(layout.file_bytes)}) does not fit {budget.where}: even at "
+            f"{lo} tokens of context it needs {human_bytes(need - RAM_RESERVE)} in RAM for its weights and buffers"
             + (f" besides {human_bytes(budget.vram_bytes)} of VRAM" if budget.vram_bytes else "")
-            + f", and {human_bytes(budget.ram_bytes)} is available"
+            + f", plus the {human_bytes(RAM_RESERVE)} held back for this process, the UI and the OS "
+            f"({human_bytes(need)} in all), and {human_bytes(budget.ram_bytes)} is available"
         )
         ratio = ram_usable / max(1, need - RAM_RESERVE)
         plan.suggestion = (
             f"a quantisation at most {ratio:.0%} of this one's size (e.g. Q4_K_M instead of Q8_0/F16) "
-            "or a machine with more memory"
-            if ratio >= 0.2 else "a smaller model; this one is several times too large for this machine"
+            "or more memory"
+            if ratio >= 0.2 else f"a smaller model; this one is several times too large for {budget.where}"
         )
         return plan
     if use > max_ctx:
@@ -300,9 +330,10 @@ def make_plan(
 
     if plan.paged_bytes:
         plan.warnings.append(
-            f"the model's CPU-side weights ({human_bytes(p.ram_weights)}) exceed the available RAM "
-            f"({human_bytes(budget.ram_bytes)}): {human_bytes(plan.paged_bytes)} will be read from disk through "
-            "mmap as tokens need them; expect lower speed"
+            f"the model's CPU-side weights and buffers ({human_bytes(p.ram_weights + p.ram_resident)}) exceed the "
+            f"{human_bytes(ram_usable)} of RAM {budget.where} leaves after a {human_bytes(RAM_RESERVE)} reserve: "
+            f"{human_bytes(plan.paged_bytes)} will be read from disk through mmap as tokens need them; expect lower "
+            "speed"
         )
     else:
         headroom = max(MLOCK_HEADROOM, budget.ram_bytes // 4)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,7 +137,7 @@ def m004_routing(db: sqlite_utils.Database) -> None:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # How long a writer waits for another process to finish before giving up (seconds). Long enough for any one
@@ -301,6 +301,8 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
         raise sqlite3.OperationalError("database is locked")
 
 
+MEMORY = ":memory:"
+
 BENCH_ITEM_FIELDS = frozenset({
     "model", "policy", "item_id", "question", "expected", "kind", "category", "difficulty", "output", "extracted",
     "correct", "method", "tier", "message_id", "joules", "avg_watts", "seconds", "prompt_tokens",
@@ -313,28 +315,43 @@ class Recorder:
     session and to share between threads.
 
     `timeout`: seconds a write waits for other processes before failing with DatabaseBusy (default 30, or
-    LOCALMOE_DB_TIMEOUT)."""
+    LOCALMOE_DB_TIMEOUT).
+
+    `Recorder(":memory:")` (or `Recorder.in_memory()`) records nowhere lasting: answering off the record goes
+    through the same code, and what it wrote is gone at close."""
 
     def __init__(self, path: str | Path | None = None, *, timeout: float | None = None) -> None:
+        self.persistent = str(path) != MEMORY  # False: kept in this process only, gone at close
         self.path = Path(path) if path else paths.db_path()
         self.timeout = busy_timeout() if timeout is None else timeout
-        # Created owner-only before SQLite opens it: its WAL and shared-memory files copy the database's mode.
-        paths.private_file(self.path)
+        if self.persistent:
+            # Created owner-only before SQLite opens it: its WAL and shared-memory files copy the database's mode.
+            paths.private_file(self.path)
         with _db_errors(self.path):
             # Shared by the UI thread and generation workers; sqlite serialises calls, the lock our transactions.
-            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=self.timeout, isolation_level=None)
+            conn = sqlite3.connect(self.path if self.persistent else MEMORY, check_same_thread=False,
+                                   timeout=self.timeout, isolation_level=None)
             self._db = sqlite_utils.Database(conn)
             self._lock = threading.RLock()
             try:
-                # WAL keeps the file consistent if we die mid-write, and lets readers go on while one writes.
-                self._retry(lambda: _enable_wal(conn))
-                # FULL sync so an answer reported is on disk. Both pragmas are per connection: no lock needed.
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
+                if self.persistent:
+                    # WAL keeps the file consistent if we die mid-write, and lets readers go on while one writes
+                    # (an in-memory database has neither problem, and cannot use WAL).
+                    self._retry(lambda: _enable_wal(conn))
+                    # FULL sync so an answer reported is on disk. Both pragmas are per connection: no lock needed.
+                    conn.execute("PRAGMA synchronous=FULL")
+                    # Only here: off the record, a conversation may go on under the id the real database gave it,
+                    # which has no row in the scratch database.
+                    conn.execute("PRAGMA foreign_keys=ON")
                 migrate(self._db, self.path, timeout=self.timeout)
             except BaseException:
                 conn.close()  # a refused or busy file is not left open behind the error
                 raise
+
+    @classmethod
+    def in_memory(cls) -> Recorder:
+        """A recorder whose database lives in this process only (`ask --no-log`, the chat's off-the-record mode)."""
+        return cls(MEMORY)
 
     def close(self) -> None:
         self._db.conn.close()
@@ -444,6 +461,70 @@ class Recorder:
             limit ?
         """
         return self._rows(sql, [limit])
+
+    def conversation(self, conversation_id: int) -> dict[str, Any] | None:
+        """The conversation's row (id, title, model, created_at, kind), or None when there is none."""
+        rows = self._rows("select * from conversations where id = ?", [conversation_id])
+        return rows[0] if rows else None
+
+    # -- forgetting ---------------------------------------------------------------------------------------------
+    def conversations_matching(self, ids: list[int] | None = None, before: str | None = None) -> list[dict[str, Any]]:
+        """Chat conversations (benchmark runs are not the user's chats): those with these `ids`, or those whose last
+        message was written before `before` (an ISO date or time, UTC; a conversation still going on after it is
+        kept whole), or all when neither is given. Each: id, title, created_at, last_at and how many messages."""
+        sql = ("select c.id, c.title, c.created_at, coalesce(max(m.created_at), c.created_at) as last_at, "
+               "count(m.id) as messages from conversations c left join messages m on m.conversation_id = c.id "
+               "where c.kind = 'chat'")
+        params: list[Any] = []
+        if ids is not None:
+            sql += f" and c.id in ({', '.join('?' * len(ids))})"
+            params += ids
+        sql += " group by c.id"
+        if before is not None:
+            sql += " having last_at < ?"
+            params.append(before)
+        return self._rows(sql + " order by c.id", params)
+
+    def delete_conversations(self, ids: list[int]) -> dict[str, int]:
+        """Delete these conversations, their messages and every row tied to those messages (stats, energy, power
+        samples, routing decisions, labels, benchmark items) in one transaction: all of it or nothing. Returns the
+        rows deleted per table. `vacuum()` afterwards takes them off the disk."""
+        counts: dict[str, int] = {}
+        with self._write():
+            # Temporary tables rather than `in (?, ?, ...)`: a long history has more messages than SQLite takes
+            # parameters in one statement.
+            self._db.execute("create temp table if not exists doomed_conversations (id integer primary key)")
+            self._db.execute("create temp table if not exists doomed_messages (id integer primary key)")
+            self._db.execute("delete from temp.doomed_conversations")
+            self._db.execute("delete from temp.doomed_messages")
+            self._db.conn.executemany("insert or ignore into temp.doomed_conversations (id) values (?)",
+                                      [(int(i),) for i in ids])
+            self._db.execute("insert into temp.doomed_messages (id) select id from messages where conversation_id "
+                             "in (select id from temp.doomed_conversations)")
+            doomed = "(select id from temp.doomed_messages)"
+            # Children before parents: the real database holds every row to its references.
+            for table in ("generations", "energy", "power_samples", "route_labels", "bench_items"):
+                counts[table] = self._db.execute(f"delete from {table} where message_id in {doomed}").rowcount
+            counts["routing_decisions"] = self._db.execute(
+                f"delete from routing_decisions where message_id in {doomed} or escalated_from in {doomed}"
+            ).rowcount
+            counts["messages"] = self._db.execute(f"delete from messages where id in {doomed}").rowcount
+            counts["conversations"] = self._db.execute(
+                "delete from conversations where id in (select id from temp.doomed_conversations)").rowcount
+            self._db.execute("drop table temp.doomed_messages")
+            self._db.execute("drop table temp.doomed_conversations")
+        return counts
+
+    def vacuum(self) -> None:
+        """Rewrite the file without the pages deleted rows left behind: until then the deleted text is still in the
+        file (and the WAL), readable by anyone who opens it raw. The file shrinks accordingly."""
+        if not self.persistent:
+            return
+        with _db_errors(self.path), self._lock:
+            self._retry(lambda: self._db.execute("vacuum"))
+            # In WAL mode the rewrite lands in the WAL; the checkpoint moves it into the file and empties the WAL,
+            # which held the old pages too.
+            self._retry(lambda: self._db.execute("pragma wal_checkpoint(truncate)").fetchall())
 
     # -- routing ------------------------------------------------------------------------------------------------
     def record_decision(

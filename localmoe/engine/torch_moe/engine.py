@@ -384,7 +384,8 @@ class TorchMoEEngine(Engine):
                 return
             last = self._forward(tokens, 0)[-1]  # prefill
             while True:
-                token = sampler.sample(last, self.tokens)
+                # as llama.cpp's sampler: only the answer's own tokens count towards the repeat penalty
+                token = sampler.sample(last, self.tokens[len(tokens):])
                 clock.token(stats)
                 if token in chat.eos_ids:
                     stats.stop_reason = "stop"

@@ -26,8 +26,7 @@ class Sampler:
             self.generator.seed()
 
     def sample(self, logits: Tensor, recent: Sequence[int] = ()) -> int:
-        """The next token; `recent`: the tokens so far (prompt included), of which the last REPEAT_LAST_N are
-        penalised."""
+        """The next token; `recent`: the answer's tokens so far, of which the last REPEAT_LAST_N are penalised."""
         if self.repeat_penalty != 1.0 and recent:
             logits = logits.float().clone()
             seen = torch.tensor(sorted(set(recent[-REPEAT_LAST_N:])), dtype=torch.long)
