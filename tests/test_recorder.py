@@ -258,3 +258,24 @@ def test_only_the_recorder_writes_sql():
                     and SQL.search(node.value)):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value[:60]!r}")
     assert offenders == []
+
+
+def test_a_commit_that_stays_busy_leaves_no_open_transaction(tmp_path):
+    """Rollback-journal mode: a reader's shared lock keeps COMMIT busy. After giving up, the connection must be out
+    of the transaction, so the next write on it works once the reader is gone."""
+    from localmoe.record.recorder import DatabaseBusy, transaction
+
+    db = tmp_path / "journal.db"
+    writer = sqlite3.connect(db, isolation_level=None, timeout=0.05)
+    writer.execute("create table t (x integer)")
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("begin")
+    reader.execute("select count(*) from t").fetchone()  # holds a SHARED lock until it ends
+    with pytest.raises(DatabaseBusy):
+        with transaction(writer, path=db, timeout=0.3):
+            writer.execute("insert into t values (1)")
+    assert not writer.in_transaction
+    reader.execute("commit")
+    with transaction(writer, path=db, timeout=1):
+        writer.execute("insert into t values (2)")
+    assert writer.execute("select x from t").fetchall() == [(2,)]

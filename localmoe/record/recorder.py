@@ -278,7 +278,14 @@ def transaction(
             conn.execute("ROLLBACK")
         raise
     # A COMMIT that finds readers in rollback-journal mode fails with BUSY and leaves the transaction open to retry.
-    _retry(lambda: conn.execute("COMMIT"), conn, where, timeout)
+    try:
+        _retry(lambda: conn.execute("COMMIT"), conn, where, timeout)
+    except BaseException:
+        # Given up (or failed otherwise): close the transaction, or every later write on this shared connection would
+        # fail with "cannot start a transaction within a transaction".
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 @contextmanager
