@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -16,3 +20,32 @@ def run_cli(*args: str, home: Path | None = None, timeout: float = 120, env_extr
     return subprocess.run(
         [sys.executable, "-m", "localmoe", *args], capture_output=True, text=True, env=env, timeout=timeout, **kw
     )
+
+
+@contextlib.contextmanager
+def advancing_rapl(root: Path, watts: float = 25.0) -> Iterator[Path]:
+    """A fake sysfs tree at `root` (for $LOCALMOE_SYSFS_ROOT) with one RAPL package counter that a thread
+    advances at `watts` until the block ends."""
+    dom = root / "class" / "powercap" / "intel-rapl:0"
+    dom.mkdir(parents=True)
+    (dom / "name").write_text("package-0\n")
+    (dom / "max_energy_range_uj").write_text("262143328850\n")
+    energy = dom / "energy_uj"
+    energy.write_text("1000000\n")
+    stop = threading.Event()
+
+    def advance() -> None:
+        t0 = time.monotonic()
+        tmp = dom / "energy_uj.tmp"
+        while not stop.is_set():
+            tmp.write_text(f"{1_000_000 + int((time.monotonic() - t0) * watts * 1e6)}\n")
+            os.replace(tmp, energy)  # atomic, as a sysfs read is
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=advance, daemon=True)
+    thread.start()
+    try:
+        yield root
+    finally:
+        stop.set()
+        thread.join()

@@ -150,3 +150,22 @@ def test_routed_policy_records_tiers(home, tmp_path):
     assert res["routed"]["n"] == 2 and 0 <= res["routed"]["large_share"] <= 1
     tiers = [t for (t,) in db(home).execute("select tier from bench_items where policy = 'routed'")]
     assert len(tiers) == 2 and set(tiers) <= {"small", "large"}
+
+
+def test_bench_idle_records_net_joules_below_the_gross(home):
+    """`--idle`: idle watts measured first, then each answer's joules above idle stored beside the gross."""
+    r = run_cli("bench", "--suite", "quick", "--limit", "2", "--idle", "0.5", "--max-tokens", "8", "--json",
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads(r.stdout)["run_id"]
+    rows = [dict(x) for x in db(home).execute(
+        "select b.joules as item_joules, e.joules, e.net_joules, e.idle_watts, e.seconds from bench_items b "
+        "join energy e on e.message_id = b.message_id where b.run_id = ?", [run_id])]
+    assert len(rows) == 2
+    [idle] = {row["idle_watts"] for row in rows}  # one baseline for the whole run
+    assert idle is not None and idle > 0
+    for row in rows:
+        assert row["item_joules"] == pytest.approx(row["joules"])
+        assert row["net_joules"] is not None and 0 <= row["net_joules"] <= row["joules"]
+        assert row["net_joules"] == pytest.approx(max(0.0, row["joules"] - row["idle_watts"] * row["seconds"]))
+        assert row["net_joules"] < row["joules"]  # an idle baseline over a real interval always subtracts

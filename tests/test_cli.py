@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 
-import pytest
-
-from helpers import run_cli
+from helpers import advancing_rapl, run_cli
 from localmoe import __version__
 
 HW_KEYS = {
@@ -165,10 +166,82 @@ def test_a_crash_mid_answer_never_corrupts_the_file(home):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("cmd", [["models"], ["hw"]])
-def test_human_output(cmd, home):
-    r = run_cli(*cmd)
+def ask_at_a_terminal(sysfs_root, *args: str) -> tuple[str, str]:
+    """`localmoe ask` with stderr on a pseudo-terminal, as at a shell, where it prints the stats line; the fake
+    /sys at `sysfs_root` decides the energy meter, and NVML is hidden whatever this machine has. Returns (stdout,
+    stderr without colour codes)."""
+    hide = sysfs_root.parent / "no-nvml"
+    hide.mkdir(exist_ok=True)
+    (hide / "pynvml.py").write_text("raise ImportError('hidden by the test')\n")
+    path = os.pathsep.join(p for p in (str(hide), os.environ.get("PYTHONPATH")) if p)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "localmoe", "ask", *args], stdout=subprocess.PIPE, stderr=slave, text=True,
+            env={**os.environ, "LOCALMOE_SYSFS_ROOT": str(sysfs_root), "PYTHONPATH": path}, timeout=120,
+        )
+    finally:
+        os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal is closed and drained
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", err.decode().replace("\r\n", "\n"))
+    assert proc.returncode == 0, text
+    return proc.stdout, text
+
+
+def test_the_stats_line_at_a_terminal_marks_only_estimated_joules(home, tmp_path):
+    args = ("Say hi.", "--max-tokens", "8", "--temperature", "0")
+    with advancing_rapl(tmp_path / "sys", watts=25) as root:
+        out, err = ask_at_a_terminal(root, *args)
+    assert out.strip()
+    [line] = [x for x in err.splitlines() if x.startswith("smollm2-135m-instruct · ")]
+    assert re.search(r" · \d+\.\d J( · |$)", line), line
+    assert "~" not in line
+    # no sensor: the same line marks the joules as an estimate
+    _, err = ask_at_a_terminal(tmp_path / "empty-sys", *args)
+    [line] = [x for x in err.splitlines() if x.startswith("smollm2-135m-instruct · ")]
+    assert re.search(r" · ~\d+\.\d J( · |$)", line), line
+    rows = db_rows(home, "select measured, meter from energy order by message_id")
+    assert [(r["measured"], r["meter"].split("(")[0]) for r in rows] == [(1, "rapl"), (0, "estimate")]
+
+
+def test_human_output(home):
+    r = run_cli("models")
     assert r.returncode == 0 and r.stdout.strip()
+
+
+def test_hw_human_output_names_each_field(home):
+    """`hw` as a person reads it: the same machine as `hw --json`, line by line."""
+    from localmoe.units import human_bytes
+
+    cold = run_cli("hw")
+    assert cold.returncode == 0, cold.stderr
+    hw = json.loads(run_cli("hw", "--json").stdout)
+    warm = run_cli("hw")
+    assert warm.returncode == 0, warm.stderr
+    for r, cached in ((cold, ""), (warm, " (cached)")):
+        lines = {line[:8].strip(): line[9:] for line in r.stdout.splitlines()}
+        assert lines["CPU"] == (f"{hw['cpu_model']} ({hw['physical_cores']} cores, {hw['logical_cores']} threads, "
+                                f"{hw['arch']})")
+        assert re.fullmatch(rf"\d+\.\d [KMGT]iB available of {re.escape(human_bytes(hw['ram_total_bytes']))}",
+                            lines["RAM"]), lines["RAM"]
+        assert lines["Swap"].endswith(f" free of {human_bytes(hw['swap_total_bytes'])}")
+        assert re.fullmatch(rf"\d+(\.\d)? [KMGT]?i?B free in {re.escape(str(home))}", lines["Disk"]), lines["Disk"]
+        assert hw["data_dir"] == str(home)
+        # the first run measured the bandwidth that the later ones read back from the cache
+        assert lines["Memory"] == f"{hw['memory_bandwidth_gbps']} GB/s copy bandwidth{cached}"
+        if not hw["gpus"]:
+            assert lines["GPU"] == "none detected (CPU only)"
+        else:
+            assert all(any(g["name"] in line for line in r.stdout.splitlines()) for g in hw["gpus"])
 
 
 def one_line_refusal(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:

@@ -498,3 +498,51 @@ def test_net_joules_subtracts_idle_and_floors_at_zero() -> None:
     r = EnergyReading(joules=30.0, seconds=2.0, avg_watts=15.0, peak_watts=20.0, meter="x", measured=True)
     assert net_joules(r, 10.0) == pytest.approx(10.0)
     assert net_joules(r, 20.0) == 0.0
+
+
+# --- how the reading is shown -----------------------------------------------------------------------------------
+
+
+def _reading_from_the_selected_meter(pkg: Path | None = None) -> EnergyReading:
+    """What `select_meter()` picks here, read by a Sampler over 0.2 s while (with `pkg`) a thread advances that
+    RAPL counter at 10 W."""
+    meter, _ = select_meter()
+    done = threading.Event()
+
+    def advance() -> None:
+        t0 = time.perf_counter()
+        while not done.is_set():
+            put(pkg, int(10e6 * (time.perf_counter() - t0)))
+            time.sleep(0.002)
+
+    writer = threading.Thread(target=advance) if pkg is not None else None
+    try:
+        with Sampler(meter, hz=20) as sampler:
+            if writer is not None:
+                writer.start()
+            time.sleep(0.2)
+    finally:
+        done.set()
+        if writer is not None:
+            writer.join()
+    assert sampler.reading is not None
+    return sampler.reading
+
+
+def test_the_stats_line_marks_estimated_joules_and_only_those(root: Path) -> None:
+    """The "~" in the CLI's and the TUI's stats line: absent for a RAPL counter, present for the estimate."""
+    from localmoe.chat.display import joules_text, stats_line
+    from localmoe.engine import GenerationStats
+
+    stats = GenerationStats(completion_tokens=8)
+    estimate = _reading_from_the_selected_meter()  # the empty tree: no sensor
+    assert estimate.measured is False and estimate.meter.startswith("estimate") and estimate.joules > 0
+    line = stats_line("m", stats, energy=estimate)
+    assert line.endswith(f" · ~{estimate.joules:.1f} J") and joules_text(estimate).startswith("~")
+
+    pkg = rapl(root, "0", "package-0", 0)
+    measured = _reading_from_the_selected_meter(pkg)
+    assert measured.measured is True and measured.meter == "rapl(package-0)"
+    assert measured.joules == pytest.approx(10 * measured.seconds, rel=0.5)  # loose: two busy cores
+    line = stats_line("m", stats, energy=measured)
+    assert line.endswith(f" · {measured.joules:.1f} J") and "~" not in line

@@ -7,6 +7,7 @@ import json
 import socket
 import stat
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -196,3 +197,138 @@ def test_with_remote_forbidden_nothing_is_sent(home, server):
     remote_settings(home, server, 'allow_remote = "no"\n')
     bad = run_cli("route", "hi")
     assert bad.returncode == 1 and "allow_remote must be true or false" in bad.stderr
+
+
+# -- what goes wrong at the other end ------------------------------------------------------------------------------
+
+
+class Misbehaving(BaseHTTPRequestHandler):
+    """An endpoint whose `mode` decides its failure: an HTTP status, a malformed event, or a slow endless stream
+    that notes when the client hangs up."""
+
+    mode = "ok"
+    sent = 0
+    hung_up = threading.Event()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # /v1/models
+        if Misbehaving.mode in ("401", "500-always"):
+            self.send_error(401 if Misbehaving.mode == "401" else 500)
+            return
+        data = json.dumps({"data": [{"id": "fake-model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if Misbehaving.mode == "401":
+            self.send_error(401)
+            return
+        if Misbehaving.mode.startswith("500"):
+            self.send_error(500)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()  # no length: HTTP/1.0, the body ends when the connection does
+        event = json.dumps({"choices": [{"delta": {"content": "word "}, "finish_reason": None}]})
+        if Misbehaving.mode == "malformed":
+            self.wfile.write(f"data: {event}\n\ndata: {{\"choices\": [{{\"delta\": \n\n".encode())
+            return
+        try:  # "slow": an answer of 200 words at 50 a second, unless the client hangs up first
+            for _ in range(200):
+                self.wfile.write(f"data: {event}\n\n".encode())
+                self.wfile.flush()
+                Misbehaving.sent += 1
+                time.sleep(0.02)
+        except OSError:  # broken pipe or reset: the client closed the connection
+            Misbehaving.hung_up.set()
+
+
+@pytest.fixture()
+def bad_server():
+    Misbehaving.mode, Misbehaving.sent = "ok", 0
+    Misbehaving.hung_up = threading.Event()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+ASK = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("mode", "status"), [("401", "HTTP 401"), ("500", "HTTP 500")])
+def test_http_errors_are_one_line_errors_naming_the_status(bad_server, mode, status):
+    Misbehaving.mode = mode
+    e = RemoteEngine(bad_server, "fake-model", timeout=5)
+    if mode == "401":  # refused at the first contact
+        with pytest.raises(LocalmoeError) as caught:
+            e.load()
+    else:  # the server lists its models, then fails the question
+        e.load()
+        with pytest.raises(LocalmoeError) as caught:
+            list(e.stream(ASK, GenerationConfig(max_tokens=8)))
+    message = str(caught.value)
+    assert "\n" not in message and f"answered {status}" in message and bad_server in message, message
+
+
+@pytest.mark.parametrize("mode", ["401", "500-always"])
+def test_the_cli_reports_an_http_error_of_the_remote_tier_in_one_line(home, bad_server, mode):
+    Misbehaving.mode = mode
+    remote_settings(home, bad_server)
+    (home / "settings.toml").chmod(0o600)  # else a notice says the CLI made it private
+    r = run_cli("ask", "hi", "--tier", "remote")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("localmoe: error: "), r.stderr
+    assert f"HTTP {mode[:3]}" in lines[0], lines[0]
+
+
+def test_a_malformed_event_is_a_clear_error(bad_server):
+    Misbehaving.mode = "malformed"
+    e = RemoteEngine(bad_server, "fake-model", timeout=5)
+    got = []
+    with pytest.raises(LocalmoeError, match="sent a malformed event") as caught:
+        for piece in e.stream(ASK, GenerationConfig(max_tokens=8)):
+            got.append(piece)
+    assert got == ["word "] and "\n" not in str(caught.value)
+
+
+def test_cancelling_mid_stream_hangs_up_on_the_server(bad_server):
+    Misbehaving.mode = "slow"
+    e = RemoteEngine(bad_server, "fake-model", timeout=5)
+    cancel = threading.Event()
+    got = []
+    for piece in e.stream(ASK, GenerationConfig(max_tokens=500), cancel=cancel):
+        got.append(piece)
+        if len(got) == 3:
+            cancel.set()
+    assert len(got) == 3 and e.stats.stop_reason == "cancelled"
+    # the server, still writing, finds the connection closed long before its 200 words are out
+    assert Misbehaving.hung_up.wait(5), "the client kept the connection open"
+    assert Misbehaving.sent < 100
+
+
+def test_a_missing_key_variable_is_a_one_line_error_and_nothing_is_sent(home, server, monkeypatch):
+    monkeypatch.delenv("LOCALMOE_TEST_UNSET_KEY", raising=False)
+    e = RemoteEngine(server, "fake-model", api_key_env="LOCALMOE_TEST_UNSET_KEY")
+    with pytest.raises(LocalmoeError) as caught:
+        e.load()
+    message = str(caught.value)
+    assert "\n" not in message and "LOCALMOE_TEST_UNSET_KEY" in message and "not set" in message, message
+    with pytest.raises(LocalmoeError, match="LOCALMOE_TEST_UNSET_KEY"):
+        list(e.stream(ASK, GenerationConfig(max_tokens=8)))
+    assert FakeOpenAI.requests == []  # the question never left without its key
+    # through the CLI: the settings name a variable that is not set
+    remote_settings(home, server, 'remote_api_key_env = "LOCALMOE_TEST_UNSET_KEY"\n')
+    (home / "settings.toml").chmod(0o600)
+    r = run_cli("ask", "hi", "--tier", "remote")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("localmoe: error: "), r.stderr
+    assert "LOCALMOE_TEST_UNSET_KEY" in lines[0] and FakeOpenAI.requests == []

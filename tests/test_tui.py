@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
+import sys
 
+import pytest
 from textual.widgets import Input, Markdown, Static
 
+from helpers import advancing_rapl
 from localmoe.engine import GenerationConfig
 from localmoe.ui.app import LocalmoeApp
 from localmoe.ui.chat import Answer, ChatScreen, Question
@@ -231,3 +235,31 @@ def test_a_stopped_loop_is_taken_back_on_screen(home):
             assert "repeating itself" in str(answer.query_one(".stats", Static).render())
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("sensor", ["rapl", "none"])
+def test_the_stats_line_marks_only_estimated_joules(home, tmp_path, monkeypatch, sensor):
+    """With a (fake) RAPL counter the joules are plain; with no sensor they carry the estimate's "~"."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no GPU meter, whatever this machine has
+    root = tmp_path / "sys"
+    root.mkdir()
+    monkeypatch.setenv("LOCALMOE_SYSFS_ROOT", str(root))
+
+    async def run() -> str:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            await type_and_send(pilot, "Say hi.")
+            answer = screen.query_one(Answer)
+            await wait_for(pilot, lambda: answer.done)
+            assert answer.status == "complete"
+            assert answer.energy.measured is (sensor == "rapl")
+            return str(answer.query_one(".stats", Static).render())
+
+    if sensor == "rapl":
+        with advancing_rapl(root, watts=25):
+            stats = asyncio.run(run())
+        assert re.search(r" · \d+\.\d J( · |$)", stats) and "~" not in stats, stats
+    else:
+        stats = asyncio.run(run())
+        assert re.search(r" · ~\d+\.\d J( · |$)", stats), stats

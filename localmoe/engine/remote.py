@@ -41,6 +41,10 @@ class RemoteEngine(Engine):
     def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if self.api_key_env and not key:
+            # The settings say this endpoint needs a key: asking without it would only fail there, or worse not.
+            raise LocalmoeError(f"the remote tier {self.url} needs its API key in the environment variable "
+                                f"{self.api_key_env} (remote_api_key_env), which is not set")
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(body).encode() if body is not None else None
