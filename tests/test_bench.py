@@ -169,3 +169,57 @@ def test_bench_idle_records_net_joules_below_the_gross(home):
         assert row["net_joules"] is not None and 0 <= row["net_joules"] <= row["joules"]
         assert row["net_joules"] == pytest.approx(max(0.0, row["joules"] - row["idle_watts"] * row["seconds"]))
         assert row["net_joules"] < row["joules"]  # an idle baseline over a real interval always subtracts
+
+
+def test_routed_policy_with_a_large_tier_sends_exactly_the_hard_question_to_it(home, tmp_path, tiny_moe):
+    """A real large tier and the features router: the easy question (score ≈ 0.07) stays small, the hard one
+    (≈ 0.93) goes large, far from the 0.5 threshold on either side, so the run's large share is exactly one half."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n\n[router]\nstrategy = "features"\n')
+    easy, hard = "What is the capital of France?", "What is 17 * 23 + 4? Answer with a number only."
+    for q, tier in ((easy, "small"), (hard, "large")):
+        route = json.loads(run_cli("route", q, "--json").stdout)
+        assert route["tier"] == tier and abs(route["score"] - route["threshold"]) > 0.35
+    suite = tmp_path / "two.jsonl"
+    suite.write_text(json.dumps({"question": easy, "answer": "Paris"}) + "\n"
+                     + json.dumps({"question": hard, "answer": "395"}) + "\n")
+    r = run_cli("bench", "--suite", str(suite), "--policies", "routed", "--json", "--max-tokens", "8", timeout=300)
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads(r.stdout)["run_id"]
+    [res] = json.loads(r.stdout)["results"]
+    assert res["policy"] == "routed" and res["n"] == 2 and res["large_share"] == 0.5
+    conn = db(home)
+    items = {row["question"]: dict(row) for row in conn.execute(
+        "select b.question, b.tier, m.model from bench_items b join messages m on m.id = b.message_id "
+        "where b.run_id = ?", [run_id])}
+    assert {q: (i["tier"], i["model"]) for q, i in items.items()} == {
+        easy: ("small", "smollm2-135m-instruct"), hard: ("large", "tiny-moe")}
+    [(share,)] = conn.execute("select large_share from bench_results where run_id = ?", [run_id]).fetchall()
+    assert share == 0.5
+
+
+def test_cascade_policy_charges_an_escalated_item_both_answers_joules(home, tmp_path, tiny_moe):
+    """The small model's least confident wrong answer escalates to the large tier: the item's joules are the
+    energy rows of both answers, the small one it replaced and the large one it kept."""
+    from localmoe.routing import train as router_train
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
+    pool = [x for x in router_train.shipped_labels() if x["small_wrong"] and x["mean_logprob"] is not None]
+    wrong = min(pool, key=lambda x: x["mean_logprob"])
+    suite = tmp_path / "one.jsonl"
+    suite.write_text(json.dumps({"question": wrong["question"], "answer": "unused"}) + "\n")
+    r = run_cli("bench", "--suite", str(suite), "--policies", "cascade", "--json", "--max-tokens", "96", timeout=300)
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads(r.stdout)["run_id"]
+    conn = db(home)
+    [item] = conn.execute("select message_id, joules, seconds, tier from bench_items where run_id = ?", [run_id])
+    assert item["tier"] == "large"
+    [decision] = conn.execute("select tier, escalated_from from routing_decisions where message_id = ?",
+                              [item["message_id"]])
+    assert decision["tier"] == "large" and decision["escalated_from"] is not None
+    small, large = (conn.execute("select joules, seconds from energy where message_id = ?", [m]).fetchone()
+                    for m in (decision["escalated_from"], item["message_id"]))
+    assert small["joules"] > 0 and large["joules"] > 0
+    assert item["joules"] == pytest.approx(small["joules"] + large["joules"], rel=1e-12)
+    assert item["seconds"] == pytest.approx(small["seconds"] + large["seconds"], rel=1e-12)

@@ -351,3 +351,67 @@ def test_the_france_question_ends_quickly_with_its_stop_reason_recorded(home):
     assert out["sampling"]["repeat_penalty"] > 1.0 and out["sampling"]["max_tokens"] <= 96  # a short question
     [row] = db_rows(home, "select stop_reason, completion_tokens from generations")
     assert row["stop_reason"] == out["stop_reason"] and row["completion_tokens"] == out["usage"]["completion_tokens"]
+
+
+def test_cascade_escalation_is_announced_on_stderr_between_the_answers(home, tiny_moe):
+    """The cascade with a threshold of 0.001 (any doubt escalates) and the tiny MoE as the large tier: stderr says
+    why and that the large model answers; a threshold of 0.999 keeps the small answer and says nothing."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
+    q = "Which city is the capital of Japan?"
+    r = run_cli("ask", q, "--strategy", "cascade", "--preference", "0.001", "--max-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"localmoe: escalated: the small model was unsure \(.*\); the large model answers:", r.stderr)
+    kept = run_cli("ask", q, "--strategy", "cascade", "--preference", "0.999", "--max-tokens", "8",
+                   "--temperature", "0")
+    assert kept.returncode == 0, kept.stderr
+    assert "large model answers" not in kept.stderr and "escalated" not in kept.stderr
+    tiers = [t for (t,) in sqlite3.connect(home / "localmoe.db").execute(
+        "select tier from routing_decisions order by message_id")]
+    assert tiers == ["small", "large", "small"]
+
+
+def test_ctrl_c_interrupts_a_bench_run_and_resume_finishes_it(home, tmp_path):
+    """A real SIGINT while `bench` answers its second item: exit 130, the finished item kept, and `--resume`
+    answers the rest, each item once."""
+    suite = tmp_path / "long.jsonl"
+    suite.write_text("".join(json.dumps({"question": f"Write a long story about a dragon called {name}.",
+                                         "answer": name}) + "\n" for name in ("Ash", "Birch", "Cedar", "Dune")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localmoe", "bench", "--suite", str(suite), "--max-tokens", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LOCALMOE_HOME": str(home)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as at a terminal (see above)
+    )
+    deadline = time.monotonic() + 120
+    done = 0
+    while done < 1:
+        if proc.poll() is not None:
+            raise AssertionError(f"bench ended before the signal: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, "no bench item finished in 120 s"
+        time.sleep(0.1)
+        try:
+            conn = sqlite3.connect(home / "localmoe.db")
+            done = conn.execute("select count(*) from bench_items").fetchone()[0]
+            conn.close()
+        except sqlite3.OperationalError:  # not created yet
+            pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    m = re.search(r"benchmark run (\d+) interrupted; finished items are kept\. Continue with "
+                  r"`localmoe bench --resume (\d+)`", err)
+    assert m and m[1] == m[2] and "Traceback" not in err, err
+    run_id = int(m[1])
+    [run] = db_rows(home, f"select status from bench_runs where id = {run_id}")
+    kept = db_rows(home, f"select item_id from bench_items where run_id = {run_id}")
+    assert run["status"] == "interrupted" and 1 <= len(kept) < 4
+
+    r = run_cli("bench", "--resume", str(run_id), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    [res] = json.loads(r.stdout)["results"]
+    assert res["n"] == 4
+    items = db_rows(home, f"select item_id, message_id from bench_items where run_id = {run_id}")
+    assert len(items) == 4 and len({i["item_id"] for i in items}) == 4 and len({i["message_id"] for i in items}) == 4
+    assert {i["item_id"] for i in kept} <= {i["item_id"] for i in items}
+    assert db_rows(home, f"select status from bench_runs where id = {run_id}") == [{"status": "complete"}]

@@ -425,11 +425,13 @@ def test_sampler_over_rapl_at_20_watts(root: Path) -> None:
 
     r = sampler.reading
     assert r is not None and r.meter == "rapl(package-0)" and r.measured
-    assert r.seconds == pytest.approx(0.55, abs=0.05)
-    assert r.joules == pytest.approx(20 * r.seconds, rel=0.05)
-    assert r.avg_watts == pytest.approx(20, rel=0.05)
-    assert len(r.samples) >= 5 and len(r.samples) / r.seconds >= 9.0
-    assert statistics.median(w for _, w in r.samples) == pytest.approx(20, rel=0.1)
+    # Bounds that two busy cores cannot break: a sleep only ever overruns, and the writer thread may lag the
+    # clock by a few of its 2 ms steps, or more when it is not scheduled (0.1 s allowed).
+    assert 0.55 - 0.01 <= r.seconds < 0.55 + 0.5
+    assert r.joules == pytest.approx(20 * r.seconds, abs=20 * 0.1)
+    assert r.avg_watts == pytest.approx(20, abs=20 * 0.1 / r.seconds)
+    assert len(r.samples) >= 5 and len(r.samples) / r.seconds >= 5.0
+    assert statistics.median(w for _, w in r.samples) == pytest.approx(20, rel=0.25)
     assert r.peak_watts is not None and r.peak_watts >= statistics.median(w for _, w in r.samples)
     times = [t for t, _ in r.samples]
     assert times == sorted(set(times))
@@ -464,11 +466,11 @@ def test_sampler_on_a_constant_battery_and_measure_idle(root: Path) -> None:
 
 def test_sampler_stop_is_prompt_and_a_short_run_still_has_a_rate() -> None:
     counter = FakeMeter("counter", lambda: 3.0 * time.perf_counter())
-    s = Sampler(counter, hz=0.5).start()  # the next tick would be 2 s away
+    s = Sampler(counter, hz=0.05).start()  # the next tick would be 20 s away
     time.sleep(0.02)
     t = time.perf_counter()
     reading = s.stop()
-    assert time.perf_counter() - t < 0.5
+    assert time.perf_counter() - t < 5.0  # far below the 20 s a stop waiting for the tick would take, even busy
     assert reading.avg_watts == pytest.approx(3.0, rel=1e-3)
     assert len(reading.samples) == 1 and reading.peak_watts == pytest.approx(3.0, rel=1e-3)
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from helpers import run_cli
+from localmoe.placement import plan as plan_mod
 from localmoe.placement.layout import ModelLayout, read_layout
 from localmoe.placement.plan import RAM_RESERVE, VRAM_RESERVE, Budget, make_plan
 
@@ -70,11 +71,33 @@ def test_30b_a3b_cpu_only_16gb_runs_from_mmap_with_a_warning():
     assert any("read from disk" in w for w in plan.warnings)
 
 
-def test_30b_a3b_cpu_only_64gb_fits_in_ram_and_locks_it():
+def test_30b_a3b_cpu_only_64gb_fits_in_ram_and_locks_it(monkeypatch):
+    asked = []
+    monkeypatch.setattr(plan_mod, "_mlock_allowed", lambda n: asked.append(n) or True)  # RLIMIT_MEMLOCK allows it
     budget = Budget(vram_bytes=0, ram_bytes=64 * GiB)
     plan = make_plan(QWEN3_30B, budget)
     assert_within_budget(plan, QWEN3_30B, budget)
     assert plan.paged_bytes == 0 and not plan.warnings
+    assert plan.use_mlock and "--mlock" in plan.llama_cpp_args
+    assert asked == [plan.cpu_weight_bytes]  # the lock limit is checked against the weights to be locked
+
+
+@pytest.mark.parametrize(("ram_gib", "allowed", "locked"), [
+    (32, True, True),    # 18.1 GiB in RAM + 8 GiB headroom ≤ 31.5 GiB usable
+    (32, False, False),  # room to spare, but RLIMIT_MEMLOCK is too small
+    (20, True, False),   # fits without paging (18.1 ≤ 19.5 GiB), but not with 5 GiB headroom: no lock
+])
+def test_mlock_only_with_room_to_spare_and_the_lock_limit_allowing_it(monkeypatch, ram_gib, allowed, locked):
+    monkeypatch.setattr(plan_mod, "_mlock_allowed", lambda n: allowed)
+    plan = make_plan(QWEN3_30B, Budget(vram_bytes=0, ram_bytes=ram_gib * GiB))
+    assert plan.fits and plan.paged_bytes == 0 and not plan.warnings
+    assert plan.use_mlock is locked and ("--mlock" in plan.llama_cpp_args) is locked
+
+
+def test_mlock_allowed_follows_the_soft_memlock_limit(monkeypatch):
+    for soft, expect in ((plan_mod.resource.RLIM_INFINITY, True), (8 * GiB, True), (GiB, False), (64 << 10, False)):
+        monkeypatch.setattr(plan_mod.resource, "getrlimit", lambda which, soft=soft: (soft, soft))
+        assert plan_mod._mlock_allowed(2 * GiB) is expect, soft
 
 
 def test_model_larger_than_ram_plus_vram_is_refused_with_a_suggestion():
@@ -100,6 +123,44 @@ def test_explicit_context_that_does_not_fit_is_refused_with_the_largest_that_doe
     assert f"--ctx {plan.max_ctx}" in plan.suggestion and 0 < plan.max_ctx < 40960
     assert make_plan(QWEN3_30B, budget, ctx=plan.max_ctx).fits
     assert not make_plan(QWEN3_30B, budget, ctx=plan.max_ctx + 1).fits
+
+
+# A small dense model with a heavy KV cache (32 KV heads × 128 × 8 layers: 128 KiB a token) trained on 32k tokens.
+KV_HEAVY = moe_layout(n_layers=8, expert_bytes=0, dense_bytes=50_000_000, n_experts=0, top_k=0, embd=4096,
+                      vocab=32000, embed_bytes=50_000_000, output_bytes=50_000_000, kv_heads=32, ctx=32768)
+
+
+def test_default_context_is_reduced_to_the_largest_that_fits():
+    budget = Budget(vram_bytes=0, ram_bytes=1200 * 1024**2)
+    plan = make_plan(KV_HEAVY, budget)
+    assert plan.fits and 256 < plan.max_ctx < 4096 and plan.ctx == plan.max_ctx
+    assert plan.notes == [f"context reduced from 4096 to {plan.max_ctx} to fit in memory"]
+    assert make_plan(KV_HEAVY, budget, ctx=plan.max_ctx).fits
+    assert not make_plan(KV_HEAVY, budget, ctx=plan.max_ctx + 1).fits
+
+
+def test_default_context_is_reduced_further_to_keep_the_model_in_ram():
+    budget = Budget(vram_bytes=0, ram_bytes=1600 * 1024**2)
+    plan = make_plan(KV_HEAVY, budget)
+    assert plan.fits and plan.paged_bytes == 0 and 256 < plan.ctx < plan.max_ctx < 4096
+    assert plan.notes == [f"context reduced from 4096 to {plan.max_ctx} to fit in memory",
+                          f"context reduced from {plan.max_ctx} to {plan.ctx} so the whole model stays in RAM"]
+    assert make_plan(KV_HEAVY, budget, ctx=plan.ctx).paged_bytes == 0
+    assert make_plan(KV_HEAVY, budget, ctx=plan.ctx + 1).paged_bytes > 0  # one token more and it pages
+    roomy = make_plan(KV_HEAVY, Budget(vram_bytes=0, ram_bytes=3 * GiB))
+    assert roomy.ctx == 4096 and roomy.notes == []  # room enough: the default, untouched
+
+
+def test_context_is_clamped_to_the_trained_length():
+    short = moe_layout(n_layers=8, expert_bytes=0, dense_bytes=50_000_000, n_experts=0, top_k=0, ctx=2048)
+    budget = Budget(vram_bytes=0, ram_bytes=16 * GiB)
+    asked = make_plan(short, budget, ctx=8192)
+    assert asked.fits and asked.ctx == 2048 and asked.max_ctx == 2048
+    assert asked.notes == ["the model was trained on 2048 tokens of context; using 2048"]
+    assert asked.llama_cpp_args[:2] == ["-c", "2048"]
+    default = make_plan(short, budget)  # the 4096 default is already capped at the trained length, silently
+    assert default.ctx == 2048 and default.notes == []
+    assert make_plan(short, budget, ctx=2048).notes == []
 
 
 def test_usage_statistics_put_the_busiest_layers_experts_on_the_gpu():

@@ -229,3 +229,51 @@ def test_labels_from_users_and_benchmarks_feed_training(home):
 def test_empty_prompt_is_refused_by_the_assistant(home):
     with pytest.raises(UsageError):
         Assistant().route("   ")
+
+
+@pytest.mark.parametrize("strategy", ["features", "learned"])
+@pytest.mark.parametrize("question", [EASY, "How many days are in a leap year?", "What is 12 * 13?",
+                                      "What is 17 * 23 + 4? Answer with a number only."])
+def test_tier_flips_at_a_threshold_set_just_around_the_score(strategy, question):
+    """Fixed questions, the preference threshold set 0.01 either side of their own score: at or above the threshold
+    the large tier answers, below it the small one, and the decision reports the threshold it was given."""
+    score = Router(strategy).route(question).score
+    assert 0.02 < score < 0.98  # room for the threshold on both sides
+    above, below = Router(strategy, score + 0.01).route(question), Router(strategy, score - 0.01).route(question)
+    assert (above.tier, below.tier) == ("small", "large")
+    assert above.threshold == pytest.approx(score + 0.01) and below.threshold == pytest.approx(score - 0.01)
+    assert above.score == pytest.approx(score) == below.score
+    assert Router(strategy, score).route(question).tier == "large"  # ≥: a score on the threshold goes large
+
+
+def test_router_train_end_to_end_from_bench_results_and_user_labels(home, tmp_path):
+    """A bench run of the small model and two user labels in the database; `router train --out` writes a router
+    fitted on them beside the shipped labels; copied into the data dir, `route` uses it."""
+    suite = tmp_path / "two.jsonl"
+    suite.write_text('{"question": "What is 2 + 2? Answer with a number only.", "answer": "4"}\n'
+                     '{"question": "What is 19 * 23? Answer with a number only.", "answer": "437"}\n')
+    r = run_cli("bench", "--suite", str(suite), "--max-tokens", "8", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    with Recorder() as rec:
+        a = Assistant(recorder=rec)
+        a.label(None, "What is 12 * 13?", True, "retry")
+        a.label(None, "Capital of Italy?", False, "thumbs")
+    out = tmp_path / "mine.json"
+    r = run_cli("router", "train", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    trained = json.loads(out.read_text())
+    assert trained["sources"] == ["bench", "retry", "shipped", "thumbs"]
+    ev = trained["evaluation"]
+    assert ev["n_train"] + ev["n_test"] == len(router_train.shipped_labels()) + 4
+    assert f"written to {out}" in r.stdout and "sources: bench, retry, shipped, thumbs" in r.stdout
+    assert not (home / "router.json").exists()  # --out writes only where it is told
+
+    q = "What is 12 * 13?"
+    shipped = Router("learned").route(q)
+    (home / "router.json").write_text(out.read_text())
+    d = json.loads(run_cli("route", q, "--json").stdout)
+    mine = Router("learned", router_file=out).route(q)
+    assert d["strategy"] == trained["default_strategy"] == "learned"
+    assert "unreadable" not in (d.get("notice") or "") and "router train" not in (d.get("notice") or "")
+    assert d["score"] == pytest.approx(mine.score, abs=1e-9) and d["threshold"] == mine.threshold
+    assert abs(mine.score - shipped.score) > 1e-6  # a different router from the shipped one, and route used it

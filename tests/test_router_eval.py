@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 
 import numpy as np
 import pytest
 
+from localmoe.routing import evaluate as router_eval
 from localmoe.routing.evaluate import (
     LogisticModel,
     OperatingPoint,
@@ -179,12 +179,16 @@ def test_fit_separable_stays_finite() -> None:
     assert auc(model.predict(held_out), (held_out[:, 0] > 0).astype(int)) > 0.99
 
 
-def test_fit_more_features_than_rows_with_constant_column() -> None:
+def test_fit_more_features_than_rows_with_constant_column(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = noisy_problem(300, 600, seed=7)
     x[:, 10] = 3.0
-    start = time.perf_counter()
+
+    def primal(*args: object) -> None:
+        raise AssertionError("600 features on 300 rows must be fitted in the dual, a 301-square system a step")
+
+    # the dual's speed is its structure, not a wall-clock limit that two busy cores could break
+    monkeypatch.setattr(router_eval, "_newton_primal", primal)
     model = fit_logistic(x, y)
-    assert time.perf_counter() - start < 2.0
     p = model.predict(x)
     assert np.all(np.isfinite(p)) and np.all((p > 0) & (p < 1))
     assert model.weights[10] == pytest.approx(0.0, abs=1e-9)

@@ -143,6 +143,27 @@ def test_retry_on_the_large_tier_and_thumbs_become_labels(home, tiny_moe):
                       ("Which city is the capital of Japan?", 1, "retry")]
 
 
+def test_an_escalated_cascade_answer_shows_the_break_between_the_two_answers(home, tiny_moe):
+    home.mkdir(parents=True, exist_ok=True)
+    # the cascade with a threshold of 0.001: any doubt in the small answer escalates to the tiny MoE
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n'
+                                        '[router]\nstrategy = "cascade"\npreference = 0.001\n')
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            await type_and_send(pilot, "Which city is the capital of Japan?")
+            await wait_for(pilot, lambda: len(screen.query(Answer)) == 1 and screen.query(Answer)[0].done)
+            answer = screen.query(Answer)[0]
+            assert answer.decision.tier == "large" and answer.model == "tiny-moe"
+            small, brk, large = answer.text.partition(
+                "\n\n---\n*The small model was unsure; the large model answers:*\n\n")
+            assert brk and small.strip() and large.strip()  # the small answer, the break, then the large one
+
+    asyncio.run(run())
+
+
 def test_torch_answers_show_the_expert_cache(home, tiny_moe):
     """A checkpoint directory answers on the native engine; its stats line names the expert hit rate and bytes."""
     async def run() -> None:
