@@ -113,3 +113,18 @@ def test_gpu_copy_ahead_prefetch_from_the_warm_tier(checkpoint, slots):
     assert s["prefetches"] > 0 and s["prefetch_hits"] > 0 and s["warm_hits"] > 0
     assert s["prefetch_hits"] + s["wasted_prefetches"] <= s["prefetches"]
     engine.close()
+
+
+def test_gpu_detection_agrees_with_torch():
+    """`hw` sees the GPUs torch sees: the same count, names and total memory (NVML or torch.cuda, whichever
+    answered), and free memory no larger than the total."""
+    from localmoe.placement import hardware
+
+    gpus = [g for g in hardware.detect(measure=False).gpus if g.vendor == "nvidia"]
+    assert len(gpus) == torch.cuda.device_count()
+    for g in gpus:
+        props = torch.cuda.get_device_properties(g.index)
+        assert g.name == props.name or props.name in g.name or g.name in props.name
+        # NVML counts the whole board, torch what the context can address: within 2%
+        assert abs(g.vram_total_bytes - props.total_memory) <= 0.02 * props.total_memory
+        assert 0 < g.vram_free_bytes <= g.vram_total_bytes

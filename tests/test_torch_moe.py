@@ -230,8 +230,8 @@ def test_unsupported_architecture(checkpoint, tmp_path):
         TorchMoEEngine(d).load()
 
 
-def test_missing_shard_is_named(checkpoint, tmp_path):
-    _, path, _ = checkpoint
+def test_a_sharded_checkpoint_matches_transformers_and_a_missing_shard_is_named(checkpoint, tmp_path):
+    _, path, model = checkpoint
     d = tmp_path / "m"
     d.mkdir()
     shutil.copy(path / "config.json", d)
@@ -245,7 +245,10 @@ def test_missing_shard_is_named(checkpoint, tmp_path):
         save_file({k: tensors[k] for k in part}, str(d / name))
     weight_map = {k: name for name, part in halves.items() for k in part}
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    TorchMoEEngine(d).logits(PROMPT[:4])  # the sharded copy loads
+    # the sharded copy gives the oracle's logits: every tensor found in its shard, with one slot per layer so that
+    # experts too are read from both files
+    got = TorchMoEEngine(d, expert_slots=1, prefetch=False).logits(PROMPT)
+    assert np.abs(got - _reference(model, PROMPT)).max() <= 1e-4
     (d / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(LocalmoeError, match="model-00002-of-00002.safetensors"):
         TorchMoEEngine(d).load()

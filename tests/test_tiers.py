@@ -1,0 +1,41 @@
+"""Promises about tiers and the chat command: the default large tier is the largest installed MoE that fits, and
+`localmoe` / `localmoe chat -m` start the app on the model asked for."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+from localmoe import cli
+from localmoe.errors import LocalmoeError
+from localmoe.home import models, paths
+from localmoe.placement import plan
+
+
+def test_the_default_large_tier_is_the_largest_installed_moe_that_fits(home, tiny_moe, smollm, monkeypatch):
+    d = paths.models_dir()
+    d.mkdir(parents=True)
+    shutil.copy(tiny_moe[1], d / "small-moe.gguf")
+    with open(tiny_moe[1], "rb") as src, open(d / "big-moe.gguf", "wb") as dst:
+        dst.write(src.read() + b"\0" * 4096)  # the same tensors in a larger file: the larger of two MoEs
+    shutil.copy(smollm.path, d / "dense.gguf")  # larger than both, but dense: never the large tier
+    assert (d / "dense.gguf").stat().st_size > (d / "big-moe.gguf").stat().st_size
+    assert models.tier_model("large").id == "big-moe"
+    # nothing fits a tiny budget: a clear error, not a model that cannot run
+    monkeypatch.setattr(plan.Budget, "detect", classmethod(lambda cls, vram=None, ram=None: cls(0, 64 * 2**20)))
+    with pytest.raises(LocalmoeError, match="fits here"):
+        models.tier_model("large")
+
+
+@pytest.mark.parametrize(("argv", "model"), [([], None), (["chat"], None), (["chat", "-m", "smollm2"], "smollm2")])
+def test_the_chat_command_starts_the_app_on_the_model_asked_for(home, argv, model, monkeypatch):
+    started = []
+    import localmoe.ui.app as app
+
+    monkeypatch.setattr(app, "run_app", lambda model=None: started.append(model) or 0)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cli.main(argv) == 0
+    assert started == [model]
