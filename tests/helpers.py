@@ -23,9 +23,9 @@ def run_cli(*args: str, home: Path | None = None, timeout: float = 120, env_extr
 
 
 @contextlib.contextmanager
-def advancing_rapl(root: Path, watts: float = 25.0) -> Iterator[Path]:
+def advancing_rapl(root: Path, watts: float = 25.0, interval: float = 0.05) -> Iterator[Path]:
     """A fake sysfs tree at `root` (for $LOCALMOE_SYSFS_ROOT) with one RAPL package counter that a thread
-    advances at `watts` until the block ends."""
+    advances at `watts`, every `interval` seconds, until the block ends."""
     dom = root / "class" / "powercap" / "intel-rapl:0"
     dom.mkdir(parents=True)
     (dom / "name").write_text("package-0\n")
@@ -40,7 +40,7 @@ def advancing_rapl(root: Path, watts: float = 25.0) -> Iterator[Path]:
         while not stop.is_set():
             tmp.write_text(f"{1_000_000 + int((time.monotonic() - t0) * watts * 1e6)}\n")
             os.replace(tmp, energy)  # atomic, as a sysfs read is
-            time.sleep(0.05)
+            time.sleep(interval)
 
     thread = threading.Thread(target=advance, daemon=True)
     thread.start()

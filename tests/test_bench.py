@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
-import time
 
 import pytest
 
-from helpers import run_cli
+from helpers import advancing_rapl, run_cli
 from localmoe.bench import runner as bench
 from localmoe.record.recorder import Recorder
 
@@ -98,30 +95,10 @@ def test_bench_bad_input(home, tmp_path):
 
 def test_ask_json_reports_energy_from_a_fake_rapl_counter(home, tmp_path):
     """A RAPL package counter that a thread advances at 25 W while `ask` runs: the answer's joules follow it."""
-    dom = tmp_path / "sys" / "class" / "powercap" / "intel-rapl:0"
-    dom.mkdir(parents=True)
-    (dom / "name").write_text("package-0\n")
-    (dom / "max_energy_range_uj").write_text("262143328850\n")
-    energy = dom / "energy_uj"
-    energy.write_text("1000000\n")
-    stop = threading.Event()
-
-    def advance() -> None:
-        uj, t0 = 1_000_000, time.monotonic()
-        tmp = dom / "energy_uj.tmp"
-        while not stop.is_set():
-            tmp.write_text(f"{uj + int((time.monotonic() - t0) * 25e6)}\n")
-            os.replace(tmp, energy)  # atomic, as a sysfs read is
-            time.sleep(0.005)
-
-    t = threading.Thread(target=advance, daemon=True)
-    t.start()
-    try:
+    # updated every 5 ms: a short answer's average power must not depend on where the steps fall
+    with advancing_rapl(tmp_path / "sys", watts=25, interval=0.005) as root:
         r = run_cli("ask", "Name a color.", "--json", "--max-tokens", "48", "--temperature", "0",
-                    env_extra={"LOCALMOE_SYSFS_ROOT": str(tmp_path / "sys")})
-    finally:
-        stop.set()
-        t.join()
+                    env_extra={"LOCALMOE_SYSFS_ROOT": str(root)})
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)["energy"]
     assert e["measured"] is True and e["meter"].startswith("rapl")

@@ -276,7 +276,7 @@ def test_json_errors_are_json_with_the_same_exit_code(home):
 
 def test_chat_refuses_without_a_terminal_and_a_model_that_cannot_load(home, tmp_path):
     r = subprocess.run([sys.executable, "-m", "localmoe"], stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=60, env={**__import__("os").environ, "LOCALMOE_HOME": str(home)})
+                       text=True, timeout=60, env={**os.environ, "LOCALMOE_HOME": str(home)})
     one_line_refusal(r, 2, "needs a terminal")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
@@ -284,7 +284,7 @@ def test_chat_refuses_without_a_terminal_and_a_model_that_cannot_load(home, tmp_
     if subprocess.run(["which", "script"], capture_output=True).returncode == 0:
         cmd = f"{sys.executable} -m localmoe chat -m {bad}; echo EXIT=$?"
         r = subprocess.run(["script", "-qc", cmd, "/dev/null"], capture_output=True, text=True, timeout=60,
-                           env={**__import__("os").environ, "LOCALMOE_HOME": str(home)}, stdin=subprocess.DEVNULL)
+                           env={**os.environ, "LOCALMOE_HOME": str(home)}, stdin=subprocess.DEVNULL)
         assert "EXIT=2" in r.stdout and "cannot load bad" in r.stdout, r.stdout
 
 
