@@ -545,6 +545,8 @@ def test_the_stats_line_marks_estimated_joules_and_only_those(root: Path) -> Non
     pkg = rapl(root, "0", "package-0", 0)
     measured = _reading_from_the_selected_meter(pkg)
     assert measured.measured is True and measured.meter == "rapl(package-0)"
-    assert measured.joules == pytest.approx(10 * measured.seconds, rel=0.5)  # loose: two busy cores
+    # from the counter, not the clock: no more than the counter advanced in all (the writer thread may start late
+    # on two busy cores, so a rate check would be flaky)
+    assert 0 < measured.joules <= int(pkg.read_text()) / 1e6
     line = stats_line("m", stats, energy=measured)
     assert line.endswith(f" · {measured.joules:.1f} J") and "~" not in line
