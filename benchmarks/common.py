@@ -37,6 +37,24 @@ def bench_hf() -> Path:
     return hf
 
 
+def bench_deep() -> tuple[Path, Path]:
+    """A deep, narrow Qwen3-MoE for prompt processing and time to first token (issue #25): 32 layers, 8 experts,
+    top-2, hidden 512, expert FFN 1536, 8 heads (4 KV) of 64, f32 (~2.7 GB, nearly all experts), as a Hugging Face
+    checkpoint with tokenizer files and as GGUF, built once into benchmarks/.cache/. Returns (hf dir, gguf);
+    needs the test extras."""
+    hf, out = CACHE / "hf-512x32x8", CACHE / "moe-512x32x8.gguf"
+    if not out.exists():
+        synthetic_moe = _synthetic_moe()
+        CACHE.mkdir(exist_ok=True)
+        # the tokenizer files come with build_hf_moe at SmolLM2's vocabulary size, so both engines chat
+        synthetic_moe.build_hf_moe(hf, hidden=512, layers=32, experts=8, top_k=2, expert_ff=1536, heads=8,
+                                   kv_heads=4, head_dim=64)
+        tmp = out.with_name(out.name + ".tmp")  # an interrupted build is rebuilt, never taken for a whole one
+        synthetic_moe.hf_to_gguf(hf, tmp)
+        tmp.replace(out)
+    return hf, out
+
+
 def bench_moe_q8() -> Path:
     """The benchmark model as a Q8_0 GGUF (matrices Q8_0, norms and routers f32), built once from bench_hf()."""
     out = CACHE / "moe-1024x8x32-q8_0.gguf"
