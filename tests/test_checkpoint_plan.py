@@ -117,7 +117,7 @@ def test_pread_equals_get_tensor_bit_for_bit(ckpt_dir):
 
 
 def test_small_fast_memory_same_logits_as_full_slots(ckpt_dir):
-    full = TorchMoEEngine(ckpt_dir, expert_slots=8, max_seq_length=CTX)
+    full = TorchMoEEngine(ckpt_dir, expert_slots=8, max_seq_length=CTX, load_all=False)  # the torch decode path
     want = full.logits(PROMPT)
     want_decode = full.decode_logits(PROMPT, 6)
     small = TorchMoEEngine(ckpt_dir, fast_memory=RAM_RESERVE + DENSE + KV + 2 * 3 * BPE, max_seq_length=CTX)

@@ -40,10 +40,15 @@ def test_ask_json_records_the_exchange(home):
     assert out["model"] == "smollm2-135m-instruct"
     assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["completion_tokens"] > 0
     assert out["timing"]["ttft_s"] > 0 and out["timing"]["tokens_per_s"] > 0
+    # a fresh process evaluates the whole prompt; the prefill rate is over those tokens
+    assert out["usage"]["prompt_eval_tokens"] == out["usage"]["prompt_tokens"]
+    rate = out["usage"]["prompt_tokens"] / out["timing"]["ttft_s"]
+    assert abs(out["timing"]["prefill_tokens_per_s"] - rate) < 1e-6 * rate
     [row] = db_rows(home, "select m.content, m.status, g.* from messages m join generations g "
                           "on g.message_id = m.id where m.role = 'assistant'")
     assert row["content"] == out["answer"] and row["status"] == "complete"
     assert row["completion_tokens"] == out["usage"]["completion_tokens"]
+    assert row["prompt_eval_tokens"] == out["usage"]["prompt_eval_tokens"]
     assert row["message_id"] == out["message_id"]
     [q] = db_rows(home, "select * from messages where role = 'user'")
     assert q["content"] == "Which city is the capital of Japan?" and q["conversation_id"] == out["conversation_id"]

@@ -309,3 +309,108 @@ def test_uncompiled_engine_leaves_dynamo_unimported(tiny_moe):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --- the KV cache kept between calls (prefix reuse) ---------------------------------------------------------------
+
+
+def test_a_call_reuses_the_kv_cache_of_its_common_prefix_and_matches_a_fresh_evaluation(checkpoint):
+    """A next turn evaluates only what follows the tokens the KV cache holds, with the logits of a fresh full
+    evaluation (1e-5) and of transformers (1e-4); an edited earlier turn reuses only what precedes the edit."""
+    arch, path, model = checkpoint
+    engine = TorchMoEEngine(path, prefetch=False)
+    fresh = TorchMoEEngine(path, prefetch=False)
+    try:
+        first, then = PROMPT[:10], PROMPT + [9, 10, 11]
+        engine.logits(first)
+        got = engine.logits(then, reuse=True)
+        want = fresh.logits(then)
+        assert got.shape == (len(then) - len(first), VOCAB)
+        np.testing.assert_allclose(got, want[len(first):], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, _reference(model, then)[len(first):], rtol=0, atol=1e-4)
+
+        edited = then[:4] + [(then[4] + 1) % VOCAB] + then[5:]  # a changed earlier turn: no stale keys after it
+        got = engine.logits(edited, reuse=True)
+        assert got.shape == (len(edited) - 4, VOCAB)
+        np.testing.assert_allclose(got, fresh.logits(edited)[4:], rtol=0, atol=1e-5)
+
+        shorter = edited[:7]  # a retry of a shorter history: its last token is evaluated again for its logits
+        got = engine.logits(shorter, reuse=True)
+        assert got.shape == (1, VOCAB)
+        np.testing.assert_allclose(got, fresh.logits(shorter)[-1:], rtol=0, atol=1e-5)
+    finally:
+        engine.close()
+        fresh.close()
+
+
+def _chat_turns(engine, config, turns: list[str]) -> list[tuple[str, object]]:
+    """Each question with the conversation so far; the answers and their statistics."""
+    history, out = [], []
+    for question in turns:
+        history.append({"role": "user", "content": question})
+        answer = "".join(engine.stream(list(history), config))
+        history.append({"role": "assistant", "content": answer})
+        out.append((answer, engine.stats))
+    return out
+
+
+def test_chat_turns_evaluate_only_the_new_tokens_in_both_engines(tiny_moe):
+    """Through `stream`, as the chat calls it: the second and third turns evaluate only their new tokens (the
+    statistics say how many), and answer exactly as an engine that evaluates the whole conversation afresh."""
+    from localmoe.chat.display import stats_line
+    from localmoe.engine import GenerationConfig
+    from localmoe.engine.llamacpp import LlamaCppEngine
+
+    config = GenerationConfig(max_tokens=6, temperature=0.0)
+    turns = ["Tell me about the sea.", "And the mountains?", "Which is older?"]
+    engine = TorchMoEEngine(tiny_moe[0])
+    gguf = LlamaCppEngine(tiny_moe[1], n_ctx=512)
+    try:
+        kept = _chat_turns(engine, config, turns)
+        by_llama = _chat_turns(gguf, config, turns)
+        for answers in (kept, by_llama):
+            first, *later = [stats for _, stats in answers]
+            assert first.prompt_eval_tokens == first.prompt_tokens
+            for stats in later:
+                assert 0 < stats.prompt_eval_tokens < stats.prompt_tokens / 2
+                reused = stats.prompt_tokens - stats.prompt_eval_tokens
+                assert f"({reused} prompt tokens reused)" in stats_line("m", stats)
+                assert stats.prefill_tokens_per_s == pytest.approx(stats.prompt_eval_tokens / stats.ttft_s)
+        afresh = []
+        for i in range(len(turns)):
+            engine._kv = []  # nothing to reuse: the whole conversation evaluated again
+            history = [m for answer, q in zip(kept[:i], turns, strict=False)
+                       for m in ({"role": "user", "content": q}, {"role": "assistant", "content": answer[0]})]
+            afresh.append("".join(engine.stream([*history, {"role": "user", "content": turns[i]}], config)))
+            assert engine.stats.prompt_eval_tokens == engine.stats.prompt_tokens
+        assert afresh == [answer for answer, _ in kept]
+    finally:
+        engine.close()
+        gguf.close()
+
+
+def test_every_expert_is_read_in_the_background_and_the_native_step_takes_over(tiny_moe):
+    """No preload: when every expert fits, load() starts reading them all, answering starts at once, and by the
+    second answer the decode steps run in native code; with load_all=False they are read only on demand."""
+    import localmoe.engine.torch_moe.kernels as native
+    from localmoe.engine import GenerationConfig
+
+    config = GenerationConfig(max_tokens=8, temperature=0.0)
+    question = [{"role": "user", "content": "Count the waves."}]
+    engine = TorchMoEEngine(tiny_moe[0])
+    lazy = TorchMoEEngine(tiny_moe[0], load_all=False)
+    try:
+        engine.load()
+        lazy.load()
+        first = "".join(engine.stream(question, config))
+        assert engine.store.wait_filled(timeout=60)
+        assert all(len(layer.entries) == 8 for layer in engine.store.layers)
+        second = "".join(engine.stream(question, config))
+        assert first == second == "".join(lazy.stream(question, config))
+        if native.available():
+            assert engine.native_steps > 0 and engine.cache_stats()["decode_step"] == "native"
+        assert not lazy.store.filling and lazy.native_steps == 0
+        assert sum(len(layer.entries) for layer in lazy.store.layers) < 3 * 8  # only what the answer used
+    finally:
+        engine.close()
+        lazy.close()

@@ -137,6 +137,7 @@ def run(
                         "seconds": sum(e.seconds for e in energies) if energies else s.wall_s,
                         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                         "ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s,
+                        "prompt_eval_tokens": s.prompt_eval_tokens,
                     })
                     finished += 1
                     if progress:

@@ -60,7 +60,9 @@ def stats_line(model: str, stats: GenerationStats | None, status: str = "complet
     if stats.tokens_per_s:
         parts.append(f"{stats.tokens_per_s:.1f} tok/s")
     if stats.ttft_s is not None:
-        parts.append(f"first token {stats.ttft_s:.2f} s")
+        reused = stats.prompt_tokens - (stats.prompt_eval_tokens or stats.prompt_tokens)
+        # a later turn's first token is fast because the conversation so far was not evaluated again: say so
+        parts.append(f"first token {stats.ttft_s:.2f} s" + (f" ({reused} prompt tokens reused)" if reused > 0 else ""))
     if experts:
         parts.append(experts_text(experts))
     if energy is not None:

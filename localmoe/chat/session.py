@@ -87,8 +87,11 @@ class Reply:
             "status": self.status,
             "conversation_id": self.conversation_id,
             "message_id": self.message_id,
-            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
-            "timing": {"ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s, "wall_s": s.wall_s},
+            # prompt_eval_tokens: evaluated now; the rest of the prompt was in the engine's KV cache
+            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                      "prompt_eval_tokens": s.prompt_eval_tokens},
+            "timing": {"ttft_s": s.ttft_s, "prefill_tokens_per_s": s.prefill_tokens_per_s,
+                       "tokens_per_s": s.tokens_per_s, "wall_s": s.wall_s},
             "stop_reason": s.stop_reason,
             **({"repetition": s.repetition} if s.repetition else {}),
             "sampling": self.config.sampling(),

@@ -44,6 +44,9 @@ class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens sampled and handed out; an end-of-generation token is not counted
     ttft_s: float | None = None  # request → first token, prompt processing included
+    # prompt tokens the engine evaluated: the rest of the prompt was in its KV cache from an earlier call
+    prompt_eval_tokens: int | None = None
+    prefill_tokens_per_s: float | None = None  # prompt_eval_tokens / ttft_s
     tokens_per_s: float | None = None  # decode rate after the first token
     wall_s: float = 0.0
     stop_reason: str = "stop"  # stop | length | repetition | cancelled | interrupted | error
@@ -56,6 +59,17 @@ class GenerationStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def reusable_prefix(held: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading tokens of `tokens` a KV cache holding `held` (from position 0) can keep: their longest
+    common prefix, short of the last token, which is evaluated again for its logits."""
+    n = 0
+    for a, b in zip(held, tokens[:-1], strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def limits(stats: GenerationStats, n_ctx: int, model_id: str, config: GenerationConfig) -> tuple[int, LoopGuard | None]:
@@ -114,6 +128,8 @@ class DecodeClock:
         if logprobs:
             s.mean_logprob = sum(logprobs) / len(logprobs)
             s.min_logprob = min(logprobs)
+        if s.prompt_eval_tokens and s.ttft_s:
+            s.prefill_tokens_per_s = s.prompt_eval_tokens / s.ttft_s
         if self.t_first is not None and self.t_last is not None and self.received > 1 and self.t_last > self.t_first:
             s.tokens_per_s = (self.received - 1) / (self.t_last - self.t_first)
 

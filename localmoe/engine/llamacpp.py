@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import localmoe.engine.chat_template as chat_template
-from localmoe.engine.base import DecodeClock, Engine, GenerationConfig, GenerationStats, Message, limits, stop_after
+from localmoe.engine.base import (
+    DecodeClock,
+    Engine,
+    GenerationConfig,
+    GenerationStats,
+    Message,
+    limits,
+    reusable_prefix,
+    stop_after,
+)
 from localmoe.errors import LocalmoeError
 from localmoe.experts.trace import TraceToken
 from localmoe.placement.layout import read_layout
@@ -189,6 +198,9 @@ class LlamaCppEngine(Engine):
             self._tap.take()
         if config.seed is not None:
             llm.set_seed(config.seed)
+        # llama-cpp-python's generate keeps the KV cache of the longest common prefix with the last sequence (and
+        # evaluates the last prompt token at least): what it will evaluate, for the statistics
+        stats.prompt_eval_tokens = len(tokens) - reusable_prefix(llm.input_ids[: llm.n_tokens], tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         logprobs: list[float] | None = [] if config.logprobs else None
         self.token_logprobs = logprobs or []

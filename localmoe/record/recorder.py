@@ -136,6 +136,15 @@ def m004_routing(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m005_prefill(db: sqlite_utils.Database) -> None:
+    # the prompt tokens an engine evaluated (the rest came from its KV cache of the conversation so far) and the
+    # rate it evaluated them at: time to first token explained
+    db.execute("alter table generations add column prompt_eval_tokens integer")
+    db.execute("alter table generations add column prefill_tokens_per_s real")
+    db.execute("alter table bench_items add column prompt_eval_tokens integer")
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -313,7 +322,7 @@ MEMORY = ":memory:"
 BENCH_ITEM_FIELDS = frozenset({
     "model", "policy", "item_id", "question", "expected", "kind", "category", "difficulty", "output", "extracted",
     "correct", "method", "tier", "message_id", "joules", "avg_watts", "seconds", "prompt_tokens",
-    "completion_tokens", "ttft_s", "tokens_per_s",
+    "completion_tokens", "ttft_s", "tokens_per_s", "prompt_eval_tokens",
 })
 
 

@@ -21,7 +21,16 @@ from torch import Tensor
 
 import localmoe.engine.torch_moe.compiled as compiled
 import localmoe.engine.torch_moe.kernels as kernels
-from localmoe.engine.base import DecodeClock, Engine, GenerationConfig, GenerationStats, Message, limits, stop_after
+from localmoe.engine.base import (
+    DecodeClock,
+    Engine,
+    GenerationConfig,
+    GenerationStats,
+    Message,
+    limits,
+    reusable_prefix,
+    stop_after,
+)
 from localmoe.engine.torch_moe.checkpoint import Checkpoint, DenseWeights, expert_loader
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.device import plan_for, resolve_device
@@ -77,6 +86,9 @@ class TorchMoEEngine(Engine):
         self._chat: ChatTokenizer | None = None
         self._gen_lock = threading.Lock()  # one generation at a time: the KV cache is shared
         self.tokens: list[int] = []  # prompt + generated ids of the last generation
+        # the tokens whose keys and values the KV cache holds, from position 0: a call evaluates only what follows
+        # its longest common prefix with them
+        self._kv: list[int] = []
         self.token_logprobs: list[float] = []
         self.routing: list[TraceToken] = []  # with telemetry: experts per layer of each token evaluated
         self.forward_calls = 0  # model calls (prefill or one decode step) since load, for tests and benchmarks
@@ -135,6 +147,8 @@ class TorchMoEEngine(Engine):
         if o.compile:
             self._run = compiled.compile_model(model)
             self._compile_now()
+        if o.load_all if o.load_all is not None else store.slots == args.n_experts:
+            store.fill_in_background()
 
     def set_kernels(self, kernels: str) -> None:
         """"native" (the default: the engine's own C kernels where they build and apply) or "torch" (torch's kernels
@@ -164,6 +178,7 @@ class TorchMoEEngine(Engine):
         with torch.inference_mode():
             self._call(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2)
             self._call(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.arange(2, 3, device=dev), 3)
+        self._kv = []
         assert self.store is not None
         self.store.reset_stats()
 
@@ -273,6 +288,9 @@ class TorchMoEEngine(Engine):
             raise LocalmoeError(f"token id {bad[0]} is outside the vocabulary (0..{model.args.vocab_size - 1})")
         self.forward_calls += 1
         dev = self.device
+        # rows from `start` on are overwritten now: if this call fails half-way they hold nothing reusable
+        held = start <= len(self._kv)
+        del self._kv[start:]
         step = self._native_step() if len(tokens) == 1 else None
         if step is not None:
             out = step(tokens[0], start)
@@ -280,6 +298,8 @@ class TorchMoEEngine(Engine):
         else:
             with torch.inference_mode():
                 out = self._call(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)
+        if held:
+            self._kv += tokens
         if self.telemetry:
             per_layer = [[[e for e in row if e >= 0] for row in moe.last_topk.tolist()] for moe in model.moes
                          if moe.last_topk is not None]
@@ -326,9 +346,14 @@ class TorchMoEEngine(Engine):
             return self._run(idx, pos, end)[0]
         return compiled.call(self._run, idx, pos, end)[0]
 
-    def logits(self, token_ids: list[int]) -> np.ndarray:
-        """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0."""
-        return self._forward(list(token_ids), 0).numpy()
+    def logits(self, token_ids: list[int], reuse: bool = False) -> np.ndarray:
+        """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0.
+
+        `reuse`: evaluate only the tokens after the longest common prefix with what the KV cache holds (at least the
+        last one) and return only their rows, as a chat's next turn does."""
+        tokens = list(token_ids)
+        start = reusable_prefix(self._kv, tokens) if reuse else 0
+        return self._forward(tokens[start:], start).numpy()
 
     def decode_logits(self, token_ids: list[int], n_steps: int) -> tuple[list[int], np.ndarray]:
         """Greedy decode: prefill, then one token at a time through the KV cache.
@@ -382,7 +407,9 @@ class TorchMoEEngine(Engine):
             if budget <= 0 or (cancel is not None and cancel.is_set()):
                 stats.stop_reason = "cancelled" if budget > 0 else "length"
                 return
-            last = self._forward(tokens, 0)[-1]  # prefill
+            start = reusable_prefix(self._kv, tokens)  # an earlier turn's keys and values, kept
+            stats.prompt_eval_tokens = len(tokens) - start
+            last = self._forward(tokens[start:], start, len(tokens))[-1]  # prefill
             while True:
                 # as llama.cpp's sampler: only the answer's own tokens count towards the repeat penalty
                 token = sampler.sample(last, self.tokens[len(tokens):])
@@ -416,4 +443,5 @@ class TorchMoEEngine(Engine):
             self._ckpt.close()
         self.model = self.store = self._ckpt = None
         self._step = None  # it holds the model's tensors
+        self._kv = []
 

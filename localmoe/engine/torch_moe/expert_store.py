@@ -210,6 +210,8 @@ class ExpertStore:
             # could wait that long for it at every layer, more than a prefetch saves.
             sys.setswitchinterval(PREFETCH_SWITCH_INTERVAL_S)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._filler: threading.Thread | None = None
+        self._closing = threading.Event()
 
     @property
     def prefetching(self) -> bool:
@@ -311,6 +313,52 @@ class ExpertStore:
             else:
                 self._pool.submit(self._prefetch_one, layer, expert, future)
 
+    def fill_in_background(self) -> None:
+        """Read the first `slots` experts of every layer (all of them when they all fit) into the fast tier in a
+        background thread, layer by layer, so that answering starts at once and later steps find them resident.
+        An expert the compute thread asks for first is read by whichever thread gets to it first, never twice;
+        the reads count as prefetches in the layer's statistics."""
+        if self._filler is not None:
+            return
+        self._filler = threading.Thread(target=self._fill, name="localmoe-fill", daemon=True)
+        self._filler.start()
+
+    @property
+    def filling(self) -> bool:
+        """Whether the background fill is still reading."""
+        return self._filler is not None and self._filler.is_alive()
+
+    def wait_filled(self, timeout: float | None = None) -> bool:
+        """Wait for the background fill (True: done or never started)."""
+        if self._filler is not None:
+            self._filler.join(timeout)
+        return not self.filling
+
+    def _fill(self) -> None:
+        for layer in range(len(self.layers)):
+            for expert in range(self.slots):
+                if self._closing.is_set():
+                    return
+                with self._lock:
+                    if expert in self.layers[layer] or (layer, expert) in self._pending:
+                        continue
+                    future: Future[ExpertWeights] = Future()
+                    future.set_running_or_notify_cancel()  # running: a get() now waits for this read
+                    self._pending[(layer, expert)] = future
+                try:
+                    weights, _ = self._fetch(layer, expert, background=True)
+                except BaseException as e:  # the compute thread meets it if it waits for this expert, else rereads
+                    with self._lock:
+                        self._pending.pop((layer, expert), None)
+                    future.set_exception(e)
+                    return
+                with self._lock:
+                    self.stats[layer].prefetches += 1
+                    self._insert(layer, expert, weights)
+                    self._unused_prefetch[layer].add(expert)
+                    self._pending.pop((layer, expert), None)
+                future.set_result(weights)
+
     def _copy_ahead(self, layer: int, expert: int, host: ExpertWeights) -> None:
         """Prefetch from the warm tier: an asynchronous copy on the side stream, issued by the compute thread
         itself — no loader thread to hand the GIL to, and the compute stream waits for it only where the expert
@@ -403,6 +451,9 @@ class ExpertStore:
                 unused.clear()
 
     def close(self) -> None:
+        self._closing.set()
+        if self._filler is not None:
+            self._filler.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -49,6 +49,11 @@ class TorchOptions:
     prefetch: bool | None = _option(
         None, "prefetch the next layer's predicted experts in a background thread, per layer while its predictions "
         "are mostly right (default: on the CPU when not all experts fit in memory)", type="switch")
+    # None: when every expert fits (then the native decode step takes over once they are in); with a partial cache
+    # it would only fill slots that the first answers fill anyway
+    load_all: bool | None = _option(
+        None, "read the experts into memory in a background thread at load, so answering starts at once and is "
+        "fast once they are in (default: when they all fit)", type="switch")
     compile: bool = _option(
         False, "torch.compile the dense part of each layer: faster decoding after a one-off compile of tens of "
         "seconds (needs a C++ compiler on the CPU)", type="flag")
