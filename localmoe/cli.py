@@ -697,6 +697,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_app(model=model)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from localmoe.server.app import serve
+
+    return serve(host=args.host, port=args.port, api_key_env=args.api_key_env, queue=args.queue,
+                 strategy=args.strategy, preference=args.preference)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0-65535")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="localmoe",
@@ -841,6 +858,22 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--all", action="store_true", help="delete every chat conversation")
     lg.add_argument("--yes", action="store_true", help="delete without asking (needed without a terminal)")
     lg.set_defaults(func=cmd_logs)
+
+    sv = sub.add_parser("serve", help="serve an OpenAI-compatible API (localmoe/auto: the router as a model)",
+                        description="Serve /v1/chat/completions (streaming and not), /v1/models and /health. The "
+                        "model localmoe/auto routes each request as `localmoe ask` does; installed models answer "
+                        "by id. One answer at a time, the rest queued; every request is recorded.")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything else "
+                    "needs --api-key-env)")
+    sv.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)")
+    sv.add_argument("--api-key-env", metavar="VAR", help="require the key held in environment variable VAR "
+                    "(clients send it as 'Authorization: Bearer KEY')")
+    sv.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait for the model; "
+                    "more are answered 429 with Retry-After (default 16)")
+    sv.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy for "
+                    "localmoe/auto")
+    sv.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
+    sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("chat", help="start the chat UI (the default)", description="Start the terminal chat UI.")
     c.add_argument("-m", "--model", help="model id or path to a .gguf file")

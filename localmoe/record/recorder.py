@@ -145,6 +145,19 @@ def m005_prefill(db: sqlite_utils.Database) -> None:
     db.execute("alter table bench_items add column prompt_eval_tokens integer")
 
 
+@migration
+def m006_api_requests(db: sqlite_utils.Database) -> None:
+    # One row per request to `localmoe serve`: who asked (address, user agent) and how it ended, refused ones too.
+    # No text: the question and answer are messages. Cascade: forgetting a conversation forgets its requests.
+    db.execute(
+        """create table api_requests (
+            id integer primary key, message_id integer references messages(id) on delete cascade,
+            client text, user_agent text, endpoint text, model text, stream integer, http_status integer,
+            error text, created_at text)"""
+    )
+    db.execute("create index idx_api_requests_message_id on api_requests(message_id)")
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -564,6 +577,18 @@ class Recorder:
                 "threshold": threshold, "reason": reason, "latency_ms": latency_ms, "notice": notice,
                 "escalated_from": escalated_from, "created_at": now(),
             }, replace=True)
+
+    # -- the API server -----------------------------------------------------------------------------------------
+    def record_api_request(self, message_id: int | None, *, client: str | None, user_agent: str | None,
+                           endpoint: str, model: str | None, stream: bool, http_status: int,
+                           error: str | None = None) -> int:
+        """One request to the server and its outcome; `message_id` is the answer it produced, if any."""
+        with self._write():
+            return self._insert("api_requests", {
+                "message_id": message_id, "client": client, "user_agent": user_agent, "endpoint": endpoint,
+                "model": model, "stream": int(stream), "http_status": http_status, "error": error,
+                "created_at": now(),
+            })
 
     def add_label(self, message_id: int | None, prompt: str, small_wrong: bool, source: str) -> int:
         """A signal about the small tier's answer to `prompt` (`source`: retry, thumbs, ...); returns its id."""

@@ -1,0 +1,476 @@
+"""The HTTP side of `localmoe serve`: routes, API key, the generation queue, and the bridge from the event loop to
+the thread that runs the models.
+
+One generation thread answers every request, one at a time: the models share this machine's memory bandwidth, so
+two answers at once would each run at half speed, and a local model's context is shared state. Requests wait in a
+bounded FIFO queue; when it is full the server answers 429 with Retry-After (estimated from recent answers) instead
+of letting clients pile up. Each request is a new conversation (OpenAI's API is stateless: the client sends the
+history), recorded like `localmoe ask` plus one `api_requests` row naming its client and outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from localmoe.chat.assistant import Assistant
+from localmoe.engine import GenerationConfig
+from localmoe.errors import LocalmoeError, UsageError
+from localmoe.home import models
+from localmoe.server.protocol import (
+    AUTO_MODEL,
+    ApiError,
+    ChatRequest,
+    chunk,
+    completion,
+    extension,
+    finish_reason,
+    model_list,
+    parse_chat_request,
+    usage,
+)
+
+DEFAULT_PORT = 8765
+DEFAULT_QUEUE = 16  # requests that may wait behind the one being answered
+MAX_BODY_BYTES = 8 * 2**20  # a prompt is capped at 200,000 characters; this leaves room for a long history
+POLL_S = 0.2  # how often a request waiting for the model checks whether its client is still there
+CLOSED = 499  # recorded (never sent) for a client that left before its answer began: nginx's "client closed request"
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Lane:
+    """One answer at a time, the others waiting in arrival order, at most `limit` of them. Lives on the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0  # the request being answered plus those waiting
+        self.mean_s: float | None = None  # recent answer time, for Retry-After
+        self._lock = asyncio.Lock()  # FIFO: waiters are woken in the order they came
+
+    async def acquire(self) -> None:
+        if self.count > self.limit:
+            wait = self.retry_after() * random.uniform(1.0, 1.5)  # jitter: refused clients do not return in step
+            raise ApiError(429, f"the server is busy: {self.count - 1} requests are waiting for the model (the limit "
+                           f"is {self.limit}); retry in {wait:.1f} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(max(1, math.ceil(wait))),
+                                    "retry-after-ms": str(max(1, round(wait * 1000)))})
+        self.count += 1
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self.count -= 1
+            raise
+
+    def release(self, seconds: float) -> None:
+        self.mean_s = seconds if self.mean_s is None else 0.8 * self.mean_s + 0.2 * seconds
+        self.count -= 1
+        self._lock.release()
+
+    def retry_after(self) -> float:
+        """Seconds until a slot is likely free: when the answer being made now ends, at the recent pace."""
+        return max(0.05, (self.mean_s or 1.0) * max(self.count - self.limit, 1))
+
+
+@dataclass
+class Job:
+    """One request on its way through the generation thread; events come back on `queue` in the loop's thread."""
+
+    request: ChatRequest
+    client: str | None
+    user_agent: str | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+
+class Backend:
+    """The models behind the API: one Assistant for `localmoe/auto` and the tiers' models (loaded once, shared),
+    an Assistant pinned to each other installed model asked for by name. Touched only by the generation thread
+    once serving starts."""
+
+    def __init__(self, *, strategy: str | None = None, preference: str | None = None) -> None:
+        self.assistant = Assistant(strategy=strategy, preference=preference)
+        self.recorder = self.assistant.recorder
+        self._pinned: dict[str, Assistant] = {}
+        self._defaults: dict[str, dict[str, Any]] = {}
+        self._ids: tuple[float, list[str]] = (0.0, [])
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localmoe-generate")
+
+    def warm_up(self) -> list[str]:
+        """Load the small tier, the router and the energy meter now, so the first request is not the slow one;
+        returns what the user should know (tier fallbacks, an unreadable router file)."""
+        a = self.assistant
+        a.available("small")
+        a.router.route("What is the capital of France?")
+        _ = a.session_for("small").meter
+        return list(dict.fromkeys(a.notices))
+
+    def model_ids(self) -> list[str]:
+        """`localmoe/auto` and every installed model; the directory is scanned at most every few seconds."""
+        at, ids = self._ids
+        if time.monotonic() - at > 5:
+            ids = [AUTO_MODEL, *dict.fromkeys(ref.id for ref in models.list_models())]
+            self._ids = (time.monotonic(), ids)
+        return ids
+
+    def _assistant_for(self, model: str) -> tuple[Assistant, str | None]:
+        """Who answers `model`, and on which tier: a tier's own model is asked on that tier (as `ask --tier`), so
+        it is never loaded twice."""
+        a = self.assistant
+        if model == AUTO_MODEL:
+            return a, None
+        for tier in ("small", "large"):
+            ref = a.tier_ref(tier)
+            if ref is not None and ref.id == model:
+                return a, tier
+        if model not in self._pinned:
+            self._pinned[model] = Assistant(recorder=self.recorder, pinned_model=model)
+        return self._pinned[model], None
+
+    def _configure(self, a: Assistant, tier: str, cascade: bool) -> None:
+        """The request's sampling on the sessions that may answer it, as `ask` builds its config: the model's own
+        defaults under what the request sets."""
+        tiers = {tier} | ({a.available("large", load=False)} if cascade else set())
+        for t in tiers:
+            session = a.session_for(t)
+            ref = session.model
+            if ref.id not in self._defaults:
+                self._defaults[ref.id] = models.generation_defaults(ref)
+            session.config = GenerationConfig(**{**self._defaults[ref.id], **a.overrides})
+
+    def generate(self, job: Job) -> None:
+        """Answer one request (on the generation thread): events `start` (the model), `piece`s when streaming, then
+        `done` (the answer as `ask --json` has it, and its text) or `error` (an ApiError). The request is recorded
+        before its last event, so a client that has its answer also finds it in the database."""
+        req = job.request
+        routed = None
+        sent = False
+        model = req.model
+        try:
+            a, tier = self._assistant_for(req.model)
+            a.overrides = dict(req.overrides)
+            a.conversation.restart()
+            a.conversation.history = [dict(m) for m in req.history]
+            routed = a.ask(req.prompt, job.cancel, tier=tier)
+            self._configure(a, routed.decision.tier, routed.decision.strategy == "cascade")
+            model = routed.decision.model or model
+            job.emit("start", model)
+            for piece in routed:
+                if req.stream:
+                    job.emit("piece", piece)
+                    sent = True
+            out = routed.to_dict()
+            self._record(job, out.get("message_id"), model, 200,
+                         "client disconnected" if job.cancel.is_set() else None)
+            job.emit("done", (out, routed.text))
+        except Exception as exc:  # every failure becomes an answer: the server must keep serving
+            api = self._api_error(exc, routed)
+            reply = routed.reply if routed is not None else None
+            self._record(job, reply.message_id if reply is not None else None, model, 200 if sent else api.status,
+                         api.message)
+            job.emit("error", api)
+
+    def _record(self, job: Job, message_id: int | None, model: str, status: int, error: str | None) -> None:
+        try:
+            self.recorder.record_api_request(
+                message_id, client=job.client, user_agent=job.user_agent, endpoint="/v1/chat/completions",
+                model=model, stream=job.request.stream, http_status=status, error=error)
+        except LocalmoeError as exc:
+            print(f"localmoe: warning: request not recorded: {exc}", file=sys.stderr)
+
+    @staticmethod
+    def _api_error(exc: Exception, routed: Any) -> ApiError:
+        reply = routed.reply if routed is not None else None
+        stats = reply.stats if reply is not None else None
+        plan = reply.session.engine.plan if reply is not None else None
+        ctx = getattr(plan, "ctx", None)
+        if (isinstance(exc, LocalmoeError) and stats is not None and ctx and stats.completion_tokens == 0
+                and stats.prompt_tokens >= ctx):
+            return ApiError(400, f"this model's maximum context length is {ctx} tokens, but the messages are "
+                            f"{stats.prompt_tokens} tokens ({reply.model}): shorten them",
+                            param="messages", code="context_length_exceeded")
+        if isinstance(exc, UsageError):
+            return ApiError(400, str(exc), param="messages")
+        if isinstance(exc, LocalmoeError):
+            return ApiError(500, str(exc), type="server_error")
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True)
+        for a in [self.assistant, *self._pinned.values()]:
+            a.close()
+        self.recorder.close()
+
+
+async def _until_disconnect(aw: Awaitable[T], request: Request) -> T:
+    """`aw`'s result, unless the client goes away first (ClientGone); `aw` is then cancelled."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, default=str)}\n\n"
+
+
+class Api:
+    """The routes, around one Backend."""
+
+    def __init__(self, backend: Backend, *, api_key: str | None = None, queue: int = DEFAULT_QUEUE) -> None:
+        self.backend = backend
+        self.api_key = api_key
+        self.lane = Lane(queue)
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                    Route("/v1/models", self.list_models, methods=["GET"]),
+                    Route("/health", self.health, methods=["GET"])],
+            exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},
+        )
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _error(err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return self._error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code))
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        return self._error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "incorrect API key: send the server's key as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    @staticmethod
+    async def _json(request: Request) -> Any:
+        declared = request.headers.get("content-length", "")
+        too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB", code="request_too_large")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                raise too_big
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+    async def _record(self, request: Request, model: str | None, stream: bool, status: int, error: str) -> None:
+        """A request refused before it reached the model, recorded off the event loop (SQLite syncs to disk)."""
+        try:
+            await asyncio.to_thread(
+                self.backend.recorder.record_api_request, None, client=_client(request),
+                user_agent=request.headers.get("user-agent"), endpoint=request.url.path, model=model, stream=stream,
+                http_status=status, error=error)
+        except LocalmoeError as exc:
+            print(f"localmoe: warning: request not recorded: {exc}", file=sys.stderr)
+
+    # -- routes --------------------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        lane = self.lane
+        return JSONResponse({"status": "ok", "queue": {"active": min(lane.count, 1),
+                                                       "waiting": max(lane.count - 1, 0), "limit": lane.limit}})
+
+    async def list_models(self, request: Request) -> Response:
+        try:
+            self._check_key(request)
+        except ApiError as err:
+            return self._error(err)
+        return JSONResponse(model_list(await asyncio.to_thread(self.backend.model_ids)))
+
+    async def chat_completions(self, request: Request) -> Response:
+        req: ChatRequest | None = None
+        try:
+            self._check_key(request)
+            req = parse_chat_request(await self._json(request))
+            if req.model not in await asyncio.to_thread(self.backend.model_ids):
+                raise ApiError(404, f"the model {req.model!r} does not exist here (see /v1/models)", param="model",
+                               code="model_not_found")
+            return await self._answer(request, req)
+        except ApiError as err:
+            await self._record(request, req.model if req else None, bool(req and req.stream), err.status,
+                               err.message)
+            return self._error(err)
+
+    async def _answer(self, request: Request, req: ChatRequest) -> Response:
+        loop = asyncio.get_running_loop()
+        job = Job(req, _client(request), request.headers.get("user-agent"), loop)
+        try:
+            await _until_disconnect(self.lane.acquire(), request)
+        except ClientGone:
+            await self._record(request, req.model, req.stream, CLOSED, "client disconnected while queued")
+            return Response(status_code=CLOSED)
+        t0 = time.monotonic()
+        running = loop.run_in_executor(self.backend.thread, self.backend.generate, job)
+        running.add_done_callback(lambda _: self.lane.release(time.monotonic() - t0))
+        model = req.model
+        try:
+            while True:  # until the answer has begun: an error before it still gets its own status code
+                kind, value = await _until_disconnect(job.queue.get(), request)
+                if kind != "start":
+                    break
+                model = value
+        except ClientGone:
+            job.cancel.set()  # the generation thread records the request and its partial answer
+            return Response(status_code=CLOSED)
+        if kind == "error":
+            return self._error(value)
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if not req.stream:
+            out, text = value
+            return JSONResponse(completion(request_id, out, text))
+        return StreamingResponse(self._events(job, request_id, model, (kind, value)), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _events(self, job: Job, request_id: str, model: str, first: tuple[str, Any]) -> AsyncIterator[str]:
+        created = int(time.time())
+        kind, value = first
+        try:
+            yield _sse(chunk(request_id, model, {"role": "assistant", "content": ""}, created=created))
+            while True:
+                if kind == "piece":
+                    yield _sse(chunk(request_id, model, {"content": value}, created=created))
+                elif kind == "done":
+                    out, _text = value
+                    last = chunk(request_id, out.get("model") or model, {}, finish_reason(out.get("stop_reason")),
+                                 created=created)
+                    last["localmoe"] = extension(out)
+                    yield _sse(last)
+                    if job.request.include_usage:
+                        yield _sse({**chunk(request_id, out.get("model") or model, {}, created=created),
+                                    "choices": [], "usage": usage(out)})
+                    yield "data: [DONE]\n\n"
+                    return
+                elif kind == "error":  # the stream has begun: the error travels as an event
+                    yield _sse(value.body())
+                    return
+                kind, value = await job.queue.get()
+        finally:
+            # Also reached when the client disconnects (the response task is cancelled): the engine stops before its
+            # next token, and the answer is recorded as cancelled with the tokens it had.
+            job.cancel.set()
+
+
+def _client(request: Request) -> str | None:
+    return f"{request.client.host}:{request.client.port}" if request.client else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback (127.0.0.0/8, ::1)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise LocalmoeError(f"cannot resolve --host {host}: {exc.strerror or exc}") from None
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, opened before any model loads so a port in use is one line at once."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise LocalmoeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise LocalmoeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _uvicorn_server(config: Any) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn re-raises a captured signal once it has shut down; here Ctrl-C or SIGTERM is the normal way to
+            # stop (exit 0, not "interrupted"). A second Ctrl-C still forces the exit.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    return Server(config)
+
+
+def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key_env: str | None = None,
+          queue: int = DEFAULT_QUEUE, strategy: str | None = None, preference: str | None = None) -> int:
+    """Serve until Ctrl-C / SIGTERM. Refuses to listen beyond loopback without an API key."""
+    import uvicorn
+
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env) or None
+        if key is None:
+            raise UsageError(f"--api-key-env {api_key_env}: that environment variable is not set or is empty; put "
+                             "the key clients must send in it")
+    if key is None and not is_loopback(host):
+        raise UsageError(f"--host {host} would let other machines use the models without a key: set one with "
+                         "--api-key-env VAR (the key in $VAR), or serve on 127.0.0.1")
+    sock = listen(host, port)
+    backend = Backend(strategy=strategy, preference=preference)
+    try:
+        for notice in backend.warm_up():
+            print(f"localmoe: notice: {notice}", file=sys.stderr)
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"localmoe: serving an OpenAI-compatible API at http://{shown}:{bound}/v1 "
+              f"(models: {', '.join(backend.model_ids())}; key {'required' if key else 'not required'}); "
+              "Ctrl-C stops", file=sys.stderr, flush=True)
+        config = uvicorn.Config(Api(backend, api_key=key, queue=queue).app(), log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        _uvicorn_server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        backend.close()
+    return 0

@@ -1,0 +1,150 @@
+"""OpenAI's chat-completions wire format: requests checked into a `ChatRequest`, answers and errors shaped as the
+official clients expect. No I/O here, so every shape can be read (and tested) on its own."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from localmoe.engine.base import Message
+
+AUTO_MODEL = "localmoe/auto"  # the router as a model: each request goes to the tier `localmoe route` names
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status plus OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    prompt: str  # the last user message: what is asked and recorded
+    history: list[Message]  # the messages before it, as the model sees them
+    stream: bool = False
+    include_usage: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # GenerationConfig fields the request sets
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts (what newer clients send)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(400, f"{where}.content must be a string or a list of text parts", param="messages")
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float, *, integer: bool = False,
+            lo_open: bool = False) -> float | int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if not ok or isinstance(value, bool) or not math.isfinite(value):
+        raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}", param=name)
+    if value < lo or value > hi or (lo_open and value == lo):
+        bounds = f"{'above' if lo_open else 'at least'} {lo:g} and at most {hi:g}"
+        raise ApiError(400, f"{name} must be {bounds}, not {value!r}", param=name)
+    return value
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Check a decoded JSON body; an ApiError (400) names the first thing wrong with it. Whether the model exists
+    is the server's question (404), not this function's."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required: a model id from /v1/models, or localmoe/auto", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    turns: list[Message] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of system, developer, user, assistant", param="messages")
+        turns.append({"role": ROLES[m["role"]], "content": _text(m.get("content"), where)})
+    if turns[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's question", param="messages")
+    for name in ("tools", "functions", "stop", "response_format", "logit_bias"):
+        if body.get(name):  # silently ignoring them would return answers the client did not ask for
+            raise ApiError(400, f"{name} is not supported by localmoe", param=name)
+    n = _number(body, "n", 1, 1, integer=True)
+    del n  # only 1 is accepted: one answer per request
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    overrides: dict[str, Any] = {}
+    max_tokens = _number(body, "max_completion_tokens", 1, 1_000_000, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, 1_000_000, integer=True)
+    if max_tokens is not None:
+        overrides["max_tokens"] = max_tokens
+    for name, lo, hi, lo_open in (("temperature", 0, 2, False), ("top_p", 0, 1, True)):
+        value = _number(body, name, lo, hi, lo_open=lo_open)
+        if value is not None:
+            overrides[name] = float(value)
+    seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
+    if seed is not None:
+        overrides["seed"] = seed
+    return ChatRequest(model=model, prompt=turns[-1]["content"], history=turns[:-1], stream=bool(stream),
+                       include_usage=bool(options.get("include_usage")), overrides=overrides)
+
+
+def finish_reason(stop_reason: str | None) -> str:
+    """OpenAI's finish_reason for a localmoe stop_reason: `length` when cut off, `stop` for every other end (the model
+    ended, a loop was stopped)."""
+    return "length" if stop_reason == "length" else "stop"
+
+
+def usage(out: dict[str, Any]) -> dict[str, int]:
+    u = out.get("usage") or {}
+    prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def extension(out: dict[str, Any]) -> dict[str, Any]:
+    """The `localmoe` field: everything `ask --json` reports (route, energy, expert cache, timing, ids) but the
+    answer, which is the message's content."""
+    return {k: v for k, v in out.items() if k not in ("answer", "usage")}
+
+
+def completion(request_id: str, out: dict[str, Any], text: str) -> dict[str, Any]:
+    return {
+        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": out.get("model"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason(out.get("stop_reason")), "logprobs": None}],
+        "usage": usage(out), "localmoe": extension(out),
+    }
+
+
+def chunk(request_id: str, model: str, delta: dict[str, Any], finish: str | None = None,
+          created: int | None = None) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created or int(time.time()),
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def model_list(ids: list[str]) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "localmoe"}
+                                       for i in ids]}
