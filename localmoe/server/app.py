@@ -377,7 +377,19 @@ class Api:
             yield _sse(chunk(request_id, model, {"role": "assistant", "content": ""}, created=created))
             while True:
                 if kind == "piece":
-                    yield _sse(chunk(request_id, model, {"content": value}, created=created))
+                    # pieces that queued up while the last event was sent go out as one: a client or a loop that
+                    # falls behind catches up instead of costing the engine time
+                    pieces, following = [value], None
+                    while not job.queue.empty():
+                        following = job.queue.get_nowait()
+                        if following[0] != "piece":
+                            break
+                        pieces.append(following[1])
+                        following = None
+                    yield _sse(chunk(request_id, model, {"content": "".join(pieces)}, created=created))
+                    if following is not None:
+                        kind, value = following
+                        continue
                 elif kind == "done":
                     out, _text = value
                     last = chunk(request_id, out.get("model") or model, {}, finish_reason(out.get("stop_reason")),
