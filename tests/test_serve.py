@@ -146,12 +146,13 @@ def test_answers_equal_ask_json_streamed_and_not(server):
                                                               expected["usage"]["completion_tokens"])
         assert ext["route"]["tier"] == "small" and ext["message_id"] and ext["energy"]["joules"] > 0
     # the auto answers carry the router's own decision, the named model's the tier it was asked on
-    rows = server.rows("select d.strategy, a.content, q.content as prompt, r.client, r.user_agent, r.stream "
+    rows = server.rows("select d.strategy, a.content, q.content as prompt, r.client, r.user_agent, r.stream, r.model "
                        "from routing_decisions d join messages a on a.id = d.message_id "
                        "join messages q on q.id = a.reply_to join api_requests r on r.message_id = a.id "
                        "order by a.id desc limit 4")
     assert [x["strategy"] for x in rows][::-1] == [expected["route"]["strategy"]] * 2 + ["override"] * 2
     assert all(x["content"] == expected["answer"] and x["prompt"] == QUESTION for x in rows)
+    assert [x["model"] for x in rows][::-1] == ["localmoe/auto"] * 2 + ["smollm2-135m-instruct"] * 2
     assert all(x["client"].startswith("127.0.0.1:") and x["user_agent"].startswith("OpenAI/Python") for x in rows)
     assert [x["stream"] for x in rows][::-1] == [0, 1, 0, 1]
 
@@ -199,6 +200,27 @@ def test_disconnect_mid_stream_stops_decoding(server):
     assert 3 <= row["completion_tokens"] < 40  # of 400 allowed: the engine stopped soon after the client left
     [req] = server.rows("select * from api_requests order by id desc limit 1")
     assert req["error"] == "client disconnected" and req["stream"] == 1
+
+    # a client that gives up on a plain (non-streamed) answer stops it too
+    host, port = server.url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 400, "temperature": 0.8, "seed": 7,
+                       "messages": [{"role": "user", "content": "Write a long story about a cat and a violin."}]})
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 30
+        while not server.rows("select id from messages where content = 'Write a long story about a cat and a "
+                              "violin.'") and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the question is recorded: its answer is being made
+    deadline = time.monotonic() + 30
+    while True:
+        [row] = server.rows("select m.status, g.completion_tokens from messages m join messages q on q.id = "
+                            "m.reply_to left join generations g on g.message_id = m.id where q.content = 'Write a "
+                            "long story about a cat and a violin.'")
+        if row["status"] != "pending" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert row["status"] == "cancelled" and row["completion_tokens"] < 100
 
 
 def test_eight_clients_none_lost_all_recorded_and_the_queue_limit_answers_429(server):

@@ -174,7 +174,6 @@ class Backend:
         req = job.request
         routed = None
         sent = False
-        model = req.model
         try:
             a, tier = self._assistant_for(req.model)
             a.overrides = dict(req.overrides)
@@ -182,28 +181,28 @@ class Backend:
             a.conversation.history = [dict(m) for m in req.history]
             routed = a.ask(req.prompt, job.cancel, tier=tier)
             self._configure(a, routed.decision.tier, routed.decision.strategy == "cascade")
-            model = routed.decision.model or model
-            job.emit("start", model)
+            job.emit("start", routed.decision.model or req.model)
             for piece in routed:
                 if req.stream:
                     job.emit("piece", piece)
                     sent = True
             out = routed.to_dict()
-            self._record(job, out.get("message_id"), model, 200,
+            self._record(job, out.get("message_id"), 200,
                          "client disconnected" if job.cancel.is_set() else None)
             job.emit("done", (out, routed.text))
         except Exception as exc:  # every failure becomes an answer: the server must keep serving
             api = self._api_error(exc, routed)
             reply = routed.reply if routed is not None else None
-            self._record(job, reply.message_id if reply is not None else None, model, 200 if sent else api.status,
+            self._record(job, reply.message_id if reply is not None else None, 200 if sent else api.status,
                          api.message)
             job.emit("error", api)
 
-    def _record(self, job: Job, message_id: int | None, model: str, status: int, error: str | None) -> None:
+    def _record(self, job: Job, message_id: int | None, status: int, error: str | None) -> None:
+        """The request's row: the model it asked for (the answer's own row names the model that answered)."""
         try:
             self.recorder.record_api_request(
                 message_id, client=job.client, user_agent=job.user_agent, endpoint="/v1/chat/completions",
-                model=model, stream=job.request.stream, http_status=status, error=error)
+                model=job.request.model, stream=job.request.stream, http_status=status, error=error)
         except LocalmoeError as exc:
             print(f"localmoe: warning: request not recorded: {exc}", file=sys.stderr)
 
