@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -165,3 +166,78 @@ def usable(x: Tensor, mats: tuple[Tensor, ...]) -> bool:
     return (isinstance(gu, Tensor) and gu.dtype == torch.float32 and down.dtype == torch.float32
             and gu.device.type == "cpu" and gu.is_contiguous() and down.is_contiguous()
             and gu.shape[0] == 2 * down.shape[1] and gu.shape[1] == down.shape[0] == x.shape[-1])
+
+
+# --- prompt processing (prefill): many tokens through the same weights ---------------------------------------------
+
+_scratch = threading.local()  # per thread: two engines may prefill at once, each on its own thread
+
+
+def _prefill_library() -> ctypes.CDLL | None:
+    """The library with the prefill kernels' signatures declared (once per loaded library), or None."""
+    lib = library()
+    if lib is not None and not getattr(lib, "_lm_prefill", False):
+        i = ctypes.c_int
+        lib.lm_prefill_scratch.argtypes = [i, i, i]
+        lib.lm_prefill_scratch.restype = ctypes.c_size_t
+        lib.lm_linear_f32.argtypes = [_P, _P, _P, _P, i, i, i, i, _P, i]
+        lib.lm_linear_f32.restype = None
+        lib.lm_expert_prefill_f32.argtypes = [_P, _P, _P, _P, _P, i, _P, i, i, _P, i]
+        lib.lm_expert_prefill_f32.restype = None
+        lib._lm_prefill = True
+    return lib
+
+
+def _scratch_for(lib: ctypes.CDLL, m: int, k: int, f: int) -> Tensor:
+    n = lib.lm_prefill_scratch(m, k, f)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf
+
+
+def _cpu_f32(t: object) -> bool:
+    return isinstance(t, Tensor) and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+def linear_usable(x: Tensor, w: object, bias: Tensor | None = None) -> bool:
+    """Whether `linear` can take activations x (..., k) and weights w (n, k)."""
+    return (_prefill_library() is not None and _cpu_f32(x) and _cpu_f32(w) and w.dim() == 2  # type: ignore[union-attr]
+            and x.shape[-1] == w.shape[1] and (bias is None or _cpu_f32(bias)))  # type: ignore[union-attr]
+
+
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., k) · wᵀ (+ bias), as F.linear, for several rows of x at once. The caller checks `linear_usable`."""
+    lib = _prefill_library()
+    assert lib is not None
+    n, k = w.shape
+    rows = x.reshape(-1, k)
+    m = rows.shape[0]
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    if m:
+        lib.lm_linear_f32(w.data_ptr(), bias.data_ptr() if bias is not None else None, rows.data_ptr(), y.data_ptr(),
+                          m, n, k, n, _scratch_for(lib, m, k, 0).data_ptr(), torch.get_num_threads())
+    return y
+
+
+def expert_usable(x: Tensor, mats: tuple[object, ...]) -> bool:
+    """Whether `expert_prefill` can take activations x (tokens, hidden) and this expert's (gate_up, down)."""
+    gu, down = mats
+    return (_prefill_library() is not None and _cpu_f32(x) and x.dim() == 2 and _cpu_f32(gu) and _cpu_f32(down)
+            and gu.shape[0] == 2 * down.shape[1] and gu.shape[1] == down.shape[0] == x.shape[1])  # type: ignore
+
+
+def expert_prefill(x: Tensor, mats: tuple[Tensor, Tensor], tokens: Tensor, scales: Tensor, out: Tensor) -> None:
+    """out[tokens[i]] += scales[i] × down · (silu(gate · x[tokens[i]]) × (up · x[tokens[i]])) for one expert.
+
+    x, out: (tokens, hidden) float32 on the CPU, contiguous; tokens: int32 row numbers, no repeats; scales: float32,
+    as many. The caller checks `expert_usable`."""
+    lib = _prefill_library()
+    assert lib is not None
+    gu, down = mats
+    m, (k, f) = tokens.numel(), down.shape
+    if not m:
+        return
+    tokens, scales = tokens.to(torch.int32).contiguous(), scales.to(torch.float32).contiguous()
+    lib.lm_expert_prefill_f32(gu.data_ptr(), down.data_ptr(), x.data_ptr(), tokens.data_ptr(), scales.data_ptr(), m,
+                              out.data_ptr(), k, f, _scratch_for(lib, m, k, f).data_ptr(), torch.get_num_threads())

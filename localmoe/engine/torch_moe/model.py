@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -85,10 +86,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(w["k_norm"], args.norm_eps) if "k_norm" in w else None
         self.kv_cache = KVCache(args.max_seq_length, args.n_kv_heads, args.head_dim, torch.float32)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor,
+                native: bool = False) -> Tensor:
+        """`native`: the projections through kernels.linear (several float32 tokens on the CPU)."""
         a = self.args
         bsz, seqlen, _ = x.shape
-        q, k, v = _linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)
+        q, k, v = _linear(x, self.wqkv, self.bqkv, native).split(self.split, dim=-1)
         if self.q_norm is not None and self.k_norm is not None and not self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if a.clip_qkv is not None:
@@ -109,7 +112,7 @@ class Attention(nn.Module):
         k, v = k[:, :, :end], v[:, :, :end]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.head_dim),
                                            enable_gqa=a.n_heads != a.n_kv_heads)
-        return _linear(y.transpose(1, 2).reshape(bsz, seqlen, a.n_heads * a.head_dim), self.wo)
+        return _linear(y.transpose(1, 2).reshape(bsz, seqlen, a.n_heads * a.head_dim), self.wo, None, native)
 
 
 class MoE(nn.Module):
@@ -123,7 +126,10 @@ class MoE(nn.Module):
         self.top_p: float | None = None  # adaptive expert count (see route)
         self.replay: TraceReplay | None = None  # benchmark switch: route by a recorded trace
         self.last_topk: Tensor | None = None  # (tokens, k) expert ids of the last call, -1 where unused
-        self.native = False  # one-token float32 experts through kernels.moe_decode (set by the engine on a CPU)
+        # float32 on the CPU with the native library (set by the engine): one-token experts through
+        # kernels.moe_decode, a prompt's through kernels.expert_prefill and its dense projections through
+        # kernels.linear
+        self.native = False
         self.handle = _MOES.add(self)
         # set by Transformer: the next layer's MoE, whose experts this one prefetches (not a submodule)
         self.__dict__["next_moe"] = None
@@ -200,13 +206,32 @@ class MoE(nn.Module):
                         store.get(self.layer, expert).ffn_add(x, s, out)
             else:
                 stats.experts_used += int((idx >= 0).sum())
-                for expert in experts:
-                    tokens, slot = torch.where(idx == expert)
-                    ye = store.get(self.layer, expert).ffn(x[tokens])
-                    out.index_add_(0, tokens, ye * weights[tokens, slot, None])
+                self._prompt_experts(x, weights, idx, experts, out)
         finally:
             store.end_step(self.layer)
         return out
+
+    def _prompt_experts(self, x: Tensor, weights: Tensor, idx: Tensor, experts: list[int], out: Tensor) -> None:
+        """Several tokens: each expert once over all the tokens routed to it, in ascending expert order (each
+        output row sums its experts in that order, whatever the cache held)."""
+        n_slots = idx.shape[1]
+        flat = idx.reshape(-1)
+        # the (token, slot) pairs grouped by expert, tokens ascending within each (stable): one sort per layer
+        # rather than a search per expert; dropped slots (-1, adaptive top-p) sort first and are skipped
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat + 1, minlength=self.args.n_experts + 1).tolist()
+        tokens = torch.div(order, n_slots, rounding_mode="floor")
+        scales = weights.reshape(-1)[order]
+        starts = list(accumulate(counts))  # expert e's pairs: [starts[e], starts[e + 1])
+        tokens32 = tokens.to(torch.int32) if self.native else tokens
+        for expert in experts:
+            lo, hi = starts[expert], starts[expert + 1]
+            w = self.store.get(self.layer, expert)
+            if self.native and kernels.expert_usable(x, w.mats):
+                kernels.expert_prefill(x, w.mats, tokens32[lo:hi], scales[lo:hi], out)
+            else:
+                rows = tokens[lo:hi]
+                out.index_add_(0, rows, w.ffn(x[rows]) * scales[lo:hi, None])
 
     def prefetch_next(self, predicted: Tensor) -> None:
         nxt = self.next_moe
@@ -270,7 +295,7 @@ class TransformerBlock(nn.Module):
         self.__dict__["next"] = None  # the following block, whose experts this one predicts (set by Transformer)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, _native_prompt(self.moe, x))
         predicted = self.predict_next(h) if self.next is not None and self.moe.store.prefetching else None
         return h + self.moe(self.ffn_norm(h), predicted)
 
@@ -312,15 +337,19 @@ class Transformer(nn.Module):
     def moes(self) -> list[MoE]:
         return [block.moe for block in self.layers]
 
-    def forward(self, idx: Tensor, input_pos: Tensor, end: int | None = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, end: int | None = None, last: bool = False) -> Tensor:
         """Logits for tokens `idx` (1, n) placed at positions `input_pos`; earlier positions come from the KV cache.
-        `end` (one past the last position) bounds the attention; default: the whole cache."""
+        `end` (one past the last position) bounds the attention; default: the whole cache. `last`: the last
+        position's logits only (1, 1, vocab), all a prompt's prefill needs: the output head is the largest matrix."""
         mask = self.causal_mask[None, None, input_pos, : end or self.args.max_seq_length]
         cos, sin = self.cos[input_pos], self.sin[input_pos]
         x = F.embedding(idx, self.tok_embeddings)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return _linear(self.norm(x), self.output)
+        native = _native_prompt(self.layers[0].moe, x)  # a prompt's last row too: the kernel streams the head faster
+        if last:
+            x = x[:, -1:]
+        return _linear(self.norm(x), self.output, None, native)
 
     def quantize_dense(self) -> None:
         """int8 for the big dense matmuls — attention projections and the output head — as llama.cpp's q8_0 has
@@ -331,11 +360,19 @@ class Transformer(nn.Module):
             block.attention.wo = Int8Linear(block.attention.wo)
 
 
-def _linear(x: Tensor, w: Tensor | Int8Linear, bias: Tensor | None = None) -> Tensor:
+def _linear(x: Tensor, w: Tensor | Int8Linear, bias: Tensor | None = None, native: bool = False) -> Tensor:
     if isinstance(w, Int8Linear):
         y = w(x)
         return y + bias if bias is not None else y
+    if native and kernels.linear_usable(x, w, bias):
+        return kernels.linear(x, w, bias)
     return F.linear(x, w, bias)
+
+
+def _native_prompt(moe: MoE, x: Tensor) -> bool:
+    """Whether several tokens' dense projections go through kernels.linear: the engine chose the native kernels,
+    and the model is not being traced by torch.compile (a ctypes call would split its graph)."""
+    return moe.native and x.shape[1] > 1 and not torch.compiler.is_compiling()
 
 
 def layer_weights(weights: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
