@@ -97,6 +97,12 @@ def test_prompt_and_greedy_decode_match_transformers(checkpoint, slots):
         assert chosen[step] == int(want_row.argmax())
     print(f"{arch} slots={slots}: max |logit diff| {diff:.2e}, {engine.cache_stats()}")
     assert diff <= 1e-4
+    # one slot per layer, fewer than the experts a token takes: the native step resolves its misses through the
+    # store (no shared expert in it: Qwen2-MoE keeps the torch path)
+    import localmoe.engine.torch_moe.kernels as native
+
+    if native.available() and arch != "qwen2_moe":
+        assert engine.native_steps == DECODE_STEPS - 1 and engine.cache_stats()["decode_step"] == "native"
 
     stats = engine.cache_stats()
     if slots is None:
@@ -391,7 +397,8 @@ def test_chat_turns_evaluate_only_the_new_tokens_in_both_engines(tiny_moe):
 
 def test_every_expert_is_read_in_the_background_and_the_native_step_takes_over(tiny_moe):
     """No preload: when every expert fits, load() starts reading them all, answering starts at once, and by the
-    second answer the decode steps run in native code; with load_all=False they are read only on demand."""
+    second answer every expert is resident for the native step; with load_all=False they are read only on
+    demand, the native step resolving each miss."""
     import localmoe.engine.torch_moe.kernels as native
     from localmoe.engine import GenerationConfig
 
@@ -409,7 +416,7 @@ def test_every_expert_is_read_in_the_background_and_the_native_step_takes_over(t
         assert first == second == "".join(lazy.stream(question, config))
         if native.available():
             assert engine.native_steps > 0 and engine.cache_stats()["decode_step"] == "native"
-        assert not lazy.store.filling and lazy.native_steps == 0
+        assert not lazy.store.filling and lazy.cache_stats()["misses"] > 0
         assert sum(len(layer.entries) for layer in lazy.store.layers) < 3 * 8  # only what the answer used
     finally:
         engine.close()

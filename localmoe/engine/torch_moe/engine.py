@@ -34,12 +34,12 @@ from localmoe.engine.base import (
 from localmoe.engine.torch_moe.checkpoint import Checkpoint, DenseWeights, expert_loader
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.device import plan_for, resolve_device
-from localmoe.engine.torch_moe.expert_store import ExpertStore
+from localmoe.engine.torch_moe.expert_store import ExpertStore, ExpertWeights
 from localmoe.engine.torch_moe.model import TraceReplay, Transformer
 from localmoe.engine.torch_moe.options import TorchOptions
 from localmoe.engine.torch_moe.quant import int8_linear_available
 from localmoe.engine.torch_moe.sampling import Sampler
-from localmoe.engine.torch_moe.step import DecodeStep, decode_step
+from localmoe.engine.torch_moe.step import DecodeStep, ExpertTable, decode_step
 from localmoe.engine.torch_moe.tokenizer import ChatTokenizer, IncrementalDetokenizer
 from localmoe.errors import LocalmoeError
 from localmoe.experts.trace import Trace, TraceToken
@@ -92,8 +92,9 @@ class TorchMoEEngine(Engine):
         self.token_logprobs: list[float] = []
         self.routing: list[TraceToken] = []  # with telemetry: experts per layer of each token evaluated
         self.forward_calls = 0  # model calls (prefill or one decode step) since load, for tests and benchmarks
-        # the whole decode step in one native call once every expert is resident (None: not yet, False: never)
+        # the whole decode step in one native call (None: not built yet, False: never)
         self._step: DecodeStep | bool | None = None
+        self._synced: list[int] = []  # per layer: the store's version the step's expert table has
         self.native_steps = 0  # decode steps that ran there, for tests and benchmarks
 
     def load(self) -> None:
@@ -159,16 +160,15 @@ class TorchMoEEngine(Engine):
 
     def _use_kernels(self) -> None:
         """One-token float32 experts on the CPU in one native call per layer (kernels.py) where the library builds,
-        and the whole decode step in native code (step.py) once every expert is resident."""
+        and the whole decode step in native code (step.py), misses of a partial cache resolved from it."""
         o, model, store = self.options, self.model, self.store
         assert model is not None and store is not None
         use_native = (o.kernels == "native" and str(self.device) == "cpu" and o.expert_dtype == "float32"
                       and kernels.available())
         for moe in model.moes:
             moe.native = use_native
-        # slots for every expert: none is ever evicted, so the native step may hold their addresses; a compiled or
-        # prefetching engine keeps its torch path (DecodeStep.why_not rules out the rest once experts are resident)
-        native_step = use_native and not o.compile and not store.prefetching and store.slots == model.args.n_experts
+        # a compiled or prefetching engine keeps its torch path (DecodeStep.why_not rules out the rest)
+        native_step = use_native and not o.compile and not store.prefetching
         self._step = None if native_step else False
 
     def _compile_now(self) -> None:
@@ -221,7 +221,7 @@ class TorchMoEEngine(Engine):
             "device": str(self.device),
             "compiled": o.compile,
             "expert_kernel": self._expert_kernel(),
-            # "native": one-token steps run whole in native code (every expert resident), else in torch
+            # "native": one-token steps run whole in native code, else in torch
             "decode_step": "native" if self._step else "torch",
             # the options in effect: as given, with what load chose where they were left to it
             "options": {**o.to_dict(), **({"expert_slots": store.slots, "prefetch": store.prefetching,
@@ -311,8 +311,9 @@ class TorchMoEEngine(Engine):
         return out.float().cpu() if out.device.type != "cpu" else out
 
     def _native_step(self) -> DecodeStep | None:
-        """The native decode step where it applies now (see _use_kernels): every expert resident, and no adaptive top-p
-        or trace replay, which the torch path implements (both are set on every layer at once)."""
+        """The native decode step where it applies now (see _use_kernels): not with adaptive top-p or a trace
+        replay, which the torch path implements (both are set on every layer at once). Its expert table is first
+        brought up to date with every layer whose cache changed since (loads, evictions, the background fill)."""
         if self._step is False:
             return None
         model, store = self._model(), self.store
@@ -320,23 +321,53 @@ class TorchMoEEngine(Engine):
         if model.moes[0].top_p is not None or model.moes[0].replay is not None:
             return None
         if self._step is None:
-            n = model.args.n_experts
-            if any(len(c.entries) < n for c in store.layers):
-                return None  # not all read in yet (preload() reads them at once)
-            experts = [[c.entries[e].mats for e in range(n)] for c in store.layers]
-            self._step = decode_step(model, experts) or False
+            self._step = decode_step(model, ExpertTable(model.args.n_layers, model.args.n_experts),
+                                     self._resolve) or False
+            self._synced = [-1] * model.args.n_layers
+        if self._step:
+            for layer, version in enumerate(store.versions):
+                if version != self._synced[layer]:
+                    self._sync(layer)
         return self._step or None
 
+    def _sync(self, layer: int, using: dict[int, ExpertWeights] | None = None) -> None:
+        """The native step's table for `layer` as its cache is now, plus the experts `using` (fewer slots than
+        experts per token: the step's own experts may have left the cache already, as in the torch path, which
+        holds each while it computes); the table then drops them at the next step."""
+        assert self.store is not None and isinstance(self._step, DecodeStep)
+        version, resident = self.store.resident(layer)
+        entries = dict(resident)
+        extra = {e: w for e, w in (using or {}).items() if e not in entries}
+        entries.update(extra)
+        probe = self._model().tok_embeddings[:1]
+        mats = [(expert, w.mats) for expert, w in entries.items()]
+        if not all(kernels.usable(probe, m) for _, m in mats):
+            raise LocalmoeError(f"layer {layer}'s experts are not float32 matrices the native step can read")
+        self._step.table.sync(layer, mats)
+        self._synced[layer] = -1 if extra else version
+
+    def _resolve(self, layer: int, experts: list[int]) -> None:
+        """A miss in the native step: the layer's chosen experts through the store as the torch path takes them
+        (loaded, counted, the rest of the layer's cache kept per the policy), then into the table."""
+        store = self.store
+        assert store is not None
+        store.begin_step(layer, experts, 1)
+        try:
+            using = {expert: store.get(layer, expert) for expert in experts}
+        finally:
+            store.end_step(layer)
+        st = store.stats[layer]
+        st.tokens += 1
+        st.experts_used += len(experts)
+        self._sync(layer, using)
+
     def _count_native_step(self, step: DecodeStep) -> None:
-        """The statistics the torch path keeps per layer: every expert a hit (all are resident)."""
+        """The statistics the torch path keeps per layer: the layers that resolved a miss counted themselves."""
         self.native_steps += 1
-        k = step.top_k
-        chosen = step.chosen() if self.telemetry else None
-        for st in self.store.stats:
-            st.tokens += 1
-            st.experts_used += k
-            st.hits += k
-        if chosen is not None:
+        chosen = step.chosen()
+        assert self.store is not None
+        self.store.count_resident_steps(chosen, step.resolved)
+        if self.telemetry:
             for moe, ids in zip(self._model().moes, chosen, strict=True):
                 moe.last_topk = torch.tensor([ids])
 

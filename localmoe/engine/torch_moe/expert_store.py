@@ -190,6 +190,7 @@ class ExpertStore:
         self.warm_slots = min(warm_slots, n_experts) if self.device.type == "cuda" else 0
         self.warm = [LRUCache(self.warm_slots) for _ in range(n_layers)] if self.warm_slots else None
         self.stats = [LayerStats() for _ in range(n_layers)]
+        self.versions = [0] * n_layers  # per layer: bumped whenever an expert enters or leaves its fast tier
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, int], Future[ExpertWeights]] = {}
         self._unused_prefetch: list[set[int]] = [set() for _ in range(n_layers)]
@@ -235,6 +236,26 @@ class ExpertStore:
     def end_step(self, layer: int) -> None:
         with self._lock:
             self._in_use[layer] = frozenset()
+
+    def resident(self, layer: int) -> tuple[int, list[tuple[int, ExpertWeights]]]:
+        """The layer's version and the experts in its fast tier now."""
+        with self._lock:
+            return self.versions[layer], list(self.layers[layer].entries.items())
+
+    def count_resident_steps(self, chosen: list[list[int]], skip: list[int]) -> None:
+        """A one-token step that found `chosen[layer]` resident in every layer but `skip` (counted as it went): the
+        hits, and the uses the replacement policy ranks by, as begin_step and get would have counted them."""
+        with self._lock:
+            for layer, experts in enumerate(chosen):
+                if layer in skip:
+                    continue
+                cache, st = self.layers[layer], self.stats[layer]
+                cache.clock += 1
+                for expert in experts:
+                    cache.lookup(expert)
+                st.tokens += 1
+                st.experts_used += len(experts)
+                st.hits += len(experts)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         st = self.stats[layer]
@@ -392,6 +413,7 @@ class ExpertStore:
     def _insert(self, layer: int, expert: int, weights: ExpertWeights, keep: frozenset[int] = frozenset()) -> None:
         """Under the lock."""
         evicted = self.layers[layer].insert(expert, weights, self._in_use[layer] | keep)
+        self.versions[layer] += 1
         if evicted is not None:
             self._copied.pop((layer, evicted), None)
         if evicted is not None and evicted in self._unused_prefetch[layer]:

@@ -41,6 +41,8 @@ _P = ctypes.c_void_p
 
 
 QK_NORM = {None: 0, "head": 1, "full": 2}  # ModelArgs.qk_norm as StepConfig.qk_norm
+# lm_resolve_fn: (layer, its chosen experts, how many) -> 0 once their addresses are in the table
+RESOLVE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int)
 
 
 class StepConfig(ctypes.Structure):
@@ -82,8 +84,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     c_size, py_size = lib.lm_step_config_size(), ctypes.sizeof(StepConfig)
     if c_size != py_size:  # the source and its mirror here disagree: the step would read the wrong fields
         return None, f"torch (native kernel: lm_step_config is {c_size} bytes in C, StepConfig {py_size})"
-    lib.lm_step_f32.argtypes = [ctypes.POINTER(StepConfig), _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P]
-    lib.lm_step_f32.restype = None
+    lib.lm_step_f32.argtypes = [ctypes.POINTER(StepConfig), _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P,
+                                RESOLVE]
+    lib.lm_step_f32.restype = ctypes.c_int
     return lib, "native"
 
 

@@ -129,7 +129,8 @@ void lm_moe_decode_f32(int n_exp, const float *const *gate_up, const float *cons
     }
 }
 
-/* One decode step of a whole float32 MoE model with every expert resident, in one call (step.DecodeStep).
+/* One decode step of a whole float32 MoE model in one call (step.DecodeStep); experts that are not resident are
+ * made so through a callback, so only a miss leaves C.
  *
  * Per token, torch's path costs ~2-4 ms of Python and small kernels around ~22 ms of weight reads on the machines we
  * measure on; this is the same step (RMSNorm, q/k norms, rotate-half RoPE, GQA attention over the KV cache, softmax
@@ -171,10 +172,18 @@ static void rope(float *v, const float *cos, const float *sin, int hd)
     }
 }
 
-/* logits (vocab) for one token at position pos; chosen (n_layers x top_k): each layer's experts, ascending */
-void lm_step_f32(const lm_step_config *c, const void *const *lp, const float *const *gate_up,
-                 const float *const *down, const float *embed, const float *final_norm, const float *lm_head,
-                 const float *cos, const float *sin, int pos, float *logits, int *chosen, float *scratch)
+/* Called when a layer's chosen experts are not all in the address table (a partial cache): it makes them resident,
+ * fills their entries and returns 0, or returns non-zero to abandon the step. Only on misses: a step whose experts
+ * are all resident runs with no call out of C. */
+typedef int (*lm_resolve_fn)(int layer, const int *experts, int n);
+
+/* logits (vocab) for one token at position pos; chosen (n_layers x top_k): each layer's experts, ascending.
+ * gate_up/down: (n_layers x n_experts) addresses, NULL where the expert is not resident (then `resolve` is called).
+ * Returns 0, or the non-zero code of `resolve` (or -1: an expert still missing after it) with logits unset. */
+int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *const *gate_up,
+                const float *const *down, const float *embed, const float *final_norm, const float *lm_head,
+                const float *cos, const float *sin, int pos, float *logits, int *chosen, float *scratch,
+                lm_resolve_fn resolve)
 {
     const int dim = c->dim, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim, ne = c->n_experts,
               k = c->top_k, ff = c->expert_ff, maxseq = c->max_seq_length, nt = c->threads;
@@ -263,9 +272,19 @@ void lm_step_f32(const lm_step_config *c, const void *const *lp, const float *co
             for (int j = 0; j < k; j++)
                 w[j] /= wsum;
         const float *gu[64], *dn[64];
+        int missing = 0;
+        for (int j = 0; j < k; j++)
+            missing |= gate_up[(size_t)l * ne + ch[j]] == NULL;
+        if (missing) {  /* the table may change in the call: read the addresses after it */
+            const int rc = resolve ? resolve(l, ch, k) : -1;
+            if (rc)
+                return rc;
+        }
         for (int j = 0; j < k; j++) {
             gu[j] = gate_up[(size_t)l * ne + ch[j]];
             dn[j] = down[(size_t)l * ne + ch[j]];
+            if (gu[j] == NULL || dn[j] == NULL)
+                return -1;
         }
         for (int i = 0; i < dim; i++)
             xn[i] = 0.f;
@@ -275,7 +294,9 @@ void lm_step_f32(const lm_step_config *c, const void *const *lp, const float *co
     }
     rmsnorm(x, final_norm, xn, dim, eps);
     lm_gemv_f32(lm_head, xn, NULL, logits, c->vocab_size, dim, nt);
+    return 0;
 }
+
 
 /* ---- Prompt processing (prefill): many tokens through the same weights ----------------------------------------
  *

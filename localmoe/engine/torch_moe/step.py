@@ -1,10 +1,13 @@
-"""A whole one-token decode step in one native call (`lm_step_f32` of moe_kernels.c), for a float32 model on the CPU
-whose experts are all resident: the torch path's Python between the kernels, not the kernels, was the gap to
-llama.cpp. Reads the model's resolved `ModelArgs` and its tensors in place; knows nothing of the engine."""
+"""A whole one-token decode step in one native call (`lm_step_f32` of moe_kernels.c), for a float32 model on the CPU:
+the torch path's Python between the kernels, not the kernels, was the gap to llama.cpp. The experts' addresses are
+an `ExpertTable`; with a partial cache, an expert missing from it is resolved by a callback into Python, so only a
+miss leaves native code. Reads the model's resolved `ModelArgs` and its tensors in place; knows nothing of the
+engine or the expert store."""
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -13,19 +16,54 @@ import localmoe.engine.torch_moe.kernels as kernels
 
 MAX_TOP_K = 64  # lm_step_f32's per-layer arrays
 _P = ctypes.c_void_p
+Mats = tuple[Tensor, Tensor]  # an expert's (gate and up stacked, down), float32, contiguous
+
+
+class ExpertTable:
+    """The addresses `lm_step_f32` reads, per (layer, expert): NULL where the expert is not resident. Holds a
+    reference to every tensor it points to, so an expert the cache evicts stays valid until the table lets it go
+    (`sync`, on the thread that runs the step)."""
+
+    def __init__(self, n_layers: int, n_experts: int) -> None:
+        self.n_experts = n_experts
+        self.gate_up = (_P * (n_layers * n_experts))()
+        self.down = (_P * (n_layers * n_experts))()
+        self._held: list[dict[int, Mats]] = [{} for _ in range(n_layers)]
+
+    def sync(self, layer: int, resident: Iterable[tuple[int, Mats]]) -> None:
+        """Make `layer`'s entries exactly the `resident` experts."""
+        held, now = self._held[layer], dict(resident)
+        for expert in held.keys() - now.keys():
+            i = layer * self.n_experts + expert
+            self.gate_up[i] = self.down[i] = None
+        for expert, mats in now.items():
+            if held.get(expert) is not mats:
+                i = layer * self.n_experts + expert
+                self.gate_up[i], self.down[i] = mats[0].data_ptr(), mats[1].data_ptr()
+        self._held[layer] = now
+
+    def complete(self) -> bool:
+        return all(len(held) == self.n_experts for held in self._held)
+
+
+# (layer, its chosen experts ascending) -> makes them resident and syncs the table; raises to abandon the step
+Resolver = Callable[[int, list[int]], None]
 
 
 class DecodeStep:
     """One-token decode of a whole model in one native call, built from the torch model's own tensors (weights, KV
     cache, RoPE tables) and used in place: the torch path and this one can alternate on the same sequence.
 
-    `decode_step` returns None where the step does not apply (see `why_not`); the experts' addresses are read
-    once, so the engine uses it only while no expert can move (every slot of every layer filled, none evictable)."""
+    `decode_step` returns None where the step does not apply (see `why_not`). The experts' addresses come from
+    `table`; a chosen expert missing there is handed to `resolve`, which must make it resident and sync the table."""
 
-    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, experts: list[list[tuple[Tensor, Tensor]]]) -> None:
+    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, table: ExpertTable, resolve: Resolver) -> None:
         a = model.args
         self._lib, self._model, self.top_k, self.n_layers = lib, model, a.top_k, a.n_layers
-        self._keep = experts  # the addresses below point into these
+        self.table, self._resolve = table, resolve
+        self.resolved: list[int] = []  # the layers the last step resolved (their cache counted them already)
+        self._error: BaseException | None = None
+        self._callback = kernels.RESOLVE(self._on_miss)  # kept: C holds its address during every step
 
         def ptr(t: Tensor | None) -> int | None:
             return t.data_ptr() if t is not None else None
@@ -39,11 +77,8 @@ class DecodeStep:
                            ptr(at.k_norm.weight) if at.k_norm is not None else None, ptr(at.wo),
                            ptr(block.ffn_norm.weight), ptr(block.moe.router),
                            ptr(at.kv_cache.k_cache), ptr(at.kv_cache.v_cache)]
-        gate_up = [gu.data_ptr() for layer in experts for gu, _ in layer]
-        down = [d.data_ptr() for layer in experts for _, d in layer]
         self._cfg = kernels.StepConfig.from_args(a)
         self._layers = (_P * len(layer_ptrs))(*layer_ptrs)
-        self._gate_up, self._down = (_P * len(gate_up))(*gate_up), (_P * len(down))(*down)
         q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         self._scratch = torch.zeros(3 * a.dim + 2 * q_out + 2 * kv_out + a.n_experts + a.top_k * a.expert_ff
                                     + a.n_heads * a.max_seq_length)
@@ -69,15 +104,32 @@ class DecodeStep:
         return None
 
     def __call__(self, token: int, pos: int) -> Tensor:
-        """Logits (1, vocab) of `token` at position `pos`; the KV cache gets its keys and values at `pos`."""
+        """Logits (1, vocab) of `token` at position `pos`; the KV cache gets its keys and values at `pos`. An error
+        while resolving a miss (a corrupt file, say) is raised here."""
         m = self._model
         logits = torch.empty(1, m.args.vocab_size)
         self._cfg.threads = torch.get_num_threads()
-        self._lib.lm_step_f32(ctypes.byref(self._cfg), self._layers, self._gate_up, self._down,
-                              m.tok_embeddings[token].data_ptr(), m.norm.weight.data_ptr(), m.output.data_ptr(),
-                              m.cos[pos].data_ptr(), m.sin[pos].data_ptr(), pos, logits.data_ptr(), self._chosen,
-                              self._scratch.data_ptr())
+        self.resolved, self._error = [], None
+        rc = self._lib.lm_step_f32(ctypes.byref(self._cfg), self._layers, self.table.gate_up, self.table.down,
+                                   m.tok_embeddings[token].data_ptr(), m.norm.weight.data_ptr(), m.output.data_ptr(),
+                                   m.cos[pos].data_ptr(), m.sin[pos].data_ptr(), pos, logits.data_ptr(),
+                                   self._chosen, self._scratch.data_ptr(), self._callback)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if rc != 0:
+            raise RuntimeError(f"the native decode step found an expert missing after resolving it (code {rc})")
         return logits
+
+    def _on_miss(self, layer: int, experts: ctypes.Array, n: int) -> int:
+        """From C, on the step's thread: no exception may cross back into C, so it is kept and raised after."""
+        try:
+            self._resolve(layer, [experts[i] for i in range(n)])
+            self.resolved.append(layer)
+            return 0
+        except BaseException as e:  # noqa: BLE001 - re-raised by __call__
+            self._error = e
+            return 1
 
     def chosen(self) -> list[list[int]]:
         """The experts each layer used in the last step, ascending."""
@@ -86,12 +138,10 @@ class DecodeStep:
         return [flat[i * k:(i + 1) * k] for i in range(self.n_layers)]
 
 
-def decode_step(model: torch.nn.Module, experts: list[list[tuple[Tensor, Tensor]]]) -> DecodeStep | None:
-    """A DecodeStep over `experts` (per layer, every expert's (gate_up, down) in id order), or None where the
-    native library or the model rules it out."""
+def decode_step(model: torch.nn.Module, table: ExpertTable, resolve: Resolver) -> DecodeStep | None:
+    """A DecodeStep over `table` (its experts checked with `usable` by whoever syncs it), or None where the native
+    library or the model rules it out."""
     lib = kernels.library()
     if lib is None or DecodeStep.why_not(model) is not None:
         return None
-    if any(not kernels.usable(model.tok_embeddings[:1], mats) for layer in experts for mats in layer):
-        return None
-    return DecodeStep(lib, model, experts)
+    return DecodeStep(lib, model, table, resolve)
