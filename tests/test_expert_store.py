@@ -260,14 +260,18 @@ def test_a_prompt_step_does_not_score_the_prediction():
 
 
 def test_prefetch_is_on_by_default_only_when_experts_come_from_disk(ckpt):
-    """On the CPU with experts left on disk; not when all are resident, and not on a GPU (measured slower)."""
-    cases = [("cpu", 2, True), ("cpu", 8, False)]  # 8 = every expert of a layer resident
+    """On the CPU with experts left on disk and torch's kernels (with the native ones the native decode step runs
+    instead: faster, and it does not prefetch); not when all are resident, and not on a GPU (measured slower)."""
+    import localmoe.engine.torch_moe.kernels as native
+
+    cases = [("cpu", 2, "torch", True), ("cpu", 2, "native", not native.available()),
+             ("cpu", 8, "torch", False)]  # 8 = every expert of a layer resident
     if torch.cuda.is_available():
-        cases.append(("cuda", 2, False))
-    for device, slots, want in cases:
-        engine = TorchMoEEngine(ckpt, expert_slots=slots, device=device)
+        cases.append(("cuda", 2, "native", False))
+    for device, slots, kernels, want in cases:
+        engine = TorchMoEEngine(ckpt, expert_slots=slots, device=device, kernels=kernels)
         engine.load()
-        assert engine.cache_stats()["prefetch"] is want
+        assert engine.cache_stats()["prefetch"] is want, (device, slots, kernels)
         engine.close()
     engine = TorchMoEEngine(ckpt, expert_slots=2, prefetch=False, device="cpu")
     engine.load()

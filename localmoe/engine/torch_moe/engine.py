@@ -121,10 +121,14 @@ class TorchMoEEngine(Engine):
                     self.plan.raise_if_refused()
                     slots = self.plan.slots_per_layer
                 warm = self.plan.warm_slots_per_layer
-            # By default only where loads come from disk into CPU RAM: there an exact prediction saved a quarter
-            # of the decode time under a memory cap, and the accuracy gate bounds the cost of wrong ones; on a GPU
-            # prefetch has measured slower even when right (benchmarks/RESULTS.md), and resident has nothing to load.
-            prefetch = o.prefetch if o.prefetch is not None else device == "cpu" and slots < args.n_experts
+            # By default only where loads come from disk into CPU RAM and the native decode step cannot run: on the
+            # torch path an exact prediction saved a quarter of the decode time under a memory cap, but the native
+            # step without prefetch decodes ~1.5x faster than the torch path with it (benchmarks/RESULTS.md, product
+            # path); on a GPU prefetch has measured slower even when right, and resident has nothing to load.
+            native = (device == "cpu" and o.kernels == "native" and o.expert_dtype == "float32" and not o.compile
+                      and kernels.available())
+            prefetch = o.prefetch if o.prefetch is not None else device == "cpu" and slots < args.n_experts \
+                and not native
             store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
                                 policy=o.cache_policy, expert_dtype=o.expert_dtype, device=device,
                                 warm_slots=warm, prefetch=prefetch)

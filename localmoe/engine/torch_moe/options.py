@@ -44,11 +44,13 @@ class TorchOptions:
     expert_top_p: float | None = _option(
         None, "adaptive expert count: per token the fewest top experts whose router probabilities reach this mass "
         "(at most the model's k)", type=float)
-    # None: on the CPU when not all experts fit (there an exact prediction saves reads); off on a GPU, where it
-    # measured slower even when right, and when every expert is resident
+    # None: on the CPU when not all experts fit and the native decode step cannot run (there an exact prediction
+    # saves reads; the native step, which does not prefetch, is faster still); off on a GPU, where it measured
+    # slower even when right, and when every expert is resident
     prefetch: bool | None = _option(
         None, "prefetch the next layer's predicted experts in a background thread, per layer while its predictions "
-        "are mostly right (default: on the CPU when not all experts fit in memory)", type="switch")
+        "are mostly right; decodes on the torch path (default: on the CPU when not all experts fit in memory and "
+        "the native kernels are off)", type="switch")
     # None: when every expert fits (then the native decode step takes over once they are in); with a partial cache
     # it would only fill slots that the first answers fill anyway
     load_all: bool | None = _option(
