@@ -704,6 +704,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  strategy=args.strategy, preference=args.preference)
 
 
+def _queue_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0 (0: no request waits)")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -868,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)")
     sv.add_argument("--api-key-env", metavar="VAR", help="require the key held in environment variable VAR "
                     "(clients send it as 'Authorization: Bearer KEY')")
-    sv.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait for the model; "
+    sv.add_argument("--queue", type=_queue_size, default=16, metavar="N", help="requests that may wait for the model; "
                     "more are answered 429 with Retry-After (default 16)")
     sv.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy for "
                     "localmoe/auto")

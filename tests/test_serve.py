@@ -335,12 +335,14 @@ def test_the_remote_tier_answers_through_localmoe_serve(server, home):
     assert wrong.returncode != 0 and "HTTP 401" in json.loads(wrong.stdout)["error"]
 
 
-def test_binding_beyond_loopback_needs_a_key():
+def test_refused_starts_are_one_line():
     r = run_cli("serve", "--host", "0.0.0.0", "--port", "0")
     assert r.returncode == 2 and "--api-key-env" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("serve", "--port", "0", "--api-key-env", "LOCALMOE_TEST_UNSET_VARIABLE",
                 env_extra={"LOCALMOE_TEST_UNSET_VARIABLE": ""})
     assert r.returncode == 2 and "LOCALMOE_TEST_UNSET_VARIABLE" in r.stderr
+    r = run_cli("serve", "--queue", "-1")
+    assert r.returncode == 2 and "--queue" in r.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
