@@ -349,3 +349,14 @@ def test_refused_starts_are_one_line():
         r = run_cli("serve", "--port", str(taken.getsockname()[1]))
     assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr
 
+
+
+def test_forgetting_a_conversation_forgets_its_requests(server):
+    answer = server.client().chat.completions.create(model="smollm2-135m-instruct", max_tokens=2,
+                                                     messages=[{"role": "user", "content": "Forget me."}])
+    message_id = answer.model_extra["localmoe"]["message_id"]
+    assert server.rows("select id from api_requests where message_id = ?", (message_id,))
+    r = run_cli("logs", "--delete", str(answer.model_extra["localmoe"]["conversation_id"]), "--yes",
+                home=server.home)
+    assert r.returncode == 0, r.stderr
+    assert not server.rows("select id from api_requests where message_id = ?", (message_id,))
