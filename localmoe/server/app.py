@@ -385,6 +385,8 @@ class Api:
         if not req.stream:
             out, text = value
             return JSONResponse(completion(request_id, out, text))
+        if kind == "done":  # an answer without text (the model ended at once): the stream still ends with it
+            job.queue.put_nowait((kind, value))
         return StreamingResponse(self._events(job, request_id, model), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
