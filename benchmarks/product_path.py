@@ -10,6 +10,8 @@ ram     no memory cap, the files in the page cache (one warm-up run each): ours 
 capped  under `../shared/tools/memcap CAP --evict HF --evict GGUF` (default 2000 MB): ours plans a partial expert cache
         for the cap it detects, with prefetch (the torch decode path) and without (the native step, resolving misses);
         llama.cpp maps the GGUF.
+quarter the cap of the engine benchmark's capped runs: the process's own footprint + the dense weights + 25% of the
+        experts; ours is given the matching --fast-memory (a quarter of each layer's experts as slots), no prefetch.
 Each row says which decode path ran (`experts.decode_step` of `ask --json`). The loop guard and repeat penalty are
 off for both engines (random weights repeat themselves; every run then decodes all 64 tokens); all else is `ask`.
 tok/s is `timing.tokens_per_s` (after the first token); the median of --reps runs.
@@ -47,12 +49,31 @@ def ask(model: Path, home: Path, extra: list[str], cap_mb: int | None, evict: li
     env = {**os.environ, "LOCALMOE_HOME": str(home)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1][:160]}
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:160]}
     out = json.loads(done.stdout)
     experts = out.get("experts") or {}
     return {"tok_s": out["timing"]["tokens_per_s"], "tokens": out["usage"]["completion_tokens"],
             "path": experts.get("decode_step", "llama.cpp"), "slots": experts.get("slots"),
             "hit_rate": experts.get("hit_rate")}
+
+
+def footprint_mb() -> int:
+    """RSS of a process that has imported what `ask` imports (torch, llama.cpp, the CLI), in MB."""
+    code = ("import torch, llama_cpp, localmoe.cli, psutil; "
+            "print(psutil.Process().memory_info().rss)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) >> 20
+
+
+def quarter(hf: Path) -> tuple[int, int]:
+    """(memcap in MB, ours' --fast-memory in bytes) for the footprint + dense + 25% of the experts rule."""
+    from localmoe.placement.plan import RAM_RESERVE, plan_checkpoint
+    from localmoe.placement.safetensors import checkpoint_tensors
+
+    config = json.loads((hf / "config.json").read_text())
+    probe = plan_checkpoint(config, checkpoint_tensors(hf), 1 << 40, ctx=2048)  # the engine's default context
+    experts = probe.bytes_per_expert * probe.n_experts * probe.n_layers
+    fast = RAM_RESERVE + probe.dense_bytes + probe.kv_bytes + experts // 4
+    return footprint_mb() + ((probe.dense_bytes + probe.kv_bytes + experts // 4) >> 20), fast
 
 
 def median_run(model: Path, home: Path, extra: list[str], cap_mb: int | None, evict: list[Path],
@@ -82,11 +103,14 @@ def main() -> None:
             if args.only and name != args.only:
                 continue
             evict = [hf, gguf]
+            q_cap, q_fast = quarter(hf)
             plan = [("in RAM", "ours (default)", hf, [], None),
                     ("in RAM", "llama.cpp (mmap)", gguf, [], None),
                     (f"cap {args.cap_mb} MB", "ours, no prefetch", hf, ["--no-prefetch"], args.cap_mb),
                     (f"cap {args.cap_mb} MB", "ours, prefetch", hf, ["--prefetch"], args.cap_mb),
-                    (f"cap {args.cap_mb} MB", "llama.cpp (mmap)", gguf, [], args.cap_mb)]
+                    (f"cap {args.cap_mb} MB", "llama.cpp (mmap)", gguf, [], args.cap_mb),
+                    (f"25% rule, cap {q_cap} MB", "ours, no prefetch", hf, ["--fast-memory", str(q_fast)], q_cap),
+                    (f"25% rule, cap {q_cap} MB", "llama.cpp (mmap)", gguf, [], q_cap)]
             for model in (hf, gguf):  # page cache warm for the in-RAM rows
                 ask(model, home, [], None, [])
             results: dict[tuple[str, str], dict[str, Any]] = {}
@@ -94,7 +118,8 @@ def main() -> None:
                 r = median_run(model, home, extra, cap, evict, args.reps)
                 results[cond, label] = r
                 print(name, cond, label, r, flush=True)
-            lines += [f"\n### {name}: {shape}\n", "| condition | engine | decode path | slots/layer | tok/s | ÷ llama.cpp |",
+            lines += [f"\n### {name}: {shape}\n",
+                      "| condition | engine | decode path | slots/layer | tok/s | ÷ llama.cpp |",
                       "|---|---|---|---|---|---|"]
             for cond, label, *_ in plan:
                 r = results[cond, label]

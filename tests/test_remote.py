@@ -96,7 +96,8 @@ def test_hard_questions_go_to_the_remote_tier_when_there_is_no_large_model(home,
     out = json.loads(r.stdout)
     assert out["answer"] == "Paris is the capital." and out["model"] == "remote:fake-model"
     assert out["route"]["tier"] == "remote" and "no large model" in out["route"]["notice"]
-    assert out["usage"] == {"prompt_tokens": 12, "completion_tokens": 4}
+    assert out["usage"]["prompt_tokens"] == 12 and out["usage"]["completion_tokens"] == 4
+    assert out["usage"]["prompt_eval_tokens"] is None  # the server does not say what it reused
     forced = json.loads(run_cli("ask", "hi", "--json", "--tier", "remote").stdout)
     assert forced["model"] == "remote:fake-model"
 
@@ -332,3 +333,18 @@ def test_a_missing_key_variable_is_a_one_line_error_and_nothing_is_sent(home, se
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("localmoe: error: "), r.stderr
     assert "LOCALMOE_TEST_UNSET_KEY" in lines[0] and FakeOpenAI.requests == []
+
+
+def test_the_loop_guard_hangs_up_on_a_remote_model_that_loops(bad_server, server):
+    """A remote answer repeating "word " is stopped by the same guard as the local engines (stop reason, the text
+    to keep) and the server finds the connection closed; an answer that does not loop streams to its end."""
+    Misbehaving.mode = "slow"
+    e = RemoteEngine(bad_server, "fake-model", timeout=5)
+    got = list(e.stream(ASK, GenerationConfig(max_tokens=500, loop_guard=True)))
+    assert e.stats.stop_reason == "repetition" and len(got) < 60
+    assert 0 < e.stats.kept_chars < len("".join(got))
+    assert Misbehaving.hung_up.wait(5) and Misbehaving.sent < 100
+    fine = RemoteEngine(server, "fake-model")
+    whole = "".join(fine.stream(ASK, GenerationConfig(max_tokens=64, loop_guard=True)))
+    assert whole == "".join(fine.stream(ASK, GenerationConfig(max_tokens=64)))
+    assert fine.stats.stop_reason != "repetition"

@@ -421,3 +421,24 @@ def test_every_expert_is_read_in_the_background_and_the_native_step_takes_over(t
     finally:
         engine.close()
         lazy.close()
+
+
+def test_the_page_cache_is_kept_only_when_every_expert_fits(tiny_moe, monkeypatch):
+    """With every expert resident the checkpoint's pages stay cached for the next process (no DONTNEED); with a
+    partial cache each read expert and the dense weights are dropped from it, so they are not in RAM twice."""
+    import os
+
+    dropped = []
+    real = os.posix_fadvise
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        dropped.append(advice)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    for slots, want in ((None, False), (1, True)):
+        dropped.clear()
+        engine = TorchMoEEngine(tiny_moe[0], expert_slots=slots, prefetch=False)
+        engine.logits([1, 2, 3, 4])
+        engine.close()
+        assert (os.POSIX_FADV_DONTNEED in dropped) is want, slots

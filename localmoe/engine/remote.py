@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from localmoe.engine.base import Engine, GenerationConfig, GenerationStats, Message
+from localmoe.engine.base import Engine, GenerationConfig, GenerationStats, Message, stop_after
+from localmoe.engine.loopguard import LoopGuard
 from localmoe.errors import LocalmoeError
 
 TIMEOUT_S = 30.0
@@ -73,6 +76,9 @@ class RemoteEngine(Engine):
                 "stream_options": {"include_usage": True}}
         t_first = t_last = None
         pieces = 0
+        # the loop guard runs here too, on the streamed pieces (about a token each; their checksum stands for the
+        # token id the server does not send): a remote model that loops costs its energy as much as a local one
+        guard = LoopGuard() if config.loop_guard else None
         resp = self._request("/chat/completions", body)
         try:
             for raw in resp:
@@ -90,6 +96,7 @@ class RemoteEngine(Engine):
                 if usage:
                     stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                     stats.completion_tokens = int(usage.get("completion_tokens") or stats.completion_tokens)
+                stop = False
                 for choice in event.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or ""
                     if choice.get("finish_reason") == "length":
@@ -102,8 +109,15 @@ class RemoteEngine(Engine):
                         pieces += 1
                         stats.completion_tokens = max(stats.completion_tokens, pieces)
                         yield text
+                        # Closing the connection is all a client can do (on a loop, a cancel, the budget); the server
+                        # decides when it stops.
+                        # (the server keeps the token budget and says when it cut the answer)
+                        stop = stop_after(zlib.crc32(text.encode()), text, stats, sys.maxsize, guard, cancel)
+                        if stop:
+                            break
+                if stop:
+                    break
                 if cancel is not None and cancel.is_set():
-                    # Closing the connection is all a client can do; the server decides when it stops.
                     stats.stop_reason = "cancelled"
                     break
         except GeneratorExit:

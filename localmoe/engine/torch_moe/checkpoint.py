@@ -38,6 +38,9 @@ class Checkpoint:
             self._stack.close()  # the fds and maps opened so far: the caller never gets an object to close
             raise
         self.bytes_read = 0
+        # True where every expert fits in RAM beside the page cache (the engine decides): the next process that
+        # opens this checkpoint then reads it from memory, not from disk
+        self.keep_page_cache = False
 
     def _open(self, model_dir: Path) -> None:
         files = shard_files(model_dir)
@@ -110,7 +113,7 @@ class Checkpoint:
             if n <= 0:
                 raise LocalmoeError(f"checkpoint shard {self.dir / info.file} is truncated at tensor {key}")
             done += n
-        if _FADVISE:
+        if _FADVISE and not self.keep_page_cache:
             os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         if direct:
             return out  # type: ignore[return-value]
@@ -126,7 +129,7 @@ class Checkpoint:
     def drop_page_cache(self) -> None:
         """Forget the shards' pages (the dense weights now live in tensors): the page cache would otherwise keep a
         second copy of everything `get` read, which a memory-capped machine cannot spare."""
-        if _FADVISE:
+        if _FADVISE and not self.keep_page_cache:
             for fd in self._fds.values():
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 

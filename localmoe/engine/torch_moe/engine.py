@@ -129,6 +129,9 @@ class TorchMoEEngine(Engine):
                       and kernels.available())
             prefetch = o.prefetch if o.prefetch is not None else device == "cpu" and slots < args.n_experts \
                 and not native
+            # every expert fits: the page cache is reclaimable memory the plan did not need, and keeping the files
+            # there lets the next process (the next `ask`) read them at memory speed
+            ckpt.keep_page_cache = slots >= args.n_experts and device == "cpu"
             store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
                                 policy=o.cache_policy, expert_dtype=o.expert_dtype, device=device,
                                 warm_slots=warm, prefetch=prefetch)
