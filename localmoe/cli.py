@@ -440,6 +440,36 @@ def _models_available(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from localmoe.home import pull
+
+    r = pull.pull(args.spec, dry_run=args.dry_run, progress=not args.json, force=args.force)
+    t = r.target
+    if args.json:
+        _print_json({"status": "dry-run" if r.dry_run else "ok", **r.to_dict()})
+        return 0
+    for note in r.notes:
+        print(note)
+    if r.notes and r.path:
+        return 0
+    size = human_bytes(t.size) if t.size is not None else "?"
+    v = r.verdict
+    verdict = f"{v.label}" + (f" ({v.reason})" if v and v.reason else "") if v else "?"
+    if r.dry_run:
+        print(f"would fetch {t.repo}/{t.filename} ({size}) from {pull.endpoint()} as {t.id}")
+        print(f"on this machine: {verdict}")
+        print(f"checksum: {'SHA-256 ' + t.sha256 if t.sha256 else 'none published: the file will not be verified'}")
+        return 0
+    resumed = f", resumed at {human_bytes(r.resumed_from)}" if r.resumed_from else ""
+    check = "SHA-256 verified" if t.sha256 else "no checksum published: not verified"
+    print(f"pulled {t.id} ({size}{resumed}; {check}) into {r.path}")
+    print(f"on this machine: {verdict}")
+    if r.large_tier_set:
+        print(f"{t.id} is now the large tier (settings.toml [tiers] large); hard questions go to it")
+    print(f"try: localmoe ask --model {t.id} \"QUESTION\"")
+    return 0
+
+
 def cmd_hw(args: argparse.Namespace) -> int:
     from localmoe.placement import hardware
 
@@ -847,6 +877,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vram", type=_size, help="with --available: free VRAM to plan for (default: detected)")
     m.add_argument("--ram", type=_size, help="with --available: available RAM to plan for (default: detected)")
     m.set_defaults(func=cmd_models)
+
+    pu = sub.add_parser("pull", help="download a model from the catalog or the Hugging Face hub",
+                        description="Download a catalog model (NAME[:QUANT], see `localmoe models --available`) or "
+                        "a GGUF file of a hub repository (hf:OWNER/REPO[/FILE.gguf]) into the data dir's models/, "
+                        "after planning it on this machine and checking the free disk space. An interrupted pull "
+                        "resumes where it stopped; the file is verified against the hub's SHA-256. Honours "
+                        "HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN.")
+    pu.add_argument("spec", metavar="NAME[:QUANT] | hf:OWNER/REPO[/FILE]", help="what to download")
+    pu.add_argument("--dry-run", action="store_true", help="show what would be fetched and whether it fits; "
+                    "download nothing")
+    pu.add_argument("--force", action="store_true", help="download even when the planner says it cannot run here")
+    pu.add_argument("--json", action="store_true", help="print the result as JSON (no progress line)")
+    pu.set_defaults(func=cmd_pull)
 
     h = sub.add_parser("hw", help="show this machine's hardware", description="Show CPU, RAM, GPUs, disk "
                        "and measured memory bandwidth.")
