@@ -360,3 +360,28 @@ def test_forgetting_a_conversation_forgets_its_requests(server):
                 home=server.home)
     assert r.returncode == 0, r.stderr
     assert not server.rows("select id from api_requests where message_id = ?", (message_id,))
+
+
+def test_beyond_loopback_with_a_key(tmp_path):
+    port = free_port()
+    env = {**os.environ, "LOCALMOE_HOME": str(tmp_path / "home"), KEY_ENV: KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "localmoe", "serve", "--host", "0.0.0.0", "--port", str(port),
+                             "--api-key-env", KEY_ENV], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.1)
+        server = Server(f"http://127.0.0.1:{port}/v1", tmp_path / "home", proc)
+        with pytest.raises(AuthenticationError):
+            server.client(api_key="wrong").models.list()
+        assert [m.id for m in server.client().models.list()][0] == "localmoe/auto"
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a normal stop
+        assert proc.wait(timeout=30) == 0
+    assert "key required" in proc.stderr.read()
