@@ -470,6 +470,42 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from localmoe.home import library
+
+    ref = library.import_model(args.path, copy=args.copy, name=args.name)
+    if args.json:
+        _print_json({"status": "ok", "copied": args.copy, **ref.to_dict()})
+        return 0
+    how = "copied into" if args.copy else "linked from its place into"
+    print(f"imported {ref.id} ({how} {ref.path.parent}); try: localmoe ask --model {ref.id} \"QUESTION\"")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from localmoe.home import library
+
+    r = library.plan_removal(args.name)
+    what = r.describe()
+    if not args.yes:
+        if not sys.stdin.isatty():  # a script must say so: nobody is there to answer
+            raise UsageError(f"{what}: needs a confirmation; run it in a terminal or add --yes")
+        sys.stderr.write(f"{what}? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing removed", file=sys.stderr)
+            return 0
+    library.remove(r)
+    if args.json:
+        _print_json({"status": "ok", "id": r.ref.id, "action": r.action, "freed_bytes": r.frees,
+                     "path": str(r.path)})
+    else:
+        done = {"delete": f"deleted, {human_bytes(r.frees)} freed", "unlink": "link removed, the file kept",
+                "forget": "forgotten, the file kept"}[r.action]
+        print(f"{r.ref.id}: {done}")
+    return 0
+
+
 def cmd_hw(args: argparse.Namespace) -> int:
     from localmoe.placement import hardware
 
@@ -890,6 +926,24 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--force", action="store_true", help="download even when the planner says it cannot run here")
     pu.add_argument("--json", action="store_true", help="print the result as JSON (no progress line)")
     pu.set_defaults(func=cmd_pull)
+
+    im = sub.add_parser("import", help="add a GGUF file or checkpoint folder that is already on disk",
+                        description="Make a GGUF file or a Hugging Face checkpoint folder usable by name: linked "
+                        "into the data dir's models/ (the file stays where it is), or copied with --copy.")
+    im.add_argument("path", help="a .gguf file or a checkpoint folder (config.json + safetensors)")
+    im.add_argument("--copy", action="store_true", help="copy it instead of linking to it")
+    im.add_argument("--name", help="the id to use (default: the file or folder name)")
+    im.add_argument("--json", action="store_true", help="print the result as JSON")
+    im.set_defaults(func=cmd_import)
+
+    rmp = sub.add_parser("rm", help="remove a model (deletes only files localmoe downloaded or copied)",
+                         description="Remove a model: a pulled or copied file is deleted (the space it frees is "
+                         "shown first); an imported link is removed and a discovered model (LM Studio, Ollama, hub "
+                         "cache) is forgotten, their files left in place.")
+    rmp.add_argument("name", help="the model's id (see `localmoe models`)")
+    rmp.add_argument("--yes", action="store_true", help="remove without asking (needed without a terminal)")
+    rmp.add_argument("--json", action="store_true", help="print the result as JSON")
+    rmp.set_defaults(func=cmd_rm)
 
     h = sub.add_parser("hw", help="show this machine's hardware", description="Show CPU, RAM, GPUs, disk "
                        "and measured memory bandwidth.")

@@ -16,7 +16,7 @@ from localmoe.home.catalog import raw_catalog
 class ModelRef:
     id: str
     path: Path
-    source: str  # "embedded" | "installed" | "file"
+    source: str  # "embedded" | "installed" | "file" | "lmstudio" | "ollama" | "hf-cache"
     backend: str = "llama.cpp"
     defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # engine arguments
@@ -89,8 +89,18 @@ def checkpoint_ref(p: Path, source: str = "file") -> ModelRef:
     return ModelRef(p.name.lower(), p.resolve(), source, backend="torch")
 
 
+def discovered_models() -> list[ModelRef]:
+    """GGUF files of LM Studio, Ollama and the Hugging Face hub cache, used where they lie."""
+    from localmoe.home import discover
+
+    return [ModelRef(f.id, f.path, f.source) for f in discover.discovered()]
+
+
 def list_models() -> list[ModelRef]:
-    return embedded_models() + installed_models()
+    """Embedded, installed (pulled, imported or put in models/), then discovered models; the first of an id wins."""
+    found = embedded_models() + installed_models()
+    ids = {ref.id for ref in found}
+    return found + [ref for ref in discovered_models() if ref.id not in ids]
 
 
 def default_model() -> ModelRef:

@@ -374,14 +374,22 @@ def registry() -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _record(t: Target) -> None:
+def record(name: str, info: dict[str, Any] | None) -> None:
+    """Note (or, with None, forget) what localmoe placed in models/ under `name`: `rm` deletes only these."""
     reg = registry()
-    reg[t.local_name] = {"repo": t.repo, "file": t.filename, "sha256": t.sha256, "bytes": t.size,
-                         "commit": t.commit, "catalog": t.entry.id if t.entry else None,
-                         "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if info is None:
+        reg.pop(name, None)
+    else:
+        reg[name] = {**info, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    paths.models_dir().mkdir(parents=True, exist_ok=True)
     tmp = paths.models_dir() / (REGISTRY + ".tmp")
     tmp.write_text(json.dumps(reg, indent=1), encoding="utf-8")
     os.replace(tmp, paths.models_dir() / REGISTRY)
+
+
+def _record(t: Target) -> None:
+    record(t.local_name, {"how": "pulled", "repo": t.repo, "file": t.filename, "sha256": t.sha256, "bytes": t.size,
+                          "commit": t.commit, "catalog": t.entry.id if t.entry else None})
 
 
 def _set_large_tier(model_id: str) -> bool:
