@@ -12,6 +12,8 @@ capped  under `../shared/tools/memcap CAP --evict HF --evict GGUF` (default 2000
         llama.cpp maps the GGUF.
 quarter the cap of the engine benchmark's capped runs: the process's own footprint + the dense weights + 25% of the
         experts; ours is given the matching --fast-memory (a quarter of each layer's experts as slots), no prefetch.
+        At that cap `ask` refuses the GGUF (it does not fit), so its llama.cpp row runs llama-cpp-python itself
+        (mmap, one run).
 Each row says which decode path ran (`experts.decode_step` of `ask --json`). The loop guard and repeat penalty are
 off for both engines (random weights repeat themselves; every run then decodes all 64 tokens); all else is `ask`.
 tok/s is `timing.tokens_per_s` (after the first token); the median of --reps runs.
@@ -55,6 +57,32 @@ def ask(model: Path, home: Path, extra: list[str], cap_mb: int | None, evict: li
     return {"tok_s": out["timing"]["tokens_per_s"], "tokens": out["usage"]["completion_tokens"],
             "path": experts.get("decode_step", "llama.cpp"), "slots": experts.get("slots"),
             "hit_rate": experts.get("hit_rate")}
+
+
+# llama-cpp-python itself, for a cap at which `ask` refuses the GGUF (it does not fit): mmap, greedy, TOKENS tokens
+DIRECT = """
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=512, verbose=False)
+ids = llm.tokenize(sys.argv[2].encode())
+llm.eval(ids)
+t0 = None
+for i in range(int(sys.argv[3])):
+    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    if t0 is None:
+        t0 = time.perf_counter()
+print(json.dumps({"tok_s": (int(sys.argv[3]) - 1) / (time.perf_counter() - t0)}))
+"""
+
+
+def direct(gguf: Path, cap_mb: int, evict: list[Path]) -> dict[str, Any]:
+    cmd = [str(MEMCAP), str(cap_mb), *(a for p in evict for a in ("--evict", str(p))), "--",
+           sys.executable, "-c", DIRECT, str(gguf), PROMPT, str(TOKENS)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:160]}
+    return {**json.loads(done.stdout.splitlines()[-1]), "tokens": TOKENS, "path": "llama.cpp", "slots": None}
 
 
 def footprint_mb() -> int:
@@ -110,12 +138,14 @@ def main() -> None:
                     (f"cap {args.cap_mb} MB", "ours, prefetch", hf, ["--prefetch"], args.cap_mb),
                     (f"cap {args.cap_mb} MB", "llama.cpp (mmap)", gguf, [], args.cap_mb),
                     (f"25% rule, cap {q_cap} MB", "ours, no prefetch", hf, ["--fast-memory", str(q_fast)], q_cap),
-                    (f"25% rule, cap {q_cap} MB", "llama.cpp (mmap)", gguf, [], q_cap)]
+                    (f"25% rule, cap {q_cap} MB", "llama.cpp (mmap)", gguf, ["direct"], q_cap)]
             for model in (hf, gguf):  # page cache warm for the in-RAM rows
                 ask(model, home, [], None, [])
             results: dict[tuple[str, str], dict[str, Any]] = {}
             for cond, label, model, extra, cap in plan:
-                r = median_run(model, home, extra, cap, evict, args.reps)
+                # `ask` refuses a GGUF that does not fit the cap: llama-cpp-python itself, mapping it, in that row
+                r = direct(model, cap, evict) if extra == ["direct"] else median_run(model, home, extra, cap, evict,
+                                                                                    args.reps)
                 results[cond, label] = r
                 print(name, cond, label, r, flush=True)
             lines += [f"\n### {name}: {shape}\n",

@@ -39,3 +39,16 @@ def test_the_chat_command_starts_the_app_on_the_model_asked_for(home, argv, mode
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert cli.main(argv) == 0
     assert started == [model]
+
+
+def test_no_model_for_any_tier_names_the_command_that_installs_one(home, monkeypatch):
+    """Without the embedded model and with no tier configured, `ask` says in one line how this installation gets
+    the model (here, a checkout: `make setup`), not a traceback."""
+    from localmoe.chat.assistant import Assistant
+    from localmoe.home import install
+
+    monkeypatch.setattr(models, "default_model", lambda: (_ for _ in ()).throw(LocalmoeError("no embedded model")))
+    with pytest.raises(LocalmoeError) as caught:
+        Assistant().available("small")
+    assert f"`{install.install_command()}`" in str(caught.value) and "\n" not in str(caught.value)
+    assert install.install_command() == "make setup"
