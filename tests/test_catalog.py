@@ -143,3 +143,13 @@ def test_an_installed_pull_is_marked_and_resolves_by_its_catalog_name(home, tiny
     assert [m["name"] for m in out["models"] if m["installed"]] == ["olmoe-1b-7b:Q4_K_M"]
     with pytest.raises(Exception, match=r"not installed \(run `localmoe pull qwen3-30b-a3b`\)"):
         models.resolve("qwen3-moe")
+
+
+def test_the_missing_large_tier_notice_names_the_model_recommended_here(monkeypatch):
+    monkeypatch.setattr(Budget, "detect", classmethod(lambda cls, vram=None, ram=None: CPU_16))
+    models.large_tier_hint.cache_clear()
+    try:
+        hint = models.large_tier_hint()
+    finally:
+        models.large_tier_hint.cache_clear()
+    assert hint.startswith("get gpt-oss-20b (MXFP4, fits in RAM here) with `localmoe pull gpt-oss-20b`")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,19 @@ def tier_model(tier: str) -> ModelRef:
         raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "
                             "pass --models instead")
     return best[1]
+
+
+@cache
+def large_tier_hint() -> str:
+    """How to get a large tier, naming the catalog model recommended for this machine (planned once a process)."""
+    from localmoe.home import catalog
+    from localmoe.placement.plan import Budget
+
+    try:
+        best = catalog.recommend(catalog.available(Budget.detect()))
+    except LocalmoeError:
+        best = None
+    if best is None:
+        return f"put a MoE .gguf in {paths.models_dir()} or set [tiers] large in settings.toml"
+    return (f"get {best.entry.id} ({best.file.quant}, {best.verdict.label} here) with `localmoe pull "
+            f"{best.entry.id}` (others: `localmoe models --available`), or put a MoE .gguf in {paths.models_dir()}")
