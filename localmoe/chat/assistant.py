@@ -15,7 +15,7 @@ from localmoe.chat.conversation import Conversation
 from localmoe.chat.session import Reply, Session
 from localmoe.engine import GenerationConfig
 from localmoe.errors import LocalmoeError, UsageError
-from localmoe.home import models, paths, settings
+from localmoe.home import install, models, paths, settings
 from localmoe.record.recorder import Recorder
 from localmoe.routing.budget import answer_budget
 from localmoe.routing.router import Decision, Router
@@ -173,7 +173,8 @@ class Assistant:
         if not fall_back:
             missing, how = self._add_tier_hint(tier)
             raise UsageError(f"no {tier} model {missing}: {how}")
-        raise LocalmoeError("no model available for any tier: run `make setup` or configure [tiers]")
+        raise LocalmoeError("no model available for any tier: install the embedded model "
+                            f"(`{install.install_command()}`) or configure [tiers] in settings.toml")
 
     def session_for(self, tier: str) -> Session:
         """The tier's session, created once (models stay loaded between questions)."""
