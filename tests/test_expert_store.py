@@ -379,6 +379,33 @@ def test_adaptive_expert_count_uses_fewer_experts_as_p_falls(peaked):
     assert results[0.5][1] > 0 and results[0.01][1] >= results[0.9][1]
 
 
+@pytest.mark.parametrize("slots", [None, 1])
+def test_adaptive_expert_count_in_the_native_step_matches_the_torch_path(peaked, slots):
+    """The native decode step keeps the same experts as MoE.route under top-p (fewer than k on some tokens), with
+    the same logits (1e-5), the same experts per token and the same telemetry, all resident or with one slot."""
+    import localmoe.engine.torch_moe.kernels as native
+
+    if not native.available():
+        pytest.skip("no native kernels here")
+    runs = {}
+    for kernels in ("native", "torch"):
+        engine = TorchMoEEngine(peaked, expert_top_p=0.5, kernels=kernels, expert_slots=slots, prefetch=False,
+                                telemetry=True)
+        engine.load()
+        engine.store.wait_filled()
+        chosen, rows = engine.decode_logits(PROMPT, 8)
+        runs[kernels] = (chosen, rows, engine.native_steps, engine.cache_stats(),
+                         [[sorted(e) for e in t.experts] for t in engine.routing])
+        engine.close()
+    (chosen, rows, steps, stats, routing), torch_run = runs["native"], runs["torch"]
+    assert steps == 7 and torch_run[2] == 0
+    assert chosen == torch_run[0] and routing == torch_run[4]
+    np.testing.assert_allclose(rows, torch_run[1], rtol=0, atol=1e-5)
+    assert 1.0 < stats["experts_per_token"] < 2.0  # some tokens kept one expert, some two
+    for key in ("experts_used", "tokens", "hits", "misses"):
+        assert stats[key] == torch_run[3][key], key
+
+
 def test_top_p_routing_matches_a_direct_computation(peaked):
     """One MoE layer's route() against the rule written out with numpy: keep the top experts until the mass of the
     better ones reaches p, renormalise (qwen3 normalises top-k)."""

@@ -318,14 +318,14 @@ class TorchMoEEngine(Engine):
         return out.float().cpu() if out.device.type != "cpu" else out
 
     def _native_step(self) -> DecodeStep | None:
-        """The native decode step where it applies now (see _use_kernels): not with adaptive top-p or a trace
-        replay, which the torch path implements (both are set on every layer at once). Its expert table is first
-        brought up to date with every layer whose cache changed since (loads, evictions, the background fill)."""
+        """The native decode step where it applies now (see _use_kernels): not with a trace replay, which the torch
+        path implements (set on every layer at once). Its expert table is first brought up to date with every layer
+        whose cache changed since (loads, evictions, the background fill)."""
         if self._step is False:
             return None
         model, store = self._model(), self.store
         assert store is not None
-        if model.moes[0].top_p is not None or model.moes[0].replay is not None:
+        if model.moes[0].replay is not None:
             return None
         if self._step is None:
             self._step = decode_step(model, ExpertTable(model.args.n_layers, model.args.n_experts),

@@ -251,11 +251,12 @@ class ExpertStore:
                     continue
                 cache, st = self.layers[layer], self.stats[layer]
                 cache.clock += 1
-                for expert in experts:
+                used = [e for e in experts if e >= 0]  # -1: dropped by the adaptive expert count
+                for expert in used:
                     cache.lookup(expert)
                 st.tokens += 1
-                st.experts_used += len(experts)
-                st.hits += len(experts)
+                st.experts_used += len(used)
+                st.hits += len(used)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         st = self.stats[layer]

@@ -51,14 +51,14 @@ class StepConfig(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in (
         "dim", "n_heads", "n_kv_heads", "head_dim", "n_experts", "top_k", "expert_ff", "vocab_size",
         "max_seq_length", "n_layers", "qk_norm", "renormalise", "threads")] + [
-        ("eps", ctypes.c_float), ("clip", ctypes.c_float)]
+        ("eps", ctypes.c_float), ("clip", ctypes.c_float), ("top_p", ctypes.c_float)]
 
     @classmethod
     def from_args(cls, a: ModelArgs) -> StepConfig:
         return cls(dim=a.dim, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, n_experts=a.n_experts,
                    top_k=a.top_k, expert_ff=a.expert_ff, vocab_size=a.vocab_size, max_seq_length=a.max_seq_length,
                    n_layers=a.n_layers, qk_norm=QK_NORM[a.qk_norm], renormalise=int(a.renormalise), threads=1,
-                   eps=a.norm_eps, clip=a.clip_qkv or 0.0)
+                   eps=a.norm_eps, clip=a.clip_qkv or 0.0, top_p=0.0)
 
 
 @cache

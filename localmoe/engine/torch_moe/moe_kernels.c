@@ -148,6 +148,7 @@ typedef struct {
     int threads;      /* OpenMP threads: torch's own count, set before every call */
     float eps;        /* RMSNorm epsilon */
     float clip;       /* clamp q, k and v to [-clip, clip] (olmoe); 0 for none */
+    float top_p;      /* adaptive expert count: keep the fewest top experts whose probabilities reach it; 0 for none */
 } lm_step_config;
 
 size_t lm_step_config_size(void) { return sizeof(lm_step_config); }
@@ -262,25 +263,36 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
             }
             ch[j] = best;
         }
-        for (int a = 1; a < k; a++)  /* ascending ids: the torch path's summation order */
+        int kept = k;  /* with top_p, as MoE.route: slot j stays while the better slots' mass is below it */
+        if (c->top_p > 0.f && c->top_p < 1.f) {
+            float before = 0.f;
+            for (kept = 1; kept < k; kept++) {
+                before += probs[ch[kept - 1]] / sum;
+                if (!(before < c->top_p))
+                    break;
+            }
+        }
+        for (int a = 1; a < kept; a++)  /* ascending ids: the torch path's summation order */
             for (int b = a; b > 0 && ch[b] < ch[b - 1]; b--) {
                 int t = ch[b]; ch[b] = ch[b - 1]; ch[b - 1] = t;
             }
-        for (int j = 0; j < k; j++)
+        for (int j = kept; j < k; j++)
+            ch[j] = -1;  /* dropped, as the torch path's -1 ids */
+        for (int j = 0; j < kept; j++)
             wsum += (w[j] = probs[ch[j]] / sum);
         if (c->renormalise)
-            for (int j = 0; j < k; j++)
+            for (int j = 0; j < kept; j++)
                 w[j] /= wsum;
         const float *gu[64], *dn[64];
         int missing = 0;
-        for (int j = 0; j < k; j++)
+        for (int j = 0; j < kept; j++)
             missing |= gate_up[(size_t)l * ne + ch[j]] == NULL;
         if (missing) {  /* the table may change in the call: read the addresses after it */
-            const int rc = resolve ? resolve(l, ch, k) : -1;
+            const int rc = resolve ? resolve(l, ch, kept) : -1;
             if (rc)
                 return rc;
         }
-        for (int j = 0; j < k; j++) {
+        for (int j = 0; j < kept; j++) {
             gu[j] = gate_up[(size_t)l * ne + ch[j]];
             dn[j] = down[(size_t)l * ne + ch[j]];
             if (gu[j] == NULL || dn[j] == NULL)
@@ -288,7 +300,7 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
         }
         for (int i = 0; i < dim; i++)
             xn[i] = 0.f;
-        lm_moe_decode_f32(k, gu, dn, w, xin, xn, h, dim, ff, nt);
+        lm_moe_decode_f32(kept, gu, dn, w, xin, xn, h, dim, ff, nt);
         for (int i = 0; i < dim; i++)
             x[i] += xn[i];
     }

@@ -109,6 +109,7 @@ class DecodeStep:
         m = self._model
         logits = torch.empty(1, m.args.vocab_size)
         self._cfg.threads = torch.get_num_threads()
+        self._cfg.top_p = m.moes[0].top_p or 0.0  # the adaptive expert count, set on every layer at once
         self.resolved, self._error = [], None
         rc = self._lib.lm_step_f32(ctypes.byref(self._cfg), self._layers, self.table.gate_up, self.table.down,
                                    m.tok_embeddings[token].data_ptr(), m.norm.weight.data_ptr(), m.output.data_ptr(),
@@ -132,7 +133,7 @@ class DecodeStep:
             return 1
 
     def chosen(self) -> list[list[int]]:
-        """The experts each layer used in the last step, ascending."""
+        """The experts each layer used in the last step, ascending, then -1 for those top-p dropped."""
         k = self.top_k
         flat = list(self._chosen)
         return [flat[i * k:(i + 1) * k] for i in range(self.n_layers)]
