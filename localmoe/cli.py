@@ -702,9 +702,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from localmoe.record.recorder import Recorder
 
     if args.delete is not None or args.before is not None or args.all:
+        if args.query is not None:
+            raise UsageError("-q searches; it does not go with --delete, --before or --all")
         return _delete_logs(args)
     if args.yes:
         raise UsageError("--yes goes with --delete, --before or --all")
+    if args.query is not None:
+        return _search_logs(args)
     with Recorder() as rec:
         rows = rec.recent_exchanges(args.n)[::-1]  # oldest first in text and JSON alike: the latest ends the output
     for r in rows:
@@ -728,6 +732,29 @@ def cmd_logs(args: argparse.Namespace) -> int:
         print(f"# {meta}  (conversation {r['conversation_id']})")
         print(f"> {r['prompt']}")
         print(r["answer"] or "(no answer)")
+        print()
+    return 0
+
+
+def _search_logs(args: argparse.Namespace) -> int:
+    """`logs -q TERM`: the messages that contain every word of TERM, best match first (the chat's search too)."""
+    from localmoe.record.recorder import Recorder, fts_query
+
+    if not fts_query(args.query):
+        raise UsageError("-q needs a word to search for")
+    with Recorder() as rec:
+        rows = rec.search_messages(args.query, args.n)
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print(f"no message matches {args.query!r}")
+        return 0
+    for r in rows:
+        who = "> " if r["role"] == "user" else ""
+        print(f"# {r['created_at'][:19].replace('T', ' ')} · {r['role']}  (conversation {r['conversation_id']}: "
+              f"{r['title'] or 'untitled'})")
+        print(f"{who}{' '.join(r['snippet'].split())}")
         print()
     return 0
 
@@ -1001,6 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "to them (stats, energy, routing decisions, labels); the database is then compacted.")
     lg.add_argument("-n", type=_positive_int, default=10, help="how many (default 10)")
     lg.add_argument("--json", action="store_true", help="print JSON instead of text")
+    lg.add_argument("-q", "--query", metavar="TERM",
+                    help="search every recorded message for TERM (each word, as a prefix), best match first")
     forget = lg.add_mutually_exclusive_group()
     forget.add_argument("--delete", type=_positive_int, nargs="+", metavar="ID",
                         help="delete these conversations (ids as shown by `localmoe logs`)")

@@ -158,6 +158,30 @@ def m006_api_requests(db: sqlite_utils.Database) -> None:
     db.execute("create index idx_api_requests_message_id on api_requests(message_id)")
 
 
+@migration
+def m007_message_search(db: sqlite_utils.Database) -> None:
+    # Full-text search over every message. External content: the index holds tokens only and reads the text from
+    # `messages`, so the text is not stored twice. The triggers keep it in step with every insert, update and
+    # delete whoever makes them (the CLI, the UI, the server, an older localmoe's rows indexed by the rebuild).
+    db.execute("create virtual table messages_fts using fts5(content, content='messages', content_rowid='id', "
+               "tokenize='unicode61 remove_diacritics 2')")
+    db.execute("create trigger messages_fts_insert after insert on messages begin "
+               "insert into messages_fts (rowid, content) values (new.id, new.content); end")
+    db.execute("create trigger messages_fts_delete after delete on messages begin "
+               "insert into messages_fts (messages_fts, rowid, content) values ('delete', old.id, old.content); end")
+    db.execute("create trigger messages_fts_update after update of content on messages begin "
+               "insert into messages_fts (messages_fts, rowid, content) values ('delete', old.id, old.content); "
+               "insert into messages_fts (rowid, content) values (new.id, new.content); end")
+    db.execute("insert into messages_fts (messages_fts) values ('rebuild')")
+
+
+def fts_query(text: str) -> str:
+    """What a person types, as an FTS5 query: every word must occur, each as a prefix (search as you type), and
+    no character of theirs is FTS5 syntax (quotes, `-`, `:`, `*`, AND/OR/NOT are words here)."""
+    words = [w for w in "".join(c if c.isalnum() else " " for c in text).split() if w]
+    return " ".join(f'"{w}"*' for w in words)
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -542,7 +566,114 @@ class Recorder:
                 "delete from conversations where id in (select id from temp.doomed_conversations)").rowcount
             self._db.execute("drop table temp.doomed_messages")
             self._db.execute("drop table temp.doomed_conversations")
+            # The triggers only mark the words deleted; merging the index drops them, so the vacuum that follows
+            # leaves no trace of the deleted text in the search index either.
+            self._db.execute("insert into messages_fts (messages_fts) values ('optimize')")
         return counts
+
+    # Rows tied to a message, by table; what a snapshot keeps and a restore puts back (children after parents).
+    _TIED = ("generations", "energy", "power_samples", "routing_decisions", "route_labels", "api_requests")
+
+    def snapshot_conversations(self, ids: list[int]) -> dict[str, list[dict[str, Any]]]:
+        """Every row of these conversations, by table, as `restore_conversations` takes them back: what an undo of
+        a delete needs. Chat conversations only (benchmark items belong to their run)."""
+        found = [c["id"] for c in self.conversations_matching(ids=[int(i) for i in ids])]
+        marks = ", ".join("?" * len(found)) or "null"
+        snap = {"conversations": self._rows(f"select * from conversations where id in ({marks}) order by id", found),
+                "messages": self._rows(f"select * from messages where conversation_id in ({marks}) order by id",
+                                       found)}
+        for table in self._TIED:
+            snap[table] = self._rows(f"select * from {table} where message_id in (select id from messages where "
+                                     f"conversation_id in ({marks})) order by rowid", found)
+        return snap
+
+    def restore_conversations(self, snapshot: dict[str, list[dict[str, Any]]]) -> None:
+        """Put back what `snapshot_conversations` took, under the same ids, in one transaction: all or nothing.
+        Refused when another exchange has taken one of those ids since."""
+        try:
+            with self._write():
+                for table in ("conversations", "messages", *self._TIED):
+                    for row in snapshot.get(table, []):
+                        self._insert(table, row)
+        except sqlite3.IntegrityError:
+            raise LocalmoeError("cannot undo the delete: its ids have been used by a newer conversation") from None
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        title = " ".join(title.split())
+        if not title:
+            raise LocalmoeError("a conversation needs a title")
+        with self._write():
+            if not self._db.execute("update conversations set title = ? where id = ? and kind = 'chat'",
+                                    [title, conversation_id]).rowcount:
+                raise LocalmoeError(f"there is no conversation {conversation_id}")
+
+    def conversation_list(self, query: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        """Chat conversations, the latest first: id, title, model, created_at, last_at, messages, joules (the sum
+        over its answers, None when none was metered) and measured (0 when any of it was estimated). With `query`:
+        only those with a message matching it (see `search_messages`), each with `snippet`, its best match."""
+        params: list[Any] = []
+        match = ""
+        if query is not None:
+            q = fts_query(query)
+            if not q:
+                return []
+            match = ("join (select m2.conversation_id as cid, min(f.rank) as best, "
+                     "(select snippet(messages_fts, 0, '[', ']', '…', 10) from messages_fts "
+                     " join messages m3 on m3.id = messages_fts.rowid "
+                     " where messages_fts match ? and m3.conversation_id = m2.conversation_id "
+                     " order by rank limit 1) as snippet "
+                     "from messages_fts f join messages m2 on m2.id = f.rowid where messages_fts match ? "
+                     "group by m2.conversation_id) hit on hit.cid = c.id ")
+            params += [q, q]
+        sql = (f"select c.id, c.title, c.model, c.created_at, coalesce(max(m.created_at), c.created_at) as last_at, "
+               f"count(m.id) as messages, sum(e.joules) as joules, min(e.measured) as measured"
+               f"{', hit.snippet' if match else ''} "
+               f"from conversations c {match}left join messages m on m.conversation_id = c.id "
+               f"left join energy e on e.message_id = m.id where c.kind = 'chat' group by c.id "
+               f"order by last_at desc, c.id desc limit ?")
+        return self._rows(sql, [*params, limit])
+
+    def search_messages(self, query: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Messages of chat conversations matching `query` (every word, each as a prefix), best first: message_id,
+        conversation_id, title, role, content, created_at, and `snippet` with the matches in [brackets]."""
+        q = fts_query(query)
+        if not q:
+            return []
+        return self._rows(
+            "select m.id as message_id, m.conversation_id, c.title, m.role, m.content, m.created_at, "
+            "snippet(messages_fts, 0, '[', ']', '…', 12) as snippet "
+            "from messages_fts join messages m on m.id = messages_fts.rowid "
+            "join conversations c on c.id = m.conversation_id and c.kind = 'chat' "
+            "where messages_fts match ? order by rank limit ?", [q, limit])
+
+    def export_conversation(self, conversation_id: int, directory: Path, fmt: str) -> Path:
+        """Write the conversation to `directory` as Markdown (`md`, to read) or JSON (`json`: its row and its
+        messages exactly as stored, so it reads back equal); returns the file's path."""
+        conv = self.conversation(conversation_id)
+        if conv is None or conv["kind"] != "chat":
+            raise LocalmoeError(f"there is no conversation {conversation_id}")
+        if fmt not in ("md", "json"):
+            raise LocalmoeError(f"unknown export format {fmt!r} (md or json)")
+        messages = self.conversation_messages(conversation_id)
+        slug = "-".join("".join(c if c.isalnum() else " " for c in (conv["title"] or "")).lower().split()[:6])
+        path = Path(directory) / f"conversation-{conversation_id}{'-' + slug if slug else ''}.{fmt}"
+        if fmt == "json":
+            text = json.dumps({"conversation": conv, "messages": messages}, indent=2, ensure_ascii=False) + "\n"
+        else:
+            lines = [f"# {conv['title'] or 'Conversation ' + str(conversation_id)}", "",
+                     f"*{conv['model']} · started {conv['created_at'][:19].replace('T', ' ')} UTC · "
+                     f"{len(messages)} messages*", ""]
+            for m in messages:
+                who = {"user": "You", "assistant": m["model"] or "assistant"}.get(m["role"], m["role"])
+                note = "" if m["status"] == "complete" else f" ({m['status']})"
+                lines += [f"## {who}{note}", "", m["content"] or "*(no text)*", ""]
+            text = "\n".join(lines)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            paths.write_private(path, text)
+        except OSError as exc:
+            raise LocalmoeError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return path
 
     def vacuum(self) -> None:
         """Rewrite the file without the pages deleted rows left behind: until then the deleted text is still in the

@@ -1,0 +1,85 @@
+"""Conversations in the database: full-text search kept in step with every change, rename, undoable delete, export,
+and `logs -q` on the command line."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import sqlite_utils
+
+from helpers import run_cli
+from localmoe.record.recorder import MIGRATIONS, Recorder, migrate
+
+
+def exchange(rec: Recorder, question: str, answer: str, title: str | None = None, cid: int | None = None) -> int:
+    cid = cid or rec.new_conversation("m", title=title or question)
+    q = rec.add_message(cid, "user", question)
+    a = rec.add_message(cid, "assistant", "", model="m", status="pending", reply_to=q)
+    # the answer's text arrives by an update, as a streamed answer's does
+    rec.finish_message(a, answer, "complete", None, {"joules": 1.25, "measured": 0})
+    return cid
+
+
+def test_search_follows_inserts_updates_and_deletes_and_leaves_nothing_behind(home):
+    with Recorder() as rec:
+        keep = exchange(rec, "Name a big city.", "Tokyo is a megalopolis.")
+        gone = exchange(rec, "Which bird talks?", "The parrot, a chatterbox.")
+        assert [r["conversation_id"] for r in rec.search_messages("chatter")] == [gone]
+        assert [c["id"] for c in rec.conversation_list("megalo")] == [keep]
+        rec.delete_conversations([gone])
+        assert rec.search_messages("chatterbox") == rec.search_messages("parrot") == []
+        assert [r["conversation_id"] for r in rec.search_messages("megalopolis")] == [keep]
+        rec.vacuum()
+    db = home / "localmoe.db"
+    conn = sqlite3.connect(db)
+    conn.execute("insert into messages_fts (messages_fts) values ('integrity-check')")  # raises if out of step
+    # not a token of it left in the index's own tables, nor in any byte of the files
+    assert conn.execute("select count(*) from messages_fts_idx where term like 'chatter%'").fetchone() == (0,)
+    conn.close()
+    assert b"chatterbox" not in b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("localmoe.db"))
+
+
+def test_the_migration_indexes_rows_written_before_it(home):
+    home.mkdir(parents=True)
+    old = sqlite_utils.Database(sqlite3.connect(home / "localmoe.db", isolation_level=None))
+    migrate(old, migrations=MIGRATIONS[:6])
+    old.execute("insert into conversations (id, title, model, created_at) values (1, 't', 'm', 'then')")
+    old.execute("insert into messages (conversation_id, role, content, created_at) values (1, 'user', 'an aardvark', "
+                "'then')")
+    old.conn.close()
+    with Recorder() as rec:
+        assert [r["content"] for r in rec.search_messages("aardvark")] == ["an aardvark"]
+        assert rec.search_messages('" OR * -:') == []  # what a person types is never FTS5 syntax
+
+
+def test_rename_delete_undo_and_export_round_trip(home, tmp_path):
+    with Recorder() as rec:
+        cid = exchange(rec, "What is 2+2?", "Four.")
+        exchange(rec, "And 3+3?", "Six.", cid=cid)
+        rec.rename_conversation(cid, "  sums  ")
+        before = rec.conversation_messages(cid)
+        snap = rec.snapshot_conversations([cid])
+        rec.delete_conversations([cid])
+        assert rec.conversation_list() == []
+        rec.restore_conversations(snap)
+        [row] = rec.conversation_list()
+        assert (row["title"], row["messages"], row["joules"]) == ("sums", 4, 2.5)
+        assert rec.conversation_messages(cid) == before and rec.search_messages("six")
+        exported = json.loads(rec.export_conversation(cid, tmp_path, "json").read_text())
+        assert exported["messages"] == before and exported["conversation"]["title"] == "sums"
+        md = rec.export_conversation(cid, tmp_path, "md").read_text()
+        assert md.startswith("# sums") and "## You\n\nAnd 3+3?" in md
+
+
+def test_logs_q_finds_an_old_answer_from_the_cli(home):
+    with Recorder() as rec:
+        cid = exchange(rec, "Which bird talks?", "The parrot, a chatterbox.")
+        exchange(rec, "Name a city.", "Tokyo.")
+    r = run_cli("logs", "-q", "chatterbox", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [(x["conversation_id"], x["role"]) for x in json.loads(r.stdout)] == [(cid, "assistant")]
+    r = run_cli("logs", "-q", "parrot")
+    assert r.returncode == 0 and "[parrot]" in r.stdout and f"conversation {cid}" in r.stdout
+    r = run_cli("logs", "-q", "--", "-*-")
+    assert r.returncode == 2 and r.stderr.startswith("localmoe: error:") and "Traceback" not in r.stderr
