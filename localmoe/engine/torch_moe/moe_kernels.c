@@ -3,8 +3,8 @@
  *
  * torch's gemv for one token runs at ~22 GB/s on the 2-core machines we measure on, llama.cpp's at ~26 GB/s: the
  * difference is a fixed cost per call (thread wake-ups, a gemm path for m = 1) on matrices of a few MB. These
- * kernels read each weight row once, four rows at a time against the same activations (four independent sums keep
- * the FMA units busy and four sequential streams keep the prefetchers busy), and run a whole MoE layer's experts in
+ * kernels read each weight row once, one row after another (one sequential stream per thread, with four independent
+ * partial sums to keep the FMA units busy; see dot1), and run a whole MoE layer's experts in
  * one parallel region with one barrier, split by rows over torch's own OpenMP threads (this library is loaded after
  * torch, so `libgomp.so.1` resolves to the runtime torch already runs: one thread pool, no oversubscription).
  *
@@ -16,47 +16,38 @@
 #include <string.h>
 #include <omp.h>
 
-#define UNROLL 4
+#define UNROLL 4  /* threads' shares of rows are cut at multiples of this */
 
-/* out[j] = w[j] . x for the 4 rows starting at w (row stride ld) */
-static inline void dot4(const float *restrict w, size_t ld, const float *restrict x, int k, float *restrict out)
-{
-    const float *restrict w0 = w, *restrict w1 = w + ld, *restrict w2 = w + 2 * ld, *restrict w3 = w + 3 * ld;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int i = 0; i < k; i++) {
-        const float xi = x[i];
-        s0 += w0[i] * xi;
-        s1 += w1[i] * xi;
-        s2 += w2[i] * xi;
-        s3 += w3[i] * xi;
-    }
-    out[0] = s0;
-    out[1] = s1;
-    out[2] = s2;
-    out[3] = s3;
-}
-
+/* w . x for one row: four partial sums over interleaved chunks of 8 keep the FMA units busy, while the thread reads
+ * one sequential stream, which the hardware prefetcher follows best. Measured on 2 cores, float32 rows of 512: 30-34
+ * GB/s, against 24-27 for four rows read side by side (four short streams), and ~34 for a plain sum over memory. */
 static inline float dot1(const float *restrict w, const float *restrict x, int k)
 {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < k; i++)
-        s += w[i] * x[i];
-    return s;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    int i = 0;
+    for (; i + 32 <= k; i += 32) {
+#pragma omp simd reduction(+ : s0)
+        for (int j = 0; j < 8; j++)
+            s0 += w[i + j] * x[i + j];
+#pragma omp simd reduction(+ : s1)
+        for (int j = 8; j < 16; j++)
+            s1 += w[i + j] * x[i + j];
+#pragma omp simd reduction(+ : s2)
+        for (int j = 16; j < 24; j++)
+            s2 += w[i + j] * x[i + j];
+#pragma omp simd reduction(+ : s3)
+        for (int j = 24; j < 32; j++)
+            s3 += w[i + j] * x[i + j];
+    }
+    for (; i < k; i++)
+        s0 += w[i] * x[i];
+    return (s0 + s1) + (s2 + s3);
 }
 
 /* rows [lo, hi) of w (n x k, row-major) times x into y: y[r] = w[r] . x (+ bias[r]) */
 static void rows(const float *w, const float *x, const float *bias, float *y, int lo, int hi, int k)
 {
-    int r = lo;
-    float acc[UNROLL];
-    for (; r + UNROLL <= hi; r += UNROLL) {
-        dot4(w + (size_t)r * k, (size_t)k, x, k, acc);
-        for (int j = 0; j < UNROLL; j++)
-            y[r + j] = bias ? acc[j] + bias[r + j] : acc[j];
-    }
-    for (; r < hi; r++)
+    for (int r = lo; r < hi; r++)
         y[r] = dot1(w + (size_t)r * k, x, k) + (bias ? bias[r] : 0.f);
 }
 
@@ -95,35 +86,17 @@ void lm_moe_decode_f32(int n_exp, const float *const *gate_up, const float *cons
     {
         int lo, hi;
         share(n_exp * f, &lo, &hi);
-        float g[UNROLL], u[UNROLL];
-        for (int i = lo; i < hi;) {
+        for (int i = lo; i < hi; i++) {
             const int e = i / f, r = i % f;
             const float *gw = gate_up[e] + (size_t)r * k, *uw = gate_up[e] + (size_t)(f + r) * k;
-            float *he = h + (size_t)e * f;
-            if (r + UNROLL <= f && i + UNROLL <= hi) {
-                dot4(gw, (size_t)k, x, k, g);
-                dot4(uw, (size_t)k, x, k, u);
-                for (int j = 0; j < UNROLL; j++)
-                    he[r + j] = silu(g[j]) * u[j];
-                i += UNROLL;
-            } else {
-                he[r] = silu(dot1(gw, x, k)) * dot1(uw, x, k);
-                i += 1;
-            }
+            h[(size_t)e * f + r] = silu(dot1(gw, x, k)) * dot1(uw, x, k);
         }
 #pragma omp barrier
         share(k, &lo, &hi);
-        float acc[UNROLL];
         for (int e = 0; e < n_exp; e++) {
             const float *dw = down[e], *he = h + (size_t)e * f;
             const float s = scale[e];
-            int r = lo;
-            for (; r + UNROLL <= hi; r += UNROLL) {
-                dot4(dw + (size_t)r * f, (size_t)f, he, f, acc);
-                for (int j = 0; j < UNROLL; j++)
-                    out[r + j] += s * acc[j];
-            }
-            for (; r < hi; r++)
+            for (int r = lo; r < hi; r++)
                 out[r] += s * dot1(dw + (size_t)r * f, he, f);
         }
     }
