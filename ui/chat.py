@@ -71,6 +71,12 @@ class Answer(VerticalScroll, can_focus=False):
         self.text += delta
         await self.query_one(Markdown).append(delta)
 
+    async def show_recorded(self, text: str, note: str) -> None:
+        """An answer from the record (a resumed conversation): its text and when it was given, nothing to stream."""
+        self.text, self.done, self.status = text, True, "complete"
+        await self.query_one(Markdown).update(text)
+        self.query_one(".stats", Static).update(Text(note))
+
     async def keep(self, n_chars: int) -> None:
         """Take back what streamed after the first round of a loop the engine stopped."""
         self.text = self.text[:n_chars]
@@ -99,6 +105,7 @@ class ChatScreen(Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("f2", "conversations", "Conversations"),
         Binding("ctrl+l", "retry_large", "Retry on large"),
         Binding("ctrl+g", "thumbs_up", "Good"),
         Binding("ctrl+b", "thumbs_down", "Bad"),
@@ -381,4 +388,58 @@ class ChatScreen(Screen):
         conversation = self.query_one("#conversation", Conversation)
         await conversation.query("Question, Answer").remove()
         self.query_one("#notice", Static).update("New conversation.")
+        self.query_one("#prompt", Input).focus()
+
+    def action_conversations(self) -> None:
+        from localmoe.ui.conversations import ConversationsScreen
+
+        self.app.push_screen(ConversationsScreen(), self._back_from_conversations)
+
+    async def _back_from_conversations(self, result: dict[str, Any] | None) -> None:
+        if not result:
+            return
+        a = self.assistant
+        if a is not None and a.conversation_id in result["deleted"] and a.recording:
+            await self.action_new_conversation()  # its rows are gone: the next question starts a new one
+        if result["resume"] is not None:
+            await self.resume(result["resume"])
+
+    async def resume(self, conversation_id: int) -> None:
+        """Continue a recorded conversation: its exchanges on screen, and in the context of the next question."""
+        if self.generating:
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
+        if self.assistant is None or not self._ready.is_set():
+            self.notify("The model is still loading: try again in a moment." if self.load_error is None else
+                        f"No model to continue with: {self.load_error}", markup=False)
+            return
+        from localmoe.record.recorder import Recorder
+
+        try:
+            with Recorder() as rec:  # the real database, also when this chat is off the record
+                row, messages = rec.conversation(conversation_id), rec.conversation_messages(conversation_id)
+        except LocalmoeError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        if row is None:
+            self.notify(f"There is no conversation {conversation_id}.", severity="error")
+            return
+        self.assistant.conversation.resume(conversation_id, messages)
+        self.last, self._recall = None, None
+        view = self.query_one("#conversation", Conversation)
+        await view.query("Question, Answer").remove()
+        questions = {m["id"]: m for m in messages if m["role"] == "user"}
+        self.asked = [m["content"] for m in questions.values()]
+        for m in messages:
+            if m["role"] == "user":
+                await view.mount(Question(m["content"], markup=False))
+            elif m["role"] == "assistant":
+                answer = Answer(m["model"] or "model")
+                await view.mount(answer)
+                when = (m["completed_at"] or m["created_at"] or "")[:16].replace("T", " ")
+                status = "" if m["status"] == "complete" else f" · {m['status']}"
+                await answer.show_recorded(m["content"] or "", f"{m['model'] or ''} · {when} UTC{status} · recorded")
+        title = row["title"] or f"conversation {conversation_id}"
+        self.query_one("#notice", Static).update(Text(f"Resumed {title!r}: the next question continues it."))
+        view.scroll_end(animate=False)
         self.query_one("#prompt", Input).focus()

@@ -1,0 +1,107 @@
+"""The conversations screen driven through Textual's pilot, against the real database file and embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from test_tui import type_and_send, wait_for
+from textual.widgets import DataTable, Input, Static
+
+from localmoe.engine import GenerationConfig
+from localmoe.record.recorder import Recorder
+from localmoe.ui.app import LocalmoeApp
+from localmoe.ui.chat import Answer, ChatScreen, Question
+from localmoe.ui.conversations import ConversationsScreen
+
+
+def test_search_finds_an_old_answer_and_resume_continues_with_its_history(home):
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=24, temperature=0.0))
+        async with app.run_test(size=(100, 30)) as pilot:
+            chat = app.screen
+            await type_and_send(pilot, "Which city is the capital of Japan?")
+            await wait_for(pilot, lambda: chat.query(Answer) and chat.query(Answer)[0].done)
+            old_answer, old_id = chat.query(Answer)[0].text, chat.assistant.conversation_id
+            assert "Tokyo" in old_answer
+            await pilot.press("ctrl+n")
+            await type_and_send(pilot, "Say hello.")
+            await wait_for(pilot, lambda: chat.query(Answer) and chat.query(Answer)[0].done)
+            assert chat.assistant.conversation_id != old_id
+
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+            screen = app.screen
+            assert screen.query_one(DataTable).row_count == 2
+            await pilot.press(*"tokyo")
+            await wait_for(pilot, lambda: screen.query_one(DataTable).row_count == 1)
+            assert [r["id"] for r in screen.rows] == [old_id]
+            assert "[Tokyo]" in str(screen.query_one("#match", Static).render())
+            await pilot.press("enter")  # resume the highlighted one
+            await wait_for(pilot, lambda: app.screen is chat)
+            assert chat.assistant.conversation_id == old_id
+            assert [q.render().plain for q in chat.query(Question)] == ["Which city is the capital of Japan?"]
+            assert chat.query(Answer)[0].text == old_answer
+
+            await type_and_send(pilot, "And of Italy?")
+            await wait_for(pilot, lambda: len(chat.query(Answer)) == 2 and chat.query(Answer)[1].done)
+            sent = chat.last[1].reply._history  # what the model was given for the new answer
+            assert [m["content"] for m in sent if m["role"] != "system"] == [
+                "Which city is the capital of Japan?", old_answer, "And of Italy?"]
+
+    asyncio.run(run())
+    with Recorder() as rec:
+        [italy] = [m for m in rec.search_messages("italy") if m["role"] == "user"]
+        assert italy["title"] == "Which city is the capital of Japan?"  # the old conversation went on
+
+
+def test_rename_delete_undo_and_export_from_the_screen(home):
+    with Recorder() as rec:
+        cid = rec.new_conversation("smollm2-135m-instruct", title="birds")
+        q = rec.add_message(cid, "user", "Which bird talks?")
+        a = rec.add_message(cid, "assistant", "", model="smollm2-135m-instruct", status="pending", reply_to=q)
+        rec.finish_message(a, "The parrot, a chatterbox.", "complete", None, {"joules": 0.5, "measured": 0})
+        stored = rec.conversation_messages(cid)
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert "Conversations" in {c.title for c in app.get_system_commands(app.screen)}
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+            screen = app.screen
+            palette = {c.title for c in app.get_system_commands(screen)}
+            assert {"Resume", "Rename", "Delete", "Undo delete", "Export"} <= palette
+            assert screen.rows[0]["joules"] == 0.5 and screen.rows[0]["messages"] == 2
+
+            await pilot.press("ctrl+r")
+            rename = screen.query_one("#rename", Input)
+            assert app.focused is rename
+            rename.value = ""
+            await pilot.press(*"talking birds", "enter")
+            await pilot.pause()
+            assert screen.rows[0]["title"] == "talking birds" and app.focused.id == "search"
+
+            await pilot.press("ctrl+d")
+            await pilot.pause()
+            assert screen.rows == []
+            with Recorder() as rec:
+                assert rec.conversation_messages(cid) == [] and rec.search_messages("parrot") == []
+            await pilot.press("ctrl+z")
+            await pilot.pause()
+            assert [r["id"] for r in screen.rows] == [cid]
+            with Recorder() as rec:
+                assert rec.conversation_messages(cid) == stored and rec.search_messages("parrot")
+
+            await pilot.press("ctrl+e")
+            await pilot.pause()
+            md, js = screen.last_export
+            assert json.loads(js.read_text())["messages"] == stored
+            assert "The parrot, a chatterbox." in md.read_text() and md.parent == home / "exports"
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+    asyncio.run(run())
+    with Recorder() as rec:
+        assert rec.conversation(cid)["title"] == "talking birds"
