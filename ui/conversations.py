@@ -226,5 +226,7 @@ class ConversationsScreen(Screen[dict[str, Any]]):
             self.notify(str(exc), severity="error", markup=False)
             return
         self.last_export = written
+        self.query_one("#match", Static).update(Text(f"Exported to {written[0].parent}: "
+                                                     + ", ".join(p.name for p in written)))
         self.notify("Exported to " + " and ".join(str(p) for p in written), title="Export", timeout=15,
                     markup=False)
