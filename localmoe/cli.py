@@ -51,14 +51,21 @@ def _report_error(message: str, json_out: bool = False) -> None:
     print(f"localmoe: error: {message}", file=sys.stderr)
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, lo: int, hi: int | None = None, what: str = "a whole number", note: str = "") -> int:
+    """An argparse value in [lo, hi], or a one-line reason it is not (`note` follows the bound it breaks)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if hi is not None and not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"{value} is outside {lo}-{hi}{note}")
+    if value < lo:
+        raise argparse.ArgumentTypeError(f"{value} is below {lo}{note}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
 
 
 def _temperature(text: str) -> float:
@@ -837,23 +844,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _queue_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is below 0 (0: no request waits)")
-    return value
+    return _whole_number(text, 0, note=" (0: no request waits)")
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0-65535")
-    return value
+    return _whole_number(text, 0, 65535, what="a port number")
 
 
 def build_parser() -> argparse.ArgumentParser:

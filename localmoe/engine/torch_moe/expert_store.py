@@ -367,19 +367,8 @@ class ExpertStore:
                     future: Future[ExpertWeights] = Future()
                     future.set_running_or_notify_cancel()  # running: a get() now waits for this read
                     self._pending[(layer, expert)] = future
-                try:
-                    weights, _ = self._fetch(layer, expert, background=True)
-                except BaseException as e:  # the compute thread meets it if it waits for this expert, else rereads
-                    with self._lock:
-                        self._pending.pop((layer, expert), None)
-                    future.set_exception(e)
-                    return
-                with self._lock:
-                    self.stats[layer].prefetches += 1
-                    self._insert(layer, expert, weights)
-                    self._unused_prefetch[layer].add(expert)
-                    self._pending.pop((layer, expert), None)
-                future.set_result(weights)
+                if not self._read_ahead(layer, expert, future):
+                    return  # a read failed: the compute thread meets the error if it waits for it, else rereads
 
     def _copy_ahead(self, layer: int, expert: int, host: ExpertWeights) -> None:
         """Prefetch from the warm tier: an asynchronous copy on the side stream, issued by the compute thread
@@ -397,19 +386,26 @@ class ExpertStore:
     def _prefetch_one(self, layer: int, expert: int, future: Future[ExpertWeights]) -> None:
         if not future.set_running_or_notify_cancel():
             return  # the compute thread needed it first and read it itself
+        self._read_ahead(layer, expert, future, predicted=True)
+
+    def _read_ahead(self, layer: int, expert: int, future: Future[ExpertWeights], predicted: bool = False) -> bool:
+        """Off the compute thread: read the expert of a registered, running `future` and cache it as a prefetch
+        (`predicted`: its predicted siblings are not evicted for it). False when the read failed; the compute thread
+        re-raises the error if it waits for this expert."""
         try:
             weights, _ = self._fetch(layer, expert, background=True)
-        except BaseException as e:  # the compute thread re-raises it if it waits for this expert
+        except BaseException as e:
             with self._lock:
                 self._pending.pop((layer, expert), None)
             future.set_exception(e)
-            return
+            return False
         with self._lock:
             self.stats[layer].prefetches += 1
-            self._insert(layer, expert, weights, self._predicted[layer])
+            self._insert(layer, expert, weights, self._predicted[layer] if predicted else frozenset())
             self._unused_prefetch[layer].add(expert)
             self._pending.pop((layer, expert), None)
         future.set_result(weights)
+        return True
 
     def _insert(self, layer: int, expert: int, weights: ExpertWeights, keep: frozenset[int] = frozenset()) -> None:
         """Under the lock."""
