@@ -81,6 +81,20 @@ def test_linear_kernel_matches_torch(m):
 
 
 @native_library
+def test_a_long_prompts_scratch_is_not_held():
+    """The packed panels of a call larger than _SCRATCH_KEPT are let go after it (a long prompt would otherwise
+    hold tens of MB for the process's lifetime, under a memory cap too); smaller ones are reused."""
+    x, w = torch.randn(1100, 4096), torch.randn(8, 4096)
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-3)
+    kept = getattr(kernels._scratch, "buf", None)
+    assert kept is None or kept.numel() <= kernels._SCRATCH_KEPT
+    kernels.linear(x[:20], w)
+    small = kernels._scratch.buf
+    kernels.linear(x[:30], w)
+    assert kernels._scratch.buf is small
+
+
+@native_library
 @pytest.mark.parametrize("m", [1, 7, 9, 17, 65, 130])
 def test_expert_kernel_matches_torch(m):
     """One expert over m of 160 tokens, added into rows that already hold other experts' sums."""

@@ -191,11 +191,17 @@ def _prefill_library() -> ctypes.CDLL | None:
     return lib
 
 
+_SCRATCH_KEPT = 1 << 22  # floats (16 MiB): a long prompt's larger buffer is not held after its call
+
+
 def _scratch_for(lib: ctypes.CDLL, m: int, k: int, f: int) -> Tensor:
+    """The kernels' packed panels, reused between calls (a new one page-faults afresh) up to _SCRATCH_KEPT."""
     n = lib.lm_prefill_scratch(m, k, f)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n:
-        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+        buf = torch.empty(n, dtype=torch.float32)
+        if n <= _SCRATCH_KEPT:
+            _scratch.buf = buf
     return buf
 
 
@@ -218,8 +224,9 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     m = rows.shape[0]
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     if m:
+        scratch = _scratch_for(lib, m, k, 0)  # held here until the call returns
         lib.lm_linear_f32(w.data_ptr(), bias.data_ptr() if bias is not None else None, rows.data_ptr(), y.data_ptr(),
-                          m, n, k, n, _scratch_for(lib, m, k, 0).data_ptr(), torch.get_num_threads())
+                          m, n, k, n, scratch.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -242,5 +249,6 @@ def expert_prefill(x: Tensor, mats: tuple[Tensor, Tensor], tokens: Tensor, scale
     if not m:
         return
     tokens, scales = tokens.to(torch.int32).contiguous(), scales.to(torch.float32).contiguous()
+    scratch = _scratch_for(lib, m, k, f)  # held here until the call returns
     lib.lm_expert_prefill_f32(gu.data_ptr(), down.data_ptr(), x.data_ptr(), tokens.data_ptr(), scales.data_ptr(), m,
-                              out.data_ptr(), k, f, _scratch_for(lib, m, k, f).data_ptr(), torch.get_num_threads())
+                              out.data_ptr(), k, f, scratch.data_ptr(), torch.get_num_threads())
