@@ -106,6 +106,7 @@ class ChatScreen(Screen):
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("f2", "conversations", "Conversations"),
+        Binding("f3", "settings", "Settings"),
         Binding("ctrl+l", "retry_large", "Retry on large"),
         Binding("ctrl+g", "thumbs_up", "Good"),
         Binding("ctrl+b", "thumbs_down", "Bad"),
@@ -165,10 +166,18 @@ class ChatScreen(Screen):
         self.load_model()
 
     @work(thread=True, exclusive=True, group="load")
-    def load_model(self) -> None:
+    def load_model(self, previous: Assistant | None = None) -> None:
+        """`previous`: the assistant before a settings change; its conversation and recording mode go on."""
         try:
             overrides = {k: v for k, v in vars(self.config).items()} if self.config else None
             assistant = Assistant(overrides=overrides, pinned_model=self.model_name)
+            if previous is not None:
+                assistant.conversation.id = previous.conversation.id
+                assistant.conversation.history = previous.conversation.history
+                if not previous.recording:
+                    assistant.set_recording(False)
+                previous.close()
+                previous.recorder.close()
             self.assistant = assistant
             t0 = time.perf_counter()
             session = assistant.session_for("small")
@@ -443,3 +452,19 @@ class ChatScreen(Screen):
         self.query_one("#notice", Static).update(Text(f"Resumed {title!r}: the next question continues it."))
         view.scroll_end(animate=False)
         self.query_one("#prompt", Input).focus()
+
+    def action_settings(self) -> None:
+        if self.generating:  # a settings change reloads the models: not under an answer
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
+        from localmoe.ui.settings_screen import SettingsScreen
+
+        self.app.push_screen(SettingsScreen(), self._back_from_settings)
+
+    def _back_from_settings(self, saved: bool | None) -> None:
+        if not saved:
+            return
+        previous, self.assistant = self.assistant, None
+        self._ready.clear()
+        self.sub_title = "loading model…"
+        self.load_model(previous)

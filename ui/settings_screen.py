@@ -1,0 +1,121 @@
+"""The settings screen: the tiers and the router, written to settings.toml and checked by the same reader every
+command uses (`localmoe.home.settings.load`), so the screen can never save a file the CLI would refuse."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, Select, Static
+
+from localmoe.errors import LocalmoeError
+from localmoe.home import models, paths, settings
+
+FIELDS = (("tiers", "small", "Small tier (model id or .gguf path; empty: the embedded model)"),
+          ("tiers", "large", "Large tier (empty: the largest installed MoE that fits)"),
+          ("router", "preference", "Router preference: quality, balanced, energy or a threshold in (0, 1)"))
+
+
+def toml_text(data: dict[str, dict[str, Any]]) -> str:
+    """The two tables as TOML. JSON's string escapes are valid in TOML basic strings; comments are not kept."""
+    out = []
+    for table, values in data.items():
+        if values:
+            out.append(f"[{table}]")
+            out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            out.append("")
+    return "\n".join(out)
+
+
+class SettingsScreen(Screen[bool]):
+    """Dismissed with True when settings.toml was written: the chat then answers the next question with them."""
+
+    BINDINGS = [Binding("ctrl+s", "save", "Save", priority=True), Binding("escape", "back", "Back")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path = paths.data_dir() / settings.FILENAME
+        self.raw: dict[str, Any] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="settings", can_focus=False):  # Tab goes from field to field
+            yield Static("", id="settings-file")
+            for table, key, label in FIELDS:
+                yield Label(label)
+                yield Input(id=f"{table}-{key}")
+            yield Label("Router strategy")
+            yield Select([("default (learned)", ""), *((s, s) for s in settings.STRATEGIES)], allow_blank=False,
+                         id="router-strategy")
+        yield Static("", id="settings-error")  # outside the scroll: on a short terminal the error stays in view
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title, self.sub_title = "localmoe", "settings"
+        self.query_one("#settings-file", Static).update(Text(f"{self.path} (Ctrl+S saves, Esc goes back)"))
+        try:
+            settings.load(self.path)  # a broken file is shown, not half-read
+            self.raw = tomllib.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        except (LocalmoeError, OSError) as exc:
+            self.error(str(exc))
+        for table, key, _ in FIELDS:
+            value = self.raw.get(table, {}).get(key)
+            self.query_one(f"#{table}-{key}", Input).value = "" if value is None else str(value)
+        self.query_one("#router-strategy", Select).value = self.raw.get("router", {}).get("strategy") or ""
+        self.query_one("#tiers-small", Input).focus()
+
+    def error(self, message: str) -> None:
+        line = self.query_one("#settings-error", Static)
+        line.update(Text(message))
+        line.set_class(bool(message), "shown")
+
+    def action_back(self) -> None:
+        self.dismiss(False)
+
+    def action_save(self) -> None:
+        data: dict[str, dict[str, Any]] = {t: dict(self.raw.get(t, {})) for t in ("tiers", "router")}
+        for table, key, _ in FIELDS:
+            value = self.query_one(f"#{table}-{key}", Input).value.strip()
+            if value:
+                data[table][key] = value
+            else:
+                data[table].pop(key, None)
+        strategy = self.query_one("#router-strategy", Select).value
+        if strategy:
+            data["router"]["strategy"] = strategy
+        else:
+            data["router"].pop("strategy", None)
+        try:
+            for tier in ("small", "large"):
+                if data["tiers"].get(tier):
+                    try:
+                        models.resolve(data["tiers"][tier])
+                    except LocalmoeError as exc:
+                        raise LocalmoeError(f"{tier} tier: {exc}") from None
+            pref = data["router"].get("preference")
+            if pref is not None:
+                data["router"]["preference"] = settings.parse_preference(pref)  # "0.3" is stored as a number
+            text = toml_text({**{k: v for k, v in self.raw.items() if k not in data}, **data})
+            scratch = self.path.with_name(self.path.name + ".new")
+            paths.write_private(scratch, text)
+            try:
+                settings.load(scratch)  # the reader every command uses has the last word
+            except LocalmoeError as exc:
+                Path(scratch).unlink(missing_ok=True)
+                raise LocalmoeError(str(exc).replace(str(scratch), str(self.path))) from None
+            Path(scratch).replace(self.path)
+        except LocalmoeError as exc:
+            self.error(str(exc))
+            return
+        except OSError as exc:
+            self.error(f"cannot write {self.path}: {exc.strerror or exc}")
+            return
+        self.notify(f"Saved {self.path}; the next question uses it.", title="Settings", markup=False)
+        self.dismiss(True)
