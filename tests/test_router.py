@@ -277,3 +277,25 @@ def test_router_train_end_to_end_from_bench_results_and_user_labels(home, tmp_pa
     assert "unreadable" not in (d.get("notice") or "") and "router train" not in (d.get("notice") or "")
     assert d["score"] == pytest.approx(mine.score, abs=1e-9) and d["threshold"] == mine.threshold
     assert abs(mine.score - shipped.score) > 1e-6  # a different router from the shipped one, and route used it
+
+
+def test_a_missing_large_tier_and_its_hint_are_told_once_per_session(home):
+    """#19 item 5: the fallback notice and the way to add a large model come with the first hard question only;
+    later small answers to hard questions are still marked probably wrong."""
+    a = Assistant(strategy="features")
+    try:
+        first, second = a.route(HARD, load=False), a.route(HARD + " ", load=False)
+    finally:
+        a.close()
+    for d in (first, second):
+        assert d.wanted == "large" and d.tier == "small" and "likely wrong" in d.warning
+    assert "no large model is available" in first.notice and " — " in first.warning
+    assert second.notice is None and " — " not in second.warning
+
+
+def test_an_unreadable_router_file_is_told_once(tmp_path):
+    bad = tmp_path / "router.json"
+    bad.write_text("{}")
+    r = Router(router_file=bad)
+    assert "unreadable" in r.route(HARD).notice
+    assert r.route(HARD).notice is None

@@ -284,3 +284,22 @@ def test_the_stats_line_marks_only_estimated_joules(home, tmp_path, monkeypatch,
     else:
         stats = asyncio.run(run())
         assert re.search(r" · ~\d+\.\d J( · |$)", stats), stats
+
+
+def test_a_missing_large_tier_is_explained_once_per_session(home):
+    """Two hard questions without a large model: both answers are marked probably wrong, the way to add one is
+    said with the first only (#19 item 5)."""
+    hard = "What is 4821 * 317 - 96? Answer with a number only."
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=4, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            for n in (1, 2):
+                await type_and_send(pilot, hard)
+                await wait_for(pilot, lambda n=n: len(screen.query(Answer)) == n and screen.query(Answer)[-1].done)
+            routes = [str(a.query_one(".route", Static).render()) for a in screen.query(Answer)]
+            assert all("likely wrong" in r for r in routes), routes
+            assert "likely wrong — " in routes[0] and "likely wrong — " not in routes[1], routes  # — the hint
+
+    asyncio.run(run())

@@ -104,6 +104,8 @@ class Assistant:
         self.recorder = recorder or Recorder()
         self._log = self.recorder if self.recorder.persistent else None  # the real database, once opened
         self._announced: set[str] = set()
+        # Fallbacks and how-to hints already told in this session: a missing tier is news once, not on every answer.
+        self._told: set[str] = set()
         self.overrides = overrides or {}  # generation settings over each model's own defaults
         self.session_options = session_options or {}
         self.notices: list[str] = []
@@ -246,17 +248,28 @@ class Assistant:
             hint = self._add_tier_hint(d.tier)
             d.wanted, d.tier = d.tier, actual
             d.reason = f"wanted {d.wanted} → no {d.wanted} model {hint[0]} → {actual} answered ({d.reason})"
-            how = "" if actual == "small" else f" — {hint[1]}"  # the small answer's warning gives the hint
-            d.notice = "; ".join(x for x in (d.notice, f"no {d.wanted} model is available; the {actual} model "
-                                             f"answers instead{how}") if x)
+            tell_hint = self._first_time(f"hint:{d.wanted}")
+            how = "" if actual == "small" or not tell_hint else f" — {hint[1]}"  # else the small answer's warning
+            fallback = f"no {d.wanted} model is available; the {actual} model answers instead{how}"
             chain = FALLBACK[d.wanted]
             if not self.settings.allow_remote and chain.index("remote") < chain.index(actual):
-                d.notice += f"; {FORBIDDEN}: nothing is sent off this machine"
+                fallback += f"; {FORBIDDEN}: nothing is sent off this machine"
+            if self._first_time(f"fallback:{d.wanted}>{actual}"):
+                d.notice = "; ".join(x for x in (d.notice, fallback) if x)
             if actual == "small":
-                d.warning = (f"the small model answered; estimated {d.score:.0%} likely wrong — {hint[1]}")
+                # each such answer is still marked, but the way to add the tier is said once
+                d.warning = f"the small model answered; estimated {d.score:.0%} likely wrong" + (
+                    f" — {hint[1]}" if tell_hint else "")
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None
         return d
+
+    def _first_time(self, key: str) -> bool:
+        """True the first time `key` is asked about in this session (this Assistant), False afterwards."""
+        if key in self._told:
+            return False
+        self._told.add(key)
+        return True
 
     def _add_tier_hint(self, tier: str) -> tuple[str, str]:
         """(what is missing, in a few words; how to add it) for a tier that could not answer."""

@@ -287,6 +287,7 @@ class Router:
     def __init__(self, strategy: str | None = None, preference: str | float = "balanced",
                  small_model_path: str | Path | None = None, router_file: Path | None = None) -> None:
         self.notices: list[str] = []
+        self._told: set[str] = set()  # notices already carried by a decision: each is said once per router
         self.trained: dict[str, Any] | None = None
         try:
             self.trained = _load_trained(router_file or trained_path())
@@ -344,14 +345,16 @@ class Router:
             raise UsageError("the prompt is empty")
         t0 = time.perf_counter()
         strategy = self.strategy
-        notice = "; ".join(self.notices) or None
+        told = list(self.notices)
         try:
             # The cascade answers small first; its pre-answer score is the features estimate, for the record.
             p, pulls = self.score(prompt, "features" if strategy == "cascade" else strategy)
         except LocalmoeError as exc:
-            notice = f"{exc}; routing with the features strategy"
+            told = [f"{exc}; routing with the features strategy"]
             strategy = "features"
             p, pulls = self.score(prompt, "features")
+        notice = "; ".join(n for n in told if n not in self._told) or None
+        self._told.update(told)
         threshold = self.threshold(strategy)
         if strategy == "cascade":
             tier = "small"
