@@ -442,3 +442,31 @@ def test_the_page_cache_is_kept_only_when_every_expert_fits(tiny_moe, monkeypatc
         engine.logits([1, 2, 3, 4])
         engine.close()
         assert (os.POSIX_FADV_DONTNEED in dropped) is want, slots
+
+
+def test_a_prompt_on_the_torch_path_lets_the_native_steps_evicted_experts_go(tiny_moe):
+    """With a partial cache, a prompt (the torch path) evicts experts the native step's table pointed to: the
+    table lets them go, so they are freed rather than held beside the cache (under a memory cap a chat's second
+    turn was killed for that)."""
+    import gc
+    import weakref
+
+    import localmoe.engine.torch_moe.kernels as native
+
+    if not native.available():
+        pytest.skip("no native kernels here")
+    engine = TorchMoEEngine(tiny_moe[0], expert_slots=1, prefetch=False)
+    try:
+        engine.decode_logits([1, 2, 3, 4, 5], 4)
+        assert engine.native_steps > 0 and engine._step.table.held() > 0
+        refs = [weakref.ref(m) for layer in engine._step.table._held for mats in layer.values() for m in mats]
+        engine.logits(list(range(10, 60)))  # a prompt through the torch path, one slot per layer: evictions
+        gc.collect()
+        cached = {id(m) for c in engine.store.layers for w in c.entries.values() for m in w.mats}
+        assert engine._step.table.held() == 0
+        assert all(r() is None or id(r()) in cached for r in refs)
+        assert any(r() is None for r in refs)
+        engine.decode_logits([1, 2, 3, 4, 5], 3)  # and the native step syncs again
+        assert engine._step.table.held() > 0
+    finally:
+        engine.close()

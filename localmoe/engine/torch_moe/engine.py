@@ -183,7 +183,8 @@ class TorchMoEEngine(Engine):
         the KV cache rows written here are overwritten by every later sequence, and the counters are reset."""
         dev = self.device
         with torch.inference_mode():
-            self._call(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2)
+            # a prompt as answers prefill it (its last row only), then a decode step
+            self._call(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2, True)
             self._call(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.arange(2, 3, device=dev), 3)
         self._kv = []
         assert self.store is not None
@@ -283,9 +284,9 @@ class TorchMoEEngine(Engine):
         assert self.model is not None
         return self.model
 
-    def _forward(self, tokens: list[int], start: int, n_prompt: int | None = None) -> Tensor:
-        """Logits (len(tokens), vocab) on the CPU for `tokens` at positions start...; telemetry marks the
-        positions below `n_prompt` as prompt."""
+    def _forward(self, tokens: list[int], start: int, n_prompt: int | None = None, last: bool = False) -> Tensor:
+        """Logits (len(tokens), vocab) on the CPU for `tokens` at positions start... (`last`: the last row only, all
+        a prompt needs); telemetry marks the positions below `n_prompt` as prompt."""
         model = self._model()
         end = start + len(tokens)
         if end > model.args.max_seq_length:
@@ -303,8 +304,13 @@ class TorchMoEEngine(Engine):
             out = step(tokens[0], start)
             self._count_native_step(step)
         else:
+            if isinstance(self._step, DecodeStep):
+                # the torch path loads and evicts experts the table would keep alive: under a memory cap a prompt
+                # would hold a second cache's worth of experts (killed by the cap in a chat's second turn)
+                self._step.table.clear()
+                self._synced = [-1] * model.args.n_layers
             with torch.inference_mode():
-                out = self._call(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end)
+                out = self._call(torch.tensor([tokens], device=dev), torch.arange(start, end, device=dev), end, last)
         if held:
             self._kv += tokens
         if self.telemetry:
@@ -378,11 +384,11 @@ class TorchMoEEngine(Engine):
             for moe, ids in zip(self._model().moes, chosen, strict=True):
                 moe.last_topk = torch.tensor([ids])
 
-    def _call(self, idx: Tensor, pos: Tensor, end: int) -> Tensor:
-        """The model (compiled or not) on one sequence: logits (n, vocab)."""
+    def _call(self, idx: Tensor, pos: Tensor, end: int, last: bool = False) -> Tensor:
+        """The model (compiled or not) on one sequence: logits (n, vocab), or (1, vocab) with `last`."""
         if not self.options.compile:  # importing torch._dynamo costs ~50 MiB of RAM: only a compiled engine needs it
-            return self._run(idx, pos, end)[0]
-        return compiled.call(self._run, idx, pos, end)[0]
+            return self._run(idx, pos, end, last)[0]
+        return compiled.call(self._run, idx, pos, end, last)[0]
 
     def logits(self, token_ids: list[int], reuse: bool = False) -> np.ndarray:
         """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0.
@@ -447,7 +453,7 @@ class TorchMoEEngine(Engine):
                 return
             start = reusable_prefix(self._kv, tokens)  # an earlier turn's keys and values, kept
             stats.prompt_eval_tokens = len(tokens) - start
-            last = self._forward(tokens[start:], start, len(tokens))[-1]  # prefill
+            last = self._forward(tokens[start:], start, len(tokens), last=True)[-1]  # prefill
             while True:
                 # as llama.cpp's sampler: only the answer's own tokens count towards the repeat penalty
                 token = sampler.sample(last, self.tokens[len(tokens):])

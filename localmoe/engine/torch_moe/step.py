@@ -42,8 +42,15 @@ class ExpertTable:
                 self.gate_up[i], self.down[i] = mats[0].data_ptr(), mats[1].data_ptr()
         self._held[layer] = now
 
-    def complete(self) -> bool:
-        return all(len(held) == self.n_experts for held in self._held)
+    def clear(self) -> None:
+        """Point nowhere and let every expert go (the next step re-syncs the layers it needs)."""
+        for layer in range(len(self._held)):
+            self.sync(layer, ())
+
+    def held(self) -> int:
+        """How many experts the table keeps alive."""
+        return sum(len(h) for h in self._held)
+
 
 
 # (layer, its chosen experts ascending) -> makes them resident and syncs the table; raises to abandon the step
