@@ -191,7 +191,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     finally:
         assistant.close()
     if args.json:
-        _print_json(decision.to_dict())
+        out = decision.to_dict()
+        if decision.strategy in ("features", "learned", "cascade"):
+            # what each named preference would set the threshold to, so a user can see what they choose between
+            out["preferences"] = assistant.router.preferences(decision.strategy)
+        _print_json(out)
         return 0
     print(f"{decision.tier} ({decision.model}) · {decision.strategy} · score {decision.score:.2f} vs threshold "
           f"{decision.threshold:.2f} · {decision.latency_ms:.1f} ms")

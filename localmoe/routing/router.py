@@ -305,8 +305,16 @@ class Router:
     def threshold(self, strategy: str) -> float:
         if isinstance(self.preference, float):
             return self.preference
+        return self.preferences(strategy)[self.preference]
+
+    def preferences(self, strategy: str) -> dict[str, float]:
+        """Each named preference's threshold for `strategy`: from recorded outcomes of both tiers when the router
+        file has them (`preferences.outcome_preferences`), else its fixed table."""
+        outcomes = (self.trained or {}).get("outcome_preferences", {}).get(strategy)
+        if outcomes:
+            return {name: float(outcomes[name]["threshold"]) for name in DEFAULT_THRESHOLDS}
         table = (self.trained or {}).get("thresholds", {}).get(strategy, DEFAULT_THRESHOLDS)
-        return float(table.get(self.preference, DEFAULT_THRESHOLDS[self.preference]))
+        return {name: float(table.get(name, default)) for name, default in DEFAULT_THRESHOLDS.items()}
 
     @cached_property
     def embedder(self) -> TokenEmbedder:
