@@ -35,12 +35,12 @@ def compile_model(model: nn.Module) -> Any:
     return torch.compile(model, dynamic=True, options=quiet)
 
 
-def call(run: Any, idx: Tensor, pos: Tensor, end: int, last: bool = False) -> Any:
-    """`run(idx, pos, end, last)`, with a compile failure turned into a one-line LocalmoeError."""
+def call(run: Any, idx: Tensor, pos: Tensor, end: int) -> Any:
+    """`run(idx, pos, end)`, with a compile failure turned into a one-line LocalmoeError."""
     from torch._dynamo.exc import TorchDynamoException
 
     try:
-        return run(idx, pos, end, last)
+        return run(idx, pos, end)
     except TorchDynamoException as e:  # no C++ compiler, an unsupported device, ...
         raise LocalmoeError(f"torch.compile failed ({root_cause(e)}); run without compile") from None
 

@@ -183,8 +183,7 @@ class TorchMoEEngine(Engine):
         the KV cache rows written here are overwritten by every later sequence, and the counters are reset."""
         dev = self.device
         with torch.inference_mode():
-            # a prompt as answers prefill it (its last row only), then a decode step
-            self._call(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2, True)
+            self._call(torch.zeros((1, 2), dtype=torch.long, device=dev), torch.arange(0, 2, device=dev), 2)
             self._call(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.arange(2, 3, device=dev), 3)
         self._kv = []
         assert self.store is not None
@@ -388,7 +387,9 @@ class TorchMoEEngine(Engine):
         """The model (compiled or not) on one sequence: logits (n, vocab), or (1, vocab) with `last`."""
         if not self.options.compile:  # importing torch._dynamo costs ~50 MiB of RAM: only a compiled engine needs it
             return self._run(idx, pos, end, last)[0]
-        return compiled.call(self._run, idx, pos, end, last)[0]
+        # one compiled graph for every prompt: the head on all rows costs less than compiling a second graph
+        out = compiled.call(self._run, idx, pos, end)[0]
+        return out[-1:] if last else out
 
     def logits(self, token_ids: list[int], reuse: bool = False) -> np.ndarray:
         """Logits (n_tokens, vocab) for a fresh sequence; the KV cache is overwritten from position 0.
