@@ -51,6 +51,19 @@ def _report_error(message: str, json_out: bool = False) -> None:
     print(f"localmoe: error: {message}", file=sys.stderr)
 
 
+def _confirmed(what: str, declined: str) -> bool:
+    """Ask `what? [y/N]` on the terminal; False (after saying `declined`) unless the answer is yes. A script must
+    pass --yes: nobody is there to answer."""
+    if not sys.stdin.isatty():
+        raise UsageError(f"{what}: needs a confirmation; run it in a terminal or add --yes")
+    sys.stderr.write(f"{what}? [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() in ("y", "yes"):
+        return True
+    print(declined, file=sys.stderr)
+    return False
+
+
 def _whole_number(text: str, lo: int, hi: int | None = None, what: str = "a whole number", note: str = "") -> int:
     """An argparse value in [lo, hi], or a one-line reason it is not (`note` follows the bound it breaks)."""
     try:
@@ -498,14 +511,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     r = library.plan_removal(args.name)
     what = r.describe()
-    if not args.yes:
-        if not sys.stdin.isatty():  # a script must say so: nobody is there to answer
-            raise UsageError(f"{what}: needs a confirmation; run it in a terminal or add --yes")
-        sys.stderr.write(f"{what}? [y/N] ")
-        sys.stderr.flush()
-        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-            print("nothing removed", file=sys.stderr)
-            return 0
+    if not args.yes and not _confirmed(what, "nothing removed"):
+        return 0
     library.remove(r)
     if args.json:
         _print_json({"status": "ok", "id": r.ref.id, "action": r.action, "freed_bytes": r.frees,
@@ -788,14 +795,8 @@ def _delete_logs(args: argparse.Namespace) -> int:
                 print("no conversations to delete")
             return 0
         what = f"delete {len(found)} conversation{'s' * (len(found) != 1)} ({n_messages} messages)"
-        if not args.yes:
-            if not sys.stdin.isatty():  # a script must say so: nobody is there to answer
-                raise UsageError(f"{what}: needs a confirmation; run it in a terminal or add --yes")
-            sys.stderr.write(f"{what}? [y/N] ")
-            sys.stderr.flush()
-            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-                print("nothing deleted", file=sys.stderr)
-                return 0
+        if not args.yes and not _confirmed(what, "nothing deleted"):
+            return 0
         size = _db_size(rec.path)
         counts = rec.delete_conversations([c["id"] for c in found])
         rec.vacuum()
