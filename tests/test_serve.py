@@ -237,8 +237,9 @@ def test_eight_clients_none_lost_all_recorded_and_the_queue_limit_answers_429(se
     errors: list[BaseException] = []
 
     def one_client(i: int) -> None:
-        # the client's own retries honour the server's Retry-After: every request ends up answered
-        client = server.client(max_retries=40, http_client=DefaultHttpxClient(event_hooks={"response": [capture]}))
+        # the client's own retries honour the server's Retry-After: every request ends up answered. Each wait is at
+        # least one answer's time, so 100 of them outlast the 80 answers the other clients can take ahead of it
+        client = server.client(max_retries=100, http_client=DefaultHttpxClient(event_hooks={"response": [capture]}))
         try:
             answers[i] = [client.chat.completions.create(
                 model="smollm2-135m-instruct", max_tokens=2, temperature=0,

@@ -73,11 +73,13 @@ class Lane:
         self.limit = limit
         self.count = 0  # the request being answered plus those waiting
         self.mean_s: float | None = None  # recent answer time, for Retry-After
+        self._returning: deque[float] = deque()  # when the clients refused so far said they would be back
         self._lock = asyncio.Lock()  # FIFO: waiters are woken in the order they came
 
     async def acquire(self) -> None:
         if self.count > self.limit:
             wait = self.retry_after() * random.uniform(1.0, 1.5)  # jitter: refused clients do not return in step
+            self._returning.append(time.monotonic() + wait)
             raise ApiError(429, f"the server is busy: {self.count - 1} requests are waiting for the model (the limit "
                            f"is {self.limit}); retry in {wait:.1f} s", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(max(1, math.ceil(wait))),
@@ -95,8 +97,15 @@ class Lane:
         self._lock.release()
 
     def retry_after(self) -> float:
-        """Seconds until a slot is likely free: when the answer being made now ends, at the recent pace."""
-        return max(0.05, (self.mean_s or 1.0) * max(self.count - self.limit, 1))
+        """Seconds until a slot is likely free for this client, at the recent pace.
+
+        Clients refused before this one will be back first, and each takes a slot: counting them spreads the returns
+        out, so a refused client is not sent back into the same crowd every few milliseconds until its retries run
+        out (eight clients against a queue of 3 starved one that way)."""
+        now = time.monotonic()
+        self._returning = deque(t for t in self._returning if t > now - 1.0)  # the others are back, or gave up
+        ahead = max(self.count - self.limit, 1) + len(self._returning)
+        return max(0.1, (self.mean_s or 1.0) * ahead)
 
 
 @dataclass
