@@ -147,3 +147,136 @@ def read_header(path: str | Path) -> GGUFHeader:
             raise GGUFFormatError(f"tensor {name} has unknown ggml type {ttype}") from None
         tensors.append(TensorInfo(name, shape, ttype, data_offset + offset, n, n // block * size))
     return GGUFHeader(version, meta, tensors, data_offset)
+
+
+# --- A GGUF MoE as the native engine sees it ------------------------------------------------------------------
+#
+# The native engine and its planner speak Hugging Face names and shapes (config.json fields, `model.layers.N...`
+# tensors); a GGUF MoE is translated here, once, from its header alone. llama.cpp stores each layer's experts as one
+# tensor (`blk.N.ffn_gate_exps`, ggml shape [dim, ff, experts]) in which each expert's rows are one contiguous run, so
+# an expert is a byte range of the file: the view lists it as three per-expert tensors at those offsets.
+
+# GGUF architecture -> (transformers model_type, MoE block's hub name, one expert's (gate, up, down) hub names).
+# Mixtral runs in llama.cpp as `llama` with expert tensors.
+NATIVE_GGUF_ARCHS: dict[str, tuple[str, str, tuple[str, str, str]]] = {
+    "qwen3moe": ("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen2moe": ("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "llama": ("mixtral", "block_sparse_moe", ("w1", "w3", "w2")),
+}
+
+# per-layer GGUF tensor -> hub name under model.layers.N. (the MoE block's names are filled in per architecture)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "{moe}.gate.weight",
+    "ffn_gate_shexp.weight": "{moe}.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "{moe}.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "{moe}.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "{moe}.shared_expert_gate.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+
+
+def checkpoint_view(header: GGUFHeader, file: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A GGUF MoE's metadata as an HF-style config dict, and its tensors under hub names and shapes (row-major,
+    outermost first) as `localmoe.placement.safetensors.TensorInfo`s whose dtype is the ggml type's name and whose
+    nbytes are the packed bytes; experts are per-expert entries at their byte ranges inside the `*_exps` tensors.
+    `file` is the GGUF's name, recorded in each entry. Raises LocalmoeError for what the native engine does not run."""
+    from localmoe.errors import LocalmoeError
+    from localmoe.placement.safetensors import TensorInfo as HubTensor
+
+    meta = header.metadata
+    arch = meta.get("general.architecture")
+    if arch not in NATIVE_GGUF_ARCHS or not meta.get(f"{arch}.expert_count"):
+        what = f"a {arch} model without experts" if arch in NATIVE_GGUF_ARCHS else f"architecture {arch!r}"
+        raise LocalmoeError(f"the native engine does not run {what} (it runs GGUF MoE models of "
+                            f"{', '.join(sorted(NATIVE_GGUF_ARCHS))}); use the llama.cpp backend")
+    model_type, moe, (gate, up, down) = NATIVE_GGUF_ARCHS[arch]
+
+    def key(name: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{name}", default)
+
+    by_name = {t.name: t for t in header.tensors}
+    tensors: dict[str, Any] = {}
+
+    def hub(t: TensorInfo, name: str) -> None:
+        tensors[name] = HubTensor(file, t.type_name, tuple(reversed(t.shape)), t.offset, t.n_bytes)
+
+    n_layers = int(key("block_count", 0))
+    for name, t in by_name.items():
+        if name in _GLOBAL_NAMES:
+            hub(t, _GLOBAL_NAMES[name])
+            continue
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
+            continue  # rope tables and the like: the engine computes its own
+        layer, rest = int(parts[1]), parts[2]
+        if rest in _LAYER_NAMES:
+            hub(t, f"model.layers.{layer}." + _LAYER_NAMES[rest].format(moe=moe))
+        elif rest in _EXPERT_TENSORS:
+            proj = (gate, up, down)[_EXPERT_TENSORS.index(rest)]
+            if len(t.shape) != 3 or t.n_bytes % t.shape[2]:
+                raise LocalmoeError(f"expert tensor {name} has shape {list(t.shape)}: expected [in, out, experts]")
+            per = t.n_bytes // t.shape[2]
+            for e in range(t.shape[2]):
+                tensors[f"model.layers.{layer}.{moe}.experts.{e}.{proj}.weight"] = HubTensor(
+                    file, t.type_name, (t.shape[1], t.shape[0]), t.offset + e * per, per)
+    if n_layers and not any(f"blk.{i}.ffn_gate_exps.weight" in by_name for i in range(n_layers)):
+        raise LocalmoeError(f"{file or 'the file'} keeps its experts as separate per-expert tensors (an old GGUF "
+                            "layout) or has none; the native engine reads merged ffn_*_exps tensors")
+
+    n_heads = first_int(key("attention.head_count", 0))
+    dim = int(key("embedding_length", 0))
+    embd = by_name.get("token_embd.weight")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = embd.shape[1] if embd is not None and len(embd.shape) == 2 else getattr(tokens, "length", 0)
+    expert_ff = int(key("expert_feed_forward_length", 0) or key("feed_forward_length", 0))
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "vocab_size": int(vocab),
+        "hidden_size": dim,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": first_int(key("attention.head_count_kv", n_heads)) or n_heads,
+        "head_dim": int(key("attention.key_length", 0)) or (dim // n_heads if n_heads else 0),
+        "num_experts": int(key("expert_count", 0)),
+        "num_experts_per_tok": int(key("expert_used_count", 0)),
+        "moe_intermediate_size": expert_ff,
+        "intermediate_size": expert_ff,
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(key("context_length", 4096) or 4096),
+        "tie_word_embeddings": "output.weight" not in by_name,
+        # llama.cpp's qwen3moe always rescales the kept experts' weights; qwen2moe and olmoe do not unless told
+        "norm_topk_prob": bool(key("expert_weights_norm", arch == "qwen3moe")),
+    }
+    if model_type == "qwen2_moe":
+        config["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length", 0))
+        config["qkv_bias"] = "blk.0.attn_q.bias" in by_name
+    if model_type == "olmoe" and key("attention.clamp_kqv"):
+        config["clip_qkv"] = float(key("attention.clamp_kqv"))
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none"):
+        config["rope_scaling"] = {"type": scaling}  # refused by the engine with its own message
+    if model_type == "qwen3_moe" and key("leading_dense_block_count"):
+        config["mlp_only_layers"] = list(range(int(key("leading_dense_block_count"))))
+    return config, tensors
+
+
+def first_int(v: Any) -> int:
+    """A count that some architectures store per layer (head_count_kv): the first layer's."""
+    if isinstance(v, list):
+        return int(v[0]) if v else 0
+    return int(v or 0)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from localmoe.errors import LocalmoeError
+from localmoe.placement.gguf_file import first_int
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's names for routed-expert tensors; `_shexp` (shared experts) is dense and excluded on purpose.
@@ -137,8 +138,8 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
 
     n_layers = int(arch_key("block_count", 0))
     n_embd = int(arch_key("embedding_length", 0))
-    n_heads = _first_int(arch_key("attention.head_count", 0))
-    n_kv = _first_int(arch_key("attention.head_count_kv", n_heads)) or n_heads
+    n_heads = first_int(arch_key("attention.head_count", 0))
+    n_kv = first_int(arch_key("attention.head_count_kv", n_heads)) or n_heads
     head_dim = int(arch_key("attention.key_length", 0)) or (n_embd // n_heads if n_heads else 0)
     n_experts = int(arch_key("expert_count", 0))
     n_used = int(arch_key("expert_used_count", 0))
@@ -207,12 +208,6 @@ def _read_gguf(p: Path, size: int) -> ModelLayout:
         sampling=sampling,
     )
 
-
-def _first_int(v: Any) -> int:
-    # head_count_kv may be a per-layer array in some architectures.
-    if isinstance(v, list):
-        return int(v[0]) if v else 0
-    return int(v or 0)
 
 
 def _quantization(file_type: Any, by_type: Counter[str]) -> str:

@@ -414,6 +414,7 @@ def verdict(plan: Plan, layout: ModelLayout) -> Verdict:
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(\d+)\.")
 ENGINE_DTYPE_BYTES = 4  # the torch engine computes in float32 whatever the checkpoint's dtype
 EXPERT_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}  # how the expert cache may hold experts
+PACKED = "packed"  # experts held as the file stores them (a GGUF's quantisation): memory bytes = bytes on disk
 DEFAULT_TORCH_CTX = 2048  # the torch engine's default context (max_seq_length)
 
 
@@ -522,10 +523,10 @@ def plan_checkpoint(
     """Slots per layer for a checkpoint: (budget − dense − KV − reserve) ÷ (layers × bytes per expert),
     clamped to [top_k, n_experts]; refused when not even top_k slots per layer fit.
 
-    Experts are held in `expert_dtype` (int8 adds a float32 scale per row). With a GPU `device` the budget is
+    Experts are held in `expert_dtype` (int8 adds a float32 scale per row; "packed": as stored). With a GPU `device` the budget is
     its free memory and `warm_budget_bytes` of RAM (less the reserve) become the pinned warm tier. `fast_slots`
     fixes the fast tier's slots instead of deriving them from the budget."""
-    if expert_dtype not in EXPERT_DTYPE_BYTES:
+    if expert_dtype not in EXPERT_DTYPE_BYTES and expert_dtype != PACKED:
         raise LocalmoeError(f"unknown expert dtype {expert_dtype!r} (known: {', '.join(EXPERT_DTYPE_BYTES)})")
     try:
         n_layers = int(config["num_hidden_layers"])
@@ -544,7 +545,7 @@ def plan_checkpoint(
         m = _EXPERT_KEY.match(key)
         if m:
             acc = per_expert.setdefault((int(m.group(1)), int(m.group(2))), [0, 0])
-            acc[0] += t.numel * EXPERT_DTYPE_BYTES[expert_dtype]
+            acc[0] += t.nbytes if expert_dtype == PACKED else t.numel * EXPERT_DTYPE_BYTES[expert_dtype]
             if expert_dtype == "int8" and t.shape:
                 acc[0] += t.shape[0] * 4  # one float32 scale per output row
             acc[1] += t.nbytes
