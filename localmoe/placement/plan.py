@@ -523,9 +523,9 @@ def plan_checkpoint(
     """Slots per layer for a checkpoint: (budget − dense − KV − reserve) ÷ (layers × bytes per expert),
     clamped to [top_k, n_experts]; refused when not even top_k slots per layer fit.
 
-    Experts are held in `expert_dtype` (int8 adds a float32 scale per row; "packed": as stored). With a GPU `device` the budget is
-    its free memory and `warm_budget_bytes` of RAM (less the reserve) become the pinned warm tier. `fast_slots`
-    fixes the fast tier's slots instead of deriving them from the budget."""
+    Experts are held in `expert_dtype` (int8 adds a float32 scale per row; "packed": as stored). With a GPU
+    `device` the budget is its free memory and `warm_budget_bytes` of RAM (less the reserve) become the pinned warm
+    tier. `fast_slots` fixes the fast tier's slots instead of deriving them from the budget."""
     if expert_dtype not in EXPERT_DTYPE_BYTES and expert_dtype != PACKED:
         raise LocalmoeError(f"unknown expert dtype {expert_dtype!r} (known: {', '.join(EXPERT_DTYPE_BYTES)})")
     try:
