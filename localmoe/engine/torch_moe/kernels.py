@@ -35,6 +35,7 @@ from localmoe.errors import LocalmoeError
 from localmoe.home.paths import data_dir
 
 SOURCE = Path(__file__).with_name("moe_kernels.c")
+QUANT_SOURCE = SOURCE.with_name("quant_kernels.c")  # #included by SOURCE: part of the build key
 ENV = "LOCALMOE_KERNELS"  # "torch": never build or use the native kernel
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _P = ctypes.c_void_p
@@ -87,6 +88,15 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.lm_step_f32.argtypes = [ctypes.POINTER(StepConfig), _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P,
                                 RESOLVE]
     lib.lm_step_f32.restype = ctypes.c_int
+    i = ctypes.c_int
+    lib.lm_qtype_supported.argtypes = [i]
+    lib.lm_qtype_supported.restype = i
+    lib.lm_dequant.argtypes = [i, _P, _P, ctypes.c_long]
+    lib.lm_dequant.restype = None
+    lib.lm_qgemv.argtypes = [i, _P, _P, _P, _P, i, i, i]
+    lib.lm_qgemv.restype = None
+    lib.lm_moe_decode_q.argtypes = [i, i, i, _P, _P, _P, _P, _P, _P, i, i, i]
+    lib.lm_moe_decode_q.restype = None
     return lib, "native"
 
 
@@ -102,7 +112,7 @@ def _build() -> Path:
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise LocalmoeError(f"no C compiler ({cc})")
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() + QUANT_SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *_FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
     out_dir = data_dir() / "kernels"
     out = out_dir / f"moe_kernels-{key}.so"

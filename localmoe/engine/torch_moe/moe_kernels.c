@@ -74,6 +74,8 @@ void lm_gemv_f32(const float *w, const float *x, const float *bias, float *y, in
 
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
 
+#include "quant_kernels.c"  /* GGUF-quantised experts (issue #16) */
+
 /* One token through n_exp experts of an MoE layer, accumulated into out (k):
  *   out += sum_e scale[e] * down[e] . (silu(gate_e . x) * (up_e . x))
  * gate_up[e] is (2f x k): the f gate rows, then the f up rows; down[e] is (k x f); h is scratch (n_exp x f).
