@@ -367,60 +367,34 @@ def cmd_cache_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_summary(path: Path) -> dict[str, Any]:
-    """What `models` shows for a Hugging Face checkpoint directory, from config.json and the shard sizes."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
-    return {
-        "architecture": cfg.get("model_type", "?"), "layers": cfg.get("num_hidden_layers", "?"),
-        "experts": cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
-        "top_k": cfg.get("num_experts_per_tok", 0), "dtype": str(cfg.get("torch_dtype") or cfg.get("dtype") or "?"),
-        "context": cfg.get("max_position_embeddings", "?"),
-        "bytes": sum(p.stat().st_size for p in Path(path).glob("*.safetensors")),
-    }
-
-
 def cmd_models(args: argparse.Namespace) -> int:
-    from localmoe.home import models
-    from localmoe.placement.layout import read_layout
+    from localmoe.home import inventory
 
     if args.available:
         return _models_available(args)
-    entries = []
-    for ref in models.list_models():
-        if ref.backend == "torch":
-            entries.append((ref, None, None))
-            continue
-        try:
-            layout, error = read_layout(ref.path), None
-        except LocalmoeError as exc:
-            layout, error = None, str(exc)
-        entries.append((ref, layout, error))
+    entries = inventory.local_models()
     if args.json:
-        _print_json([{**ref.to_dict(), "layout": lay.to_dict() if lay else None, "error": err,
-                      "config": _checkpoint_summary(ref.path) if ref.backend == "torch" else None}
-                     for ref, lay, err in entries])
+        _print_json([{**m.ref.to_dict(), "layout": m.layout.to_dict() if m.layout else None, "error": m.error,
+                      "config": m.config} for m in entries])
         return 0
     if not entries:
         print("no models installed")
         return 0
     rows, problems = [], []
-    for ref, lay, err in entries:
-        if ref.backend == "torch":
-            c = _checkpoint_summary(ref.path)
+    for m in entries:
+        if m.config is not None:
+            c = m.config
             experts = f"{c['experts']} (top-{c['top_k']})" if c["experts"] else "dense"
-            rows.append([ref.id, ref.source, c["architecture"], str(c["layers"]), experts, c["dtype"],
+            rows.append([m.id, m.source, c["architecture"], str(c["layers"]), experts, c["dtype"],
                          human_bytes(c["bytes"]), str(c["context"])])
             continue
-        if lay is None:
-            rows.append([ref.id, ref.source, "unreadable (see below)", "", "", "", "", ""])
-            problems.append(f"{ref.id}: {err}")
+        if m.error is not None:
+            rows.append([m.id, m.source, "unreadable (see below)", "", "", "", "", ""])
+            problems.append(f"{m.id}: {m.error}")
             continue
-        experts = f"{lay.n_experts} (top-{lay.n_experts_used})" if lay.is_moe else "dense"
-        rows.append([ref.id, ref.source, lay.architecture, str(lay.n_layers), experts, lay.quantization,
-                     human_bytes(lay.file_bytes), str(lay.context_length)])
+        experts = f"{m.experts} (top-{m.top_k})" if m.is_moe else "dense"
+        rows.append([m.id, m.source, m.architecture, str(m.layers), experts, m.quant, human_bytes(m.size_bytes),
+                     str(m.context)])
     print(_table(rows, ["ID", "SOURCE", "ARCH", "LAYERS", "EXPERTS", "QUANT", "SIZE", "CONTEXT"]))
     for line in problems:
         print(f"unreadable: {line}")
@@ -429,36 +403,34 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _models_available(args: argparse.Namespace) -> int:
     """`models --available`: the catalog against this machine, from the catalog's facts alone (nothing fetched)."""
-    from localmoe.home import catalog, models
+    from localmoe.home import inventory
     from localmoe.placement.plan import Budget
 
     budget = Budget.detect(vram=args.vram, ram=args.ram)
-    found = catalog.available(budget)
-    best = catalog.recommend(found)
-    installed = {ref.id for ref in models.list_models()}
+    found = inventory.catalog_models(budget)
+    best = next((m for m in found if m.recommended), None)
     if args.json:
         _print_json({"budget": {"vram_bytes": budget.vram_bytes, "ram_bytes": budget.ram_bytes,
                                 "unified": budget.unified, "source": budget.source},
-                     "models": [{**c.to_dict(), "installed": c.entry.local_id(c.file) in installed} for c in found],
-                     "recommended_large": best.to_dict() if best else None})
+                     "models": [{**m.candidate.to_dict(), "installed": m.installed} for m in found],
+                     "recommended_large": best.candidate.to_dict() if best else None})
         return 0
     rows = []
-    for c in found:
-        e, f = c.entry, c.file
-        experts = (f"{e.layout['experts']} (top-{e.layout['experts_per_token']})" if e.is_moe else "dense")
-        size = human_bytes(f.size_bytes) + ("" if f.size_source == "hub listing" else " est.")
-        mark = "*" if c is best else "+" if e.local_id(f) in installed else ""
-        rows.append([mark, f"{e.id}:{f.quant}", e.tier, size, experts, c.verdict.label])
+    for m in found:
+        experts = f"{m.experts} (top-{m.top_k})" if m.is_moe else "dense"
+        size = human_bytes(m.size_bytes) + (" est." if m.size_estimated else "")
+        mark = "*" if m.recommended else "+" if m.installed else ""
+        rows.append([mark, m.id, m.candidate.entry.tier, size, experts, m.verdict.label])
     print(_table(rows, ["", "NAME", "TIER", "SIZE", "EXPERTS", f"ON {budget.where.upper()}"]))
-    for c in found:
-        if c.verdict.kind == "refused":
-            print(f"refused: {c.entry.id}:{c.file.quant}: {c.verdict.reason}")
+    for m in found:
+        if m.verdict.kind == "refused":
+            print(f"refused: {m.id}: {m.verdict.reason}")
     gpu = f"{human_bytes(budget.vram_bytes)} VRAM, " if budget.vram_bytes and not budget.unified else ""
     print(f"planned for {gpu}{human_bytes(budget.ram_bytes)} RAM{' (unified)' if budget.unified else ''} "
           "from the catalog's sizes (est. = estimated from parameters); + installed")
     if best:
-        print(f"* recommended large tier for {budget.where}: {best.entry.id}:{best.file.quant} "
-              f"({best.verdict.label}) — `localmoe pull {best.entry.id}`")
+        print(f"* recommended large tier for {budget.where}: {best.id} ({best.verdict.label}) — "
+              f"`localmoe pull {best.candidate.entry.id}`")
     else:
         print(f"no catalog MoE runs on {budget.where}")
     return 0

@@ -107,6 +107,7 @@ class ChatScreen(Screen):
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("f2", "conversations", "Conversations"),
         Binding("f3", "settings", "Settings"),
+        Binding("f4", "models", "Models"),
         Binding("ctrl+l", "retry_large", "Retry on large"),
         Binding("ctrl+g", "thumbs_up", "Good"),
         Binding("ctrl+b", "thumbs_down", "Bad"),
@@ -461,7 +462,16 @@ class ChatScreen(Screen):
 
         self.app.push_screen(SettingsScreen(), self._back_from_settings)
 
+    def action_models(self) -> None:
+        if self.generating:  # a tier change reloads the models: not under an answer
+            self.notify("Still answering: press Esc to stop it first.", severity="warning")
+            return
+        from localmoe.ui.models_screen import ModelsScreen
+
+        self.app.push_screen(ModelsScreen(), self._back_from_settings)
+
     def _back_from_settings(self, saved: bool | None) -> None:
+        """From the settings or models screen: True when settings.toml changed."""
         if not saved:
             return
         previous, self.assistant = self.assistant, None

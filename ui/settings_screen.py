@@ -3,9 +3,7 @@ command uses (`localmoe.home.settings.load`), so the screen can never save a fil
 
 from __future__ import annotations
 
-import json
 import tomllib
-from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -16,22 +14,11 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from localmoe.errors import LocalmoeError
-from localmoe.home import models, paths, settings
+from localmoe.home import paths, settings
 
 FIELDS = (("tiers", "small", "Small tier (model id or .gguf path; empty: the embedded model)"),
           ("tiers", "large", "Large tier (empty: the largest installed MoE that fits)"),
           ("router", "preference", "Router preference: quality, balanced, energy or a threshold in (0, 1)"))
-
-
-def toml_text(data: dict[str, dict[str, Any]]) -> str:
-    """The two tables as TOML. JSON's string escapes are valid in TOML basic strings; comments are not kept."""
-    out = []
-    for table, values in data.items():
-        if values:
-            out.append(f"[{table}]")
-            out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-            out.append("")
-    return "\n".join(out)
 
 
 class SettingsScreen(Screen[bool]):
@@ -93,29 +80,9 @@ class SettingsScreen(Screen[bool]):
         else:
             data["router"].pop("strategy", None)
         try:
-            for tier in ("small", "large"):
-                if data["tiers"].get(tier):
-                    try:
-                        models.resolve(data["tiers"][tier])
-                    except LocalmoeError as exc:
-                        raise LocalmoeError(f"{tier} tier: {exc}") from None
-            pref = data["router"].get("preference")
-            if pref is not None:
-                data["router"]["preference"] = settings.parse_preference(pref)  # "0.3" is stored as a number
-            text = toml_text({**{k: v for k, v in self.raw.items() if k not in data}, **data})
-            scratch = self.path.with_name(self.path.name + ".new")
-            paths.write_private(scratch, text)
-            try:
-                settings.load(scratch)  # the reader every command uses has the last word
-            except LocalmoeError as exc:
-                Path(scratch).unlink(missing_ok=True)
-                raise LocalmoeError(str(exc).replace(str(scratch), str(self.path))) from None
-            Path(scratch).replace(self.path)
+            settings.save({**{k: v for k, v in self.raw.items() if k not in data}, **data}, self.path)
         except LocalmoeError as exc:
             self.error(str(exc))
-            return
-        except OSError as exc:
-            self.error(f"cannot write {self.path}: {exc.strerror or exc}")
             return
         self.notify(f"Saved {self.path}; the next question uses it.", title="Settings", markup=False)
         self.dismiss(True)

@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths
@@ -87,3 +89,70 @@ def load(path: Path | None = None) -> Settings:
         preference=parse_preference(router.get("preference", "balanced")),
         path=p,
     )
+
+
+def toml_text(data: dict[str, dict[str, Any]]) -> str:
+    """Tables as TOML. JSON's string escapes are valid in TOML basic strings; comments are not kept."""
+    # keys outside any table must come before the first one
+    out = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out += [""] if out else []
+    for table, values in data.items():
+        if isinstance(values, dict) and values:
+            out.append(f"[{table}]")
+            out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            out.append("")
+    return "\n".join(out)
+
+
+def read_raw(path: Path | None = None) -> dict[str, Any]:
+    """The file's tables as written (checked by `load` first, so a broken file is refused, not half-read)."""
+    p = path or paths.data_dir() / FILENAME
+    load(p)
+    return tomllib.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+
+
+def save(data: dict[str, Any], path: Path | None = None) -> Settings:
+    """Replace settings.toml with `data` (tables of values) after the checks every command makes: each tier names a
+    model `models.resolve` finds, the preference parses, and `load` reads the written file back before it replaces
+    the old one. What the UI's screens write through, so none can save a file the CLI would refuse. A one-line
+    LocalmoeError otherwise, and the old file stays."""
+    from localmoe.home import models  # models reads the catalog: only a write needs it
+
+    p = path or paths.data_dir() / FILENAME
+    data = {t: dict(v) if isinstance(v, dict) else v for t, v in data.items()}
+    tiers, router = data.get("tiers", {}), data.get("router", {})
+    for tier in ("small", "large"):
+        if tiers.get(tier):
+            try:
+                models.resolve(tiers[tier])
+            except LocalmoeError as exc:
+                raise LocalmoeError(f"{tier} tier: {exc}") from None
+    if router.get("preference") is not None:
+        router["preference"] = parse_preference(router["preference"])  # "0.3" is stored as a number
+    scratch = p.with_name(p.name + ".new")
+    try:
+        paths.write_private(scratch, toml_text(data))
+        try:
+            saved = load(scratch)  # the reader every command uses has the last word
+        except LocalmoeError as exc:
+            scratch.unlink(missing_ok=True)
+            raise LocalmoeError(str(exc).replace(str(scratch), str(p))) from None
+        scratch.replace(p)
+    except OSError as exc:
+        scratch.unlink(missing_ok=True)
+        raise LocalmoeError(f"cannot write {p}: {exc.strerror or exc}") from None
+    saved.path = p
+    return saved
+
+
+def update(table: str, values: dict[str, Any], path: Path | None = None) -> Settings:
+    """Set (or, with None, remove) keys of one table, keeping the rest of the file; checked and written by `save`."""
+    data = read_raw(path)
+    current = dict(data.get(table, {}))
+    for key, value in values.items():
+        if value is None or value == "":
+            current.pop(key, None)
+        else:
+            current[key] = value
+    data[table] = current
+    return save(data, path)

@@ -1,0 +1,152 @@
+"""Every model localmoe could run, described once: what `localmoe models` and `models --available` print and the
+models screen lists. Local models (embedded, installed, discovered) with the layout read from their files, catalog
+files with the layout the catalog states; with a budget, each with the planner's verdict for it and the engine that
+would run it. Computed here so the CLI and the UI cannot disagree."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from localmoe.errors import LocalmoeError
+from localmoe.home import catalog, models
+from localmoe.units import human_bytes
+
+if TYPE_CHECKING:
+    from localmoe.placement.layout import ModelLayout
+    from localmoe.placement.plan import Budget, Verdict
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """What `models` shows for a Hugging Face checkpoint directory, from config.json and the shard sizes."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return {
+        "architecture": cfg.get("model_type", "?"), "layers": cfg.get("num_hidden_layers", "?"),
+        "experts": cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
+        "top_k": cfg.get("num_experts_per_tok", 0), "dtype": str(cfg.get("torch_dtype") or cfg.get("dtype") or "?"),
+        "context": cfg.get("max_position_embeddings", "?"),
+        "bytes": sum(p.stat().st_size for p in Path(path).glob("*.safetensors")),
+    }
+
+
+@dataclass
+class ModelInfo:
+    """One row: a local model (`ref`) or a catalog file (`candidate`)."""
+
+    id: str  # what --model and [tiers] accept; a catalog file's is `NAME:QUANT`, what `pull` accepts
+    source: str  # embedded | installed | file | lmstudio | ollama | hf-cache | catalog
+    engine: str  # llama.cpp | torch
+    architecture: str = "?"
+    layers: int | None = None
+    experts: int = 0  # 0: dense
+    top_k: int = 0
+    quant: str = "?"
+    size_bytes: int | None = None
+    size_estimated: bool = False  # a catalog size computed from parameters, not the hub's listing
+    context: int | None = None
+    verdict: Verdict | None = None  # with a budget
+    error: str | None = None  # the file could not be read
+    ref: models.ModelRef | None = None
+    layout: ModelLayout | None = None
+    config: dict[str, Any] | None = None  # checkpoint_summary, for checkpoint directories
+    candidate: catalog.Candidate | None = None
+    installed: bool = True  # a catalog file: pulled already
+    recommended: bool = False  # the catalog's recommended large tier for the budget
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def pull_command(self) -> str | None:
+        return f"localmoe pull {self.id}" if self.candidate is not None else None
+
+    def layout_text(self) -> str:
+        """layers / experts / top-k in a few characters, e.g. "48L 128E k8" or "30L dense"."""
+        if self.layers is None:
+            return "?"
+        return f"{self.layers}L {self.experts}E k{self.top_k}" if self.experts else f"{self.layers}L dense"
+
+
+def local_models(budget: Budget | None = None) -> list[ModelInfo]:
+    """Embedded, installed and discovered models (models.list_models), each with its layout; with `budget`, the
+    verdict of its plan on it."""
+    from localmoe.placement.layout import read_layout
+
+    out = []
+    for ref in models.list_models():
+        if ref.backend == "torch":
+            c = checkpoint_summary(ref.path)
+            info = ModelInfo(ref.id, ref.source, "torch", str(c["architecture"]), _int(c["layers"]),
+                             int(c["experts"] or 0), int(c["top_k"] or 0), c["dtype"], c["bytes"],
+                             context=_int(c["context"]), ref=ref, config=c)
+            if budget is not None:
+                info.verdict = checkpoint_verdict(ref.path, budget)
+            out.append(info)
+            continue
+        try:
+            lay = read_layout(ref.path)
+        except LocalmoeError as exc:
+            out.append(ModelInfo(ref.id, ref.source, ref.backend, error=str(exc), ref=ref))
+            continue
+        info = ModelInfo(ref.id, ref.source, ref.backend, lay.architecture, lay.n_layers, lay.n_experts,
+                         lay.n_experts_used, lay.quantization, lay.file_bytes, context=lay.context_length, ref=ref,
+                         layout=lay)
+        if budget is not None:
+            from localmoe.placement.plan import make_plan, verdict
+
+            info.verdict = verdict(make_plan(lay, budget), lay)
+        out.append(info)
+    return out
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def checkpoint_verdict(path: Path, budget: Budget) -> Verdict:
+    """The torch engine's plan for a checkpoint directory in one word, as `plan` makes it: the GPU's memory is the
+    fast tier where there is one, else RAM; experts that do not fit are read from disk when routed to."""
+    from localmoe.placement import plan
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        if not (config.get("num_experts") or config.get("num_local_experts")):
+            return plan.Verdict("refused", "refused", reason="not a MoE checkpoint (the torch engine runs MoEs)")
+        device = "cpu" if budget.vram_bytes <= 0 else "mps" if budget.unified else "cuda"
+        fast = budget.ram_bytes if device == "cpu" else budget.vram_bytes
+        cp = plan.plan_checkpoint(config, plan.checkpoint_tensors(Path(path)), fast, model=str(path), device=device,
+                                  warm_budget_bytes=budget.ram_bytes if device == "cuda" else 0)
+    except (LocalmoeError, OSError, ValueError) as exc:
+        return plan.Verdict("refused", "refused", reason=str(exc))
+    if not cp.fits:
+        return plan.Verdict("refused", "refused", reason=cp.refusal)
+    where = "RAM" if device == "cpu" else "VRAM" if device == "cuda" else "unified memory"
+    if cp.slots_per_layer >= cp.n_experts:
+        return plan.Verdict("vram" if device != "cpu" else "ram", f"fits in {where}")
+    return plan.Verdict("disk", f"runs from disk, ~{human_bytes(cp.bytes_per_token)} read per token",
+                        cp.bytes_per_token)
+
+
+def catalog_models(budget: Budget, installed: set[str] | None = None) -> list[ModelInfo]:
+    """Every downloadable catalog file with the planner's verdict on `budget` (catalog.available), the recommended
+    large tier marked; `installed`: local ids (default: what list_models finds)."""
+    found = catalog.available(budget)
+    best = catalog.recommend(found)
+    if installed is None:
+        installed = {ref.id for ref in models.list_models()}
+    out = []
+    for c in found:
+        e, f = c.entry, c.file
+        lay = e.layout
+        out.append(ModelInfo(
+            f"{e.id}:{f.quant}", "catalog", "llama.cpp", str(lay.get("architecture", "?")), _int(lay.get("layers")),
+            int(lay.get("experts", 0)), int(lay.get("experts_per_token", 0)), f.quant, f.size_bytes,
+            size_estimated=f.size_source != "hub listing", context=_int(lay.get("context")), verdict=c.verdict,
+            candidate=c, installed=e.local_id(f) in installed, recommended=c is best))
+    return out

@@ -1,0 +1,137 @@
+"""The models screen through Textual's pilot, against a real data dir holding the embedded SmolLM2 and a real tiny MoE
+GGUF: what it lists is what `localmoe models` computes, a tier set there is written to settings.toml and answers the
+next question, and it stays readable on small and large terminals."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import tomllib
+
+from rich.console import Console
+from test_tui import type_and_send, wait_for
+from textual.widgets import DataTable
+
+from localmoe.engine import GenerationConfig
+from localmoe.home import inventory, settings
+from localmoe.placement.plan import Budget
+from localmoe.ui.app import LocalmoeApp
+from localmoe.ui.chat import Answer, ChatScreen
+from localmoe.ui.models_screen import COLUMNS, ModelsScreen, short_verdict
+
+
+def screen_lines(app) -> list[str]:
+    """What the terminal shows, as text (how export_screenshot renders the screen, without the SVG)."""
+    console = Console(width=app.size.width, height=app.size.height, file=io.StringIO(), force_terminal=True,
+                      record=True, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(full=True))
+    return console.export_text().splitlines()
+
+
+def notifications(app) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+def install(home, tiny_moe) -> None:
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_moe[1], home / "models" / "tiny-moe.gguf")
+
+
+async def open_models(pilot, app) -> ModelsScreen:
+    await pilot.press("f4")
+    await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen) and app.screen.rows)
+    return app.screen
+
+
+def move_to(screen: ModelsScreen, model_id: str) -> None:
+    screen.query_one(DataTable).move_cursor(row=[m.id for m in screen.rows].index(model_id))
+
+
+def test_lists_local_and_catalog_models_and_sets_the_large_tier_the_next_question_uses(home, tiny_moe):
+    install(home, tiny_moe)
+    # the large tier names the dense model at first; the preference sends every question to the large tier
+    (home / "settings.toml").write_text('[tiers]\nallow_remote = false\nlarge = "smollm2-135m-instruct"\n'
+                                        '[router]\npreference = 0.001\nstrategy = "features"\n')
+    expected = {m.id: m for m in inventory.local_models(Budget.detect())}
+    assert set(expected) == {"smollm2-135m-instruct", "tiny-moe"}
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.screen
+            await pilot.pause()
+            assert "Models" in {c.title for c in app.get_system_commands(chat)}
+            screen = await open_models(pilot, app)
+            assert {"Set small", "Set large", "Pull command"} <= {c.title for c in app.get_system_commands(screen)}
+            by_id = {m.id: m for m in screen.rows}
+            table = screen.query_one(DataTable)
+            for model_id, want in expected.items():  # what `localmoe models` computes, with the same verdict
+                got = by_id[model_id]
+                assert (got.source, got.engine, got.layers, got.experts, got.top_k, got.quant, got.size_bytes) == (
+                    want.source, want.engine, want.layers, want.experts, want.top_k, want.quant, want.size_bytes)
+                assert got.verdict == want.verdict and got.verdict.kind in ("vram", "ram")
+                row = table.get_row_at([m.id for m in screen.rows].index(model_id))
+                assert str(row[COLUMNS.index("Verdict")]) == short_verdict(got)
+            assert by_id["tiny-moe"].layout_text() == "3L 8E k2" and by_id["smollm2-135m-instruct"].experts == 0
+            catalog = [m for m in screen.rows if m.source == "catalog"]
+            assert catalog and all(m.verdict is not None and m.pull_command for m in catalog)
+
+            # on 80 columns the verdict and the engine stay on screen, for the embedded model and the MoE alike
+            lines = screen_lines(app)
+            for model_id in expected:
+                line = next(v for v in lines if v.split() and v.split()[0] == model_id)  # the id whole
+                assert short_verdict(by_id[model_id]) in line and "llama.cpp" in line
+
+            # a catalog file that is not installed cannot be a tier: one line, nothing written
+            qwen = next(m for m in catalog if not m.installed)
+            move_to(screen, qwen.id)
+            await pilot.pause()
+            assert f"localmoe pull {qwen.id}" in str(screen.query_one("#model-detail").render())
+            await pilot.press("l")
+            await pilot.pause()
+            [error] = [n for n in notifications(app) if "not installed" in n]
+            assert "\n" not in error and f"localmoe pull {qwen.id}" in error
+            assert settings.load().large == "smollm2-135m-instruct"
+
+            move_to(screen, "tiny-moe")
+            await pilot.press("l")
+            await wait_for(pilot, lambda: settings.load().large == "tiny-moe")
+            tier_cell = table.get_row_at([m.id for m in screen.rows].index("tiny-moe"))[COLUMNS.index("Tier")]
+            assert tier_cell == "large"
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and chat.assistant is not None)
+
+            await type_and_send(pilot, "Which city is the capital of Japan?")
+            await wait_for(pilot, lambda: chat.query(Answer) and chat.query(Answer)[0].done)
+            answer = chat.query(Answer)[0]
+            assert answer.decision.tier == "large" and answer.model == "tiny-moe"
+
+    asyncio.run(run())
+    written = tomllib.loads((home / "settings.toml").read_text())
+    assert written["tiers"] == {"allow_remote": False, "large": "tiny-moe"}  # the rest of the file kept
+    assert written["router"] == {"preference": 0.001, "strategy": "features"}
+
+
+def test_a_tier_the_checks_refuse_is_one_line_and_the_file_stays(home, tiny_moe):
+    """The file went away after the screen listed it: settings.update's own check (models.resolve) refuses."""
+    install(home, tiny_moe)
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(200, 60)) as pilot:
+            screen = await open_models(pilot, app)
+            # on 200 columns every column is in view, the id whole
+            header = next(v for v in screen_lines(app) if "Model" in v and "Verdict" in v)
+            assert all(c in header for c in COLUMNS)
+            move_to(screen, "tiny-moe")
+            (home / "models" / "tiny-moe.gguf").unlink()
+            await pilot.press("s")
+            await pilot.pause()
+            [error] = [n for n in notifications(app) if "small tier" in n]
+            assert "unknown model 'tiny-moe'" in error and "\n" not in error
+            assert not (home / "settings.toml").exists()
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+    asyncio.run(run())
