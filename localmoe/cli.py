@@ -125,9 +125,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if args.tier:
             raise LocalmoeError("--model and --tier exclude each other")
         ref = models.resolve(args.model)
-        if args.backend and ref.backend != args.backend:
-            raise LocalmoeError(f"{args.model} runs on the {ref.backend} backend, not {args.backend}")
-        _check_torch_options(options, ref)
+        if args.backend:  # the engine asked for, even where the planner would choose the other one
+            ref = models.with_backend(ref, args.backend)
+        ref = _check_torch_options(options, ref)
         session = Session(ref, engine_options=options, recorder=recorder)
         session.config = GenerationConfig(**{**models.generation_defaults(ref), **overrides})
         target, closer, route = session, session.close, None
@@ -265,8 +265,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if options:
         from localmoe.home import models
 
-        _check_torch_options(options, models.resolve(args.model) if args.model else models.default_model())
-    session = Session(args.model, engine_options={"telemetry": True, **options})
+        model = _check_torch_options(options, models.resolve(args.model) if args.model else models.default_model())
+    session = Session(model if options else args.model, engine_options={"telemetry": True, **options})
     try:
         engine = session.engine
         shape = engine.moe_shape()
@@ -321,11 +321,20 @@ def _first_flag(options: dict[str, Any]) -> str:
     return "--" + next(iter(options)).replace("_", "-")
 
 
-def _check_torch_options(options: dict[str, Any], ref: Any) -> None:
-    """Torch-engine options on a model another engine runs are a mistake, said in one line, not ignored."""
-    if options and ref.backend != "torch":
-        raise LocalmoeError(f"{_first_flag(options)} applies to the torch engine (checkpoint directories), "
-                            f"not to {ref.backend}")
+def _check_torch_options(options: dict[str, Any], ref: Any) -> Any:
+    """The ref the options run on: torch-engine options on a GGUF MoE the native engine runs ask for that engine;
+    on a model another engine runs (or pinned to llama.cpp) they are a mistake, said in one line, not ignored."""
+    if not options or ref.backend == "torch":
+        return ref
+    if not ref.pinned and ref.backend == "llama.cpp" and ref.path.suffix.lower() == ".gguf":
+        from localmoe.home import models
+
+        try:
+            return models.with_backend(ref, "torch")
+        except LocalmoeError as exc:
+            raise UsageError(f"{_first_flag(options)} applies to the torch engine, and {exc}") from None
+    raise LocalmoeError(f"{_first_flag(options)} applies to the torch engine (checkpoint directories and GGUF MoE "
+                        f"models), not to {ref.backend}")
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -535,6 +544,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if ref.backend == "torch":  # a Hugging Face checkpoint directory: expert slots per tier from a memory budget
         import json
 
+        if args.backend == "llama.cpp":
+            raise UsageError(f"{args.model} is a checkpoint directory: it runs on the torch backend, not llama.cpp")
         config = json.loads((ref.path / "config.json").read_text())
         tensors = plan.checkpoint_tensors(ref.path)
         # With a GPU (detected, or --vram) its memory is the fast tier and RAM the pinned warm tier.
@@ -543,21 +554,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
         fast = b.ram_bytes if device == "cpu" else b.vram_bytes
         budget, source = (fast, b.source) if args.fast_memory is None else (args.fast_memory, "override")
         cp = plan.plan_checkpoint(config, tensors, budget, ctx=args.ctx, model=str(ref.path), budget_source=source,
-                                  expert_dtype=args.expert_dtype, device=device,
+                                  expert_dtype=args.expert_dtype or "float32", device=device,
                                   warm_budget_bytes=b.ram_bytes if device == "cuda" else 0)
         if args.json:
             _print_json({"model": ref.to_dict(), "plan": cp.to_dict()})
         else:
             print(plan.describe_checkpoint(cp))
         return 0 if cp.fits else 3
+    if args.expert_dtype:
+        raise UsageError("--expert-dtype applies to checkpoint directories: a GGUF's experts stay in its quantisation")
     layout = read_layout(ref.path)
     budget = plan.Budget.detect(vram=args.vram, ram=args.ram)
-    p = plan.make_plan(layout, budget, args.ctx)
+    # Which engine answers (#16): llama.cpp while the experts fit in memory, the native expert cache when not.
+    try:
+        choice = plan.choose_engine(layout, budget, args.ctx, backend=args.backend, fast_memory=args.fast_memory)
+    except LocalmoeError as exc:
+        if args.backend != "torch":
+            raise
+        # --backend torch on a file the native engine does not run: bad input
+        raise UsageError(f"{ref.id} cannot run on the torch backend: "
+                         f"{str(exc).removesuffix('; use the llama.cpp backend')}") from None
     if args.json:
-        _print_json({"model": ref.to_dict(), "layout": layout.to_dict(), "plan": p.to_dict()})
+        _print_json({"model": {**ref.to_dict(), "backend": choice.backend or ref.backend},
+                     "layout": layout.to_dict(), "engine": choice.to_dict(), "plan": choice.plan.to_dict()})
     else:
-        print(plan.describe(p, layout))
-    return 0 if p.fits else 3
+        print(plan.describe_choice(choice, layout))
+    return 0 if choice.fits else 3
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -844,7 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-m", "--model", help="model id, path to a .gguf file, or a Hugging Face MoE checkpoint "
                    "directory (torch backend); default: the router picks a tier")
     a.add_argument("--backend", choices=["llama.cpp", "torch"],
-                   help="require this engine (torch: a checkpoint directory given with --model)")
+                   help="use this engine instead of the planner's choice (torch: a checkpoint directory or a GGUF "
+                   "MoE given with --model)")
     a.add_argument("--json", action="store_true", help="print one JSON object with the answer and its stats")
     a.add_argument("--max-tokens", type=_positive_int, help="stop after this many tokens (default 512)")
     a.add_argument("--temperature", type=_temperature, help="sampling temperature (0 = greedy)")
@@ -949,18 +972,23 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true", help="print JSON instead of text")
     h.set_defaults(func=cmd_hw)
 
-    pl = sub.add_parser("plan", help="show where a model's tensors would live on this machine",
-                        description="Plan a GGUF model on this machine (or on the budgets given): GPU layers, "
-                        "which layers' experts stay in RAM, mmap/mlock, the largest context that fits, or why it "
-                        "cannot run. For a checkpoint directory (torch engine): expert slots per layer in fast "
-                        "memory, the rest on disk, and bytes read per token. Exits 3 when the model does not fit.")
+    pl = sub.add_parser("plan", help="show which engine runs a model and where its tensors would live",
+                        description="Plan a GGUF model on this machine (or on the budgets given). First the engine "
+                        "that answers it and why: llama.cpp while the experts fit in VRAM/RAM, the native engine's "
+                        "expert cache for a GGUF MoE whose experts do not (llama.cpp would page them through mmap). "
+                        "llama.cpp: GPU layers, which layers' experts stay in RAM, mmap/mlock, the largest context "
+                        "that fits, or why it cannot run. The native engine (and checkpoint directories): expert "
+                        "slots per layer in fast memory, the rest on disk, and bytes read per token. Exits 3 when "
+                        "the model does not fit.")
     pl.add_argument("model", help="model id, path to a .gguf file, or a Hugging Face MoE checkpoint directory")
-    pl.add_argument("--fast-memory", type=_size, help="checkpoints: bytes for dense weights, KV cache and expert "
+    pl.add_argument("--fast-memory", type=_size, help="native engine: bytes for dense weights, KV cache and expert "
                     "slots, e.g. 2GiB; default: detected free RAM")
+    pl.add_argument("--backend", choices=["llama.cpp", "torch"],
+                    help="plan this engine instead of the one the planner chooses")
     pl.add_argument("--vram", type=_size, help="free VRAM to plan for, e.g. 8GiB (0 = CPU only); default: detected")
     pl.add_argument("--ram", type=_size, help="available RAM to plan for, e.g. 16GiB; default: detected")
     pl.add_argument("--ctx", type=int, help="context length in tokens (default: 4096 or what fits)")
-    pl.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+    pl.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"],
                     help="checkpoints: how the engine holds experts (default float32)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of text")
     pl.set_defaults(func=cmd_plan)

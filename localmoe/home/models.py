@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ class ModelRef:
     backend: str = "llama.cpp"
     defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # engine arguments
+    # the backend was asked for (--backend): the planner does not choose the engine of a GGUF MoE
+    pinned: bool = field(default=False, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "source": self.source, "backend": self.backend}
@@ -45,7 +47,7 @@ def generation_defaults(ref: ModelRef) -> dict[str, Any]:
     """GenerationConfig fields for `ref`: its catalog entry, else its GGUF file's recommended sampling
     (`general.sampling.*`), else SANE_DEFAULTS. Settings and flags go on top of these."""
     from_file: dict[str, Any] = {}
-    if ref.backend == "llama.cpp" and ref.path.suffix.lower() == ".gguf":
+    if ref.backend in ("llama.cpp", "torch") and ref.path.suffix.lower() == ".gguf":
         from localmoe.placement.layout import read_layout
 
         try:
@@ -155,15 +157,32 @@ def resolve(name: str | None) -> ModelRef:
     )
 
 
+def with_backend(ref: ModelRef, backend: str) -> ModelRef:
+    """`ref` pinned to `backend` (`--backend`): a GGUF runs on llama.cpp, or on torch when it is an MoE the native
+    engine runs; a checkpoint directory on torch only. Anything else is one line (UsageError); reads headers only."""
+    gguf = ref.path.suffix.lower() == ".gguf" and ref.backend in ("llama.cpp", "torch")
+    if backend == "torch" and gguf:
+        from localmoe.placement.plan import native_gguf_view
+
+        try:
+            native_gguf_view(str(ref.path))
+        except LocalmoeError as exc:
+            raise UsageError(f"{ref.id} cannot run on the torch backend: "
+                                f"{str(exc).removesuffix('; use the llama.cpp backend')}") from None
+    elif not (backend == ref.backend or (gguf and backend == "llama.cpp")):
+        raise UsageError(f"{ref.id} runs on the {ref.backend} backend, not {backend}")
+    return replace(ref, backend=backend, pinned=True)
+
+
 def check_loadable(ref: ModelRef) -> None:
     """Refuse (UsageError, one line) a model whose file cannot be read or whose plan does not fit here, before a
     screen opens on it; reads headers only."""
     try:
-        if ref.backend == "llama.cpp":
-            from localmoe.placement.layout import read_layout
-            from localmoe.placement.plan import Budget, make_plan
+        if ref.path.suffix.lower() == ".gguf" and ref.backend in ("llama.cpp", "torch"):
+            from localmoe.placement.plan import choose_engine_for
 
-            make_plan(read_layout(ref.path), Budget.detect()).raise_if_refused()
+            # the planner's engine, or the pinned one: refused only when that does not fit either
+            choose_engine_for(ref.path, backend=ref.backend if ref.pinned else None).raise_if_refused()
         elif ref.backend == "torch":
             import json
 
@@ -181,7 +200,7 @@ def tier_model(tier: str) -> ModelRef:
     if tier == "small":
         return default_model()
     from localmoe.placement.layout import read_layout
-    from localmoe.placement.plan import Budget, make_plan
+    from localmoe.placement.plan import Budget, choose_engine
 
     budget = Budget.detect()
     best: tuple[int, ModelRef] | None = None
@@ -192,7 +211,8 @@ def tier_model(tier: str) -> ModelRef:
             layout = read_layout(ref.path)
         except LocalmoeError:
             continue
-        if layout.is_moe and make_plan(layout, budget).fits and (best is None or layout.file_bytes > best[0]):
+        # fits on either engine: a MoE whose experts do not fit in RAM runs from the native expert cache
+        if layout.is_moe and choose_engine(layout, budget).fits and (best is None or layout.file_bytes > best[0]):
             best = (layout.file_bytes, ref)
     if best is None:
         raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "

@@ -612,3 +612,202 @@ def describe_checkpoint(p: CheckpointPlan) -> str:
         + (f", {human_bytes(p.copied_per_token)} copied to {p.device}" if p.copied_per_token else ""),
     ]
     return "\n".join(lines)
+
+
+# --- Which engine answers a GGUF MoE (#16) -------------------------------------------------------------------
+#
+# llama.cpp is the fastest engine while a model's experts fit in memory; once they do not, it pages the file through
+# mmap, and the page cache thrashes, where the native engine's per-expert cache reads only the missed experts' bytes
+# (20-28x llama.cpp's mmap at a quarter of the experts resident, docs/engine.md). So: llama.cpp when its plan keeps
+# the model in VRAM/RAM, the native engine when llama.cpp would page (or cannot run at all) and the native plan fits,
+# refused when neither fits. Header reads and plans only: no weights are touched, torch is not imported.
+
+ENGINES = ("llama.cpp", "torch")
+
+
+@dataclass
+class EngineChoice:
+    """The engine that answers a model, why, and its plan (llama.cpp's Plan or the native CheckpointPlan)."""
+
+    backend: str | None  # llama.cpp | torch; None when refused
+    reason: str  # one line, for people
+    plan: Plan | CheckpointPlan  # the chosen engine's plan; when refused, the plan that refused
+    llama_plan: Plan
+    native_plan: CheckpointPlan | None = None  # computed only when it decides (or was asked for)
+    native_refusal: str | None = None  # why the native engine does not run this file, when that was asked
+
+    @property
+    def fits(self) -> bool:
+        return self.backend is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `engine` object of `plan --json`."""
+        return {"backend": self.backend, "reason": self.reason, "fits": self.fits}
+
+    def raise_if_refused(self) -> None:
+        if not self.fits:
+            raise LocalmoeError(self.reason)
+
+
+def native_gguf_view(path: str) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """A GGUF MoE as the native engine sees it (HF config and per-expert tensors) from its header alone; raises
+    LocalmoeError (one line) when the native engine does not run the file."""
+    from localmoe.placement import gguf_file
+
+    try:
+        header = gguf_file.read_header(path)
+        return gguf_file.checkpoint_view(header, file=str(path))
+    except (gguf_file.GGUFFormatError, OSError) as exc:
+        raise LocalmoeError(f"cannot read the GGUF header of {path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:  # metadata of unexpected types: not a file the engine runs
+        raise LocalmoeError(f"the native engine cannot read {path}'s metadata ({exc})") from None
+
+
+def native_gguf_plan(
+    config: dict[str, Any],
+    tensors: dict[str, TensorInfo],
+    budget: Budget,
+    ctx: int | None = None,
+    *,
+    fast_memory: int | None = None,
+    model: str = "",
+) -> CheckpointPlan:
+    """The native engine's plan for a GGUF MoE on `budget`, experts packed in the file's quantisation. The fast tier
+    is the GPU's free memory (RAM then is the pinned warm tier), else RAM, as the engine places it by default;
+    `fast_memory` overrides the fast tier's size."""
+    # The engine runs on CUDA when torch sees a GPU, else on the CPU (also with unified memory: its default device
+    # there is the CPU, and the RAM is the same memory).
+    device = "cuda" if budget.vram_bytes > 0 and not budget.unified else "cpu"
+    fast = budget.vram_bytes if device == "cuda" else budget.ram_bytes
+    source = "detected" if budget.source == "detected" else "override"
+    if fast_memory is not None:
+        fast, source = fast_memory, "override"
+    return plan_checkpoint(config, tensors, fast, ctx=ctx, model=model, budget_source=source, expert_dtype="packed",
+                           device=device, warm_budget_bytes=budget.ram_bytes if device == "cuda" else 0)
+
+
+def _memory(budget: Budget) -> str:
+    word = "free" if budget.source == "detected" else "in the budget"
+    if budget.vram_bytes and not budget.unified:
+        return f"{human_bytes(budget.vram_bytes)} VRAM + {human_bytes(budget.ram_bytes)} RAM {word}"
+    return f"{human_bytes(budget.ram_bytes)} {'unified memory' if budget.unified else 'RAM'} {word}"
+
+
+def _llama_where(plan: Plan, v: Verdict) -> str:
+    if v.kind == "disk":
+        return f"by paging {human_bytes(plan.paged_bytes)} from disk through mmap"
+    if v.kind == "vram":
+        return "in unified memory" if plan.budget.unified else "entirely on the GPU"
+    n_gpu = min(plan.n_gpu_layers, plan.n_layers)
+    if n_gpu and plan.cpu_expert_layers:
+        return f"with {n_gpu} layers on the GPU and the experts of {len(plan.cpu_expert_layers)} in RAM"
+    if n_gpu:
+        return f"with {n_gpu} of {plan.n_layers} layers on the GPU, the rest in RAM"
+    return "from RAM"
+
+
+def _native_says(cp: CheckpointPlan) -> str:
+    held = f"holds {cp.slots_per_layer} of {cp.n_experts} experts per layer"
+    if cp.warm_slots_per_layer:
+        held += f" on the GPU and {cp.warm_slots_per_layer} in pinned RAM"
+    if cp.bytes_per_token == 0:
+        return f"the native expert cache {held} and reads nothing from disk per token"
+    return f"the native expert cache {held} and reads ~{human_bytes(cp.bytes_per_token)} per token from disk"
+
+
+def _native_engine_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None  # found, not imported: importing torch takes seconds
+
+
+def choose_engine(
+    layout: ModelLayout,
+    budget: Budget,
+    ctx: int | None = None,
+    *,
+    backend: str | None = None,
+    fast_memory: int | None = None,
+    native_view: tuple[dict[str, Any], dict[str, TensorInfo]] | None = None,
+    native_installed: bool | None = None,
+) -> EngineChoice:
+    """Which engine answers the GGUF `layout` on `budget`, why, and its plan (see the section comment).
+
+    Dense models, MoE architectures the native engine does not run, and machines without torch always get llama.cpp
+    (refused when its plan does not fit). `backend` forces an engine (`--backend`): its plan, refused only when it
+    does not fit, and a LocalmoeError when torch is asked for a file the native engine does not run.
+    `native_view` is `native_gguf_view(layout.path)`, read here when needed; `fast_memory` overrides the native
+    engine's fast tier; `native_installed` None means: is torch importable."""
+    if backend is not None and backend not in ENGINES:
+        raise LocalmoeError(f"unknown backend {backend!r} ({' or '.join(ENGINES)})")
+    lp = make_plan(layout, budget, ctx)
+    lv = verdict(lp, layout)
+    llama_refusal = f"{lp.refusal}" + (f"; {lp.suggestion}" if lp.suggestion else "")
+
+    def llama(reason: str, native: CheckpointPlan | None = None, refusal: str | None = None) -> EngineChoice:
+        return EngineChoice("llama.cpp" if lp.fits else None, reason if lp.fits else llama_refusal, lp, lp, native,
+                            refusal)
+
+    def native() -> CheckpointPlan:
+        config, tensors = native_view if native_view is not None else native_gguf_view(layout.path)
+        return native_gguf_plan(config, tensors, budget, ctx, fast_memory=fast_memory, model=layout.path)
+
+    if backend == "llama.cpp":
+        return llama(f"asked for (--backend llama.cpp): llama.cpp runs it {_llama_where(lp, lv)}")
+    if backend == "torch":
+        cp = native()
+        if not cp.fits:
+            return EngineChoice(None, str(cp.refusal), cp, lp, cp)
+        return EngineChoice("torch", f"asked for (--backend torch): {_native_says(cp)}", cp, lp, cp)
+
+    if not layout.is_moe:
+        note = " (the native engine's expert cache is for MoE models)" if lv.kind == "disk" else ""
+        return llama(f"a dense model: llama.cpp runs it {_llama_where(lp, lv)}{note}")
+    experts = f"{human_bytes(layout.expert_bytes)} of experts, {_memory(budget)}"
+    if lv.kind in ("vram", "ram"):  # the common case decides on one plan, without reading the header again
+        return llama(f"the experts fit in memory ({experts}): llama.cpp runs it {_llama_where(lp, lv)}")
+    try:
+        if not (_native_engine_installed() if native_installed is None else native_installed):
+            raise LocalmoeError("the native engine needs PyTorch (the localmoe[native] extra)")
+        cp = native()
+    except LocalmoeError as exc:
+        why = str(exc).removesuffix("; use the llama.cpp backend")
+        return llama(f"llama.cpp runs it {_llama_where(lp, lv)} ({why})", refusal=why)
+    # In a real MoE the experts are what overflows; in a tiny one it can be llama.cpp's buffers (logits of a batch).
+    overflow = f"the experts do not fit in memory ({experts})" if layout.expert_bytes >= lp.paged_bytes else \
+        f"llama.cpp's weights and buffers do not fit in memory ({human_bytes(lp.ram_bytes)}, {_memory(budget)})"
+    if cp.fits:
+        if lv.kind == "disk":
+            why = (f"{overflow}: {_native_says(cp)}; llama.cpp would page {human_bytes(lp.paged_bytes)} of the file "
+                   "through mmap")
+        else:
+            why = (f"llama.cpp cannot run it here ({experts}; even paging through mmap its working set exceeds "
+                   f"RAM): {_native_says(cp)}")
+        return EngineChoice("torch", why, cp, lp, cp)
+    if lp.fits:  # llama.cpp pages; the native cache cannot hold even the dense weights and top-k experts per layer
+        return llama(f"{overflow}, nor does the native expert cache: llama.cpp runs it {_llama_where(lp, lv)}", cp)
+    return EngineChoice(None, f"neither engine fits {budget.where}: llama.cpp: {llama_refusal}; the native expert "
+                        f"cache: {cp.refusal}", lp, lp, cp)
+
+
+def choose_engine_for(path: str | Any, ctx: int | None = None, *, backend: str | None = None) -> EngineChoice:
+    """`choose_engine` on this machine for a GGUF file: its header and the detected memory (not measured)."""
+    from localmoe.placement.layout import read_layout
+
+    return choose_engine(read_layout(path), Budget.detect(), ctx, backend=backend)
+
+
+def describe_choice(choice: EngineChoice, layout: ModelLayout) -> str:
+    """`localmoe plan` for a GGUF: the engine and why, then the chosen engine's plan (or both refusals)."""
+    if choice.fits:
+        text = describe_checkpoint(choice.plan) if isinstance(choice.plan, CheckpointPlan) else \
+            describe(choice.plan, layout)
+        return f"engine   {choice.backend}: {choice.reason}\n{text}"
+    if isinstance(choice.plan, CheckpointPlan):  # --backend torch, refused
+        return f"engine   none: the native expert cache does not fit {choice.llama_plan.budget.where}\n" \
+            + describe_checkpoint(choice.plan)
+    cp, where = choice.native_plan, choice.llama_plan.budget.where
+    if cp is None:
+        return f"engine   none: llama.cpp does not fit {where}\n" + describe(choice.plan, layout)
+    return (f"engine   none: neither llama.cpp nor the native expert cache fits {where}\n"
+            + describe(choice.plan, layout) + f"\nnative   REFUSED  {cp.refusal}")
