@@ -108,6 +108,7 @@ class ChatScreen(Screen):
         Binding("f2", "conversations", "Conversations"),
         Binding("f3", "settings", "Settings"),
         Binding("f4", "models", "Models"),
+        Binding("f5", "hardware", "Hardware"),
         Binding("ctrl+l", "retry_large", "Retry on large"),
         Binding("ctrl+g", "thumbs_up", "Good"),
         Binding("ctrl+b", "thumbs_down", "Bad"),
@@ -133,6 +134,9 @@ class ChatScreen(Screen):
             self.answer, self.text, self.stats, self.status, self.error = answer, text, stats, status, error
             self.energy, self.decision, self.model, self.experts = energy, decision, model, experts
 
+    class AnswerFinished(Message):
+        """Posted to the screen in front when an answer ends: the hardware screen shows its experts."""
+
     class Loaded(Message):
         def __init__(self, model: str | None, error: str | None, load_s: float | None) -> None:
             super().__init__()
@@ -152,6 +156,10 @@ class ChatScreen(Screen):
         self._shown_notices: set[str] = set()
         self.asked: list[str] = []  # this screen's questions, for Up/Down recall
         self._recall: int | None = None  # index into `asked` while recalling
+        # routing telemetry on MoE engines, for the hardware screen's heat map; off by default: observing costs speed
+        self.telemetry = False
+        # the engine and statistics of the latest finished answer, for the hardware screen (see _last_run)
+        self.last_run: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -256,6 +264,7 @@ class ChatScreen(Screen):
         routed = None
         try:
             routed = self.assistant.ask(prompt, cancel=cancel, tier=tier)
+            self._apply_telemetry(self.assistant.session_for(routed.decision.tier).engine)
             self._tell_remote(routed)
             state = {"last": 0.0, "sent": 0}
 
@@ -273,6 +282,7 @@ class ChatScreen(Screen):
                                                      "answers:*\n\n"))
                 state["sent"] = 0
                 self._tell_remote(routed)
+                self._apply_telemetry(self.assistant.session_for(routed.decision.tier).engine)  # the tier escalated to
 
             routed.on_escalate = escalated
             for _ in routed:
@@ -280,6 +290,7 @@ class ChatScreen(Screen):
             flush(force=True)
             reply = routed.reply
             self.last = (prompt, routed, answer)
+            self.last_run = self._last_run(reply)
             self.post_message(self.Done(answer, None, reply.stats, reply.status, energy=reply.energy,
                                         decision=routed.decision, model=reply.model, experts=reply.experts))
         except LocalmoeError as exc:
@@ -304,6 +315,28 @@ class ChatScreen(Screen):
             self._shown_notices.add(notice)
             self.notify(notice, title="Router", severity="warning", timeout=10, markup=False)
         self.query_one("#conversation", Conversation).scroll_end(animate=False)
+        if self.app.screen is not self:
+            self.app.screen.post_message(self.AnswerFinished())
+
+    def _apply_telemetry(self, engine: Any) -> None:
+        """Routing telemetry as the hardware screen asked, on local MoE engines only (a dense model has no routing to
+        observe). Both local engines take it as their `telemetry` option: torch reads it per step, llama.cpp installs
+        its tap at load, so it is closed here and the next prompt loads it again (once per change)."""
+        if engine.backend not in ("llama.cpp", "torch") or engine.telemetry == self.telemetry:
+            return
+        if engine.moe_shape() is None:
+            return
+        engine.telemetry = self.telemetry
+        if engine.backend == "llama.cpp":
+            engine.close()
+
+    @staticmethod
+    def _last_run(reply: Any) -> dict[str, Any]:
+        """What the hardware screen shows of an answer, taken in the generation worker before the next answer can
+        replace the engine's routing: the cache statistics, a copy of the routing telemetry and the MoE shape."""
+        engine = reply.session.engine
+        return {"model": reply.model, "backend": reply.backend, "stats": reply.stats, "experts": reply.experts,
+                "routing": list(engine.routing), "shape": engine.moe_shape(), "plan": engine.plan}
 
     async def action_retry_large(self) -> None:
         """Re-ask the last question on the large tier; the small answer was not good enough: a label."""
@@ -469,6 +502,11 @@ class ChatScreen(Screen):
         from localmoe.ui.models_screen import ModelsScreen
 
         self.app.push_screen(ModelsScreen(), self._back_from_settings)
+
+    def action_hardware(self) -> None:
+        from localmoe.ui.hardware_screen import HardwareScreen
+
+        self.app.push_screen(HardwareScreen(self))
 
     def _back_from_settings(self, saved: bool | None) -> None:
         """From the settings or models screen: True when settings.toml changed."""

@@ -240,13 +240,26 @@ def detect(measure: bool = True) -> Hardware:
     return hw
 
 
-def _cached_bandwidth(cache: Path, fp: str) -> tuple[float, bool]:
+def known_bandwidth(hw: Hardware) -> float | None:
+    """The bandwidth measured earlier on this machine, from the cache `detect` keeps; None when never measured.
+    Measures nothing: for screens that open on `detect(measure=False)`."""
+    return _read_bandwidth(Path(hw.data_dir) / BANDWIDTH_CACHE, hw.fingerprint)
+
+
+def _read_bandwidth(cache: Path, fp: str) -> float | None:
     try:
         data = json.loads(cache.read_text())
         if data.get("fingerprint") == fp and isinstance(data.get("memory_bandwidth_gbps"), (int, float)):
-            return float(data["memory_bandwidth_gbps"]), True
-    except (OSError, ValueError):
-        pass  # missing or unreadable cache: measure again
+            return float(data["memory_bandwidth_gbps"])
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or unreadable cache
+    return None
+
+
+def _cached_bandwidth(cache: Path, fp: str) -> tuple[float, bool]:
+    known = _read_bandwidth(cache, fp)
+    if known is not None:
+        return known, True
     bw = measure_bandwidth()
     try:
         tmp = cache.with_suffix(".tmp")

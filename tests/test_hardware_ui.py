@@ -1,0 +1,140 @@
+"""The hardware and experts screen through Textual's pilot, after answers from real engines: the tiny MoE on llama.cpp
+(routing telemetry turned on from the screen), the same weights on the native torch engine (its cache statistics),
+and the embedded dense model (one line: no expert statistics)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections import Counter
+
+from test_models_ui import screen_lines
+from test_tui import type_and_send, wait_for
+from textual.widgets import Static
+
+from localmoe.engine import GenerationConfig
+from localmoe.ui.app import LocalmoeApp
+from localmoe.ui.chat import Answer, ChatScreen
+from localmoe.ui.hardware_screen import SHADES, HardwareScreen
+
+
+async def open_hardware(pilot, app) -> HardwareScreen:
+    await pilot.press("f5")
+    await wait_for(pilot, lambda: isinstance(app.screen, HardwareScreen) and app.screen.hardware is not None)
+    return app.screen
+
+
+async def ask(pilot, chat, question: str) -> Answer:
+    n = len(chat.query(Answer))
+    await type_and_send(pilot, question)
+    await wait_for(pilot, lambda: len(chat.query(Answer)) == n + 1 and chat.query(Answer)[n].done)
+    return chat.query(Answer)[n]
+
+
+def summary(screen: HardwareScreen) -> str:
+    return str(screen.query_one("#experts-summary", Static).render())
+
+
+def uses(routing) -> dict[tuple[int, int], int]:
+    """The test's own count of the engine's telemetry: (layer, expert) -> tokens routed there."""
+    return Counter((layer, e) for t in routing for layer, experts in enumerate(t.experts) for e in experts)
+
+
+def test_llama_cpp_moe_heat_map_counts_its_routing_once_telemetry_is_on(home, tiny_moe):
+    (home / "models").mkdir(parents=True)
+    shutil.copy(tiny_moe[1], home / "models" / "tiny-moe.gguf")
+
+    async def run() -> None:
+        app = LocalmoeApp(model="tiny-moe", config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.screen
+            screen = await open_hardware(pilot, app)
+            assert "No answer yet" in summary(screen)
+            hw = "\n".join(screen_lines(app))
+            assert "RAM" in hw and "available of" in hw and "free in" in hw and "Memory bandwidth" in hw
+            await pilot.press("escape")
+
+            await ask(pilot, chat, "Which city is the capital of Japan?")  # telemetry off: nothing to show
+            screen = await open_hardware(pilot, app)
+            line = summary(screen)
+            assert line.startswith("No expert statistics for tiny-moe") and "\n" not in line
+            assert "t turns it on" in line and screen.counts is None
+            await pilot.press("t")
+            assert chat.telemetry
+            await pilot.press("escape")
+
+            await ask(pilot, chat, "And of Italy?")
+            engine = chat.assistant.session_for("small").engine
+            assert engine.telemetry and engine.routing
+            screen = await open_hardware(pilot, app)
+            assert screen.counts is not None and len(screen.counts) == 3  # layers
+            assert all(len(row) == 8 for row in screen.counts)  # experts
+            counted = uses(engine.routing)
+            assert {(la, e): c for la, row in enumerate(screen.counts) for e, c in enumerate(row) if c} == counted
+            assert "Routing telemetry" in summary(screen) and f"{len(engine.routing)} tokens" in summary(screen)
+            # every layer's row is on an 80x24 screen, the hottest cell drawn full
+            lines = screen_lines(app)
+            rows = [v for v in lines if v.split() and v.split()[0] in ("L0", "L1", "L2")]
+            assert len(rows) == 3 and SHADES[-1] in "".join(rows)
+            for layer, row in enumerate(rows):
+                assert f"{sum(screen.counts[layer])} uses" in row
+
+    asyncio.run(run())
+
+
+def test_native_engine_heat_map_matches_its_cache_statistics(home, tiny_moe):
+    async def run() -> None:
+        app = LocalmoeApp(model=str(tiny_moe[0]), config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(200, 60)) as pilot:
+            chat = app.screen
+            screen = await open_hardware(pilot, app)
+            await pilot.press("t")
+            await pilot.press("escape")
+            await ask(pilot, chat, "Which city is the capital of Japan?")
+            engine = chat.assistant.session_for("small").engine
+            assert engine.backend == "torch"
+            stats = engine.cache_stats()
+            screen = await open_hardware(pilot, app)
+            assert len(screen.counts) == len(stats["layers"]) == 3
+            counted = uses(engine.routing)
+            prompt = [t for t in engine.routing if t.phase == "prompt"]
+            decoded = [t for t in engine.routing if t.phase == "decode"]
+            for layer, (row, s) in enumerate(zip(screen.counts, stats["layers"], strict=True)):
+                assert all(c == counted.get((layer, e), 0) for e, c in enumerate(row))
+                assert sum(row) == s["experts_used"]  # (token, expert) pairs computed
+                # the cache is asked once per expert a step uses: the prompt in one step, then each decoded token
+                fetches = len({e for t in prompt for e in t.experts[layer]}) + sum(len(t.experts[layer])
+                                                                                   for t in decoded)
+                assert s["hits"] + s["warm_hits"] + s["misses"] == fetches
+            text = summary(screen)
+            assert f"{stats['slots']} slots per layer" in text and f"Decode path: {stats['decode_step']} step" in text
+            assert "stalled" in text and "per token" in text
+            shown = "\n".join(screen_lines(app))
+            assert all(f"{sum(row)} uses · hit " in shown for row in screen.counts)
+
+    asyncio.run(run())
+
+
+def test_a_dense_model_says_so_in_one_line_and_the_view_follows_answers(home):
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.screen
+            screen = await open_hardware(pilot, app)
+            assert "Hardware" in {c.title for c in app.get_system_commands(chat)}
+            assert {"Refresh", "Telemetry on", "Measure bandwidth"} <= {
+                c.title for c in app.get_system_commands(screen)}
+            await pilot.press("escape")
+            await type_and_send(pilot, "Which city is the capital of Japan?")
+            await pilot.press("f5")  # opened while the answer is written: it follows when the answer ends
+            await wait_for(pilot, lambda: isinstance(app.screen, HardwareScreen))
+            screen = app.screen
+            await wait_for(pilot, lambda: chat.query(Answer)[0].done and "No expert statistics" in summary(screen))
+            line = summary(screen)
+            assert line == ("No expert statistics: the last answer came from smollm2-135m-instruct on llama.cpp, "
+                            "which is not a mixture of experts.")
+            assert not screen.query_one("#heatmap-grid").display
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+    asyncio.run(run())

@@ -1,0 +1,239 @@
+"""The hardware and experts screen: what this machine has (RAM, VRAM, disk, memory bandwidth when it was measured
+before: opening never measures), and for the model that answered last, which experts it used — a heat map of layers
+× experts, shaded by how often the answer routed to each — with what the engine reports of its expert cache.
+
+The native torch engine reports its cache per layer (`cache_stats()`: hits, misses, prefetch hits, bytes read,
+stall time, decode path); per-expert use comes from routing telemetry (`engine.routing`, the experts of every
+evaluated token per layer), which both engines record when it is on (t here: it costs speed, so it is off until
+asked for). A dense or remote model has neither, and the screen says so in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import ScrollableContainer
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from localmoe.errors import LocalmoeError
+from localmoe.units import human_bytes
+
+SHADES = "░▒▓█"  # a cell's share of the hottest cell's uses, in quarters; "·" is an expert the answer never used
+UNUSED = "·"
+
+
+def expert_counts(routing: Sequence[Any], n_layers: int, n_experts: int) -> list[list[int]]:
+    """Uses per (layer, expert): how many evaluated tokens (prompt and answer) the router sent to each expert."""
+    counts = [[0] * n_experts for _ in range(n_layers)]
+    for token in routing:
+        for layer, experts in enumerate(token.experts[:n_layers]):
+            for expert in experts:
+                if 0 <= expert < n_experts:
+                    counts[layer][expert] += 1
+    return counts
+
+
+def shade(count: int, hottest: int) -> str:
+    if count <= 0 or hottest <= 0:
+        return UNUSED
+    return SHADES[min(len(SHADES) - 1, (count * len(SHADES) - 1) // hottest)]
+
+
+def _color(count: int, hottest: int) -> str:
+    """Cold blue to hot orange, so the map reads at a glance in colour too."""
+    f = count / hottest if hottest else 0.0
+    lo, hi = (70, 90, 160), (255, 160, 40)
+    return "rgb({},{},{})".format(*(int(a + (b - a) * f) for a, b in zip(lo, hi, strict=True)))
+
+
+def heat_map(counts: list[list[int]], layer_notes: Sequence[str] = ()) -> Text:
+    """The grid as text: a header of expert numbers (tens over units from 10 experts on), then one line per layer,
+    one character per expert, and what the engine reports of that layer after it."""
+    n_layers, n_experts = len(counts), len(counts[0]) if counts else 0
+    hottest = max((c for row in counts for c in row), default=0)
+    label = len(f"L{n_layers - 1}") + 1
+    out = Text(no_wrap=True)
+    if n_experts >= 10:
+        out.append(" " * label + "".join(str(e // 10 % 10) if e % 10 == 0 else " " for e in range(n_experts)) + "\n",
+                   style="dim")
+    out.append(" " * label + "".join(str(e % 10) for e in range(n_experts)) + "  expert\n", style="dim")
+    for layer, row in enumerate(counts):
+        out.append(f"L{layer}".ljust(label), style="dim")
+        for count in row:
+            out.append(shade(count, hottest), style=_color(count, hottest) if count else "dim")
+        note = layer_notes[layer] if layer < len(layer_notes) else ""
+        out.append(f"  {sum(row)} uses" + (f" · {note}" if note else "") + ("\n" if layer < n_layers - 1 else ""))
+    return out
+
+
+def layer_note(s: dict[str, Any]) -> str:
+    """One layer of the torch engine's cache statistics in a few words."""
+    parts = []
+    if s.get("hit_rate") is not None:
+        parts.append(f"hit {s['hit_rate']:.0%}")
+    parts.append(f"{s.get('misses', 0)} miss")
+    if s.get("warm_hits"):
+        parts.append(f"{s['warm_hits']} warm")
+    if s.get("prefetch_hits") or s.get("prefetches"):
+        parts.append(f"{s.get('prefetch_hits', 0)} prefetch hits of {s.get('prefetches', 0)}")
+    return " · ".join(parts)
+
+
+def describe_run(run: dict[str, Any] | None, telemetry: bool,
+                 answering: bool = False) -> tuple[str, list[list[int]] | None, list[str]]:
+    """(the summary lines, the counts for the heat map or None, per-layer notes) for the latest answer."""
+    if run is None:
+        if answering:
+            return "The first answer is being written: its experts show here when it ends.", None, []
+        return "No answer yet: ask a question, then this shows which experts answered it.", None, []
+    model, backend, shape = run["model"], run["backend"], run["shape"]
+    if shape is None:
+        return (f"No expert statistics: the last answer came from {model} on {backend}, which is not a mixture of "
+                "experts."), None, []
+    n_layers, n_experts, top_k = shape
+    routing, cache = run["routing"], run["experts"]
+    layers = cache.get("layers", []) if cache else []
+    if not routing and not layers:
+        why = "telemetry is on for the next answers" if telemetry else "t turns it on for the next answers"
+        return (f"No expert statistics for {model}: {backend} reports the experts it used only with routing "
+                f"telemetry ({why}; observing costs some speed)."), None, []
+    lines = [f"Last answer: {model} on {backend}, {n_layers} layers × {n_experts} experts, top-{top_k}."]
+    stats = run["stats"]
+    if routing:
+        decoded = sum(1 for t in routing if t.phase == "decode")
+        lines.append(f"Routing telemetry: {len(routing)} tokens evaluated ({len(routing) - decoded} of the prompt, "
+                     f"{decoded} of the answer); a cell's shade is its expert's uses ({SHADES[-1]} most, "
+                     f"{UNUSED} none).")
+    else:
+        lines.append("Per-expert uses need routing telemetry (t: on for the next answers); the layers' cache "
+                     "statistics follow.")
+    if cache:
+        tokens = (stats.prompt_eval_tokens or 0) + (stats.completion_tokens or 0) if stats else 0
+        moved = (cache.get("bytes_read") or 0) + (cache.get("bytes_copied") or 0)
+        per_token = f"{human_bytes(moved / tokens)} per token" if tokens else "-"
+        wall = stats.wall_s if stats and stats.wall_s else None
+        stall = f"{(cache.get('stall_s') or 0) / wall:.0%}" if wall else "-"
+        hit = f"{cache['hit_rate']:.0%}" if cache.get("hit_rate") is not None else "-"
+        lines.append(f"Expert cache: {cache.get('slots')} slots per layer ({cache.get('policy')}"
+                     f"{', prefetch' if cache.get('prefetch') else ''}), hit rate {hit}, "
+                     f"{cache.get('misses', 0)} misses, {cache.get('prefetch_hits', 0)} prefetch hits; "
+                     f"{human_bytes(moved)} moved ({per_token}); stalled {stall} of the answer.")
+        lines.append(f"Decode path: {cache.get('decode_step')} step, {cache.get('expert_kernel')} expert kernels, "
+                     f"{cache.get('expert_dtype')} experts on {cache.get('device')}"
+                     f"{', compiled' if cache.get('compiled') else ''}.")
+    elif run.get("plan") is not None:
+        plan = run["plan"]  # llama.cpp's placement (placement.plan.Plan): the torch engine reports its cache
+        paged = plan.paged_bytes
+        where = f"{plan.n_gpu_layers} layers offloaded to the GPU" if plan.n_gpu_layers else "on the CPU"
+        lines.append(f"Decode path: llama.cpp {where}; "
+                     + (f"{human_bytes(paged)} of weights paged from disk through mmap as tokens need them."
+                        if paged else "every weight resident (llama.cpp keeps no expert cache of its own)."))
+    counts = expert_counts(routing, n_layers, n_experts) if routing else None
+    if counts is None and layers:
+        counts = [[0] * n_experts for _ in range(n_layers)]  # rows for the layers' notes, no per-expert shading
+    return "\n".join(lines), counts, [layer_note(s) for s in layers]
+
+
+class HardwareScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("r", "refresh_view", "Refresh"),
+        # one key, two labels: the footer says which applies
+        Binding("t", "telemetry(True)", "Telemetry on"),
+        Binding("t", "telemetry(False)", "Telemetry off"),
+        Binding("b", "measure", "Measure bandwidth"),
+    ]
+
+    def __init__(self, chat: Any) -> None:
+        """`chat`: the chat screen, whose `last_run` and `telemetry` this shows and sets."""
+        super().__init__()
+        self.chat = chat
+        self.hardware: Any = None
+        self.counts: list[list[int]] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("Reading this machine…", id="hw-summary")
+        yield Static("", id="experts-summary")
+        with ScrollableContainer(id="heatmap"):
+            yield Static("", id="heatmap-grid")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title, self.sub_title = "localmoe", "hardware and experts"
+        self.query_one("#heatmap", ScrollableContainer).focus()
+        self.read_hardware()
+        self.show_experts()
+
+    @work(thread=True, exclusive=True, group="hardware")
+    def read_hardware(self, measure: bool = False) -> None:
+        """GPU detection can take a moment (NVML): off the UI thread. The bandwidth is measured only when asked."""
+        from localmoe.placement import hardware
+
+        try:
+            hw = hardware.detect(measure=measure)
+            if not measure:
+                hw.memory_bandwidth_gbps, hw.bandwidth_cached = hardware.known_bandwidth(hw), True
+        except (LocalmoeError, OSError) as exc:
+            self.app.call_from_thread(self.query_one("#hw-summary", Static).update,
+                                      Text(f"Cannot read this machine: {exc}"))
+            return
+        self.app.call_from_thread(self.show_hardware, hw)
+
+    def show_hardware(self, hw: Any) -> None:
+        self.hardware = hw
+        limit = f" (capped at {human_bytes(hw.memory_limit_bytes)})" if hw.memory_limit_bytes else ""
+        lines = [f"CPU   {hw.cpu_model} ({hw.physical_cores} cores, {hw.logical_cores} threads, {hw.arch})",
+                 f"RAM   {human_bytes(hw.ram_available_bytes)} available of {human_bytes(hw.ram_total_bytes)}{limit}"]
+        if not hw.gpus:
+            lines.append("VRAM  none: no GPU detected (CPU only)")
+        for g in hw.gpus:
+            kind = "unified memory" if g.unified_memory else "VRAM"
+            lines.append(f"GPU {g.index} {g.name}: {human_bytes(g.vram_free_bytes)} {kind} free of "
+                         f"{human_bytes(g.vram_total_bytes)}")
+        lines.append(f"Disk  {human_bytes(hw.disk_free_bytes)} free in {hw.data_dir}")
+        bw = hw.memory_bandwidth_gbps
+        lines.append(f"Memory bandwidth  {bw:.1f} GB/s copy (measured{' earlier' if hw.bandwidth_cached else ''})"
+                     if bw else "Memory bandwidth  not measured yet (b measures it, about a second)")
+        self.query_one("#hw-summary", Static).update(Text("\n".join(lines)))
+
+    def show_experts(self) -> None:
+        summary, counts, notes = describe_run(self.chat.last_run, self.chat.telemetry, self.chat.generating)
+        self.counts = counts
+        self.query_one("#experts-summary", Static).update(Text(summary))
+        grid = self.query_one("#heatmap-grid", Static)
+        grid.update(heat_map(counts, notes) if counts else "")
+        grid.display = bool(counts)
+
+    def on_chat_screen_answer_finished(self) -> None:
+        self.show_experts()
+
+    # -- actions ----------------------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "telemetry":
+            return bool(parameters[0]) != self.chat.telemetry
+        return True
+
+    def action_back(self) -> None:
+        self.dismiss(None)
+
+    def action_refresh_view(self) -> None:
+        self.read_hardware()
+        self.show_experts()
+
+    def action_telemetry(self, on: bool) -> None:
+        self.chat.telemetry = on
+        self.refresh_bindings()
+        self.show_experts()
+        self.notify("Routing telemetry on: the next answers of a MoE record the experts they use (a little slower)."
+                    if on else "Routing telemetry off from the next answer.", title="Experts", markup=False)
+
+    def action_measure(self) -> None:
+        self.query_one("#hw-summary", Static).update(Text("Measuring the memory bandwidth…"))
+        self.read_hardware(measure=True)
