@@ -99,6 +99,7 @@ def build_hf_moe(
     vocab: int | None = None,
     context_length: int = 4096,
     init_std: float | None = None,
+    router_std: float | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tokenizer_gguf: Path | None = None,
@@ -109,9 +110,9 @@ def build_hf_moe(
     because the GGUF has no tokenizer of its own. At the default size the folder also gets SmolLM2's tokenizer
     (`tokenizer.json`, `tokenizer_config.json` with its chat template), built from `tokenizer_gguf`'s fields
     (default: the embedded SmolLM2), so the checkpoint can chat; other sizes get no tokenizer files.
-    `init_std` overrides transformers' initializer_range (0.02). At 0.02 the experts add little to the logits,
-    so a conversion that swaps or misorders experts moves them only a few times the comparison tolerance;
-    tests that must catch such mistakes pass a larger value.
+    `init_std` overrides transformers' initializer_range (0.02), `router_std` the routers' alone. At 0.02 the
+    experts add little to the logits, so a conversion that swaps or misorders experts moves them only a few times
+    the comparison tolerance; tests that must catch such mistakes pass a larger value.
     """
     import transformers
 
@@ -131,6 +132,13 @@ def build_hf_moe(
     )
     torch.manual_seed(seed)
     model = getattr(transformers, spec.model_class)(config).to(dtype)
+    if router_std is not None:
+        # A trained router is decisive; a random one at init_std gives every expert ~1/E, so the top-k choice
+        # flips on float rounding (two engines then disagree by whole experts, not by rounding).
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(f"{spec.moe_block}.gate.weight"):
+                    p.normal_(0.0, router_std)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -282,6 +290,47 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = No
 
 
 _QUANTS: dict[str, gguf.GGMLQuantizationType | None] = {"f32": None, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str = "Q4_K_M") -> Path:
+    """`src` (an f32 GGUF) quantised by llama.cpp's own quantiser (llama-quantize's mixes: Q4_K_M keeps some tensors
+    in Q6_K and falls back to other types where a row is not a multiple of 256), as the files users download."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
+    return Path(dst)
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """The GGUF `src` with every tensor dequantised to f32 by the `gguf` package (bit-equal to llama.cpp's), the
+    metadata unchanged: llama.cpp on it is exact float32 arithmetic on the quantised file's weights, a reference that
+    leaves out llama.cpp's 8-bit activations."""
+    reader = gguf.GGUFReader(src, "r")
+    arch = str(reader.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(str(dst), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name == "general.file_type":
+            w.add_file_type(gguf.LlamaFileType.ALL_F32)
+            continue
+        vtype = field.types[0]
+        w.add_key_value(name, field.contents(), vtype, field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w.add_tensor(t.name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)
 
 
 def _quantized(name: str, shape: tuple[int, ...]) -> bool:

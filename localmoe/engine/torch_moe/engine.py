@@ -12,6 +12,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,16 @@ from localmoe.engine.torch_moe.checkpoint import Checkpoint, DenseWeights, exper
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.device import plan_for, resolve_device
 from localmoe.engine.torch_moe.expert_store import ExpertStore, ExpertWeights
+from localmoe.engine.torch_moe.gguf_checkpoint import GGUFCheckpoint, expert_types, gguf_expert_loader, read_view
 from localmoe.engine.torch_moe.model import TraceReplay, Transformer
 from localmoe.engine.torch_moe.options import TorchOptions
 from localmoe.engine.torch_moe.quant import int8_linear_available
 from localmoe.engine.torch_moe.sampling import Sampler
 from localmoe.engine.torch_moe.step import DecodeStep, ExpertTable, decode_step
-from localmoe.engine.torch_moe.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from localmoe.engine.torch_moe.tokenizer import ChatTokenizer, GGUFChatTokenizer, IncrementalDetokenizer
 from localmoe.errors import LocalmoeError
 from localmoe.experts.trace import Trace, TraceToken
-from localmoe.placement.plan import CheckpointPlan
+from localmoe.placement.plan import PACKED, CheckpointPlan
 
 
 class TorchMoEEngine(Engine):
@@ -100,22 +102,28 @@ class TorchMoEEngine(Engine):
     def load(self) -> None:
         if self.model is not None:
             return
-        config_path = self.model_dir / "config.json"
-        if not config_path.exists():
-            raise LocalmoeError(f"{self.model_dir} has no config.json: not a Hugging Face checkpoint directory")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise LocalmoeError(f"{config_path} is not valid JSON: {e}") from None
         o = self.options
+        view = None
+        if self.is_gguf:
+            if o.expert_dtype != "float32":
+                raise LocalmoeError(f"{self.model_dir.name}'s experts stay in the file's quantisation: "
+                                    f"expert_dtype {o.expert_dtype} applies to Hugging Face checkpoints only")
+            view = read_view(self.model_dir)
+            config = view[0]
+        else:
+            config = _read_config(self.model_dir)
+        expert_dtype = PACKED if view else o.expert_dtype
         args = ModelArgs.from_config(config, self.max_seq_length)
         device = resolve_device(o.device)
-        ckpt = Checkpoint(self.model_dir, device)
+        if view and device != "cpu":
+            raise LocalmoeError(f"the native engine runs GGUF models on the CPU only for now; {device} needs a "
+                                "Hugging Face checkpoint, or the llama.cpp backend for this file")
+        ckpt = GGUFCheckpoint(self.model_dir, device, view) if view else Checkpoint(self.model_dir, device)
         try:
             slots, warm = o.expert_slots, 0
             if slots is None or device != "cpu":
                 self.plan = plan_for(self.model_dir, config, ckpt.tensors, o.fast_memory, args.max_seq_length,
-                                     device=device, expert_dtype=o.expert_dtype, warm_memory=o.warm_memory,
+                                     device=device, expert_dtype=expert_dtype, warm_memory=o.warm_memory,
                                      fast_slots=slots)
                 if slots is None:
                     self.plan.raise_if_refused()
@@ -125,15 +133,16 @@ class TorchMoEEngine(Engine):
             # torch path an exact prediction saved a quarter of the decode time under a memory cap, but the native
             # step without prefetch decodes ~1.5x faster than the torch path with it (benchmarks/RESULTS.md, product
             # path); on a GPU prefetch has measured slower even when right, and resident has nothing to load.
-            native = (device == "cpu" and o.kernels == "native" and o.expert_dtype == "float32" and not o.compile
-                      and kernels.available())
+            native = (device == "cpu" and o.kernels == "native" and expert_dtype in ("float32", PACKED)
+                      and not o.compile and kernels.available())
             prefetch = o.prefetch if o.prefetch is not None else device == "cpu" and slots < args.n_experts \
                 and not native
             # every expert fits: the page cache is reclaimable memory the plan did not need, and keeping the files
             # there lets the next process (the next `ask`) read them at memory speed
             ckpt.keep_page_cache = slots >= args.n_experts and device == "cpu"
-            store = ExpertStore(expert_loader(ckpt, args), args.n_layers, args.n_experts, slots,
-                                policy=o.cache_policy, expert_dtype=o.expert_dtype, device=device,
+            loader = gguf_expert_loader(ckpt, args) if isinstance(ckpt, GGUFCheckpoint) else expert_loader(ckpt, args)
+            store = ExpertStore(loader, args.n_layers, args.n_experts, slots,
+                                policy=o.cache_policy, expert_dtype=expert_dtype, device=device,
                                 warm_slots=warm, prefetch=prefetch)
             if o.dense_dtype == "int8" and (device != "cpu" or not int8_linear_available()):
                 raise LocalmoeError("dense_dtype int8 runs on the CPU only, with a torch that has int8 kernels")
@@ -224,7 +233,7 @@ class TorchMoEEngine(Engine):
             "warm_slots": store.warm_slots if store else None,
             "policy": o.cache_policy,
             "prefetch": store.prefetching if store else None,
-            "expert_dtype": o.expert_dtype,
+            "expert_dtype": store.expert_dtype if store else o.expert_dtype,  # "packed": a GGUF's own types
             "device": str(self.device),
             "compiled": o.compile,
             "expert_kernel": self._expert_kernel(),
@@ -333,8 +342,9 @@ class TorchMoEEngine(Engine):
         if model.moes[0].replay is not None:
             return None
         if self._step is None:
+            qtypes = expert_types(self._ckpt, model.args) if isinstance(self._ckpt, GGUFCheckpoint) else None
             self._step = decode_step(model, ExpertTable(model.args.n_layers, model.args.n_experts),
-                                     self._resolve) or False
+                                     self._resolve, qtypes) or False
             self._synced = [-1] * model.args.n_layers
         if self._step:
             for layer, version in enumerate(store.versions):
@@ -353,8 +363,9 @@ class TorchMoEEngine(Engine):
         entries.update(extra)
         probe = self._model().tok_embeddings[:1]
         mats = [(expert, w.mats) for expert, w in entries.items()]
-        if not all(kernels.usable(probe, m) for _, m in mats):
-            raise LocalmoeError(f"layer {layer}'s experts are not float32 matrices the native step can read")
+        usable = _packed_usable if self.store.expert_dtype == PACKED else partial(kernels.usable, probe)
+        if not all(usable(m) for _, m in mats):
+            raise LocalmoeError(f"layer {layer}'s experts are not matrices the native step can read")
         self._step.table.sync(layer, mats)
         self._synced[layer] = -1 if extra else version
 
@@ -423,8 +434,13 @@ class TorchMoEEngine(Engine):
     def chat_tokenizer(self) -> ChatTokenizer:
         """The checkpoint's tokenizer and chat template, read on first use (logits() works without them)."""
         if self._chat is None:
-            self._chat = ChatTokenizer(self.model_dir)
+            self._chat = GGUFChatTokenizer(self.model_dir) if self.is_gguf else ChatTokenizer(self.model_dir)
         return self._chat
+
+    @property
+    def is_gguf(self) -> bool:
+        """A GGUF MoE file (experts kept in its quantisation), not a Hugging Face checkpoint directory."""
+        return self.model_dir.suffix.lower() == ".gguf" and not self.model_dir.is_dir()
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         return self.chat_tokenizer().encode_chat(messages)
@@ -490,3 +506,17 @@ class TorchMoEEngine(Engine):
         self._step = None  # it holds the model's tensors
         self._kv = []
 
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise LocalmoeError(f"{model_dir} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LocalmoeError(f"{config_path} is not valid JSON: {e}") from None
+
+
+def _packed_usable(mats: tuple[Tensor, ...]) -> bool:
+    return all(m.dtype == torch.uint8 and m.device.type == "cpu" and m.is_contiguous() for m in mats)

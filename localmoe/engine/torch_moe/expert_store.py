@@ -25,10 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from localmoe.engine.torch_moe import ggml_quants
 from localmoe.engine.torch_moe.layer_cache import POLICIES, LRUCache
 from localmoe.engine.torch_moe.quant import Int8Linear, int8_linear_available, quantize_rows
 from localmoe.errors import LocalmoeError
 from localmoe.placement.plan import EXPERT_DTYPE_BYTES as EXPERT_DTYPES
+from localmoe.placement.plan import PACKED
+
+
+@dataclass(frozen=True)
+class PackedExpert:
+    """One expert as a GGUF stores it: gate and up rows stacked (`gu_type`), then down (`down_type`), as bytes;
+    `f` the expert's hidden width, `k` the model's."""
+
+    gate_up: Tensor  # uint8
+    down: Tensor  # uint8
+    gu_type: int  # ggml type ids
+    down_type: int
+    f: int
+    k: int
 
 
 class ExpertWeights:
@@ -37,14 +52,24 @@ class ExpertWeights:
 
     int8 is symmetric per output row (absmax / 127): in the CPU fast tier packed for torch's dynamic int8 linear
     (quant.Int8Linear), elsewhere int8 tensors + scales (copied to a GPU and computed there as float). bfloat16 is
-    computed in bfloat16. Results come back in the activations' float32."""
+    computed in bfloat16. "packed" (a GGUF's experts) keeps the file's quantised bytes: one token is computed on
+    them (ggml_quants), several tokens on a float32 copy made for the call. Results come back in the activations'
+    float32."""
 
-    __slots__ = ("dtype", "mats", "scales", "nbytes")
+    __slots__ = ("dtype", "mats", "scales", "nbytes", "qtypes")
 
-    def __init__(self, mats: tuple[Tensor, Tensor], dtype: str = "float32", packed: bool = False) -> None:
-        """`mats`: (gate and up stacked on the output rows, down), float32. `packed`: int8 for the CPU kernel."""
+    def __init__(self, mats: tuple[Tensor, Tensor] | PackedExpert, dtype: str = "float32",
+                 packed: bool = False) -> None:
+        """`mats`: (gate and up stacked on the output rows, down), float32, or a PackedExpert with dtype "packed".
+        `packed`: int8 for the CPU kernel."""
         self.dtype = dtype
         self.scales: tuple[Tensor, ...] | None = None
+        self.qtypes: tuple[int, int, int, int] | None = None  # packed: (gate/up type, down type, f, k)
+        if isinstance(mats, PackedExpert):
+            self.mats = (mats.gate_up, mats.down)
+            self.qtypes = (mats.gu_type, mats.down_type, mats.f, mats.k)
+            self.nbytes = mats.gate_up.numel() + mats.down.numel()
+            return
         if dtype == "int8" and packed and int8_linear_available():
             self.mats: tuple[Any, ...] = tuple(Int8Linear(m) for m in mats)
             self.nbytes = sum(m.nbytes for m in self.mats)
@@ -62,14 +87,14 @@ class ExpertWeights:
                                                       for m in self.mats):
             return self
         out = ExpertWeights.__new__(ExpertWeights)
-        out.dtype, out.nbytes = self.dtype, self.nbytes
+        out.dtype, out.nbytes, out.qtypes = self.dtype, self.nbytes, self.qtypes
         out.mats = tuple(m.to(device, non_blocking=non_blocking) for m in self.mats)
         out.scales = tuple(s.to(device, non_blocking=non_blocking) for s in self.scales) if self.scales else None
         return out
 
     def pin(self) -> ExpertWeights:
         out = ExpertWeights.__new__(ExpertWeights)
-        out.dtype, out.nbytes = self.dtype, self.nbytes
+        out.dtype, out.nbytes, out.qtypes = self.dtype, self.nbytes, self.qtypes
         out.mats = tuple(m.pin_memory() for m in self.mats)
         out.scales = tuple(s.pin_memory() for s in self.scales) if self.scales else None
         return out
@@ -87,7 +112,23 @@ class ExpertWeights:
             return F.linear(x.to(w.dtype), w).to(x.dtype)
         return F.linear(x, w)
 
+    def float_mats(self) -> tuple[Tensor, Tensor]:
+        """(gate and up, down) as float32 matrices: dequantised for a packed expert."""
+        if self.qtypes is None:
+            return self.mats  # type: ignore[return-value]
+        gu_type, down_type, f, k = self.qtypes
+        return (ggml_quants.dequantize(gu_type, self.mats[0], (2 * f, k)),
+                ggml_quants.dequantize(down_type, self.mats[1], (k, f)))
+
     def ffn(self, x: Tensor) -> Tensor:
+        if self.qtypes is not None:
+            gu_type, down_type, f, k = self.qtypes
+            if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu":  # one token: on the packed bytes
+                gate, up = ggml_quants.qgemv(gu_type, self.mats[0], x[0].contiguous(), 2 * f, k).chunk(2)
+                return ggml_quants.qgemv(down_type, self.mats[1], (F.silu(gate) * up).contiguous(), k, f)[None]
+            gate_up, down = self.float_mats()
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, down)
         if self.dtype == "bfloat16":  # stay in bfloat16 between the matmuls
             gate, up = F.linear(x.to(torch.bfloat16), self.mats[0]).chunk(2, dim=-1)
             return F.linear(F.silu(gate) * up, self.mats[1]).to(x.dtype)
@@ -156,7 +197,7 @@ class LayerStats:
 
 
 # (layer, expert) -> ((gate and up stacked, down) float32, bytes read from disk)
-Loader = Callable[[int, int], tuple[tuple[Tensor, Tensor], int]]
+Loader = Callable[[int, int], tuple[tuple[Tensor, Tensor] | PackedExpert, int]]
 
 
 class ExpertStore:
@@ -178,7 +219,7 @@ class ExpertStore:
     ) -> None:
         if policy not in POLICIES:
             raise LocalmoeError(f"unknown expert cache policy {policy!r} (known: {', '.join(POLICIES)})")
-        if expert_dtype not in EXPERT_DTYPES:
+        if expert_dtype not in EXPERT_DTYPES and expert_dtype != PACKED:
             raise LocalmoeError(f"unknown expert dtype {expert_dtype!r} (known: {', '.join(EXPERT_DTYPES)})")
         if slots < 1:
             raise LocalmoeError(f"expert_slots must be at least 1, got {slots}")

@@ -52,7 +52,8 @@ class StepConfig(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in (
         "dim", "n_heads", "n_kv_heads", "head_dim", "n_experts", "top_k", "expert_ff", "vocab_size",
         "max_seq_length", "n_layers", "qk_norm", "renormalise", "threads")] + [
-        ("eps", ctypes.c_float), ("clip", ctypes.c_float), ("top_p", ctypes.c_float)]
+        ("eps", ctypes.c_float), ("clip", ctypes.c_float), ("top_p", ctypes.c_float),
+        ("gu_types", _P), ("down_types", _P)]  # per-layer ggml types of packed experts; None: float32
 
     @classmethod
     def from_args(cls, a: ModelArgs) -> StepConfig:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import localmoe.engine.torch_moe.kernels as kernels
+from localmoe.engine.torch_moe import ggml_quants
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.handles import Handles
 from localmoe.engine.torch_moe.quant import Int8Linear
@@ -198,6 +199,8 @@ class MoE(nn.Module):
                             w.dtype == "float32" and w.mats[0].is_contiguous() and w.mats[1].is_contiguous()
                             for w in got):
                         kernels.moe_decode(x, [w.mats for w in got], scales, out)
+                    elif (q := got[0].qtypes) is not None and all(w.qtypes == q for w in got):
+                        ggml_quants.moe_decode(q[0], q[1], x, [w.mats for w in got], scales, out)
                     else:
                         for w, s in zip(got, scales, strict=True):
                             w.ffn_add(x, s, out)
@@ -227,8 +230,8 @@ class MoE(nn.Module):
         for expert in experts:
             lo, hi = starts[expert], starts[expert + 1]
             w = self.store.get(self.layer, expert)
-            if self.native and kernels.expert_usable(x, w.mats):
-                kernels.expert_prefill(x, w.mats, tokens32[lo:hi], scales[lo:hi], out)
+            if self.native and kernels.expert_usable(x, mats := w.float_mats()):
+                kernels.expert_prefill(x, mats, tokens32[lo:hi], scales[lo:hi], out)
             else:
                 rows = tokens[lo:hi]
                 out.index_add_(0, rows, w.ffn(x[rows]) * scales[lo:hi, None])

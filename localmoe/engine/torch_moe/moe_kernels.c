@@ -124,6 +124,9 @@ typedef struct {
     float eps;        /* RMSNorm epsilon */
     float clip;       /* clamp q, k and v to [-clip, clip] (olmoe); 0 for none */
     float top_p;      /* adaptive expert count: keep the fewest top experts whose probabilities reach it; 0 for none */
+    /* per layer, the ggml types of the experts' gate/up and down rows (a GGUF's packed experts, quant_kernels.c);
+     * NULL: float32 experts */
+    const int *gu_types, *down_types;
 } lm_step_config;
 
 size_t lm_step_config_size(void) { return sizeof(lm_step_config); }
@@ -275,7 +278,11 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
         }
         for (int i = 0; i < dim; i++)
             xn[i] = 0.f;
-        lm_moe_decode_f32(kept, gu, dn, w, xin, xn, h, dim, ff, nt);
+        if (c->gu_types)
+            lm_moe_decode_q(kept, c->gu_types[l], c->down_types[l], (const void *const *)gu, (const void *const *)dn,
+                            w, xin, xn, h, dim, ff, nt);
+        else
+            lm_moe_decode_f32(kept, gu, dn, w, xin, xn, h, dim, ff, nt);
         for (int i = 0; i < dim; i++)
             x[i] += xn[i];
     }

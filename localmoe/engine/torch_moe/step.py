@@ -16,7 +16,7 @@ import localmoe.engine.torch_moe.kernels as kernels
 
 MAX_TOP_K = 64  # lm_step_f32's per-layer arrays
 _P = ctypes.c_void_p
-Mats = tuple[Tensor, Tensor]  # an expert's (gate and up stacked, down), float32, contiguous
+Mats = tuple[Tensor, Tensor]  # an expert's (gate and up stacked, down): float32, or packed bytes; contiguous
 
 
 class ExpertTable:
@@ -64,7 +64,8 @@ class DecodeStep:
     `decode_step` returns None where the step does not apply (see `why_not`). The experts' addresses come from
     `table`; a chosen expert missing there is handed to `resolve`, which must make it resident and sync the table."""
 
-    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, table: ExpertTable, resolve: Resolver) -> None:
+    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, table: ExpertTable, resolve: Resolver,
+                 qtypes: list[tuple[int, int]] | None = None) -> None:
         a = model.args
         self._lib, self._model, self.top_k, self.n_layers = lib, model, a.top_k, a.n_layers
         self.table, self._resolve = table, resolve
@@ -85,6 +86,11 @@ class DecodeStep:
                            ptr(block.ffn_norm.weight), ptr(block.moe.router),
                            ptr(at.kv_cache.k_cache), ptr(at.kv_cache.v_cache)]
         self._cfg = kernels.StepConfig.from_args(a)
+        if qtypes is not None:  # packed experts (a GGUF's): each layer's (gate/up, down) ggml types
+            self._types = ((ctypes.c_int * a.n_layers)(*(g for g, _ in qtypes)),
+                           (ctypes.c_int * a.n_layers)(*(d for _, d in qtypes)))
+            self._cfg.gu_types = ctypes.addressof(self._types[0])
+            self._cfg.down_types = ctypes.addressof(self._types[1])
         self._layers = (_P * len(layer_ptrs))(*layer_ptrs)
         q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         self._scratch = torch.zeros(3 * a.dim + 2 * q_out + 2 * kv_out + a.n_experts + a.top_k * a.expert_ff
@@ -146,10 +152,11 @@ class DecodeStep:
         return [flat[i * k:(i + 1) * k] for i in range(self.n_layers)]
 
 
-def decode_step(model: torch.nn.Module, table: ExpertTable, resolve: Resolver) -> DecodeStep | None:
+def decode_step(model: torch.nn.Module, table: ExpertTable, resolve: Resolver,
+                qtypes: list[tuple[int, int]] | None = None) -> DecodeStep | None:
     """A DecodeStep over `table` (its experts checked with `usable` by whoever syncs it), or None where the native
-    library or the model rules it out."""
+    library or the model rules it out. `qtypes`: per layer, the ggml types of packed experts (None: float32)."""
     lib = kernels.library()
     if lib is None or DecodeStep.why_not(model) is not None:
         return None
-    return DecodeStep(lib, model, table, resolve)
+    return DecodeStep(lib, model, table, resolve, qtypes)

@@ -51,6 +51,54 @@ class ChatTokenizer:
         return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
 
 
+class GGUFChatTokenizer:
+    """A GGUF's own tokenizer (llama.cpp, vocabulary only: no weights are read) and chat template (rendered in the
+    sandbox), with the attributes of ChatTokenizer: the native engine runs a GGUF as it comes."""
+
+    def __init__(self, path: Path) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        from localmoe.engine.llama_hooks import patched_defaults
+        from localmoe.placement.layout import read_layout
+
+        try:
+            with patched_defaults():  # keeps llama.cpp's load log off the terminal
+                self._llm = Llama(str(path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise LocalmoeError(f"llama.cpp could not read the tokenizer of {path.name}: {e}") from None
+        self.tokenizer = _LlamaVocab(self._llm)
+        self.template: str | None = read_layout(path).chat_template
+        self.bos_token = self.tokenizer.text(self._llm.token_bos())
+        self.eos_token = self.tokenizer.text(self._llm.token_eos())
+        self._add_bos = self._llm.metadata.get("tokenizer.ggml.add_bos_token", "true") == "true"
+        vocab = self._llm._model.vocab
+        # every end-of-generation token (eos, eot, <|im_end|>, ...), as llama.cpp's own generation stops at
+        self.eos_ids = frozenset(i for i in range(self._llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i))
+
+    def render(self, messages: list[Message]) -> str:
+        return chat_template.render(self.template, messages, bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        text = self.render(messages)
+        # as the llama.cpp engine: a BOS when the model wants one and the template did not write it
+        add_bos = self._add_bos and not (self.bos_token and text.startswith(self.bos_token))
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+
+class _LlamaVocab:
+    """llama.cpp's detokenizer with the one method IncrementalDetokenizer calls."""
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._llm.detokenize(ids, special=not skip_special_tokens).decode("utf-8", errors="replace")
+
+    def text(self, token: int) -> str:
+        return "" if token < 0 else self.decode([token], skip_special_tokens=False)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
