@@ -344,7 +344,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     kinds: dict[Any, dict[str, Any]] = {"bytes": {"type": _size}, float: {"type": float},
                                         "switch": {"action": argparse.BooleanOptionalAction},
                                         "flag": {"action": "store_true"}}
-    g = p.add_argument_group("torch engine (checkpoint directories)")
+    g = p.add_argument_group("torch engine (checkpoint directories, GGUF MoE models; on a GGUF they ask for it)")
     for f in TorchOptions.flags():
         extra = dict(kinds[f.metadata["type"]]) if "type" in f.metadata else {}
         if "choices" in f.metadata:
