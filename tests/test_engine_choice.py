@@ -338,3 +338,28 @@ def test_plan_refuses_checkpoint_flags_and_impossible_backends_in_one_line(big_m
     r = run_cli("plan", str(smollm.path), "--backend", "torch")
     assert r.returncode == 2 and "cannot run on the torch backend" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_torch_engine_flags_on_a_gguf_moe_ask_for_the_native_engine(tiny_moe, smollm):
+    ref = cli._check_torch_options({"cache_policy": "lfu"}, models.resolve(str(tiny_moe[1])))
+    assert (ref.backend, ref.pinned) == ("torch", True)
+    pinned = models.with_backend(models.resolve(str(tiny_moe[1])), "llama.cpp")
+    with pytest.raises(LocalmoeError, match="--cache-policy applies to the torch engine"):
+        cli._check_torch_options({"cache_policy": "lfu"}, pinned)
+    with pytest.raises(UsageError, match="--cache-policy applies to the torch engine, and .* cannot run on the torch"):
+        cli._check_torch_options({"cache_policy": "lfu"}, models.resolve(str(smollm.path)))
+
+
+def test_the_large_tier_may_be_a_moe_that_fits_only_on_the_native_engine(home, tiny_moe, monkeypatch):
+    import shutil
+
+    from localmoe.home import paths
+
+    paths.models_dir().mkdir(parents=True)
+    shutil.copy(tiny_moe[1], paths.models_dir() / "tiny-moe.gguf")
+    native = plan.native_gguf_plan(*plan.native_gguf_view(str(tiny_moe[1])), _budget(8))
+    budget = Budget(0, plan.RAM_RESERVE + native.fast_bytes + 8 * 1024**2, source="override")
+    assert not plan.make_plan(read_layout(tiny_moe[1]), budget).fits  # llama.cpp alone would leave no large tier
+    _detect_as(monkeypatch, budget)
+    ref = models.tier_model("large")
+    assert ref.id == "tiny-moe" and backend_for(ref, {})[0] == "torch"
