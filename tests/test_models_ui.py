@@ -135,3 +135,18 @@ def test_a_tier_the_checks_refuse_is_one_line_and_the_file_stays(home, tiny_moe)
             await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
 
     asyncio.run(run())
+
+
+def test_the_engine_column_is_the_planners_choice(home, tiny_moe):
+    """Where llama.cpp cannot hold the MoE and the native expert cache can, the row names the engine create_engine
+    will load (torch) with that engine's verdict and reason, as `localmoe plan` says."""
+    from localmoe.placement import plan
+
+    install(home, tiny_moe)
+    native = plan.native_gguf_plan(*plan.native_gguf_view(str(tiny_moe[1])), Budget(0, 8 * 1024**3))
+    budget = Budget(0, plan.RAM_RESERVE + native.fast_bytes + 8 * 1024**2, source="override")
+    [moe] = [m for m in inventory.local_models(budget) if m.id == "tiny-moe"]
+    assert moe.engine == "torch" and moe.verdict.kind == "ram"
+    assert moe.engine_reason.startswith("llama.cpp cannot run it here")
+    [roomy] = [m for m in inventory.local_models(Budget(0, 8 * 1024**3)) if m.id == "tiny-moe"]
+    assert roomy.engine == "llama.cpp" and roomy.verdict.label == "fits in RAM"

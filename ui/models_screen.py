@@ -160,8 +160,10 @@ class ModelsScreen(Screen[bool]):
         how = ""
         if m.candidate is not None:
             how = f" · installed as {self._local_id(m)}" if m.installed else f" · get it: {m.pull_command} (p)"
-        line.update(Text(f"{m.id}: {m.architecture}, {m.layers} layers, {experts}, {size} {m.quant} · {m.engine} · "
-                         f"{verdict}{how}{where}"))
+        engine = m.engine + (f" ({m.engine_reason})" if m.engine_reason else
+                             " (chosen from the file's header once pulled)" if m.engine == "auto" else "")
+        line.update(Text(f"{m.id}: {m.architecture}, {m.layers} layers, {experts}, {size} {m.quant} · {verdict} · "
+                         f"engine {engine}{how}{where}"))
 
     # -- actions ----------------------------------------------------------------------------------------------
     def action_back(self) -> None:

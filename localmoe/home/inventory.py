@@ -16,7 +16,7 @@ from localmoe.units import human_bytes
 
 if TYPE_CHECKING:
     from localmoe.placement.layout import ModelLayout
-    from localmoe.placement.plan import Budget, Verdict
+    from localmoe.placement.plan import Budget, CheckpointPlan, Verdict
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
@@ -50,6 +50,7 @@ class ModelInfo:
     size_estimated: bool = False  # a catalog size computed from parameters, not the hub's listing
     context: int | None = None
     verdict: Verdict | None = None  # with a budget
+    engine_reason: str | None = None  # with a budget: why this engine (the planner's choice for a GGUF)
     error: str | None = None  # the file could not be read
     ref: models.ModelRef | None = None
     layout: ModelLayout | None = None
@@ -98,15 +99,33 @@ def local_models(budget: Budget | None = None) -> list[ModelInfo]:
                          lay.n_experts_used, lay.quantization, lay.file_bytes, context=lay.context_length, ref=ref,
                          layout=lay)
         if budget is not None:
-            from localmoe.placement.plan import make_plan, verdict
-
-            info.verdict = verdict(make_plan(lay, budget), lay)
+            _choose(info, lay, budget)
         out.append(info)
     return out
 
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) else None
+
+
+def _choose(info: ModelInfo, lay: ModelLayout, budget: Budget) -> None:
+    """The engine the planner chooses for a local GGUF (`choose_engine`: llama.cpp while the experts fit in memory,
+    the native expert cache when llama.cpp would page them), what `create_engine` will load, and that plan's
+    verdict."""
+    from localmoe.placement.plan import CheckpointPlan, Verdict, choose_engine, verdict
+
+    try:
+        choice = choose_engine(lay, budget)
+    except LocalmoeError as exc:
+        info.engine, info.verdict = "none", Verdict("refused", "refused", reason=str(exc))
+        return
+    info.engine_reason = choice.reason
+    if choice.backend is None:
+        info.engine, info.verdict = "none", Verdict("refused", "refused", reason=choice.reason)
+    elif isinstance(choice.plan, CheckpointPlan):
+        info.engine, info.verdict = choice.backend, native_verdict(choice.plan)
+    else:
+        info.engine, info.verdict = choice.backend, verdict(choice.plan, lay)
 
 
 def checkpoint_verdict(path: Path, budget: Budget) -> Verdict:
@@ -124,13 +143,19 @@ def checkpoint_verdict(path: Path, budget: Budget) -> Verdict:
                                   warm_budget_bytes=budget.ram_bytes if device == "cuda" else 0)
     except (LocalmoeError, OSError, ValueError) as exc:
         return plan.Verdict("refused", "refused", reason=str(exc))
+    return native_verdict(cp)
+
+
+def native_verdict(cp: CheckpointPlan) -> Verdict:
+    """The native engine's plan in the words `plan.verdict` uses for llama.cpp's: fits in VRAM or RAM (every expert
+    held in the fast tier), runs from disk (the cache misses read experts), or refused."""
+    from localmoe.placement.plan import Verdict
+
     if not cp.fits:
-        return plan.Verdict("refused", "refused", reason=cp.refusal)
-    where = "RAM" if device == "cpu" else "VRAM" if device == "cuda" else "unified memory"
+        return Verdict("refused", "refused", reason=cp.refusal)
     if cp.slots_per_layer >= cp.n_experts:
-        return plan.Verdict("vram" if device != "cpu" else "ram", f"fits in {where}")
-    return plan.Verdict("disk", f"runs from disk, ~{human_bytes(cp.bytes_per_token)} read per token",
-                        cp.bytes_per_token)
+        return Verdict("ram", "fits in RAM") if cp.device == "cpu" else Verdict("vram", f"fits in {cp.device} memory")
+    return Verdict("disk", f"runs from disk, ~{human_bytes(cp.bytes_per_token)} read per token", cp.bytes_per_token)
 
 
 def catalog_models(budget: Budget, installed: set[str] | None = None) -> list[ModelInfo]:
@@ -144,8 +169,11 @@ def catalog_models(budget: Budget, installed: set[str] | None = None) -> list[Mo
     for c in found:
         e, f = c.entry, c.file
         lay = e.layout
+        # Without the file's header the planner cannot tell whether the native engine runs it: a catalog file that
+        # llama.cpp would page from disk (or refuses) gets its engine chosen once pulled.
+        engine = "llama.cpp" if c.verdict.kind in ("vram", "ram") else "auto"
         out.append(ModelInfo(
-            f"{e.id}:{f.quant}", "catalog", "llama.cpp", str(lay.get("architecture", "?")), _int(lay.get("layers")),
+            f"{e.id}:{f.quant}", "catalog", engine, str(lay.get("architecture", "?")), _int(lay.get("layers")),
             int(lay.get("experts", 0)), int(lay.get("experts_per_token", 0)), f.quant, f.size_bytes,
             size_estimated=f.size_source != "hub listing", context=_int(lay.get("context")), verdict=c.verdict,
             candidate=c, installed=e.local_id(f) in installed, recommended=c is best))
