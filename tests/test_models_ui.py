@@ -124,6 +124,11 @@ def test_a_tier_the_checks_refuse_is_one_line_and_the_file_stays(home, tiny_moe)
             # on 200 columns every column is in view, the id whole
             header = next(v for v in screen_lines(app) if "Model" in v and "Verdict" in v)
             assert all(c in header for c in COLUMNS)
+            await pilot.resize_terminal(80, 24)  # the id column gives the room back: the layout is in view again
+            await pilot.pause()
+            line = next(v for v in screen_lines(app) if v.split() and v.split()[0] == "tiny-moe")
+            assert "fits in RAM" in line or "fits in VRAM" in line
+            assert "llama.cpp" in line and "3L 8E k2" in line
             move_to(screen, "tiny-moe")
             (home / "models" / "tiny-moe.gguf").unlink()
             await pilot.press("s")

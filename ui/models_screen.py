@@ -62,7 +62,6 @@ class ModelsScreen(Screen[bool]):
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "models"
-        self.query_one(DataTable).add_columns(*COLUMNS)
         self.query_one(DataTable).focus()
         self.load_rows()
 
@@ -102,7 +101,8 @@ class ModelsScreen(Screen[bool]):
         table = self.query_one(DataTable)
         current = self.selected()
         keep = current.id if current is not None else None
-        table.clear()
+        table.clear(columns=True)  # columns too: their widths only grow as rows are added
+        table.add_columns(*COLUMNS)
         cells = []
         for m in rows:
             size = "" if m.size_bytes is None else ("~" if m.size_estimated else "") + human_bytes(m.size_bytes)
@@ -123,6 +123,10 @@ class ModelsScreen(Screen[bool]):
         self.query_one("#models-budget", Static).update(Text(
             f"{self.where} · small tier: {small} · large tier: {large}"))
         self.show_detail()
+
+    def on_resize(self) -> None:
+        if self.rows:  # the id column's width follows the terminal's
+            self.show_rows(self.rows, self.tiers)
 
     def _tier_of(self, m: inventory.ModelInfo) -> str:
         local_id = self._local_id(m)
