@@ -147,11 +147,12 @@ def test_experts_that_do_not_fit_go_to_the_native_expert_cache_with_its_slots(bi
         f"llama.cpp would page {human_bytes(choice.llama_plan.paged_bytes)} of the file through mmap")
 
 
-def test_with_a_gpu_the_native_fast_tier_is_vram_and_ram_the_warm_tier(big_moe):
+def test_with_a_gpu_the_native_gguf_cache_is_in_ram(big_moe):
+    """The engine runs GGUF files on the CPU (its packed kernels are CPU code): the plan must not promise VRAM."""
     choice = choose_engine(read_layout(big_moe), _budget(6, vram_gib=8))
     cp = choice.plan
-    assert choice.backend == "torch" and cp.device == "cuda" and cp.budget_bytes == 8 * GiB
-    assert cp.warm_slots_per_layer > cp.slots_per_layer and "in pinned RAM" in choice.reason
+    assert choice.backend == "torch" and cp.device == "cpu" and cp.budget_bytes == 6 * GiB
+    assert cp.warm_slots_per_layer == 0
 
 
 def test_neither_fits_is_refused_in_one_line(big_moe):
@@ -178,12 +179,14 @@ def test_llama_cpp_refusing_a_model_the_native_cache_fits_goes_native(tiny_moe):
 
 def test_when_the_native_cache_does_not_fit_llama_cpp_pages(big_moe):
     lay = read_layout(big_moe)
-    budget = _budget(4)
+    assert choose_engine(lay, _budget(4)).backend == "torch"  # packed dense weights: 4 GiB holds the native plan
+    # the smallest budget llama.cpp still pages at, if the native plan does not fit there
+    budget = next(b for b in (_budget(g / 8) for g in range(8, 40)) if plan.verdict(plan.make_plan(lay, b), lay).kind
+                  == "disk")
     lp = plan.make_plan(lay, budget)
-    assert plan.verdict(lp, lay).kind == "disk"
     choice = choose_engine(lay, budget)
-    if choice.native_plan.fits:  # the native engine's dense weights may one day be smaller than today's float32
-        pytest.skip("the native plan fits 4 GiB")
+    if choice.native_plan.fits:
+        pytest.skip("the native plan fits wherever llama.cpp pages")
     assert choice.backend == "llama.cpp" and "nor does the native expert cache" in choice.reason
     assert f"by paging {human_bytes(lp.paged_bytes)} from disk through mmap" in choice.reason
 

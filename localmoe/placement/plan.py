@@ -412,6 +412,7 @@ def verdict(plan: Plan, layout: ModelLayout) -> Verdict:
 # read with pread when the router picks it. The plan turns a memory budget into those slots.
 
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.(\d+)\.")
+_PACKED_DENSE = re.compile(r"(embed_tokens|lm_head|self_attn\.[qkvo]_proj)\.weight$")
 ENGINE_DTYPE_BYTES = 4  # the torch engine computes in float32 whatever the checkpoint's dtype
 EXPERT_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}  # how the expert cache may hold experts
 PACKED = "packed"  # experts held as the file stores them (a GGUF's quantisation): memory bytes = bytes on disk
@@ -549,6 +550,8 @@ def plan_checkpoint(
             if expert_dtype == "int8" and t.shape:
                 acc[0] += t.shape[0] * 4  # one float32 scale per output row
             acc[1] += t.nbytes
+        elif expert_dtype == PACKED and _PACKED_DENSE.search(key):
+            dense += t.nbytes  # a GGUF's attention, embeddings and head stay in the file's types (engine/packed.py)
         else:
             dense += t.numel * ENGINE_DTYPE_BYTES
     if not per_expert:
@@ -672,13 +675,11 @@ def native_gguf_plan(
     fast_memory: int | None = None,
     model: str = "",
 ) -> CheckpointPlan:
-    """The native engine's plan for a GGUF MoE on `budget`, experts packed in the file's quantisation. The fast tier
-    is the GPU's free memory (RAM then is the pinned warm tier), else RAM, as the engine places it by default;
-    `fast_memory` overrides the fast tier's size."""
-    # The engine runs on CUDA when torch sees a GPU, else on the CPU (also with unified memory: its default device
-    # there is the CPU, and the RAM is the same memory).
-    device = "cuda" if budget.vram_bytes > 0 and not budget.unified else "cpu"
-    fast = budget.vram_bytes if device == "cuda" else budget.ram_bytes
+    """The native engine's plan for a GGUF MoE on `budget`, experts packed in the file's quantisation, in RAM: the
+    engine runs GGUF files on the CPU (their packed kernels are CPU code); `fast_memory` overrides the fast tier's
+    size."""
+    device = "cpu"
+    fast = budget.ram_bytes
     source = "detected" if budget.source == "detected" else "override"
     if fast_memory is not None:
         fast, source = fast_memory, "override"

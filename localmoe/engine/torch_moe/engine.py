@@ -36,7 +36,13 @@ from localmoe.engine.torch_moe.checkpoint import Checkpoint, DenseWeights, exper
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.device import plan_for, resolve_device
 from localmoe.engine.torch_moe.expert_store import ExpertStore, ExpertWeights
-from localmoe.engine.torch_moe.gguf_checkpoint import GGUFCheckpoint, expert_types, gguf_expert_loader, read_view
+from localmoe.engine.torch_moe.gguf_checkpoint import (
+    GGUFCheckpoint,
+    GGUFDenseWeights,
+    expert_types,
+    gguf_expert_loader,
+    read_view,
+)
 from localmoe.engine.torch_moe.model import TraceReplay, Transformer
 from localmoe.engine.torch_moe.options import TorchOptions
 from localmoe.engine.torch_moe.quant import int8_linear_available
@@ -114,7 +120,11 @@ class TorchMoEEngine(Engine):
             config = _read_config(self.model_dir)
         expert_dtype = PACKED if view else o.expert_dtype
         args = ModelArgs.from_config(config, self.max_seq_length)
-        device = resolve_device(o.device)
+        # GGUF's packed kernels are CPU code: the CPU unless a device is asked for (and then refused below)
+        device = "cpu" if view and o.device is None else resolve_device(o.device)
+        if view and o.compile:
+            raise LocalmoeError("compile is not available for GGUF files in the native engine (their packed "
+                                "matrices are opaque to torch.compile)")
         if view and device != "cpu":
             raise LocalmoeError(f"the native engine runs GGUF models on the CPU only for now; {device} needs a "
                                 "Hugging Face checkpoint, or the llama.cpp backend for this file")
@@ -147,7 +157,8 @@ class TorchMoEEngine(Engine):
             if o.dense_dtype == "int8" and (device != "cpu" or not int8_linear_available()):
                 raise LocalmoeError("dense_dtype int8 runs on the CPU only, with a torch that has int8 kernels")
             with torch.inference_mode():
-                model = Transformer(args, DenseWeights(ckpt, args), store).eval()
+                dense = GGUFDenseWeights(ckpt, args) if view else DenseWeights(ckpt, args)
+                model = Transformer(args, dense, store).eval()
                 if o.dense_dtype == "int8":
                     model.quantize_dense()
             ckpt.release_mmaps()
@@ -361,7 +372,7 @@ class TorchMoEEngine(Engine):
         entries = dict(resident)
         extra = {e: w for e, w in (using or {}).items() if e not in entries}
         entries.update(extra)
-        probe = self._model().tok_embeddings[:1]
+        probe = torch.zeros(1, self._model().args.dim)
         mats = [(expert, w.mats) for expert, w in entries.items()]
         usable = _packed_usable if self.store.expert_dtype == PACKED else partial(kernels.usable, probe)
         if not all(usable(m) for _, m in mats):

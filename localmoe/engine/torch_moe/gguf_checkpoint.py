@@ -17,9 +17,10 @@ from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from localmoe.engine.torch_moe import ggml_quants
-from localmoe.engine.torch_moe.checkpoint import _FADVISE, Checkpoint
+from localmoe.engine.torch_moe.checkpoint import _FADVISE, Checkpoint, DenseWeights
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.expert_store import Loader, PackedExpert
+from localmoe.engine.torch_moe.packed import PackedLinear
 from localmoe.errors import LocalmoeError
 from localmoe.placement.gguf_file import GGUFFormatError, checkpoint_view, read_header
 
@@ -101,10 +102,22 @@ class GGUFCheckpoint(Checkpoint):
             t = raw.view(_FLOAT_TYPES[info.dtype]).reshape(shape).to(torch.float32)
         else:
             t = ggml_quants.dequantize(type_of(info.dtype), raw, shape)
+        return self._rope_rows(key, t).to(self.device).contiguous()
+
+    def get_packed(self, key: str, shape: tuple[int, int]) -> PackedLinear:
+        """A matrix as the file stores it (rows in its ggml type), for PackedLinear."""
+        info = self.info(key, shape)
+        raw = self.read_raw(key)
+        return PackedLinear([(type_of(info.dtype), self._rope_rows(key, raw.view(shape[0], -1)).reshape(-1),
+                              shape[0])], shape[1])
+
+    def _rope_rows(self, key: str, rows: Tensor) -> Tensor:
+        """q and k rows (values, or each row's bytes) in the rotate-half order; other tensors as they are."""
         heads = next((n for proj, n in self._unpermute.items() if key.endswith(f".self_attn.{proj}.weight")), 0)
-        if heads:
-            t = t.reshape(heads, t.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(shape)
-        return t.to(self.device).contiguous()
+        if not heads:
+            return rows
+        n = rows.shape[0]
+        return rows.reshape(heads, n // heads // 2, 2, -1).transpose(1, 2).reshape(n, -1).contiguous()
 
     def read(self, key: str, shape: tuple[int, ...], out: Tensor | None = None) -> Tensor:
         t = self.get(key, shape)
@@ -112,6 +125,22 @@ class GGUFCheckpoint(Checkpoint):
 
     def release_mmaps(self) -> None:
         pass  # nothing is mapped
+
+
+# the dense matrices a GGUF keeps packed in memory (model.py's names): the ones read whole every token
+PACKED_DENSE = ("tok_embeddings", "output", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class GGUFDenseWeights(DenseWeights):
+    """DenseWeights of a GGUF: the attention projections, embeddings and output head as PackedLinear (the file's
+    bytes), the rest (norms, routers, biases, shared experts) dequantised to float32."""
+
+    def __getitem__(self, name: str) -> Tensor | PackedLinear:  # type: ignore[override]
+        key, shape = self.keys_shapes[name]
+        if name.rsplit(".", 1)[-1] in PACKED_DENSE:
+            assert isinstance(self.ckpt, GGUFCheckpoint)
+            return self.ckpt.get_packed(key, (shape[0], shape[1]))
+        return self.ckpt.get(key, shape)
 
 
 def expert_types(ckpt: GGUFCheckpoint, args: ModelArgs) -> list[tuple[int, int]]:

@@ -53,7 +53,8 @@ class StepConfig(ctypes.Structure):
         "dim", "n_heads", "n_kv_heads", "head_dim", "n_experts", "top_k", "expert_ff", "vocab_size",
         "max_seq_length", "n_layers", "qk_norm", "renormalise", "threads")] + [
         ("eps", ctypes.c_float), ("clip", ctypes.c_float), ("top_p", ctypes.c_float),
-        ("gu_types", _P), ("down_types", _P)]  # per-layer ggml types of packed experts; None: float32
+        ("gu_types", _P), ("down_types", _P),  # per-layer ggml types of packed experts; None: float32
+        ("dense_types", _P), ("head_type", ctypes.c_int)]  # packed dense matrices' types (q, k, v, o per layer)
 
     @classmethod
     def from_args(cls, a: ModelArgs) -> StepConfig:

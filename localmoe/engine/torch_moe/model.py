@@ -22,6 +22,7 @@ import localmoe.engine.torch_moe.kernels as kernels
 from localmoe.engine.torch_moe import ggml_quants
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.handles import Handles
+from localmoe.engine.torch_moe.packed import PackedLinear
 from localmoe.engine.torch_moe.quant import Int8Linear
 from localmoe.errors import LocalmoeError
 
@@ -77,7 +78,8 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         # q, k and v in one matmul (as gpt-fast does): fewer, larger calls per decode step
-        self.wqkv = torch.cat((w["q_proj"], w["k_proj"], w["v_proj"]))
+        qkv = (w["q_proj"], w["k_proj"], w["v_proj"])
+        self.wqkv = PackedLinear.stack(list(qkv)) if isinstance(qkv[0], PackedLinear) else torch.cat(qkv)
         self.bqkv = torch.cat((w["q_bias"], w["k_bias"], w["v_bias"])) if "q_bias" in w else None
         self.wo = w["o_proj"]
         q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -346,7 +348,8 @@ class Transformer(nn.Module):
         position's logits only (1, 1, vocab), all a prompt's prefill needs: the output head is the largest matrix."""
         mask = self.causal_mask[None, None, input_pos, : end or self.args.max_seq_length]
         cos, sin = self.cos[input_pos], self.sin[input_pos]
-        x = F.embedding(idx, self.tok_embeddings)
+        emb = self.tok_embeddings
+        x = emb.rows(idx) if isinstance(emb, PackedLinear) else F.embedding(idx, emb)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         native = _native_prompt(self.layers[0].moe, x)  # a prompt's last row too: the kernel streams the head faster
@@ -357,13 +360,18 @@ class Transformer(nn.Module):
     def quantize_dense(self) -> None:
         """int8 for the big dense matmuls — attention projections and the output head — as llama.cpp's q8_0 has
         them; embeddings, norms and routers stay float32."""
+        if isinstance(self.output, PackedLinear):  # a GGUF's: already in the file's quantisation
+            return
         self.output = Int8Linear(self.output)
         for block in self.layers:
             block.attention.wqkv = Int8Linear(block.attention.wqkv)
             block.attention.wo = Int8Linear(block.attention.wo)
 
 
-def _linear(x: Tensor, w: Tensor | Int8Linear, bias: Tensor | None = None, native: bool = False) -> Tensor:
+def _linear(x: Tensor, w: Tensor | Int8Linear | PackedLinear, bias: Tensor | None = None,
+            native: bool = False) -> Tensor:
+    if isinstance(w, PackedLinear):
+        return w(x, bias, native)
     if isinstance(w, Int8Linear):
         y = w(x)
         return y + bias if bias is not None else y

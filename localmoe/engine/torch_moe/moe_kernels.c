@@ -112,7 +112,8 @@ void lm_moe_decode_f32(int n_exp, const float *const *gate_up, const float *cons
  * top-k routing, the experts) with no interpreter between the matrix-vector products. Same layouts as the torch
  * model: its weights, KV cache and RoPE tables are used in place. Summation order follows the torch path (experts
  * in ascending id), so results agree to float rounding. */
-enum { P_ATTN_NORM, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_FFN_NORM, P_ROUTER, P_KCACHE, P_VCACHE, P_N };
+/* P_WK, P_WV: with packed dense weights, P_WQKV holds the q rows and these the k and v rows (each its own type) */
+enum { P_ATTN_NORM, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_FFN_NORM, P_ROUTER, P_KCACHE, P_VCACHE, P_WK, P_WV, P_N };
 
 /* The model's shape and switches, filled from ModelArgs by kernels.StepConfig (a ctypes mirror of this struct): the
  * loader compares lm_step_config_size() with the mirror's size and keeps torch's kernels when they differ. */
@@ -127,6 +128,10 @@ typedef struct {
     /* per layer, the ggml types of the experts' gate/up and down rows (a GGUF's packed experts, quant_kernels.c);
      * NULL: float32 experts */
     const int *gu_types, *down_types;
+    /* packed dense weights (a GGUF's): per layer the ggml types of q, k, v and o (n_layers x 4), and the output
+     * head's; NULL: float32, q, k and v stacked in P_WQKV */
+    const int *dense_types;
+    int head_type;
 } lm_step_config;
 
 size_t lm_step_config_size(void) { return sizeof(lm_step_config); }
@@ -176,7 +181,14 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
         const void *const *p = lp + (size_t)l * P_N;
         float *kc = (float *)p[P_KCACHE], *vc = (float *)p[P_VCACHE];
         rmsnorm(x, p[P_ATTN_NORM], xn, dim, eps);
-        lm_gemv_f32(p[P_WQKV], xn, p[P_BQKV], qkv, nqkv, dim, nt);
+        const int *dt = c->dense_types ? c->dense_types + 4 * l : NULL;
+        if (dt) {
+            const float *b = p[P_BQKV];
+            lm_qgemv(dt[0], p[P_WQKV], xn, b, qkv, qo, dim, nt);
+            lm_qgemv(dt[1], p[P_WK], xn, b ? b + qo : NULL, qkv + qo, kvo, dim, nt);
+            lm_qgemv(dt[2], p[P_WV], xn, b ? b + qo + kvo : NULL, qkv + qo + kvo, kvo, dim, nt);
+        } else
+            lm_gemv_f32(p[P_WQKV], xn, p[P_BQKV], qkv, nqkv, dim, nt);
         float *q = qkv, *kk = qkv + qo, *v = qkv + qo + kvo;
         if (c->qk_norm == 2) {  /* over the whole projections (olmoe) */
             rmsnorm(q, p[P_QNORM], q, qo, eps);
@@ -216,7 +228,10 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
                     o[d] += w * vt[d];
             }
         }
-        lm_gemv_f32(p[P_WO], att, NULL, xn, dim, qo, nt);
+        if (dt)
+            lm_qgemv(dt[3], p[P_WO], att, NULL, xn, dim, qo, nt);
+        else
+            lm_gemv_f32(p[P_WO], att, NULL, xn, dim, qo, nt);
         for (int i = 0; i < dim; i++)
             x[i] += xn[i];
         rmsnorm(x, p[P_FFN_NORM], xin, dim, eps);
@@ -287,7 +302,10 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
             x[i] += xn[i];
     }
     rmsnorm(x, final_norm, xn, dim, eps);
-    lm_gemv_f32(lm_head, xn, NULL, logits, c->vocab_size, dim, nt);
+    if (c->dense_types)
+        lm_qgemv(c->head_type, lm_head, xn, NULL, logits, c->vocab_size, dim, nt);
+    else
+        lm_gemv_f32(lm_head, xn, NULL, logits, c->vocab_size, dim, nt);
     return 0;
 }
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 import localmoe.engine.torch_moe.kernels as kernels
+from localmoe.engine.torch_moe.packed import PackedLinear
 
 MAX_TOP_K = 64  # lm_step_f32's per-layer arrays
 _P = ctypes.c_void_p
@@ -73,19 +74,29 @@ class DecodeStep:
         self._error: BaseException | None = None
         self._callback = kernels.RESOLVE(self._on_miss)  # kept: C holds its address during every step
 
-        def ptr(t: Tensor | None) -> int | None:
-            return t.data_ptr() if t is not None else None
+        def ptr(t: Tensor | PackedLinear | None, part: int = 0) -> int | None:
+            if isinstance(t, PackedLinear):
+                return t.parts[part][1].data_ptr()
+            return t.data_ptr() if t is not None and part == 0 else None
 
         # per layer, in the order of moe_kernels.c's P_* indices
         layer_ptrs: list[int | None] = []
+        dense_types: list[int] = []
         for block in model.layers:
             at = block.attention
             layer_ptrs += [ptr(block.attention_norm.weight), ptr(at.wqkv), ptr(at.bqkv),
                            ptr(at.q_norm.weight) if at.q_norm is not None else None,
                            ptr(at.k_norm.weight) if at.k_norm is not None else None, ptr(at.wo),
                            ptr(block.ffn_norm.weight), ptr(block.moe.router),
-                           ptr(at.kv_cache.k_cache), ptr(at.kv_cache.v_cache)]
+                           ptr(at.kv_cache.k_cache), ptr(at.kv_cache.v_cache), ptr(at.wqkv, 1), ptr(at.wqkv, 2)]
+            if isinstance(at.wqkv, PackedLinear) and isinstance(at.wo, PackedLinear):
+                dense_types += [t for t, _, _ in at.wqkv.parts] + [at.wo.parts[0][0]]
         self._cfg = kernels.StepConfig.from_args(a)
+        self._packed_dense = isinstance(model.output, PackedLinear)
+        if self._packed_dense:  # a GGUF's dense matrices, read in the file's types
+            self._dense_types = (ctypes.c_int * len(dense_types))(*dense_types)
+            self._cfg.dense_types = ctypes.addressof(self._dense_types)
+            self._cfg.head_type = model.output.parts[0][0]
         if qtypes is not None:  # packed experts (a GGUF's): each layer's (gate/up, down) ggml types
             self._types = ((ctypes.c_int * a.n_layers)(*(g for g, _ in qtypes)),
                            (ctypes.c_int * a.n_layers)(*(d for _, d in qtypes)))
@@ -105,12 +116,20 @@ class DecodeStep:
             return "shared experts are not in the native step"
         if a.top_k > MAX_TOP_K or a.head_dim % 2 or a.n_heads % a.n_kv_heads:
             return "shape outside the native step"
-        tensors = [model.tok_embeddings, model.output, model.norm.weight, model.cos, model.sin]
+        tensors = [model.norm.weight, model.cos, model.sin]
+        packed = [model.tok_embeddings, model.output]
         for block in model.layers:
             at = block.attention
-            tensors += [at.wqkv, at.wo, block.moe.router, block.attention_norm.weight, block.ffn_norm.weight,
+            tensors += [block.moe.router, block.attention_norm.weight, block.ffn_norm.weight,
                         at.kv_cache.k_cache, at.kv_cache.v_cache]
             tensors += [t for t in (at.bqkv,) if t is not None]
+            packed += [at.wqkv, at.wo]
+        if all(isinstance(m, PackedLinear) for m in packed):  # a GGUF's: q, k, v, then o and the head, one part each
+            if any(len(m.parts) != n for m, n in zip(packed[2:], [3, 1] * a.n_layers, strict=True)) or \
+                    len(model.output.parts) != 1:
+                return "packed dense matrices outside the native step's layout"
+        else:
+            tensors += packed
         for t in tensors:
             if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
                 return "a dense weight is not a contiguous float32 CPU tensor"
@@ -124,8 +143,13 @@ class DecodeStep:
         self._cfg.threads = torch.get_num_threads()
         self._cfg.top_p = m.moes[0].top_p or 0.0  # the adaptive expert count, set on every layer at once
         self.resolved, self._error = [], None
+        if self._packed_dense:
+            embed = m.tok_embeddings.rows(torch.tensor([token]))[0]  # held until the call returns
+            head = m.output.parts[0][1].data_ptr()
+        else:
+            embed, head = m.tok_embeddings[token], m.output.data_ptr()
         rc = self._lib.lm_step_f32(ctypes.byref(self._cfg), self._layers, self.table.gate_up, self.table.down,
-                                   m.tok_embeddings[token].data_ptr(), m.norm.weight.data_ptr(), m.output.data_ptr(),
+                                   embed.data_ptr(), m.norm.weight.data_ptr(), head,
                                    m.cos[pos].data_ptr(), m.sin[pos].data_ptr(), pos, logits.data_ptr(),
                                    self._chosen, self._scratch.data_ptr(), self._callback)
         if self._error is not None:
