@@ -87,11 +87,17 @@ def test_native_engine_heat_map_matches_its_cache_statistics(home, tiny_moe):
         app = LocalmoeApp(model=str(tiny_moe[0]), config=GenerationConfig(max_tokens=8, temperature=0.0))
         async with app.run_test(size=(200, 60)) as pilot:
             chat = app.screen
+            await ask(pilot, chat, "Which city is the capital of Japan?")  # no telemetry: the cache per layer
+            engine = chat.assistant.session_for("small").engine
+            stats = engine.cache_stats()
             screen = await open_hardware(pilot, app)
+            assert screen.counts is None and "Per-expert uses need routing telemetry" in summary(screen)
+            shown = "\n".join(screen_lines(app))
+            for layer, s in enumerate(stats["layers"]):
+                assert f"L{layer} hit {s['hit_rate']:.0%} · {s['misses']} miss" in shown
             await pilot.press("t")
             await pilot.press("escape")
-            await ask(pilot, chat, "Which city is the capital of Japan?")
-            engine = chat.assistant.session_for("small").engine
+            await ask(pilot, chat, "And of Italy?")
             assert engine.backend == "torch"
             stats = engine.cache_stats()
             screen = await open_hardware(pilot, app)

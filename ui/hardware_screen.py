@@ -52,9 +52,14 @@ def _color(count: int, hottest: int) -> str:
     return "rgb({},{},{})".format(*(int(a + (b - a) * f) for a, b in zip(lo, hi, strict=True)))
 
 
-def heat_map(counts: list[list[int]], layer_notes: Sequence[str] = ()) -> Text:
+def heat_map(counts: list[list[int]] | None, layer_notes: Sequence[str] = ()) -> Text:
     """The grid as text: a header of expert numbers (tens over units from 10 experts on), then one line per layer,
-    one character per expert, and what the engine reports of that layer after it."""
+    one character per expert, and what the engine reports of that layer after it. Without counts (no telemetry),
+    the layers' notes alone."""
+    if counts is None:
+        label = len(f"L{len(layer_notes) - 1}") + 1
+        return Text("\n".join(f"L{layer}".ljust(label) + note for layer, note in enumerate(layer_notes)),
+                    no_wrap=True)
     n_layers, n_experts = len(counts), len(counts[0]) if counts else 0
     hottest = max((c for row in counts for c in row), default=0)
     label = len(f"L{n_layers - 1}") + 1
@@ -135,8 +140,6 @@ def describe_run(run: dict[str, Any] | None, telemetry: bool,
                      + (f"{human_bytes(paged)} of weights paged from disk through mmap as tokens need them."
                         if paged else "every weight resident (llama.cpp keeps no expert cache of its own)."))
     counts = expert_counts(routing, n_layers, n_experts) if routing else None
-    if counts is None and layers:
-        counts = [[0] * n_experts for _ in range(n_layers)]  # rows for the layers' notes, no per-expert shading
     return "\n".join(lines), counts, [layer_note(s) for s in layers]
 
 
@@ -208,8 +211,8 @@ class HardwareScreen(Screen[None]):
         self.counts = counts
         self.query_one("#experts-summary", Static).update(Text(summary))
         grid = self.query_one("#heatmap-grid", Static)
-        grid.update(heat_map(counts, notes) if counts else "")
-        grid.display = bool(counts)
+        grid.update(heat_map(counts, notes) if counts or notes else "")
+        grid.display = bool(counts or notes)
 
     def on_chat_screen_answer_finished(self) -> None:
         self.show_experts()
