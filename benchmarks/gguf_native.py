@@ -105,10 +105,26 @@ def ours_decode(eng: Any, prompt: list[int], n: int) -> dict[str, Any]:
                       "expert_dtype": stats.get("expert_dtype")}}
 
 
-def open_llama(path: Path) -> Any:
+def open_llama(path: Path, repack: bool = False) -> Any:
+    """llama-cpp-python on `path`, mapped. repack=False: without llama.cpp's CPU repacking of Q4_K (and Q4_0, IQ4_NL)
+    into interleaved layouts (`--no-repack`, `use_extra_bufts` false), which copies those weights into anonymous
+    memory and so takes them out of the mmap: with it, a file larger than the memory cap is killed for memory.
+    Llama.__init__ takes its params from llama_cpp.llama_cpp.llama_model_default_params (DESIGN.md)."""
+    import llama_cpp.llama_cpp as C
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    default = C.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = repack
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    finally:
+        C.llama_model_default_params = default
 
 
 def llama_row(llm: Any) -> np.ndarray:
@@ -233,7 +249,7 @@ def child(runtime: str, spec: dict[str, Any]) -> None:
                            "bytes_per_expert": eng.plan.bytes_per_expert}
         out.update(ours_decode(eng, prompt, spec["tokens"]))
     else:
-        llm = open_llama(path)
+        llm = open_llama(path, repack=spec.get("repack", False))
         out["load_s"] = time.perf_counter() - t0
         out.update(llama_decode(llm, prompt, spec["tokens"]))
     out["status"] = proc_status()
@@ -264,11 +280,11 @@ def run_capped(runtime: str, spec: dict[str, Any], cap_mb: int, evict: list[Path
 def footprint(runtime: str, path: Path | None = None) -> int:
     """Peak RSS of a process that imported the runtime and did a tiny thing (ours: torch and the engine, a matmul;
     llama.cpp: a vocabulary-only load of the mid-size Q8_0 file); "llama-loaded": llama.cpp's anonymous memory with
-    `path` mapped and one token decoded (its compute buffers and KV cache, which the weights' mmap does not count)."""
+    `path` mapped (no repacking) and one token decoded: its compute buffers and KV cache."""
     code = {"ours": "import torch; from localmoe.engine.torch_moe import TorchMoEEngine; torch.ones(8) @ torch.ones(8)",
             "llama": f"from llama_cpp import Llama; Llama({str(mid_model('Q8_0'))!r}, vocab_only=True, verbose=False)",
             "llama-loaded": f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gguf_native as g; "
-                            f"g.llama_decode(g.open_llama(g.Path({str(path)!r})), g.PROMPT, 1)"}
+                            f"llm = g.open_llama(g.Path({str(path)!r})); g.llama_decode(llm, g.PROMPT, 1)"}
     key = "RssAnon" if runtime == "llama-loaded" else "VmHWM"
     code = code[runtime] + "\nfrom pathlib import Path\nprint([int(ln.split()[1]) * 1024 for ln in " \
         f"Path('/proc/self/status').read_text().splitlines() if ln.startswith({key!r})][0])"
@@ -315,8 +331,8 @@ def quarter(args: argparse.Namespace) -> None:
         s = file_sizes(path)
         q = s["experts"] // 4
         loaded = footprint("llama-loaded", path)
-        caps = {"ours": (fp["ours"] + s["dense_f32"] + q) // MB, "llama": (fp["llama"] + s["dense"] + q) // MB,
-                "llama-loaded": (loaded + s["dense"] + q) // MB}
+        caps = {"ours": (fp["ours"] + s["dense"] + q) // MB, "llama": (fp["llama"] + s["dense"] + q) // MB,
+                "llama-loaded": (fp["llama"] + loaded + s["dense"] + q) // MB}
         trace = CACHE / "moe-1024x8x32.trace.jsonl"
         locality = synthetic_trace(trace, n_layers=8, n_experts=32, top_k=4)
         spec = {"path": str(path), "tokens": args.tokens}
@@ -325,17 +341,19 @@ def quarter(args: argparse.Namespace) -> None:
         own = run_capped("llama", spec, caps["llama"], [path])
         own_loaded = run_capped("llama", spec, caps["llama-loaded"], [path])
         same = run_capped("llama", spec, caps["ours"], [path])
+        repack = run_capped("llama", {**spec, "repack": True}, caps["ours"], [path])
         ratio = lambda a, b: f"**{a['tok_s'] / b['tok_s']:.2f}**" if "tok_s" in a and "tok_s" in b else "-"  # noqa
         sections.append(
             f"### {quant} ({path.stat().st_size / MB:.0f} MiB: dense {s['dense'] / MB:.0f} MiB as stored, "
-            f"{s['dense_f32'] / MB:.0f} MiB as float32; experts {s['experts'] / MB:.0f} MiB; llama.cpp's anonymous "
+            f"experts {s['experts'] / MB:.0f} MiB; llama.cpp's anonymous "
             f"memory loaded {loaded / MB:.0f} MiB)\n\n" + CAP_HEAD + "\n"
             + "\n".join([cap_row("ours, 8 of 32 slots, own routers", caps["ours"], ours),
                          cap_row("ours, 8 of 32 slots, replayed trace", caps["ours"], replay),
                          cap_row("llama.cpp (mmap), its own cap (no-weights footprint)", caps["llama"], own),
                          cap_row("llama.cpp (mmap), its own cap (loaded footprint)", caps["llama-loaded"],
                                  own_loaded),
-                         cap_row("llama.cpp (mmap), ours' cap (the whole file fits)", caps["ours"], same)])
+                         cap_row("llama.cpp (mmap), ours' cap", caps["ours"], same),
+                         cap_row("llama.cpp default (Q4_K repacked into RAM), ours' cap", caps["ours"], repack)])
             + f"\n\nours ÷ llama.cpp (target ≥ 2.0), own routers: {ratio(ours, own_loaded)} against llama.cpp at its "
               f"own cap with its loaded footprint ({ratio(ours, own)} with the no-weights one), {ratio(ours, same)} "
               f"at ours' cap; ours replaying the trace ÷ llama.cpp at its own loaded cap: {ratio(replay, own_loaded)}."
@@ -345,10 +363,10 @@ def quarter(args: argparse.Namespace) -> None:
             f"{args.tokens} decode tokens after the {len(PROMPT)}-token prompt, one run each, each in its own "
             f"process under `../shared/tools/memcap CAP --evict FILE`. Cap = the runtime's footprint (peak RSS after "
             f"importing it: ours {fp['ours'] / MB:.0f} MiB, llama.cpp {fp['llama'] / MB:.0f} MiB; or llama.cpp's "
-            f"anonymous memory with the model loaded and a token decoded) + its dense weights as it holds them (ours "
-            f"dequantises them to float32 once; llama.cpp maps them packed) + 25% of the file's expert bytes. Ours' "
-            f"float32 dense weights make its cap larger than the whole file, so at ours' cap llama.cpp holds every "
-            f"expert: that row is resident speed, not a 25% cache. Greedy decoding of this random model soon "
+            f"anonymous memory with the model loaded and a token decoded added to that) + the file's dense weights "
+            f"(both keep them packed) + 25% of the file's expert bytes. llama.cpp maps the file without its CPU "
+            f"repacking (`use_extra_bufts` off, as `--no-repack`), except in the last row: by default it copies Q4_K "
+            f"tensors into anonymous memory, out of the mmap. Greedy decoding of this random model soon "
             f"repeats one token, so its own routers reuse the same experts (hit rates ~0.95 at 8 of 32 slots); the "
             f"replayed trace (per layer each of the previous token's experts kept with probability 0.375, the rest "
             f"from a Zipf(0.8) popularity) is the realistic case. Engine at {engine_state()}.\n\n"
@@ -471,15 +489,17 @@ def build_big(path: Path = BIG_PATH) -> Path:
     return path
 
 
-def disk_bandwidth(path: Path, total: int = 2 << 30, chunk: int = 3 << 20) -> float:
-    """Bytes/s of O_DIRECT reads of `chunk` bytes (about one expert of this model) at random aligned offsets of the
-    file, `total` bytes in all: what a cold expert miss can get from this disk."""
+def disk_bandwidth(path: Path, total: int = 1 << 30, chunk: int = 3 << 20, direct: bool = True) -> float:
+    """Bytes/s of reads of `chunk` bytes (about one expert of this model) at random aligned offsets of the file,
+    `total` bytes in all, O_DIRECT (what the disk gives) or buffered after eviction (what a plain pread gets)."""
     import mmap
 
+    os.sync()  # no writeback competing
+    subprocess.run([str(MEMCAP), "64", "--evict", str(path), "--", "true"], capture_output=True)
     size = path.stat().st_size
     buf = mmap.mmap(-1, chunk)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    rng = np.random.default_rng(1)
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    rng = np.random.default_rng(1 if direct else 3)
     done = 0
     t0 = time.perf_counter()
     try:
@@ -533,17 +553,13 @@ def synthetic_trace(path: Path, n_tokens: int = 512, reuse: float = 0.375, zipf:
 def big(args: argparse.Namespace) -> None:
     path = build_big()
     cap = args.cap_mb
-    subprocess.run([str(MEMCAP), "64", "--evict", str(path), "--", "true"], capture_output=True)
-    bw = disk_bandwidth(path)
+    bw, bw_buffered = disk_bandwidth(path), disk_bandwidth(path, direct=False)
     trace_path = CACHE / "qwen3-30b-a3b-shape.trace.jsonl"
     locality = synthetic_trace(trace_path)
     prompt = PROMPT[:8]
     base = {"path": str(path), "prompt": prompt}
     runs = [("ours, own routers", "ours", {**base, "tokens": args.tokens, "opts": {}}),
             ("ours, replayed trace", "ours", {**base, "tokens": args.tokens, "opts": {"replay": str(trace_path)}})]
-    if args.int8:
-        runs.append(("ours, dense int8, own routers", "ours",
-                     {**base, "tokens": args.tokens, "opts": {"dense_dtype": "int8"}}))
     runs.append(("llama.cpp (mmap)", "llama", {**base, "tokens": args.llama_tokens or args.tokens}))
     results = {label: run_capped(rt, spec, cap, [path], timeout=args.timeout) for label, rt, spec in runs}
     lines = ["| runtime | decode tok/s | tokens | disk MiB read / token (ours' count) | physical limit tok/s "
@@ -566,8 +582,12 @@ def big(args: argparse.Namespace) -> None:
             f"Qwen3-30B-A3B-shaped random Q4_K_M ({size / 1e9:.1f} GB) under a {cap} MiB cap\n\n"
             f"`{command_line()}` — 2 cores, greedy, {len(prompt)}-token prompt of ids, one run each in its own "
             f"process under `../shared/tools/memcap {cap} --evict FILE`. Disk read bandwidth measured here: "
-            f"{bw / 1e9:.2f} GB/s (O_DIRECT, 3 MiB reads at random offsets of the file, 2 GiB); physical limit = that "
-            f"÷ disk bytes read per decode token (/proc/self/io read_bytes of the process). Replayed trace: "
+            f"{bw / 1e9:.2f} GB/s (O_DIRECT, 3 MiB reads at random offsets of the file, 1 GiB, after `sync`; buffered "
+            f"preads the same way after eviction: {bw_buffered / 1e9:.2f} GB/s); physical limit = the O_DIRECT figure "
+            f"÷ disk bytes read per decode token (/proc/self/io read_bytes of the process). llama.cpp maps the file "
+            f"without its CPU repacking (`use_extra_bufts` off, as `--no-repack`): by default it copies the Q4_K "
+            f"tensors into anonymous memory, and under an 8192 MiB cap it was killed for memory (peak 8192 MB). "
+            f"Replayed trace: "
             f"{locality['tokens']} synthetic tokens, per layer each of the previous token's 8 experts kept with "
             f"probability 0.375 (measured reuse {locality['reuse']:.2f}; random would be 8/128 = 0.06), the rest "
             f"drawn from a per-layer Zipf({locality['zipf']}) popularity over a random order of the 128 experts. "
@@ -592,7 +612,6 @@ def main() -> None:
     p.add_argument("--cap-mb", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--llama-tokens", type=int, help="llama.cpp's decode tokens (default --tokens)")
-    p.add_argument("--int8", action="store_true", help="also ours with dense_dtype int8")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--write", action="store_true")
     p = sub.add_parser("_run")
