@@ -36,6 +36,21 @@ def library():
     native._library.cache_clear()
 
 
+@pytest.fixture
+def float_mode():
+    """Float32 activations: the products of the dequantised weights, up to summation order."""
+    before = gq.set_activations("float")
+    yield
+    gq.set_activations(before)
+
+
+@pytest.fixture
+def int8_mode():
+    before = gq.set_activations("int8")
+    yield
+    gq.set_activations(before)
+
+
 def _f16_values(rng: np.random.Generator, n: int, extreme: bool, scale: float = 0.01) -> np.ndarray:
     values = (rng.standard_normal(n) * scale).astype(np.float16)
     if extreme:  # every extreme value at least once, then at random places
@@ -117,7 +132,7 @@ RTOL = 1e-6
 @pytest.mark.parametrize("qtype", TYPES, ids=[gq.type_name(t) for t in TYPES])
 @pytest.mark.parametrize("n,k", [(13, 256), (7, 768), (36, 2048), (1, 512)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_qgemv_matches_dequantised_product(qtype, n, k, threads):
+def test_qgemv_matches_dequantised_product(qtype, n, k, threads, float_mode):
     raw, w = _matrix(qtype, n, k, seed=n * 7 + k + qtype)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(k, generator=gen)
@@ -131,11 +146,50 @@ def test_qgemv_matches_dequantised_product(qtype, n, k, threads):
     assert err.max() < RTOL, (err.max(), err.argmax())
 
 
-def _ref_moe(x, experts, scales, f):
+def q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (float32) as the kernels quantise it: int8 blocks of 32, scale max|x|/127, round half to even (float32
+    arithmetic throughout, as in qk_quantise8). Returns (the quantised values as float64, each element's scale)."""
+    b = x.astype(np.float32).reshape(-1, 32)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(b * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(-1), np.broadcast_to(d, b.shape).reshape(-1)
+
+
+@needs_cc
+@pytest.mark.parametrize("qtype", TYPES, ids=[gq.type_name(t) for t in TYPES])
+@pytest.mark.parametrize("n,k", [(13, 256), (36, 2048)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_qgemv_int8_activations(qtype, n, k, threads, int8_mode):
+    """8-bit activations (llama.cpp's way): exactly W · (x as quantised) up to float rounding, and so within the
+    quantisation's own bound of W · x: |Σ w (x - x̂)| ≤ Σ |w| · scale / 2. Types without an integer kernel keep
+    float32 x."""
+    raw, w = _matrix(qtype, n, k, seed=n + k + qtype)
+    x = torch.randn(k, generator=torch.Generator().manual_seed(k))
+    got = gq.qgemv(qtype, raw, x, n, k, threads=threads).double().numpy()
+    xd = x.double().numpy()
+    if not gq.quantises_activations(qtype):
+        assert np.all(np.abs(got - w @ xd) < RTOL * (np.abs(w) @ np.abs(xd)))
+        return
+    xq, scale = q8(x.numpy())
+    assert np.abs(xq - xd).max() > 0  # x did change
+    # integer dot products are exact; what is left is the float scales' and the sums' rounding
+    assert np.all(np.abs(got - w @ xq) < RTOL * (np.abs(w) @ np.abs(xq)))
+    assert np.all(np.abs(got - w @ xd) <= np.abs(w) @ (scale / 2) * 1.001)
+
+
+def _ref_moe(x, experts, scales, f, q8_x=False, q8_h=False):
+    """float64 reference; q8_x, q8_h: x, and each expert's hidden activations (rounded to float32, as the kernel
+    holds them), quantised to 8 bits as the kernels do before the gate/up and the down products"""
+    xd = torch.from_numpy(q8(x.numpy())[0]) if q8_x else x.double()
     out = torch.zeros(x.shape[-1], dtype=torch.float64)
     for (gu, down), s in zip(experts, scales, strict=True):
-        gate, up = (torch.from_numpy(gu) @ x.double()).split(f)
-        out += s * (torch.from_numpy(down) @ (F.silu(gate) * up))
+        gate, up = (torch.from_numpy(gu) @ xd).split(f)
+        h = F.silu(gate) * up
+        if q8_h:
+            h = torch.from_numpy(q8(h.float().numpy())[0])
+        out += s * (torch.from_numpy(down) @ h)
     return out
 
 
@@ -144,7 +198,8 @@ def _ref_moe(x, experts, scales, f):
                                                (T.Q4_0, T.Q5_1), (T.F16, T.F32), (T.Q5_0, T.Q4_1)],
                          ids=lambda t: t.name)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_moe_decode_matches_dequantised_experts(gu_type, down_type, threads):
+@pytest.mark.parametrize("mode", ["float", "int8"])
+def test_moe_decode_matches_dequantised_experts(gu_type, down_type, threads, mode):
     k, f, n = 512, 256, 3
     experts_raw, experts_f = [], []
     for e in range(n):
@@ -157,12 +212,21 @@ def test_moe_decode_matches_dequantised_experts(gu_type, down_type, threads):
     start = torch.randn(1, k, generator=gen)
     scales = [0.6, 0.3, 0.1]
     out = start.clone()
-    gq.moe_decode(int(gu_type), int(down_type), x, experts_raw, scales, out, threads=threads)
-    want = start.double().reshape(-1) + _ref_moe(x.reshape(-1), experts_f, scales, f)
-    got = out.double().reshape(-1)
-    assert want.abs().max() > 1.0
-    # two float32 products in a row: the down product's input carries the first's rounding
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), (got - want).abs().max()
+    before = gq.set_activations(mode)
+    try:
+        gq.moe_decode(int(gu_type), int(down_type), x, experts_raw, scales, out, threads=threads)
+        int8 = gq.quantises_activations(gu_type) or gq.quantises_activations(down_type)
+    finally:
+        gq.set_activations(before)
+    want = _ref_moe(x.reshape(-1), experts_f, scales, f, q8_x=int8 and gq.quantises_activations(gu_type),
+                    q8_h=int8 and gq.quantises_activations(down_type))
+    got = (out - start).double().reshape(-1)
+    # two float32 products in a row, the down product's input carrying the first's rounding: ~1e-7 of the largest
+    # output measured. With 8-bit activations the reference quantises x and h as the kernel does, but h comes from
+    # float64 there, float32 here: an element near a rounding boundary can land one step apart (one step × |w|).
+    # Measured ~1.5e-7 for every pair here (no element landed a step apart).
+    tol = 2e-3 if int8 else 1e-5
+    assert torch.allclose(got, want, rtol=0, atol=tol * float(want.abs().max())), (got - want).abs().max()
 
 
 def test_unsupported_type_is_one_line_error():
@@ -185,6 +249,20 @@ def test_row_not_a_multiple_of_the_block_is_an_error():
     with pytest.raises(LocalmoeError, match="bytes"):  # raw holding the wrong number of bytes
         gq.dequantize(T.Q8_0, torch.zeros(33, dtype=torch.uint8), (32,))
     assert gq.row_bytes(T.Q4_K, 512) == 288 and gq.row_bytes(T.Q8_0, 64) == 68
+
+
+def test_activation_modes():
+    if not native.available():
+        pytest.skip(native.kernels())
+    before = gq.set_activations("float")
+    try:
+        assert gq.activations() == "float" and not gq.quantises_activations(T.Q4_K)
+        assert gq.set_activations("int8") == "float" and gq.activations() == "int8"
+        assert not gq.quantises_activations(T.F16) and not gq.quantises_activations(T.Q5_1)
+    finally:
+        gq.set_activations(before)
+    with pytest.raises(LocalmoeError, match="activations"):
+        gq.set_activations("int4")
 
 
 def test_numpy_fallback_without_the_library(monkeypatch):

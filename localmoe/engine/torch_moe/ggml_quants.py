@@ -4,9 +4,11 @@ moe_kernels.c; see kernels.py).
 
 Quantised experts are kept as the raw bytes of their GGUF tensors (uint8 tensors, rows contiguous): an expert's
 gate and up rows then its down rows, each row `row_bytes(type, k)` bytes. `dequantize` gives float32 weights equal
-bit for bit to `gguf.quants.dequantize` (llama.cpp's dequantisation); `qgemv` and `moe_decode` compute with float32
-activations, so they equal the dequantised matrices' products up to float summation order. Without the native
-library every function here falls back to gguf's numpy dequantisation and torch.
+bit for bit to `gguf.quants.dequantize` (llama.cpp's dequantisation). `qgemv` and `moe_decode` quantise the
+activations to 8 bits per block of 32 and use integer dot products, as llama.cpp does (`set_activations("int8")`,
+the default: twice as fast on K-quants), or compute with float32 activations (`set_activations("float")`: the
+dequantised matrices' products up to float summation order). Without the native library every function here falls
+back to gguf's numpy dequantisation and torch (float32).
 """
 from __future__ import annotations
 
@@ -72,6 +74,34 @@ def _raw(raw: Tensor, nbytes: int, what: str) -> Tensor:
 
 def _f32(t: Tensor) -> Tensor:
     return t.to(device="cpu", dtype=torch.float32).contiguous()
+
+
+ACTIVATIONS = ("int8", "float")
+
+
+def set_activations(mode: str) -> str:
+    """Which activations the native packed kernels use from now on, process-wide: "int8" (x quantised to 8 bits per
+    block of 32, integer dot products: llama.cpp's way and speed) or "float" (float32 x: the exact products of the
+    dequantised weights up to summation order). Returns the mode before; without the library, "float" (the fallback
+    is always exact)."""
+    if mode not in ACTIVATIONS:
+        raise LocalmoeError(f"activations {mode!r}: expected one of {', '.join(ACTIVATIONS)}")
+    lib = kernels.library()
+    if lib is None:
+        return "float"
+    return "int8" if lib.lm_qset_activations(int(mode == "int8")) else "float"
+
+
+def activations() -> str:
+    lib = kernels.library()
+    return "int8" if lib is not None and lib.lm_qset_activations(-1) else "float"
+
+
+def quantises_activations(qtype: int) -> bool:
+    """Whether the native kernels quantise x to 8 bits for weights of `qtype` under the current mode (only the types
+    with an integer kernel on this CPU do; the others always compute with float32 x)."""
+    lib = kernels.library()
+    return lib is not None and bool(lib.lm_qact_int8(qtype))
 
 
 def dequantize(qtype: int, raw: Tensor, shape: Sequence[int]) -> Tensor:

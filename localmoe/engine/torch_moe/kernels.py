@@ -99,6 +99,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.lm_qgemv.restype = None
     lib.lm_moe_decode_q.argtypes = [i, i, i, _P, _P, _P, _P, _P, _P, i, i, i]
     lib.lm_moe_decode_q.restype = None
+    lib.lm_qset_activations.argtypes = [i]
+    lib.lm_qset_activations.restype = i
+    lib.lm_qact_int8.argtypes = [i]
+    lib.lm_qact_int8.restype = i
     return lib, "native"
 
 
