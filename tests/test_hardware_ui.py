@@ -144,3 +144,29 @@ def test_a_dense_model_says_so_in_one_line_and_the_view_follows_answers(home):
             await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
 
     asyncio.run(run())
+
+
+def test_the_view_follows_an_answer_on_the_native_engine_while_it_is_written(home, tiny_moe, monkeypatch):
+    from localmoe.ui import hardware_screen
+
+    monkeypatch.setattr(hardware_screen, "LIVE_INTERVAL_S", 0.05)
+
+    async def run() -> None:
+        # the tiny model decodes ~500 tokens/s here: 1500 tokens keep it answering for a few seconds
+        app = LocalmoeApp(model=str(tiny_moe[0]), config=GenerationConfig(max_tokens=1500, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            chat = app.screen
+            screen = await open_hardware(pilot, app)
+            await pilot.press("t")
+            await pilot.press("escape")
+            await type_and_send(pilot, "Tell me a long story about a lighthouse.")
+            screen = await open_hardware(pilot, app)
+            await wait_for(pilot, lambda: summary(screen).startswith("Answering now") or not chat.generating)
+            assert chat.generating, "the answer ended before the view followed it"
+            assert screen.counts is not None and sum(map(sum, screen.counts)) > 0
+            live_uses = sum(map(sum, screen.counts))
+            await wait_for(pilot, lambda: not chat.generating and summary(screen).startswith("Last answer"))
+            assert sum(map(sum, screen.counts)) >= live_uses
+            assert sum(map(sum, screen.counts)) == sum(len(e) for t in chat.last_run["routing"] for e in t.experts)
+
+    asyncio.run(run())

@@ -160,6 +160,7 @@ class ChatScreen(Screen):
         self.telemetry = False
         # the engine and statistics of the latest finished answer, for the hardware screen (see _last_run)
         self.last_run: dict[str, Any] | None = None
+        self.answering: Any = None  # the RoutedReply being streamed, for the hardware screen's live view
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -265,6 +266,7 @@ class ChatScreen(Screen):
         try:
             routed = self.assistant.ask(prompt, cancel=cancel, tier=tier)
             self._apply_telemetry(self.assistant.session_for(routed.decision.tier).engine)
+            self.answering = routed
             self._tell_remote(routed)
             state = {"last": 0.0, "sent": 0}
 
@@ -309,7 +311,7 @@ class ChatScreen(Screen):
             await message.answer.keep(s.kept_chars)
         message.answer.finish(message.stats, message.status, message.error, message.energy, message.decision,
                               message.experts)
-        self.generating = False
+        self.generating, self.answering = False, None
         notice = message.decision.notice if message.decision is not None else None
         if notice and notice not in self._shown_notices:  # once per session: the stats line keeps the tier
             self._shown_notices.add(notice)
@@ -336,6 +338,19 @@ class ChatScreen(Screen):
         replace the engine's routing: the cache statistics, a copy of the routing telemetry and the MoE shape."""
         engine = reply.session.engine
         return {"model": reply.model, "backend": reply.backend, "stats": reply.stats, "experts": reply.experts,
+                "routing": list(engine.routing), "shape": engine.moe_shape(), "plan": engine.plan}
+
+    def live_run(self) -> dict[str, Any] | None:
+        """The answer being streamed, as `_last_run` describes a finished one, from an engine whose statistics grow
+        as it decodes (one with an expert cache: its counters and routing are kept step by step; llama.cpp's routing
+        is collected when the answer ends). None otherwise. Read from the UI thread while the worker decodes: plain
+        counters and a list that is only appended to, so a snapshot is at worst a step behind."""
+        routed = self.answering
+        reply = routed.reply if routed is not None else None
+        if reply is None or reply.session.engine.cache_stats() is None:
+            return None
+        engine = reply.session.engine
+        return {"model": reply.model, "backend": reply.backend, "stats": engine.stats, "experts": engine.cache_stats(),
                 "routing": list(engine.routing), "shape": engine.moe_shape(), "plan": engine.plan}
 
     async def action_retry_large(self) -> None:

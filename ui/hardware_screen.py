@@ -26,6 +26,7 @@ from localmoe.units import human_bytes
 
 SHADES = "░▒▓█"  # a cell's share of the hottest cell's uses, in quarters; "·" is an expert the answer never used
 UNUSED = "·"
+LIVE_INTERVAL_S = 1.0  # how often the view follows an answer being written (engines with an expert cache)
 
 
 def expert_counts(routing: Sequence[Any], n_layers: int, n_experts: int) -> list[list[int]]:
@@ -173,6 +174,15 @@ class HardwareScreen(Screen[None]):
         self.query_one("#heatmap", ScrollableContainer).focus()
         self.read_hardware()
         self.show_experts()
+        self.set_interval(LIVE_INTERVAL_S, self.follow_answer)
+
+    def follow_answer(self) -> None:
+        """While an answer is written on an engine with an expert cache, its counts so far."""
+        if not self.chat.generating:
+            return
+        run = self.chat.live_run()
+        if run is not None:
+            self.show_experts(run, live=True)
 
     @work(thread=True, exclusive=True, group="hardware")
     def read_hardware(self, measure: bool = False) -> None:
@@ -206,8 +216,12 @@ class HardwareScreen(Screen[None]):
                      if bw else "Memory bandwidth  not measured yet (b measures it, about a second)")
         self.query_one("#hw-summary", Static).update(Text("\n".join(lines)))
 
-    def show_experts(self) -> None:
-        summary, counts, notes = describe_run(self.chat.last_run, self.chat.telemetry, self.chat.generating)
+    def show_experts(self, run: dict[str, Any] | None = None, live: bool = False) -> None:
+        """The latest finished answer, or with `live` the one being written (`run`)."""
+        summary, counts, notes = describe_run(run if live else self.chat.last_run, self.chat.telemetry,
+                                              self.chat.generating)
+        if live:
+            summary = "Answering now, counts so far. " + summary.replace("Last answer: ", "", 1)
         self.counts = counts
         self.query_one("#experts-summary", Static).update(Text(summary))
         grid = self.query_one("#heatmap-grid", Static)
