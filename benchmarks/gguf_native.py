@@ -82,16 +82,23 @@ def open_ours(path: Path, **opts: Any) -> Any:
     return eng
 
 
-def ours_decode(eng: Any, prompt: list[int], n: int) -> dict[str, Any]:
-    """Prefill `prompt`, then n greedy one-token steps through the KV cache; tok/s over the n steps, disk bytes
-    (/proc/self/io) and the cache's counters over them."""
+def forced_ids(n: int) -> list[int]:
+    """A fixed pseudo-random token sequence (ids below 49152, in both models' vocabularies): fed instead of the
+    greedy choice, it keeps a random model from repeating one token, so its own routers meet varied tokens."""
+    return np.random.default_rng(5).integers(100, 49152, n).tolist()
+
+
+def ours_decode(eng: Any, prompt: list[int], n: int, forced: bool = False) -> dict[str, Any]:
+    """Prefill `prompt`, then n one-token steps through the KV cache (greedy, or `forced_ids`); tok/s over the n
+    steps, disk bytes (/proc/self/io) and the cache's counters over them."""
+    feed = forced_ids(n) if forced else None
     seq = list(prompt)
     row = eng.logits(seq)[-1]
     finite = bool(np.isfinite(row).all())
     eng.reset_cache_stats()
     io0, t0 = read_bytes(), time.perf_counter()
-    for _ in range(n):
-        seq.append(int(row.argmax()))
+    for i in range(n):
+        seq.append(feed[i] if feed else int(row.argmax()))
         row = eng.logits(seq, reuse=True)[-1]
         finite = finite and bool(np.isfinite(row).all())
     dt = time.perf_counter() - t0
@@ -132,15 +139,16 @@ def llama_row(llm: Any) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
 
 
-def llama_decode(llm: Any, prompt: list[int], n: int) -> dict[str, Any]:
+def llama_decode(llm: Any, prompt: list[int], n: int, forced: bool = False) -> dict[str, Any]:
+    feed = forced_ids(n) if forced else None
     llm.reset()
     llm.eval(prompt)
     row = llama_row(llm)
     finite = bool(np.isfinite(row).all())
     out = []
     io0, t0 = read_bytes(), time.perf_counter()
-    for _ in range(n):
-        out.append(int(row.argmax()))
+    for i in range(n):
+        out.append(feed[i] if feed else int(row.argmax()))
         llm.eval(out[-1:])
         row = llama_row(llm)
         finite = finite and bool(np.isfinite(row).all())
@@ -247,11 +255,11 @@ def child(runtime: str, spec: dict[str, Any]) -> None:
         if eng.plan is not None:
             out["plan"] = {"slots": eng.plan.slots_per_layer, "dense_bytes": eng.plan.dense_bytes,
                            "bytes_per_expert": eng.plan.bytes_per_expert}
-        out.update(ours_decode(eng, prompt, spec["tokens"]))
+        out.update(ours_decode(eng, prompt, spec["tokens"], spec.get("forced", False)))
     else:
         llm = open_llama(path, repack=spec.get("repack", False))
         out["load_s"] = time.perf_counter() - t0
-        out.update(llama_decode(llm, prompt, spec["tokens"]))
+        out.update(llama_decode(llm, prompt, spec["tokens"], spec.get("forced", False)))
     out["status"] = proc_status()
     out["out"] = out["out"][:8]
     print(json.dumps(out))
@@ -280,11 +288,16 @@ def run_capped(runtime: str, spec: dict[str, Any], cap_mb: int, evict: list[Path
 def footprint(runtime: str, path: Path | None = None) -> int:
     """Peak RSS of a process that imported the runtime and did a tiny thing (ours: torch and the engine, a matmul;
     llama.cpp: a vocabulary-only load of the mid-size Q8_0 file); "llama-loaded": llama.cpp's anonymous memory with
-    `path` mapped (no repacking) and one token decoded: its compute buffers and KV cache."""
+    `path` mapped (no repacking) and one token decoded: its compute buffers and KV cache; "ours-loaded": our peak RSS
+    on `path` with 8 slots per layer, the 16-token prompt and 8 decode steps, uncapped (the prompt's experts are
+    dequantised to float32 for the batched matmuls: a transient peak)."""
     code = {"ours": "import torch; from localmoe.engine.torch_moe import TorchMoEEngine; torch.ones(8) @ torch.ones(8)",
             "llama": f"from llama_cpp import Llama; Llama({str(mid_model('Q8_0'))!r}, vocab_only=True, verbose=False)",
             "llama-loaded": f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gguf_native as g; "
-                            f"llm = g.open_llama(g.Path({str(path)!r})); g.llama_decode(llm, g.PROMPT, 1)"}
+                            f"llm = g.open_llama(g.Path({str(path)!r})); g.llama_decode(llm, g.PROMPT, 1)",
+            "ours-loaded": f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gguf_native as g; "
+                           f"e = g.open_ours(g.Path({str(path)!r}), expert_slots=8); "
+                           f"g.ours_decode(e, g.PROMPT, 8, forced=True)"}
     key = "RssAnon" if runtime == "llama-loaded" else "VmHWM"
     code = code[runtime] + "\nfrom pathlib import Path\nprint([int(ln.split()[1]) * 1024 for ln in " \
         f"Path('/proc/self/status').read_text().splitlines() if ln.startswith({key!r})][0])"
@@ -331,13 +344,19 @@ def quarter(args: argparse.Namespace) -> None:
         s = file_sizes(path)
         q = s["experts"] // 4
         loaded = footprint("llama-loaded", path)
-        caps = {"ours": (fp["ours"] + s["dense"] + q) // MB, "llama": (fp["llama"] + s["dense"] + q) // MB,
+        ours_peak = footprint("ours-loaded", path)
+        ours_over = ours_peak - s["dense"] - q  # its 8 slots of 32 hold 25% of the experts
+        caps = {"ours": (ours_over + s["dense"] + q) // MB,
+                "ours-bare": (fp["ours"] + s["dense"] + q) // MB, "llama": (fp["llama"] + s["dense"] + q) // MB,
                 "llama-loaded": (fp["llama"] + loaded + s["dense"] + q) // MB}
         trace = CACHE / "moe-1024x8x32.trace.jsonl"
         locality = synthetic_trace(trace, n_layers=8, n_experts=32, top_k=4)
         spec = {"path": str(path), "tokens": args.tokens}
         ours = run_capped("ours", {**spec, "opts": {"expert_slots": 8}}, caps["ours"], [path])
         replay = run_capped("ours", {**spec, "opts": {"expert_slots": 8, "replay": str(trace)}}, caps["ours"], [path])
+        ours_f = run_capped("ours", {**spec, "opts": {"expert_slots": 8}, "forced": True}, caps["ours"], [path])
+        bare = run_capped("ours", {**spec, "opts": {"expert_slots": 8}, "forced": True}, caps["ours-bare"], [path])
+        own_f = run_capped("llama", {**spec, "forced": True}, caps["llama-loaded"], [path])
         own = run_capped("llama", spec, caps["llama"], [path])
         own_loaded = run_capped("llama", spec, caps["llama-loaded"], [path])
         same = run_capped("llama", spec, caps["ours"], [path])
@@ -346,30 +365,45 @@ def quarter(args: argparse.Namespace) -> None:
         sections.append(
             f"### {quant} ({path.stat().st_size / MB:.0f} MiB: dense {s['dense'] / MB:.0f} MiB as stored, "
             f"experts {s['experts'] / MB:.0f} MiB; llama.cpp's anonymous "
-            f"memory loaded {loaded / MB:.0f} MiB)\n\n" + CAP_HEAD + "\n"
-            + "\n".join([cap_row("ours, 8 of 32 slots, own routers", caps["ours"], ours),
-                         cap_row("ours, 8 of 32 slots, replayed trace", caps["ours"], replay),
-                         cap_row("llama.cpp (mmap), its own cap (no-weights footprint)", caps["llama"], own),
-                         cap_row("llama.cpp (mmap), its own cap (loaded footprint)", caps["llama-loaded"],
+            f"memory loaded {loaded / MB:.0f} MiB; ours' peak RSS with 8 slots, uncapped, {ours_peak / MB:.0f} MiB: "
+            f"footprint {ours_over / MB:.0f} MiB beyond its weights)\n\n" + CAP_HEAD + "\n"
+            + "\n".join([cap_row("ours, 8 of 32 slots, greedy", caps["ours"], ours),
+                         cap_row("ours, 8 of 32 slots, forced tokens", caps["ours"], ours_f),
+                         cap_row("ours, 8 of 32 slots, replayed trace (torch step)", caps["ours"], replay),
+                         cap_row("ours, forced tokens, cap with the no-weights footprint", caps["ours-bare"], bare),
+                         cap_row("llama.cpp (mmap), its own cap (no-weights footprint), greedy", caps["llama"], own),
+                         cap_row("llama.cpp (mmap), its own cap (loaded footprint), greedy", caps["llama-loaded"],
                                  own_loaded),
-                         cap_row("llama.cpp (mmap), ours' cap", caps["ours"], same),
+                         cap_row("llama.cpp (mmap), its own cap (loaded footprint), forced tokens",
+                                 caps["llama-loaded"], own_f),
+                         cap_row("llama.cpp (mmap), ours' cap, greedy", caps["ours"], same),
                          cap_row("llama.cpp default (Q4_K repacked into RAM), ours' cap", caps["ours"], repack)])
-            + f"\n\nours ÷ llama.cpp (target ≥ 2.0), own routers: {ratio(ours, own_loaded)} against llama.cpp at its "
+            + f"\n\nours ÷ llama.cpp (target ≥ 2.0), forced tokens: {ratio(ours_f, own_f)} at the caps with "
+              f"llama.cpp's loaded footprint; greedy: {ratio(ours, own_loaded)} against llama.cpp at its "
               f"own cap with its loaded footprint ({ratio(ours, own)} with the no-weights one), {ratio(ours, same)} "
               f"at ours' cap; ours replaying the trace ÷ llama.cpp at its own loaded cap: {ratio(replay, own_loaded)}."
-              f" Replayed trace: measured reuse {locality['reuse']:.2f} (random: 4/32 = 0.12).\n")
+              f" Replayed trace: keep probability {locality['keep']:.2f}, measured reuse {locality['reuse']:.2f} "
+              f"(random: 4/32 = 0.12).\n")
     body = (f"## GGUF MoE on the native engine (issue #16): "
-            f"capped at footprint + dense + 25% of the experts\n\n`{command_line()}` — 2 cores, greedy, "
+            f"capped at footprint + dense + 25% of the experts\n\n`{command_line()}` — 2 cores, "
             f"{args.tokens} decode tokens after the {len(PROMPT)}-token prompt, one run each, each in its own "
-            f"process under `../shared/tools/memcap CAP --evict FILE`. Cap = the runtime's footprint (peak RSS after "
-            f"importing it: ours {fp['ours'] / MB:.0f} MiB, llama.cpp {fp['llama'] / MB:.0f} MiB; or llama.cpp's "
-            f"anonymous memory with the model loaded and a token decoded added to that) + the file's dense weights "
-            f"(both keep them packed) + 25% of the file's expert bytes. llama.cpp maps the file without its CPU "
+            f"process under `../shared/tools/memcap CAP --evict FILE`. Cap = the runtime's footprint + the file's "
+            f"dense weights (both keep them packed) + 25% of the file's expert bytes. Footprint: llama.cpp's = peak "
+            f"RSS after importing it and a vocabulary-only load ({fp['llama'] / MB:.0f} MiB), plus, in the 'loaded "
+            f"footprint' rows, its anonymous memory with the model mapped and a token decoded (KV cache, compute "
+            f"buffers); ours' = its peak RSS uncapped with 8 slots per layer over the same prompt and 8 decode steps, "
+            f"less the dense weights and the slots' experts: the torch runtime plus the prompt's transient float32 "
+            f"copies of its experts (the batched prompt matmuls run on dequantised experts). With only the "
+            f"no-weights footprint (peak RSS after importing torch and the engine: {fp['ours'] / MB:.0f} MiB) ours is "
+            f"killed in the prompt (row 'cap with the no-weights footprint'). llama.cpp maps the file without its CPU "
             f"repacking (`use_extra_bufts` off, as `--no-repack`), except in the last row: by default it copies Q4_K "
-            f"tensors into anonymous memory, out of the mmap. Greedy decoding of this random model soon "
-            f"repeats one token, so its own routers reuse the same experts (hit rates ~0.95 at 8 of 32 slots); the "
-            f"replayed trace (per layer each of the previous token's experts kept with probability 0.375, the rest "
-            f"from a Zipf(0.8) popularity) is the realistic case. Engine at {engine_state()}.\n\n"
+            f"tensors into anonymous memory, out of the mmap. Routing: greedy decoding of this random model soon "
+            f"repeats one token, so its own routers reuse the same experts (an easy case); *forced tokens* feed both "
+            f"runtimes the same fixed pseudo-random ids instead (random routers on varied tokens: near-uniform "
+            f"routing, the hard case); the *replayed trace* (ours only, on the torch decode path: `engine.replay` "
+            f"does not run in the native step) keeps each of the previous token's experts with a probability set so "
+            f"that the reuse is 0.375 (DESIGN.md's real Mixtral routing: 0.34-0.40), the rest from a per-layer "
+            f"Zipf(0.8) popularity. Engine at {engine_state()}.\n\n"
             + "\n".join(sections))
     print(body)
     if args.write:
@@ -511,9 +545,20 @@ def disk_bandwidth(path: Path, total: int = 1 << 30, chunk: int = 3 << 20, direc
     return done / (time.perf_counter() - t0)
 
 
-def synthetic_trace(path: Path, n_tokens: int = 512, reuse: float = 0.375, zipf: float = 0.8,
-                    n_layers: int = BIG["layers"], n_experts: int = BIG["experts"],
-                    top_k: int = BIG["top_k"]) -> dict[str, Any]:
+def synthetic_trace(path: Path, target: float = 0.375, **shape: Any) -> dict[str, Any]:
+    """`make_trace` with the keep probability set so that the measured reuse is `target` (DESIGN.md: 0.34-0.40)."""
+    keep = target
+    for _ in range(6):
+        got = make_trace(path, keep=keep, **shape)
+        if abs(got["reuse"] - target) < 0.01:
+            break
+        keep = min(max(keep + target - got["reuse"], 0.0), 1.0)
+    return got
+
+
+def make_trace(path: Path, n_tokens: int = 512, keep: float = 0.375, zipf: float = 0.8,
+               n_layers: int = BIG["layers"], n_experts: int = BIG["experts"],
+               top_k: int = BIG["top_k"]) -> dict[str, Any]:
     """A routing trace for the big model with real-MoE locality (DESIGN.md: an expert the previous token used is
     chosen again 34-40% of the time; a few hot experts per layer): per layer and token, each of the previous token's
     8 experts is kept with probability `reuse`; the rest are drawn without replacement from a per-layer Zipf(s=zipf)
@@ -534,12 +579,12 @@ def synthetic_trace(path: Path, n_tokens: int = 512, reuse: float = 0.375, zipf:
     for pos in range(n_tokens):
         layers = []
         for layer in range(b["layers"]):
-            keep = [x for x in prev[layer] if rng.random() < reuse]
+            kept_now = [x for x in prev[layer] if rng.random() < keep]
             p = pops[layer].copy()
-            p[keep] = 0
+            p[kept_now] = 0
             p /= p.sum()
-            new = rng.choice(b["experts"], b["top_k"] - len(keep), replace=False, p=p).tolist()
-            chosen = [int(x) for x in keep + new]
+            new = rng.choice(b["experts"], b["top_k"] - len(kept_now), replace=False, p=p).tolist()
+            chosen = [int(x) for x in kept_now + new]
             if prev[layer]:
                 kept += len(set(chosen) & set(prev[layer]))
                 total += len(prev[layer])
@@ -547,7 +592,7 @@ def synthetic_trace(path: Path, n_tokens: int = 512, reuse: float = 0.375, zipf:
             prev[layer] = chosen
         trace.tokens.append(TraceToken(pos, 0, "decode", layers))
     trace.save(path)
-    return {"reuse": kept / total, "tokens": n_tokens, "zipf": zipf}
+    return {"reuse": kept / total, "tokens": n_tokens, "zipf": zipf, "keep": keep}
 
 
 def big(args: argparse.Namespace) -> None:
@@ -558,10 +603,17 @@ def big(args: argparse.Namespace) -> None:
     locality = synthetic_trace(trace_path)
     prompt = PROMPT[:8]
     base = {"path": str(path), "prompt": prompt}
-    runs = [("ours, own routers", "ours", {**base, "tokens": args.tokens, "opts": {}}),
-            ("ours, replayed trace", "ours", {**base, "tokens": args.tokens, "opts": {"replay": str(trace_path)}})]
-    runs.append(("llama.cpp (mmap)", "llama", {**base, "tokens": args.llama_tokens or args.tokens}))
+    n_llama = args.llama_tokens or args.tokens
+    runs = [("ours, greedy", "ours", {**base, "tokens": args.tokens, "opts": {}}),
+            ("ours, forced tokens", "ours", {**base, "tokens": args.tokens, "opts": {}, "forced": True}),
+            ("ours, replayed trace", "ours", {**base, "tokens": args.tokens, "opts": {"replay": str(trace_path)}}),
+            ("llama.cpp (mmap), greedy", "llama", {**base, "tokens": n_llama}),
+            ("llama.cpp (mmap), forced tokens", "llama", {**base, "tokens": n_llama, "forced": True})]
     results = {label: run_capped(rt, spec, cap, [path], timeout=args.timeout) for label, rt, spec in runs}
+
+    def ratio(a: str, b: str) -> str:
+        ra, rb = results[a], results[b]
+        return f"**{ra['tok_s'] / rb['tok_s']:.2f}**" if "tok_s" in ra and "tok_s" in rb else "-"
     lines = ["| runtime | decode tok/s | tokens | disk MiB read / token (ours' count) | physical limit tok/s "
              "| detail | load s | logits finite | memcap peak |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
@@ -580,18 +632,26 @@ def big(args: argparse.Namespace) -> None:
     size = path.stat().st_size
     body = (f"## GGUF MoE on the native engine (issue #16): "
             f"Qwen3-30B-A3B-shaped random Q4_K_M ({size / 1e9:.1f} GB) under a {cap} MiB cap\n\n"
-            f"`{command_line()}` — 2 cores, greedy, {len(prompt)}-token prompt of ids, one run each in its own "
+            f"`{command_line()}` — 2 cores, {len(prompt)}-token prompt of ids, one run each in its own "
             f"process under `../shared/tools/memcap {cap} --evict FILE`. Disk read bandwidth measured here: "
             f"{bw / 1e9:.2f} GB/s (O_DIRECT, 3 MiB reads at random offsets of the file, 1 GiB, after `sync`; buffered "
             f"preads the same way after eviction: {bw_buffered / 1e9:.2f} GB/s); physical limit = the O_DIRECT figure "
             f"÷ disk bytes read per decode token (/proc/self/io read_bytes of the process). llama.cpp maps the file "
             f"without its CPU repacking (`use_extra_bufts` off, as `--no-repack`): by default it copies the Q4_K "
             f"tensors into anonymous memory, and under an 8192 MiB cap it was killed for memory (peak 8192 MB). "
-            f"Replayed trace: "
-            f"{locality['tokens']} synthetic tokens, per layer each of the previous token's 8 experts kept with "
-            f"probability 0.375 (measured reuse {locality['reuse']:.2f}; random would be 8/128 = 0.06), the rest "
-            f"drawn from a per-layer Zipf({locality['zipf']}) popularity over a random order of the 128 experts. "
-            f"Engine at {engine_state()}.\n\n" + "\n".join(lines))
+            f"Routing: *greedy* (the random model soon repeats one token, so its own routers pick the same experts "
+            f"again: an easy case for any cache); *forced tokens* (a fixed pseudo-random id sequence fed to both "
+            f"runtimes instead of their choice: random routers on varied tokens route almost uniformly, the hard "
+            f"case); *replayed trace* (`engine.replay`, ours only — llama.cpp cannot replay; the replay runs on the "
+            f"torch decode path, not the native step): {locality['tokens']} synthetic tokens, per layer each of the "
+            f"previous token's 8 experts kept with probability {locality['keep']:.2f}, the rest drawn from a "
+            f"per-layer Zipf({locality['zipf']}) popularity over a random order of the 128 experts, so that an "
+            f"expert the previous token used is chosen again {locality['reuse']:.2f} of the time (DESIGN.md's real "
+            f"Mixtral routing: 0.34-0.40; random: 8/128 = 0.06). Engine at {engine_state()}.\n\n"
+            + "\n".join(lines)
+            + f"\n\nours ÷ llama.cpp: greedy {ratio('ours, greedy', 'llama.cpp (mmap), greedy')}, forced tokens "
+              f"{ratio('ours, forced tokens', 'llama.cpp (mmap), forced tokens')}; ours replaying the trace ÷ "
+              f"llama.cpp forced: {ratio('ours, replayed trace', 'llama.cpp (mmap), forced tokens')}.\n")
     print(body)
     if args.write:
         write_section(f"gguf_native_big_{cap}", body)
