@@ -253,6 +253,56 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router_calibrate(args: argparse.Namespace) -> int:
+    from localmoe.record.recorder import Recorder
+    from localmoe.routing import calibrate
+
+    tty = sys.stderr.isatty()
+
+    def on_start(run_id: int, questions: int, tiers: calibrate.Tiers) -> None:
+        print(f"localmoe: calibration run {run_id}: {questions} questions on the small tier ({tiers.small.id}) and "
+              f"the large tier ({tiers.large.id}), greedy", file=sys.stderr)
+        if questions < calibrate.RECOMMENDED:
+            print(f"localmoe: note: {questions} questions give rough thresholds ({calibrate.RECOMMENDED}+ "
+                  "recommended)", file=sys.stderr)
+
+    def progress(done: int, total: int, tier: str) -> None:
+        bar = "█" * (30 * done // max(total, 1))
+        line = f"calibrating {bar:<30} {done}/{total} ({tier} tier)"
+        print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    with Recorder() as rec:
+        try:
+            result = calibrate.run(rec, suite=args.suite, limit=args.limit, resume=args.resume,
+                                   progress=progress, on_start=on_start)
+        except KeyboardInterrupt:
+            print("\nlocalmoe: calibration interrupted; the answers so far are kept. Continue with "
+                  "`localmoe router calibrate --resume`.", file=sys.stderr)
+            return 130
+        finally:
+            if tty:
+                print(file=sys.stderr)
+    if args.json:
+        _print_json(result)
+        return 0
+    t = result["tiers"]
+    estimate = "" if result["measured"] else ", estimated"
+    print(f"calibrated on {result['n']} questions (run {result['run_id']}; joules: {result['meter']}{estimate})")
+    for tier in ("small", "large"):
+        print(f"  {tier} tier {t[tier + '_id']}: {result[tier + '_accuracy']:.0%} right, "
+              f"{result[tier + '_joules']:.3g} J/question")
+    print("accuracy · joules per question (actual large share) as more questions go to the large tier:")
+    headers, rows = calibrate.curve_rows(result)
+    print(_table(rows, headers))
+    print("preferences (threshold: large share, accuracy, joules per question):")
+    print(_table([[name] + [f"{p[k]['threshold']:.3f}: {p[k]['large_share']:.0%}, {p[k]['accuracy']:.0%}, "
+                            f"{p[k]['joules']:.3g} J" for k in ("quality", "balanced", "energy")]
+                  for name, p in result["preferences"].items()], ["STRATEGY", "QUALITY", "BALANCED", "ENERGY"]))
+    labels = ", ".join(f"{n} {src}" for src, n in result["training_labels"].items())
+    print(f"retrained on {labels}; default strategy {result['default_strategy']}; written to {result['router']}")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from collections import Counter
 
@@ -894,13 +944,23 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(func=cmd_route)
 
     ro = sub.add_parser("router", help="train the router", description="Router maintenance.")
-    rosub = ro.add_subparsers(dest="router_cmd", metavar="{train}", required=True)
+    rosub = ro.add_subparsers(dest="router_cmd", metavar="{train,calibrate}", required=True)
     tr = rosub.add_parser("train", help="fit the router on labelled outcomes",
                           description="Fit the features, learned and cascade strategies on the shipped labels plus "
                           "this machine's benchmark results and user signals; print held-out AUC.")
     tr.add_argument("--shipped", action="store_true", help="use only the shipped labels")
     tr.add_argument("--out", help="where to write the router (default: <data dir>/router.json)")
     tr.set_defaults(func=cmd_router_train)
+    ca = rosub.add_parser("calibrate", help="fit the router to your small and large tiers on this machine",
+                          description="Answer a calibration suite on the small and the large tier (greedy, energy "
+                          "metered, each answer graded), retrain every strategy on those outcomes, set the quality/"
+                          "balanced/energy thresholds from them, write <data dir>/router.json and print accuracy "
+                          "against large share and joules. Ctrl-C keeps the answers: --resume continues.")
+    ca.add_argument("--suite", help="built-in suite name or a JSONL file (default: router-train, 546 questions)")
+    ca.add_argument("--limit", type=_positive_int, help="only the first N questions (a quick calibration)")
+    ca.add_argument("--resume", action="store_true", help="continue the interrupted calibration")
+    ca.add_argument("--json", action="store_true", help="print the outcome summary, thresholds and curves as JSON")
+    ca.set_defaults(func=cmd_router_calibrate)
 
     t = sub.add_parser("trace", help="record which experts each token uses",
                        description="Answer a prompt with routing telemetry on and write the experts every token "

@@ -175,6 +175,13 @@ def m007_message_search(db: sqlite_utils.Database) -> None:
     db.execute("insert into messages_fts (messages_fts) values ('rebuild')")
 
 
+@migration
+def m008_calibration_runs(db: sqlite_utils.Database) -> None:
+    # `localmoe router calibrate` runs are benchmark runs of both tiers on the same questions; `purpose` tells them
+    # from a user's `bench` runs (NULL) so `router calibrate --resume` finds the one it left.
+    db.execute("alter table bench_runs add column purpose text")
+
+
 def fts_query(text: str) -> str:
     """What a person types, as an FTS5 query: every word must occur, each as a prefix (search as you type), and
     no character of theirs is FTS5 syntax (quotes, `-`, `:`, `*`, AND/OR/NOT are words here)."""
@@ -806,6 +813,27 @@ class Recorder:
         """(model, policy, item_id) of every item the run already has."""
         rows = self._rows("select model, policy, item_id from bench_items where run_id = ?", [run_id])
         return {(r["model"], r["policy"], r["item_id"]) for r in rows}
+
+    def mark_calibration_run(self, run_id: int) -> None:
+        """Tag a benchmark run as a router calibration (`router calibrate`)."""
+        with self._write():
+            self._db.execute("update bench_runs set purpose = 'calibration' where id = ?", [run_id])
+
+    def latest_calibration_run(self) -> dict[str, Any] | None:
+        """The newest calibration run (as `bench_run` gives it), or None."""
+        rows = self._rows("select id from bench_runs where purpose = 'calibration' order by id desc limit 1")
+        return self.bench_run(rows[0]["id"]) if rows else None
+
+    def calibration_items(self, run_id: int) -> list[dict[str, Any]]:
+        """Every graded answer of a run with its answer's log-probabilities: model, item_id, question, category,
+        correct, joules, completion_tokens, mean_logprob, min_logprob; in the order they were recorded."""
+        return self._rows(
+            "select b.model, b.item_id, b.question, b.category, b.correct, b.joules, b.seconds, "
+            "b.completion_tokens, g.mean_logprob, g.min_logprob "
+            "from bench_items b left join generations g on g.message_id = b.message_id where b.run_id = ? "
+            "order by b.rowid",
+            [run_id],
+        )
 
     def bench_results(self, run_id: int) -> list[dict[str, Any]]:
         """Per (model, policy) of a run: accuracy, energy, IPW and the rest of the `bench_results` view."""

@@ -273,7 +273,8 @@ def _load_trained(path: Path) -> dict[str, Any]:
 
 
 def trained_path() -> Path:
-    """The user's own trained router if there is one, else the shipped default."""
+    """The user's own router (`router calibrate` or `router train` writes it) if there is one, else the shipped
+    default."""
     user = paths.data_dir() / ROUTER_FILE
     if user.exists():
         return user
@@ -281,11 +282,45 @@ def trained_path() -> Path:
 
 
 DEFAULT_THRESHOLDS = {"quality": 0.35, "balanced": 0.5, "energy": 0.65}
+CALIBRATE = "`localmoe router calibrate` fits it to them"
+
+
+def _same_tier(configured: str | None, made: dict[str, Any], tier: str) -> bool:
+    """Whether settings' value for `tier` (None: the default) names the model the router was calibrated with.
+    Compared as text (an id or a path), so no model is resolved: a decision stays cheap."""
+    spec, ident, path = made.get(tier), made.get(f"{tier}_id"), made.get(f"{tier}_path")
+    if configured is None or spec is None:
+        return configured == spec
+    if configured in (spec, ident, path):
+        return True
+    try:
+        return path is not None and str(Path(configured).expanduser().resolve()) == path
+    except (OSError, RuntimeError):
+        return False
+
+
+def tiers_notice(trained: dict[str, Any] | None, small: str | None, large: str | None) -> str | None:
+    """A one-line offer to calibrate when the tiers in settings (`[tiers] small/large`, None: the default) are not
+    the ones the router was calibrated with; for a router never calibrated (the shipped one, `router train`), when
+    a large tier is configured. None when nothing changed."""
+    made = (trained or {}).get("tiers")
+    if made is None:
+        if large is None:
+            return None
+        return f"the router has not been calibrated with your large tier ({large}); {CALIBRATE}"
+    changed = [f"{tier} {made.get(f'{tier}_id')} → {now or 'the default'}"
+               for tier, now in (("small", small), ("large", large)) if not _same_tier(now, made, tier)]
+    if not changed:
+        return None
+    return f"the tiers changed since the router was calibrated ({', '.join(changed)}); {CALIBRATE}"
 
 
 class Router:
     def __init__(self, strategy: str | None = None, preference: str | float = "balanced",
-                 small_model_path: str | Path | None = None, router_file: Path | None = None) -> None:
+                 small_model_path: str | Path | None = None, router_file: Path | None = None,
+                 tiers: tuple[str | None, str | None] | None = None) -> None:
+        """`tiers`: settings' (small, large), to offer calibration when they are not the router's; default: read
+        from settings.toml (an unreadable one is the caller's to report)."""
         self.notices: list[str] = []
         self._told: set[str] = set()  # notices already carried by a decision: each is said once per router
         self.trained: dict[str, Any] | None = None
@@ -293,6 +328,17 @@ class Router:
             self.trained = _load_trained(router_file or trained_path())
         except LocalmoeError as exc:
             self.notices.append(f"{exc}; routing with the built-in features strategy")
+        if tiers is None:
+            from localmoe.home import settings
+
+            try:
+                st = settings.load()
+                tiers = (st.small, st.large)
+            except LocalmoeError:
+                tiers = (None, None)
+        note = tiers_notice(self.trained, *tiers)
+        if note:
+            self.notices.append(note)
         default = self.trained.get("default_strategy", "features") if self.trained else "features"
         self.strategy = strategy or default
         if self.strategy not in ("features", "learned", "cascade"):
