@@ -710,6 +710,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+CPT_LEVELS = (0.5, 0.8)  # RouteLLM's call-performance thresholds reported by `bench router`
+
+
 def _bench_router(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -718,11 +721,18 @@ def _bench_router(args: argparse.Namespace) -> int:
     from localmoe.routing.router import Router
 
     rows = router_train.read_labels(args.labels)
+    if args.held_out:
+        # the split `router train` fits on (stratified by category, first seed): in-distribution, unseen rows
+        _, test_idx = router_eval.split(len(rows), seed=router_train.EVAL_SEEDS[0],
+                                        strata=[r["category"] for r in rows])
+        rows = [rows[i] for i in test_idx]
     y = np.array([r["small_wrong"] for r in rows], dtype=float)
     small, large = 1 - y, np.array([r["large_correct"] for r in rows])
     router = Router()
-    out: dict[str, Any] = {"suite": args.labels, "n": len(rows), "small_accuracy": float(small.mean()),
-                           "large_accuracy": float(large.mean()), "strategies": {}}
+    out: dict[str, Any] = {"suite": args.labels, "held_out": bool(args.held_out), "n": len(rows),
+                           "small_accuracy": float(small.mean()), "large_accuracy": float(large.mean()),
+                           "strategies": {}, "baselines": {},
+                           "perfect_cpt": {f"{lv:.0%}": router_eval.cpt(y, small, large, lv) for lv in CPT_LEVELS}}
     for name in ("features", "learned", "cascade"):
         if name == "cascade":
             if any(r["mean_logprob"] is None for r in rows) or router.trained is None:
@@ -744,19 +754,37 @@ def _bench_router(args: argparse.Namespace) -> int:
             "large_share": shares,
             "accuracy_at_share": {f"{s:.1f}": router_eval.accuracy_at_share(points, s)
                                   for s in router_train.SHARES},
+            "cpt": {f"{lv:.0%}": router_eval.cpt(scores, small, large, lv) for lv in CPT_LEVELS},
+        }
+    for name, count in router_eval.BASELINES.items():
+        scores = np.array([count(r["question"]) for r in rows])
+        points = router_eval.operating_points(scores, small, large)
+        out["baselines"][name] = {
+            "auc": router_eval.auc(scores, y) if len(set(y)) == 2 else None,
+            "apgr": router_eval.apgr(scores, small, large),
+            "accuracy_at_share": {f"{s:.1f}": router_eval.accuracy_at_share(points, s)
+                                  for s in router_train.SHARES},
+            "cpt": {f"{lv:.0%}": router_eval.cpt(scores, small, large, lv) for lv in CPT_LEVELS},
         }
     if args.json:
         _print_json(out)
         return 0
-    print(f"{out['n']} questions; small tier {out['small_accuracy']:.1%}, large tier {out['large_accuracy']:.1%}")
+    split = " (held-out split)" if args.held_out else ""
+    print(f"{out['n']} questions{split}; small tier {out['small_accuracy']:.1%}, "
+          f"large tier {out['large_accuracy']:.1%}")
     rows_out = []
-    for name, r in out["strategies"].items():
-        acc = r["accuracy_at_share"]
-        rows_out.append([name, f"{r['auc']:.3f}" if r["auc"] is not None else "-", f"{r['apgr']:.3f}",
-                         " / ".join(f"{r['large_share'][p]:.0%}" for p in ("quality", "balanced", "energy")),
-                         " ".join(f"{acc[k]:.0%}" for k in ("0.0", "0.2", "0.4", "0.6", "0.8", "1.0"))])
-    print(_table(rows_out, ["STRATEGY", "AUC", "APGR", "LARGE SHARE (quality/balanced/energy)",
+    for kind, table in (("", out["strategies"]), ("baseline: ", out["baselines"])):
+        for name, r in table.items():
+            acc = r["accuracy_at_share"]
+            shares = (" / ".join(f"{r['large_share'][p]:.0%}" for p in ("quality", "balanced", "energy"))
+                      if "large_share" in r else "-")
+            rows_out.append([kind + name, f"{r['auc']:.3f}" if r["auc"] is not None else "-", f"{r['apgr']:.3f}",
+                             " / ".join(f"{r['cpt'][k]:.2f}" for k in ("50%", "80%")), shares,
+                             " ".join(f"{acc[k]:.0%}" for k in ("0.0", "0.2", "0.4", "0.6", "0.8", "1.0"))])
+    print(_table(rows_out, ["STRATEGY", "AUC", "APGR", "CPT 50%/80%", "LARGE SHARE (quality/balanced/energy)",
                             "ACCURACY AT 0/20/40/60/80/100% LARGE"]))
+    perfect = out["perfect_cpt"]
+    print(f"a perfect router: CPT 50%/80% {perfect['50%']:.2f}/{perfect['80%']:.2f}; a random one about 0.50/0.80")
     return 0
 
 
@@ -1071,10 +1099,14 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_cmd", metavar="{list,compare,router}")
     br = bsub.add_parser("router", help="evaluate the router on questions with per-tier correctness labels",
                          description="AUC for predicting small-tier failure, large-call share per preference, "
-                         "accuracy at each operating point, and APGR (RouteLLM). The file is JSONL with "
+                         "accuracy at each operating point, APGR and CPT(50%)/CPT(80%) (RouteLLM), beside "
+                         "baselines that only count digits or characters. The file is JSONL with "
                          "`question`, `small_correct` and optionally `large_correct` (default 1), `mean_logprob`, "
                          "`min_logprob` (for the cascade).")
     br.add_argument("--suite", dest="labels", required=True, help="labelled JSONL file")
+    br.add_argument("--held-out", action="store_true",
+                    help="only the rows `router train` holds out (its first stratified split): with the shipped "
+                    "labels, the in-distribution test set of the shipped router")
     br.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     bl = bsub.add_parser("list", help="list benchmark runs")
     bl.add_argument("--json", action="store_true", help="print the runs as JSON")

@@ -4,7 +4,10 @@ against float64 products of the dequantised weights, and bad input refused with 
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -279,3 +282,31 @@ def test_numpy_fallback_without_the_library(monkeypatch):
     finally:
         monkeypatch.delenv(native.ENV)
         native._library.cache_clear()
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for baseline x86-64")
+def test_portable_build_without_avx2(tmp_path):
+    """Built for baseline x86-64 (no AVX2, as on older or other CPUs), every type goes through the generic kernel
+    (dequantise a block, then dot1): the same exact dequantisation, float32 activations."""
+    so = tmp_path / "portable.so"
+    done = subprocess.run(["cc", "-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", str(native.SOURCE), "-o",
+                           str(so), "-lm"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lib = ctypes.CDLL(str(so))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.lm_dequant.argtypes = [i, p, p, ctypes.c_long]
+    lib.lm_qgemv.argtypes = [i, p, p, p, p, i, i, i]
+    lib.lm_qact_int8.argtypes = [i]
+    n, k = 5, 512
+    for qtype in TYPES:
+        assert lib.lm_qact_int8(qtype) == 0
+        raw, w = _matrix(qtype, n, k, seed=qtype)
+        deq = torch.empty(n * k)
+        lib.lm_dequant(qtype, raw.data_ptr(), deq.data_ptr(), n * k)
+        assert np.array_equal(deq.numpy(), w.reshape(-1).astype(np.float32)), gq.type_name(qtype)
+        x = torch.randn(k, generator=torch.Generator().manual_seed(qtype))
+        y = torch.empty(n)
+        lib.lm_qgemv(qtype, raw.data_ptr(), x.data_ptr(), None, y.data_ptr(), n, k, 2)
+        xd = x.double().numpy()
+        assert np.all(np.abs(y.double().numpy() - w @ xd) < RTOL * (np.abs(w) @ np.abs(xd))), gq.type_name(qtype)

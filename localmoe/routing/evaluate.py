@@ -114,6 +114,35 @@ def apgr(scores: Sequence[float], small_correct: Sequence[float], large_correct:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
+def cpt(scores: Sequence[float], small_correct: Sequence[float], large_correct: Sequence[float],
+        level: float) -> float:
+    """RouteLLM's call-performance threshold CPT(level): the smallest large-call share whose routed system
+    recovers `level` (e.g. 0.8) of the gap between the tiers, linear between operating points as in `apgr`.
+
+    With a large tier that is always right, CPT(0.8) is the share of questions sent large to catch 80% of the small
+    tier's failures: a perfect router needs 0.8 × the small error rate, a random one about 0.8. Where both tiers are
+    equally accurate there is no gap to recover and CPT is 0.
+    """
+    if not 0 < level <= 1:
+        raise ValueError("level must lie in (0, 1]")
+    points = operating_points(scores, small_correct, large_correct)
+    if all(p.pgr == 0 for p in points):
+        return 0.0
+    # the first point (share 0) has PGR 0 < level, so the first crossing has a `before` below the level
+    for before, after in zip(points, points[1:], strict=False):
+        if after.pgr >= level - 1e-12:
+            frac = min((level - before.pgr) / (after.pgr - before.pgr), 1.0)
+            return float(before.large_share + frac * (after.large_share - before.large_share))
+    return 1.0
+
+
+# Baselines a router must beat: a score that only counts something in the question's text.
+BASELINES: dict[str, Callable[[str], float]] = {
+    "digits": lambda q: float(sum(c.isdigit() for c in q)),
+    "length": lambda q: float(len(q)),
+}
+
+
 def accuracy_at_share(points: Sequence[OperatingPoint], share: float) -> float:
     """Routed accuracy at a given large-call share, interpolated linearly between the operating points."""
     if not points:

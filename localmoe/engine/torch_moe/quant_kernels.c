@@ -716,6 +716,7 @@ static void qk_sums32(const float *x, float *xs, int k)
 static qk_act qk_prepare(int type, int q8, const float *x, int k, float *xs, int8_t *xq, float *xd)
 {
     qk_act a = {x, xs, xq, xd};
+    (void)q8;  /* read only where there are 8-bit kernels */
 #if defined(QK_AVX2)
     if (qk_needs_q8(type, q8)) {
         qk_quantise8(x, xq, xd, xs, k);

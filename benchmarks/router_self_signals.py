@@ -1,0 +1,99 @@
+"""One improvement tried for the router's generalisation (issue 19, item 3): the small model's own signals before
+it answers. One prompt evaluation of the question (no decoding) gives three numbers: the entropy and the top
+probability of the first answer token, and the mean log-probability of the prompt's tokens (how surprising the
+question is to the model). A logistic model over the 12 `features` signals plus these three is fitted on the
+training labels only (the split `router train` fits on: stratified, first seed; l2 = 1.0, the features model's
+own), then scored on that split's held-out rows (in-distribution) and on the independent evaluation set, with the
+scorer's labels and the audited ones. Nothing here is chosen by looking at the evaluation set.
+
+    flock /tmp/localmoe-cpu.lock .venv/bin/python benchmarks/router_self_signals.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from localmoe.engine.llamacpp import LlamaCppEngine
+from localmoe.home import models
+from localmoe.routing import evaluate as router_eval
+from localmoe.routing import train as router_train
+from localmoe.routing.router import Router, feature_vector
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT / "benchmarks" / "router_eval_labels.jsonl"
+AUDITED = ROOT / "benchmarks" / "router_eval_labels_audited.jsonl"
+SIGNALS = ("first_token_entropy", "first_token_top_p", "prompt_mean_logprob")
+
+
+def self_signals(engine: LlamaCppEngine, question: str) -> list[float]:
+    tokens = engine.prompt_tokens([{"role": "user", "content": question}])
+    llm = engine._llm
+    llm.reset()
+    llm.eval(tokens)
+    logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
+    logp = logits - logits.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    first = np.exp(logp[-1])
+    entropy = float(-(first * logp[-1]).sum())
+    # log P(token i+1 | tokens up to i) over the prompt
+    lp = logp[np.arange(len(tokens) - 1), tokens[1:]]
+    return [entropy, float(first.max()), float(lp.mean())]
+
+
+def report(name: str, scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    small, large = 1 - y, np.ones_like(y)
+    return {"auc": router_eval.auc(scores, y), "cpt50": router_eval.cpt(scores, small, large, 0.5),
+            "cpt80": router_eval.cpt(scores, small, large, 0.8)}
+
+
+def main() -> None:
+    train_rows = router_train.shipped_labels()
+    eval_rows = router_train.read_labels(EVAL)
+    audited_y = np.array([r["small_wrong"] for r in router_train.read_labels(AUDITED)], dtype=float)
+    engine = LlamaCppEngine(models.default_model().path, n_ctx=512, logits_all=True)
+    engine.load()
+    t0 = time.time()
+    sig = {}
+    for n, r in enumerate(train_rows + eval_rows, 1):
+        sig.setdefault(r["question"], self_signals(engine, r["question"]))
+        print(f"\r{n}/{len(train_rows) + len(eval_rows)}", end="", file=sys.stderr)
+    print(f"\nprompt evaluations: {time.time() - t0:.0f} s", file=sys.stderr)
+
+    def matrix(rows: list[dict]) -> np.ndarray:
+        return np.stack([np.concatenate([feature_vector(r["question"]), sig[r["question"]]]) for r in rows])
+
+    x_tr, y_all = matrix(train_rows), np.array([r["small_wrong"] for r in train_rows], dtype=float)
+    train_idx, test_idx = router_eval.split(len(train_rows), seed=router_train.EVAL_SEEDS[0],
+                                            strata=[r["category"] for r in train_rows])
+    n_feat = x_tr.shape[1] - len(SIGNALS)
+    both = router_eval.fit_logistic(x_tr[train_idx], y_all[train_idx], l2=1.0)
+    alone = router_eval.fit_logistic(x_tr[train_idx][:, n_feat:], y_all[train_idx], l2=1.0)
+    router = Router()
+    x_ev = matrix(eval_rows)
+    y_ev = np.array([r["small_wrong"] for r in eval_rows], dtype=float)
+    sets = {"held-out split (in-distribution)": ([train_rows[i] for i in test_idx], x_tr[test_idx], y_all[test_idx]),
+            "eval set, scorer labels": (eval_rows, x_ev, y_ev),
+            "eval set, audited labels": (eval_rows, x_ev, audited_y)}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for set_name, (rows, x, y) in sets.items():
+        out[set_name] = {
+            "features (shipped)": report("f", np.array([router.score(r["question"], "features")[0] for r in rows]), y),
+            "learned (shipped)": report("l", np.array([router.score(r["question"], "learned")[0] for r in rows]), y),
+            "self signals alone": report("s", alone.predict(x[:, n_feat:]), y),
+            "features + self signals": report("b", both.predict(x), y),
+        }
+    print(json.dumps({"weights": dict(zip(SIGNALS, both.weights[n_feat:].round(3).tolist(), strict=True)),
+                      "results": out}, indent=1))
+    for set_name, table in out.items():
+        print(f"\n{set_name}")
+        for name, r in table.items():
+            print(f"  {name:<26} AUC {r['auc']:.3f}  CPT50 {r['cpt50']:.2f}  CPT80 {r['cpt80']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
