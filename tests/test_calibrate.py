@@ -20,17 +20,17 @@ from helpers import run_cli
 from localmoe.routing.router import Router
 
 SMALL, LARGE = "smollm2-135m-instruct", "tiny-moe"
+# The tiny MoE has random weights: it answers nothing right. So that the large tier is right where the small one
+# is wrong (and the 98%/90% thresholds have something to keep), the "magic" questions' expected answers are the
+# tiny MoE's own greedy replies, taken before the calibration; the calibration's verdicts are still real ones.
+MAGIC = ["Say the secret word.", "Name the hidden code.", "Tell me the password.", "What is the mystery phrase?"]
 QUESTIONS = [
     ("What is the capital of France? Answer with one word.", "Paris"),
-    ("What is 2 + 3? Answer with a number only.", "5"),
     ("What is 48 × 27 − 13? Answer with a number only.", "1283"),
-    ("Which planet do we live on? Answer with one word.", "Earth"),
-    ("What is 10 + 10? Answer with a number only.", "20"),
-    ("How many days are in a week? Answer with a number only.", "7"),
     ("What is 365 × 24 ÷ 8? Answer with a number only.", "1095"),
-    ("What colour is the sky on a clear day? Answer with one word.", "blue"),
-    ("What is 7 × 8? Answer with a number only.", "56"),
     ("What is 1234 + 5678 − 910? Answer with a number only.", "6002"),
+    ("What is 7 × 8? Answer with a number only.", "56"),
+    ("Which planet do we live on? Answer with one word.", "Earth"),
 ]
 LIMIT = 8
 
@@ -64,6 +64,21 @@ def hand_thresholds(scores, small_ok, large_ok, small_j, large_j) -> dict[str, t
     return {"quality": keep["quality"][:2], "balanced": balanced[:2], "energy": keep["energy"][:2]}
 
 
+def tiny_answer(model: Path, question: str) -> str:
+    """The tiny MoE's reply as the calibration asks (the bench runner's greedy config), in this process."""
+    from localmoe.chat.session import Session
+    from localmoe.engine import GenerationConfig
+    from localmoe.home import models
+    from localmoe.record.recorder import Recorder
+
+    session = Session(models.resolve(str(model)), recorder=Recorder.in_memory(),
+                      config=GenerationConfig(max_tokens=128, temperature=0.0, logprobs=True))
+    try:
+        return session.ask(question).run().text.strip()
+    finally:
+        session.engine.close()
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory, tiny_moe: tuple[Path, Path]) -> Path:
     """A calibration killed after a few answers, then resumed to the end (in a data dir of its own)."""
@@ -72,8 +87,12 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory, tiny_moe: tuple[Path, P
     home.mkdir()
     (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
     suite = tmp_path / "cal.jsonl"
-    suite.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": a, "category": "mixed"}) + "\n"
-                             for i, (q, a) in enumerate(QUESTIONS)))
+    magic = [(q, tiny_answer(tiny_moe[1], q), "exact") for q in MAGIC]
+    mixed = [x for pair in zip(magic, [(q, a, None) for q, a in QUESTIONS], strict=False) for x in pair]
+    mixed += [(q, a, None) for q, a in QUESTIONS[len(magic):]]
+    suite.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": a, "category": "mixed",
+                                         **({"kind": kind} if kind else {})}) + "\n"
+                             for i, (q, a, kind) in enumerate(mixed)))
     proc = start(home, "--suite", str(suite), "--limit", str(LIMIT))
     lines = []
     for line in proc.stderr:  # one progress line per answer when stderr is not a terminal
@@ -124,6 +143,7 @@ def test_the_calibrated_router_is_loaded_and_its_thresholds_are_the_outcomes(cal
     small_ok = np.array([small[i]["correct"] for i in ids], dtype=float)
     large_ok = np.array([large[i]["correct"] for i in ids], dtype=float)
     small_j = np.array([small[i]["joules"] for i in ids])
+    assert large_ok.sum() >= 3 and large_ok.mean() > small_ok.mean()  # the thresholds below have a gap to keep
     large_j = np.array([large[i]["joules"] for i in ids])
 
     path = calibrated / "router.json"
