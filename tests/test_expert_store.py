@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from synthetic_moe import build_hf_moe
 
+import localmoe.engine.torch_moe.kernels as native_kernels
 from helpers import run_cli
 from localmoe.engine.torch_moe import TorchMoEEngine
 from localmoe.engine.torch_moe.expert_store import ExpertStore, ExpertWeights, LayerStats
@@ -99,6 +100,8 @@ def test_engine_replaying_a_trace_counts_what_the_simulator_counts(ckpt):
         engine = TorchMoEEngine(ckpt, expert_slots=4, cache_policy=policy, prefetch=False)
         engine.replay(trace)
         engine.decode_logits([1], len(trace.tokens))  # one token per forward call: one step per layer each
+        if native_kernels.available():  # the replay runs in the native decode step (its forced experts)
+            assert engine.native_steps == len(trace.tokens)  # the one-token prompt too
         sim = cachesim.simulate(trace, policy, 4)
         stats = engine.cache_stats()
         assert [lay["hits"] for lay in stats["layers"]] == sim.layer_hits, policy

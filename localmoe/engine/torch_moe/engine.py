@@ -62,9 +62,9 @@ class TorchMoEEngine(Engine):
     which override it. `telemetry` records the experts of every token in `routing`; `max_seq_length` bounds the
     context (default 2048, or the model's own when shorter).
 
-    With float32 weights on the CPU and every expert resident, a one-token decode step runs whole in native code
-    (step.DecodeStep; `cache_stats()["decode_step"]`), unless compiled or prefetching, with top-p or a replay, or
-    with kernels="torch" (`set_kernels`)."""
+    On the CPU with float32 or packed (GGUF) experts, a one-token decode step runs whole in native code
+    (step.DecodeStep; `cache_stats()["decode_step"]`), misses resolved through the store, adaptive top-p and a
+    benchmark's replayed trace included, unless compiled or with kernels="torch" (`set_kernels`)."""
 
     backend = "torch"  # as ModelRef.backend and create_engine name it
 
@@ -320,7 +320,9 @@ class TorchMoEEngine(Engine):
         del self._kv[start:]
         step = self._native_step() if len(tokens) == 1 else None
         if step is not None:
-            out = step(tokens[0], start)
+            replay = model.moes[0].replay
+            forced = [moe.replay.take(moe.layer, 1)[0].tolist() for moe in model.moes] if replay else None
+            out = step(tokens[0], start, forced)
             self._count_native_step(step)
         else:
             if isinstance(self._step, DecodeStep):
@@ -343,15 +345,12 @@ class TorchMoEEngine(Engine):
         return out.float().cpu() if out.device.type != "cpu" else out
 
     def _native_step(self) -> DecodeStep | None:
-        """The native decode step where it applies now (see _use_kernels): not with a trace replay, which the torch
-        path implements (set on every layer at once). Its expert table is first brought up to date with every layer
-        whose cache changed since (loads, evictions, the background fill)."""
+        """The native decode step where it applies now (see _use_kernels). Its expert table is first brought up to
+        date with every layer whose cache changed since (loads, evictions, the background fill)."""
         if self._step is False:
             return None
         model, store = self._model(), self.store
         assert store is not None
-        if model.moes[0].replay is not None:
-            return None
         if self._step is None:
             qtypes = expert_types(self._ckpt, model.args) if isinstance(self._ckpt, GGUFCheckpoint) else None
             self._step = decode_step(model, ExpertTable(model.args.n_layers, model.args.n_experts),

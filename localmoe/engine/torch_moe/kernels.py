@@ -54,7 +54,8 @@ class StepConfig(ctypes.Structure):
         "max_seq_length", "n_layers", "qk_norm", "renormalise", "threads")] + [
         ("eps", ctypes.c_float), ("clip", ctypes.c_float), ("top_p", ctypes.c_float),
         ("gu_types", _P), ("down_types", _P),  # per-layer ggml types of packed experts; None: float32
-        ("dense_types", _P), ("head_type", ctypes.c_int)]  # packed dense matrices' types (q, k, v, o per layer)
+        ("dense_types", _P), ("head_type", ctypes.c_int),  # packed dense matrices' types (q, k, v, o per layer)
+        ("forced", _P)]  # a benchmark's replayed experts per layer (n_layers x top_k); None: the routers choose
 
     @classmethod
     def from_args(cls, a: ModelArgs) -> StepConfig:

@@ -132,6 +132,9 @@ typedef struct {
      * head's; NULL: float32, q, k and v stacked in P_WQKV */
     const int *dense_types;
     int head_type;
+    /* benchmark replay (model.TraceReplay): per layer the top_k experts to use (-1: none) instead of the router's
+     * choice, weighted by their router probabilities; NULL: route */
+    const int *forced;
 } lm_step_config;
 
 size_t lm_step_config_size(void) { return sizeof(lm_step_config); }
@@ -245,24 +248,32 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
             sum += (probs[e] = expf(probs[e] - mx));
         int *ch = chosen + (size_t)l * k;
         float w[64], wsum = 0.f;
-        for (int j = 0; j < k; j++) {  /* k small: selection; ties to the lower id, as torch.topk on CPU */
-            int best = -1;
-            for (int e = 0; e < ne; e++) {
-                int taken = 0;
-                for (int m = 0; m < j; m++)
-                    taken |= ch[m] == e;
-                if (!taken && (best < 0 || probs[e] > probs[best]))
-                    best = e;
+        int kept = k;
+        if (c->forced) {
+            kept = 0;
+            for (int j = 0; j < k; j++)
+                if (c->forced[(size_t)l * k + j] >= 0)
+                    ch[kept++] = c->forced[(size_t)l * k + j];
+        } else {
+            for (int j = 0; j < k; j++) {  /* k small: selection; ties to the lower id, as torch.topk on CPU */
+                int best = -1;
+                for (int e = 0; e < ne; e++) {
+                    int taken = 0;
+                    for (int m = 0; m < j; m++)
+                        taken |= ch[m] == e;
+                    if (!taken && (best < 0 || probs[e] > probs[best]))
+                        best = e;
+                }
+                ch[j] = best;
             }
-            ch[j] = best;
-        }
-        int kept = k;  /* with top_p, as MoE.route: slot j stays while the better slots' mass is below it */
-        if (c->top_p > 0.f && c->top_p < 1.f) {
-            float before = 0.f;
-            for (kept = 1; kept < k; kept++) {
-                before += probs[ch[kept - 1]] / sum;
-                if (!(before < c->top_p))
-                    break;
+            /* with top_p, as MoE.route: slot j stays while the better slots' mass is below it */
+            if (c->top_p > 0.f && c->top_p < 1.f) {
+                float before = 0.f;
+                for (kept = 1; kept < k; kept++) {
+                    before += probs[ch[kept - 1]] / sum;
+                    if (!(before < c->top_p))
+                        break;
+                }
             }
         }
         for (int a = 1; a < kept; a++)  /* ascending ids: the torch path's summation order */

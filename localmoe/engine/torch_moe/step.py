@@ -135,14 +135,21 @@ class DecodeStep:
                 return "a dense weight is not a contiguous float32 CPU tensor"
         return None
 
-    def __call__(self, token: int, pos: int) -> Tensor:
+    def __call__(self, token: int, pos: int, forced: list[list[int]] | None = None) -> Tensor:
         """Logits (1, vocab) of `token` at position `pos`; the KV cache gets its keys and values at `pos`. An error
-        while resolving a miss (a corrupt file, say) is raised here."""
+        while resolving a miss (a corrupt file, say) is raised here. `forced`: per layer, the experts to use instead
+        of the router's choice (a benchmark replaying a trace; -1 pads)."""
         m = self._model
         logits = torch.empty(1, m.args.vocab_size)
         self._cfg.threads = torch.get_num_threads()
         self._cfg.top_p = m.moes[0].top_p or 0.0  # the adaptive expert count, set on every layer at once
         self.resolved, self._error = [], None
+        if forced is not None:
+            ids = [e for row in forced for e in row]
+            self._forced = (ctypes.c_int * len(ids))(*ids)  # held by the object: C reads it during the call
+            self._cfg.forced = ctypes.addressof(self._forced)
+        else:
+            self._cfg.forced = None
         if self._packed_dense:
             embed = m.tok_embeddings.rows(torch.tensor([token]))[0]  # held until the call returns
             head = m.output.parts[0][1].data_ptr()
