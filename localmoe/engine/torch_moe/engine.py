@@ -427,7 +427,7 @@ class TorchMoEEngine(Engine):
         Returns the n_steps chosen tokens and the (n_steps, vocab) logits each was chosen from (row 0 is the
         prefill's last row).
         """
-        last = self._forward(list(token_ids), 0)[-1]
+        last = self._forward(list(token_ids), 0, last=True)[-1]
         chosen: list[int] = []
         rows = []
         pos = len(token_ids)

@@ -16,6 +16,7 @@ import localmoe.engine.torch_moe.kernels as kernels
 from localmoe.engine.torch_moe import ggml_quants
 
 Part = tuple[int, Tensor, int]  # (ggml type, the rows' bytes as uint8, how many rows)
+CHUNK_BYTES = 32 << 20  # the float32 rows a prompt's matmul dequantises at a time
 
 
 class PackedLinear:
@@ -71,7 +72,17 @@ class PackedLinear:
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], self.out_features)
-        w = self.dequantize()
-        if native and kernels.linear_usable(x, w, bias):
-            return kernels.linear(x, w, bias)
-        return F.linear(x, w, bias)
+        # several tokens: a float32 copy of at most CHUNK_BYTES of rows at a time, so an output head of 150k rows
+        # (1.2 GB as float32) costs a prompt 32 MB of transient memory, not the whole matrix under a memory cap
+        out = torch.empty(*x.shape[:-1], self.out_features)
+        flat, lo = out.view(-1, self.out_features), 0
+        for t, raw, n in self.parts:
+            rb, step = ggml_quants.row_bytes(t, self.k), max(1, CHUNK_BYTES // (4 * self.k))
+            for r in range(0, n, step):
+                m = min(step, n - r)
+                w = ggml_quants.dequantize(t, raw[r * rb:(r + m) * rb], (m, self.k))
+                b = bias[lo + r:lo + r + m] if bias is not None else None
+                use_native = native and kernels.linear_usable(rows, w, b)
+                flat[:, lo + r:lo + r + m] = kernels.linear(rows, w, b) if use_native else F.linear(rows, w, b)
+            lo += n
+        return out
