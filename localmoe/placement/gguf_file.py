@@ -211,8 +211,8 @@ def checkpoint_view(header: GGUFHeader, file: str = "") -> tuple[dict[str, Any],
     by_name = {t.name: t for t in header.tensors}
     tensors: dict[str, Any] = {}
 
-    def hub(t: TensorInfo, name: str) -> None:
-        tensors[name] = HubTensor(file, t.type_name, tuple(reversed(t.shape)), t.offset, t.n_bytes)
+    def hub(t: TensorInfo, name: str, shape: tuple[int, ...] | None = None) -> None:
+        tensors[name] = HubTensor(file, t.type_name, shape or tuple(reversed(t.shape)), t.offset, t.n_bytes)
 
     n_layers = int(key("block_count", 0))
     for name, t in by_name.items():
@@ -224,7 +224,10 @@ def checkpoint_view(header: GGUFHeader, file: str = "") -> tuple[dict[str, Any],
             continue  # rope tables and the like: the engine computes its own
         layer, rest = int(parts[1]), parts[2]
         if rest in _LAYER_NAMES:
-            hub(t, f"model.layers.{layer}." + _LAYER_NAMES[rest].format(moe=moe))
+            # the shared expert's gate is the hub's Linear(hidden, 1), [1, hidden]; a GGUF holds it as the vector
+            # llama.cpp's loader asks for ([hidden]: converters squeezed it) or as ggml [hidden, 1]
+            shape = (1, t.n_elements) if rest == "ffn_gate_inp_shexp.weight" else None
+            hub(t, f"model.layers.{layer}." + _LAYER_NAMES[rest].format(moe=moe), shape)
         elif rest in _EXPERT_TENSORS:
             proj = (gate, up, down)[_EXPERT_TENSORS.index(rest)]
             if len(t.shape) != 3 or t.n_bytes % t.shape[2]:
