@@ -9,9 +9,10 @@ As a dev script:
 
 writes OUT_DIR/hf/ (safetensors + config.json) and OUT_DIR/model.gguf.
 
-Adding an architecture (olmoe, qwen2_moe, ...) means one more `_Arch` entry: its transformers classes, the hub
-names of its MoE block and expert projections, and what llama.cpp's loader for it expects (q/k norms, rope
-layout, shared experts would need their own tensor names).
+Architectures: qwen3_moe, mixtral (llama.cpp's `llama`), qwen2_moe (a shared expert and q/k/v biases) and olmoe
+(q/k norms over the whole projections). Adding one means one more `_Arch` entry: its transformers classes, the hub
+names of its MoE block and expert projections, and what llama.cpp's loader for it expects (q/k norms, biases, rope
+layout, a shared expert).
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ class _Arch:
     gguf_arch: str
     moe_block: str  # hub name of the MoE block inside a decoder layer
     expert_proj: tuple[str, str, str]  # hub names of the (gate, up, down) projections of one expert
-    qk_norm: bool  # per-head RMSNorm on q and k (qwen3)
+    # RMSNorm on q and k (self_attn.{q,k}_norm -> attn_{q,k}_norm): per head (qwen3) or over the whole
+    # projection (olmoe); the tensors are copied as they are either way
+    qk_norm: bool
     # llama.cpp's `llama` arch applies rope to interleaved pairs while HF rotates halves; its converter
-    # reorders the q/k rows to compensate. qwen3moe uses NEOX rope, the same halves layout as HF.
+    # reorders the q/k rows to compensate. qwen3moe, qwen2moe and olmoe use NEOX rope, the same halves layout as HF.
     permute_qk: bool
     config_kwargs: Callable[[int, int], dict[str, Any]]  # (experts, expert_ff) -> arch-specific config fields
+    qkv_bias: bool = False  # biases on q, k and v (qwen2_moe): attn_{q,k,v}.bias
+    # a dense expert every token uses, scaled by sigmoid of its own one-row gate (qwen2_moe):
+    # ffn_{gate,up,down}_shexp, and ffn_gate_inp_shexp as a vector of hidden_size
+    shared_expert: bool = False
 
 
 _ARCHS: dict[str, _Arch] = {
@@ -79,6 +86,48 @@ _ARCHS: dict[str, _Arch] = {
             "num_local_experts": experts,
             # llama.cpp's llama arch sizes the expert tensors from feed_forward_length.
             "intermediate_size": expert_ff,
+        },
+    ),
+    "qwen2_moe": _Arch(
+        config_class="Qwen2MoeConfig",
+        model_class="Qwen2MoeForCausalLM",
+        gguf_arch="qwen2moe",
+        moe_block="mlp",
+        expert_proj=("gate_proj", "up_proj", "down_proj"),
+        qk_norm=False,
+        permute_qk=False,
+        qkv_bias=True,
+        shared_expert=True,
+        config_kwargs=lambda experts, expert_ff: {
+            "num_experts": experts,
+            "moe_intermediate_size": expert_ff,
+            "intermediate_size": expert_ff,  # unused (every layer is sparse); written as feed_forward_length
+            # twice an expert's width (Qwen1.5-MoE's is four times), so a conversion or reader that sizes the shared
+            # expert from the routed experts' width fails on the shapes
+            "shared_expert_intermediate_size": 2 * expert_ff,
+            "qkv_bias": True,
+            # llama.cpp's qwen2moe graph never renormalises the top-k weights (nor did the released checkpoints)
+            "norm_topk_prob": False,
+        },
+    ),
+    "olmoe": _Arch(
+        config_class="OlmoeConfig",
+        model_class="OlmoeForCausalLM",
+        gguf_arch="olmoe",
+        moe_block="mlp",
+        expert_proj=("gate_proj", "up_proj", "down_proj"),
+        qk_norm=True,
+        permute_qk=False,
+        config_kwargs=lambda experts, expert_ff: {
+            "num_experts": experts,
+            "intermediate_size": expert_ff,  # olmoe's experts are intermediate_size wide, as llama.cpp's n_ff
+            # llama.cpp's olmoe graph never renormalises the top-k weights and clamps nothing (it reads no
+            # clamp_kqv key for olmoe): both as the released OLMoE
+            "norm_topk_prob": False,
+            "clip_qkv": None,
+            # OlmoeConfig's defaults name OLMoE's own tokenizer's ids (eos 50279), outside SmolLM2's vocabulary
+            "eos_token_id": None,
+            "pad_token_id": None,
         },
     ),
 }
@@ -224,6 +273,18 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = No
     spec = _arch(model_type)  # build_hf_moe's arch names are transformers' model_type values
     if model_type == "qwen3_moe" and not config.get("norm_topk_prob"):
         raise ValueError("llama.cpp's qwen3moe always renormalises the top-k weights: set norm_topk_prob in the config")
+    if model_type in ("qwen2_moe", "olmoe") and config.get("norm_topk_prob"):
+        raise ValueError(f"llama.cpp's {spec.gguf_arch} never renormalises the top-k weights: norm_topk_prob must be "
+                         "false")
+    if model_type == "olmoe" and config.get("clip_qkv") is not None:
+        raise ValueError("llama.cpp's olmoe does not clamp q, k and v (it reads no clamp_kqv for olmoe): clip_qkv "
+                         "must be unset")
+    if model_type == "olmoe" and config["num_key_value_heads"] != config["num_attention_heads"]:
+        # its loader sizes attn_k_norm as the whole hidden size, which only equals k's width without GQA
+        raise ValueError("llama.cpp's olmoe needs num_key_value_heads == num_attention_heads")
+    if model_type == "qwen2_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1
+                                      or config.get("use_sliding_window")):
+        raise ValueError("only qwen2_moe checkpoints whose every layer is sparse, without sliding windows, convert")
 
     n_layers = config["num_hidden_layers"]
     n_experts = config.get("num_experts") or config["num_local_experts"]
@@ -246,7 +307,8 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = No
         if not files:
             raise FileNotFoundError(f"no .safetensors files in {hf_dir}")
         ckpt = _Checkpoint([stack.enter_context(safe_open(f, framework="pt")) for f in files], hf_dir)
-        plan = list(_tensor_plan(spec, n_layers, n_experts, n_heads, n_kv, ckpt))
+        plan = list(_tensor_plan(spec, n_layers, n_experts, n_heads, n_kv, ckpt,
+                                 qkv_bias=spec.qkv_bias and bool(config.get("qkv_bias", True))))
 
         w = gguf.GGUFWriter(str(out_path), spec.gguf_arch)
         w.add_name(f"synthetic-{model_type}")
@@ -266,6 +328,8 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, *, tokenizer_gguf: Path | None = No
         w.add_expert_used_count(config["num_experts_per_tok"])
         if "moe_intermediate_size" in config:
             w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if spec.shared_expert:
+            w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
         for key, (value, vtype, sub_type) in tokenizer_fields.items():
             w.add_key_value(key, value, vtype, sub_type)
 
@@ -361,7 +425,7 @@ _Reader = Callable[[], np.ndarray]
 
 
 def _tensor_plan(
-    spec: _Arch, n_layers: int, n_experts: int, n_heads: int, n_kv: int, ckpt: _Checkpoint
+    spec: _Arch, n_layers: int, n_experts: int, n_heads: int, n_kv: int, ckpt: _Checkpoint, *, qkv_bias: bool = False
 ) -> Iterator[tuple[str, tuple[int, ...], _Reader]]:
     """(gguf name, numpy shape, reader) for every tensor, in file order; readers run only when written."""
 
@@ -378,6 +442,9 @@ def _tensor_plan(
         yield one(b + "attn_q.weight", p + "self_attn.q_proj.weight", n_heads if spec.permute_qk else 0)
         yield one(b + "attn_k.weight", p + "self_attn.k_proj.weight", n_kv if spec.permute_qk else 0)
         yield one(b + "attn_v.weight", p + "self_attn.v_proj.weight")
+        if qkv_bias:
+            for x in "qkv":
+                yield one(b + f"attn_{x}.bias", p + f"self_attn.{x}_proj.bias")
         yield one(b + "attn_output.weight", p + "self_attn.o_proj.weight")
         if spec.qk_norm:
             yield one(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight")
@@ -389,6 +456,14 @@ def _tensor_plan(
             # ggml's expert tensors are [n_expert, rows, cols] in numpy order: each HF Linear weight, stacked.
             shape = (n_experts, *ckpt.shape(keys[0]))
             yield b + f"ffn_{short}_exps.weight", shape, lambda keys=keys: np.stack([ckpt.load(k) for k in keys])
+        if spec.shared_expert:
+            for short in ("gate", "up", "down"):
+                yield one(b + f"ffn_{short}_shexp.weight", f"{moe}shared_expert.{short}_proj.weight")
+            # HF's Linear(hidden, 1) weight is [1, hidden]; llama.cpp's loader asks for a vector of hidden_size
+            # (its converter used to squeeze it to one), a dot product per token
+            key = f"{moe}shared_expert_gate.weight"
+            yield (b + "ffn_gate_inp_shexp.weight", (int(np.prod(ckpt.shape(key))),),
+                   lambda key=key: ckpt.load(key).reshape(-1))
     yield one("output_norm.weight", "model.norm.weight")
     yield one("output.weight", "lm_head.weight")
 

@@ -31,6 +31,7 @@ def _build(root: Path, arch: str) -> Pair:
     # init_std 0.05 instead of transformers' 0.02 so the experts move the logits well above the tolerance.
     hf = synthetic_moe.build_hf_moe(
         root / "hf", arch, hidden=HIDDEN, layers=LAYERS, experts=EXPERTS, top_k=TOP_K, expert_ff=EXPERT_FF,
+        kv_heads=4 if arch == "olmoe" else 2,  # llama.cpp's olmoe has no GQA
         init_std=0.05,
     )
     return Pair(hf, synthetic_moe.hf_to_gguf(hf, root / "model.gguf"))
@@ -116,13 +117,32 @@ def test_llama_cpp_logits_match_transformers(qwen3: Pair) -> None:
     assert np.abs(ours - ref).max() <= LOGIT_TOLERANCE
 
 
-def test_mixtral_logits_match_transformers(tmp_path: Path) -> None:
-    # llama.cpp runs Mixtral as `llama`, whose rope needs the q/k rows permuted: a different path from qwen3moe.
-    pair = _build(tmp_path, "mixtral")
+# mixtral: llama.cpp runs it as `llama`, whose rope needs the q/k rows permuted (a different path from qwen3moe);
+# qwen2_moe: q/k/v biases and a shared expert with its sigmoid gate; olmoe: q/k norms over the whole projections
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+def test_other_archs_logits_match_transformers(tmp_path: Path, arch: str) -> None:
+    pair = _build(tmp_path, arch)
     assert read_layout(pair.gguf).n_experts == EXPERTS
     ours = _llama_logits(pair.gguf, TOKENS)
     ref = _transformers_logits(pair.hf, TOKENS)
+    assert np.abs(ref).max() > 0.5, "logits this small would hide conversion mistakes"
     assert np.abs(ours - ref).max() <= LOGIT_TOLERANCE
+
+
+def test_qwen2_moe_gguf_holds_the_shared_expert_and_biases(tmp_path: Path) -> None:
+    pair = _build(tmp_path, "qwen2_moe")
+    saved = _saved_tensors(pair.hf)
+    tensors = {t.name: t for t in GGUFReader(pair.gguf, "r").tensors}
+    p = "model.layers.1.mlp."
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_gate_inp_shexp.weight"].data),
+                                  saved[p + "shared_expert_gate.weight"].reshape(-1))  # [1, hidden] as a vector
+    for short in ("gate", "up", "down"):
+        w = saved[f"{p}shared_expert.{short}_proj.weight"]
+        assert 2 * EXPERT_FF in w.shape  # the shared expert's own width, not an expert's
+        np.testing.assert_array_equal(np.asarray(tensors[f"blk.1.ffn_{short}_shexp.weight"].data).reshape(w.shape), w)
+    for x in "qkv":
+        np.testing.assert_array_equal(np.asarray(tensors[f"blk.1.attn_{x}.bias"].data),
+                                      saved[f"model.layers.1.self_attn.{x}_proj.bias"])
 
 
 def test_qwen3_without_topk_renormalisation_is_refused(tmp_path: Path) -> None:
@@ -132,6 +152,22 @@ def test_qwen3_without_topk_renormalisation_is_refused(tmp_path: Path) -> None:
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "norm_topk_prob": False}))
     with pytest.raises(ValueError, match="norm_topk_prob"):
+        synthetic_moe.hf_to_gguf(hf, tmp_path / "model.gguf")
+
+
+@pytest.mark.parametrize("arch, change, message", [
+    ("qwen2_moe", {"norm_topk_prob": True}, "never renormalises"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv must be unset"),
+    ("olmoe", {"num_key_value_heads": 2}, "num_key_value_heads == num_attention_heads"),
+])
+def test_what_llama_cpp_would_run_differently_is_refused(tmp_path: Path, arch: str, change: dict, message: str) -> None:
+    import json
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    config = {"model_type": arch, "num_attention_heads": 4, "num_key_value_heads": 4, **change}
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
         synthetic_moe.hf_to_gguf(hf, tmp_path / "model.gguf")
 
 
