@@ -107,19 +107,23 @@ class Checkpoint:
             return out.copy_(t) if out is not None else t
         direct = out is not None and dtype == torch.float32 and out.is_contiguous() and info.nbytes == out.nbytes
         buf = memoryview(out.numpy()).cast("B") if direct else memoryview(bytearray(info.nbytes))  # type: ignore
-        fd, done = self._fds[info.file], 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [buf[done:]], info.offset + done)
-            if n <= 0:
-                raise LocalmoeError(f"checkpoint shard {self.dir / info.file} is truncated at tensor {key}")
-            done += n
-        if _FADVISE and not self.keep_page_cache:
-            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        self._pread(key, info, buf, f"checkpoint shard {self.dir / info.file}")
         if direct:
             return out  # type: ignore[return-value]
         t = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
         t = t.reshape(shape).to(torch.float32)
         return out.copy_(t) if out is not None else t
+
+    def _pread(self, key: str, info: TensorInfo, buf: memoryview, where: str) -> None:
+        """The tensor's bytes into `buf` with pread, then out of the page cache unless it is kept."""
+        fd, done = self._fds[info.file], 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [buf[done:]], info.offset + done)
+            if n <= 0:
+                raise LocalmoeError(f"{where} is truncated at tensor {key}")
+            done += n
+        if _FADVISE and not self.keep_page_cache:
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
 
     def release_mmaps(self) -> None:
         """Unmap the shards once the dense weights are copied out; experts are read with pread from then on."""

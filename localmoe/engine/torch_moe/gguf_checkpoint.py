@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from localmoe.engine.torch_moe import ggml_quants
-from localmoe.engine.torch_moe.checkpoint import _FADVISE, Checkpoint, DenseWeights
+from localmoe.engine.torch_moe.checkpoint import Checkpoint, DenseWeights
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.expert_store import Loader, PackedExpert
 from localmoe.engine.torch_moe.packed import PackedLinear
@@ -83,15 +83,7 @@ class GGUFCheckpoint(Checkpoint):
         """The tensor's bytes as stored (uint8), read with pread into `out` when given."""
         info = self.tensors[key]
         buf = out if out is not None else torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()).cast("B")
-        fd, done = self._fds[info.file], 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n <= 0:
-                raise LocalmoeError(f"{self.dir.name} is truncated at tensor {key}")
-            done += n
-        if _FADVISE and not self.keep_page_cache:
-            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        self._pread(key, info, memoryview(buf.numpy()).cast("B"), self.dir.name)
         self.bytes_read += info.nbytes
         return buf
 
