@@ -26,7 +26,6 @@ import synthetic_moe  # noqa: E402
 
 from localmoe.engine import load  # noqa: E402
 from localmoe.engine.torch_moe import TorchMoEEngine, ggml_quants  # noqa: E402
-from localmoe.engine.torch_moe.step import DecodeStep  # noqa: E402
 from localmoe.errors import LocalmoeError  # noqa: E402
 
 PROMPT = [1, 20, 300, 4000, 50, 6, 700, 8000]
@@ -110,9 +109,7 @@ def test_greedy_tokens_match_llama_cpp_for_32_steps_full_and_one_slot(gguf_moes,
     for slots in (None, 1):
         engine = _native(gguf_moes[arch, quant][0], expert_slots=slots)
         tokens, _ = engine.decode_logits(PROMPT, STEPS)
-        # every decode step ran whole in native code, misses resolved (none where the step does not run the
-        # model: qwen2_moe's shared expert)
-        assert engine.native_steps == (STEPS - 1 if DecodeStep.why_not(engine.model) is None else 0)
+        assert engine.native_steps == STEPS - 1  # every decode step ran whole in native code, misses resolved
         assert tokens == exact_greedy.tolist()
 
 
@@ -139,8 +136,7 @@ def test_default_8_bit_activations_cost_no_more_than_llama_cpps(gguf_moes, refer
     engine = _native(gguf_moes[arch, quant][0])
     engine.logits(seq[:n])
     ours = np.stack([engine.logits(seq[:i], reuse=True)[-1] for i in range(n + 1, len(seq) + 1)])
-    if DecodeStep.why_not(engine.model) is None:  # (qwen2_moe's shared expert keeps the torch path)
-        assert engine.native_steps == len(seq) - n  # each row one native decode step
+    assert engine.native_steps == len(seq) - n  # each row one native decode step
     exact, theirs = ref["exact"][n:], ref["quant"][n:]
     scale = float(np.abs(exact).max())
     assert np.abs(ours - exact).max() <= 2 * np.abs(theirs - exact).max() + 2e-3 * scale

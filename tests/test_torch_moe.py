@@ -98,10 +98,10 @@ def test_prompt_and_greedy_decode_match_transformers(checkpoint, slots):
     print(f"{arch} slots={slots}: max |logit diff| {diff:.2e}, {engine.cache_stats()}")
     assert diff <= 1e-4
     # one slot per layer, fewer than the experts a token takes: the native step resolves its misses through the
-    # store (no shared expert in it: Qwen2-MoE keeps the torch path)
+    # store (Qwen2-MoE's shared expert included)
     import localmoe.engine.torch_moe.kernels as native
 
-    if native.available() and arch != "qwen2_moe":
+    if native.available():
         assert engine.native_steps == DECODE_STEPS - 1 and engine.cache_stats()["decode_step"] == "native"
 
     stats = engine.cache_stats()
@@ -116,12 +116,12 @@ def test_prompt_and_greedy_decode_match_transformers(checkpoint, slots):
 
 def test_native_decode_step_matches_transformers(checkpoint, monkeypatch):
     """Every expert resident (preload): one-token steps run whole in native code (step.DecodeStep) for every
-    architecture but Qwen2-MoE's shared expert, and still match transformers to 1e-4 for 8 greedy steps; its
+    architecture, Qwen2-MoE's shared expert included, and still match transformers to 1e-4 for 8 greedy steps; its
     telemetry names the same experts as the torch path's."""
     import localmoe.engine.torch_moe.kernels as native
 
     arch, path, model = checkpoint
-    runs_native = native.available() and arch != "qwen2_moe"  # no C compiler: the torch path both times
+    runs_native = native.available()  # no C compiler: the torch path both times
     runs = {}
     for kernels in ("native", "torch"):
         native._library.cache_clear()

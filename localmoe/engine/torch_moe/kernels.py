@@ -55,14 +55,15 @@ class StepConfig(ctypes.Structure):
         ("eps", ctypes.c_float), ("clip", ctypes.c_float), ("top_p", ctypes.c_float),
         ("gu_types", _P), ("down_types", _P),  # per-layer ggml types of packed experts; None: float32
         ("dense_types", _P), ("head_type", ctypes.c_int),  # packed dense matrices' types (q, k, v, o per layer)
-        ("forced", _P)]  # a benchmark's replayed experts per layer (n_layers x top_k); None: the routers choose
+        ("forced", _P),  # a benchmark's replayed experts per layer (n_layers x top_k); None: the routers choose
+        ("shared_ff", ctypes.c_int)]
 
     @classmethod
     def from_args(cls, a: ModelArgs) -> StepConfig:
         return cls(dim=a.dim, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, n_experts=a.n_experts,
                    top_k=a.top_k, expert_ff=a.expert_ff, vocab_size=a.vocab_size, max_seq_length=a.max_seq_length,
                    n_layers=a.n_layers, qk_norm=QK_NORM[a.qk_norm], renormalise=int(a.renormalise), threads=1,
-                   eps=a.norm_eps, clip=a.clip_qkv or 0.0, top_p=0.0)
+                   eps=a.norm_eps, clip=a.clip_qkv or 0.0, top_p=0.0, shared_ff=a.shared_ff)
 
 
 @cache

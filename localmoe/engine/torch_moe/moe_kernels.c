@@ -113,7 +113,9 @@ void lm_moe_decode_f32(int n_exp, const float *const *gate_up, const float *cons
  * model: its weights, KV cache and RoPE tables are used in place. Summation order follows the torch path (experts
  * in ascending id), so results agree to float rounding. */
 /* P_WK, P_WV: with packed dense weights, P_WQKV holds the q rows and these the k and v rows (each its own type) */
-enum { P_ATTN_NORM, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_FFN_NORM, P_ROUTER, P_KCACHE, P_VCACHE, P_WK, P_WV, P_N };
+/* P_SH_*: qwen2_moe's shared expert (gate, up, down, and its sigmoid gate's row), float32; NULL where none */
+enum { P_ATTN_NORM, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_FFN_NORM, P_ROUTER, P_KCACHE, P_VCACHE, P_WK, P_WV,
+       P_SH_GATE, P_SH_UP, P_SH_DOWN, P_SH_GW, P_N };
 
 /* The model's shape and switches, filled from ModelArgs by kernels.StepConfig (a ctypes mirror of this struct): the
  * loader compares lm_step_config_size() with the mirror's size and keeps torch's kernels when they differ. */
@@ -135,6 +137,7 @@ typedef struct {
     /* benchmark replay (model.TraceReplay): per layer the top_k experts to use (-1: none) instead of the router's
      * choice, weighted by their router probabilities; NULL: route */
     const int *forced;
+    int shared_ff;    /* the shared expert's hidden width (qwen2_moe); 0 for none */
 } lm_step_config;
 
 size_t lm_step_config_size(void) { return sizeof(lm_step_config); }
@@ -177,7 +180,8 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
     const float eps = c->eps, clip = c->clip;
     const int qo = nh * hd, kvo = nkv * hd, nqkv = qo + 2 * kvo, n = pos + 1;
     float *x = scratch, *xn = x + dim, *xin = xn + dim, *qkv = xin + dim, *att = qkv + nqkv, *probs = att + qo, *h = probs + ne,
-          *sc = h + (size_t)k * ff;  /* sc: nh x maxseq scores */
+          *sc = h + (size_t)k * ff,  /* sc: nh x maxseq scores */
+          *hs = sc + (size_t)nh * maxseq, *ys = hs + 2 * (size_t)c->shared_ff;  /* the shared expert's */
     const float scale = 1.f / sqrtf((float)hd);
     memcpy(x, embed, sizeof(float) * dim);
     for (int l = 0; l < c->n_layers; l++) {
@@ -309,6 +313,17 @@ int lm_step_f32(const lm_step_config *c, const void *const *lp, const float *con
                             w, xin, xn, h, dim, ff, nt);
         else
             lm_moe_decode_f32(kept, gu, dn, w, xin, xn, h, dim, ff, nt);
+        if (p[P_SH_GATE]) {  /* a dense expert every token uses, scaled by sigmoid(its own gate), as MoE.forward */
+            const int sf = c->shared_ff;
+            lm_gemv_f32(p[P_SH_GATE], xin, NULL, hs, sf, dim, nt);
+            lm_gemv_f32(p[P_SH_UP], xin, NULL, hs + sf, sf, dim, nt);
+            for (int i = 0; i < sf; i++)
+                hs[i] = silu(hs[i]) * hs[sf + i];
+            lm_gemv_f32(p[P_SH_DOWN], hs, NULL, ys, dim, sf, nt);
+            const float g = 1.f / (1.f + expf(-dot1(p[P_SH_GW], xin, dim)));
+            for (int i = 0; i < dim; i++)
+                xn[i] += g * ys[i];
+        }
         for (int i = 0; i < dim; i++)
             x[i] += xn[i];
     }

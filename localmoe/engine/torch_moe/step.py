@@ -89,6 +89,8 @@ class DecodeStep:
                            ptr(at.k_norm.weight) if at.k_norm is not None else None, ptr(at.wo),
                            ptr(block.ffn_norm.weight), ptr(block.moe.router),
                            ptr(at.kv_cache.k_cache), ptr(at.kv_cache.v_cache), ptr(at.wqkv, 1), ptr(at.wqkv, 2)]
+            shared = block.moe.shared
+            layer_ptrs += [ptr(t) for t in shared] + [ptr(block.moe.shared_expert_gate)] if shared else [None] * 4
             if isinstance(at.wqkv, PackedLinear) and isinstance(at.wo, PackedLinear):
                 dense_types += [t for t, _, _ in at.wqkv.parts] + [at.wo.parts[0][0]]
         self._cfg = kernels.StepConfig.from_args(a)
@@ -105,15 +107,13 @@ class DecodeStep:
         self._layers = (_P * len(layer_ptrs))(*layer_ptrs)
         q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         self._scratch = torch.zeros(3 * a.dim + 2 * q_out + 2 * kv_out + a.n_experts + a.top_k * a.expert_ff
-                                    + a.n_heads * a.max_seq_length)
+                                    + a.n_heads * a.max_seq_length + 2 * a.shared_ff + a.dim)
         self._chosen = (ctypes.c_int * (a.n_layers * a.top_k))()
 
     @staticmethod
     def why_not(model: torch.nn.Module) -> str | None:
         """Why the native step cannot run this model (None: it can, once its experts are all resident)."""
         a = model.args
-        if a.shared_expert:
-            return "shared experts are not in the native step"
         if a.top_k > MAX_TOP_K or a.head_dim % 2 or a.n_heads % a.n_kv_heads:
             return "shape outside the native step"
         tensors = [model.norm.weight, model.cos, model.sin]
@@ -122,7 +122,7 @@ class DecodeStep:
             at = block.attention
             tensors += [block.moe.router, block.attention_norm.weight, block.ffn_norm.weight,
                         at.kv_cache.k_cache, at.kv_cache.v_cache]
-            tensors += [t for t in (at.bqkv,) if t is not None]
+            tensors += [t for t in (at.bqkv, *(block.moe.shared or ()), block.moe.shared_expert_gate) if t is not None]
             packed += [at.wqkv, at.wo]
         if all(isinstance(m, PackedLinear) for m in packed):  # a GGUF's: q, k, v, then o and the head, one part each
             if any(len(m.parts) != n for m, n in zip(packed[2:], [3, 1] * a.n_layers, strict=True)) or \
