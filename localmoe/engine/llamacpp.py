@@ -171,17 +171,11 @@ class LlamaCppEngine(Engine):
                 for pos, experts in zip(range(first, end), rows, strict=True)]
 
     def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        return token_text(self._llm, token)
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         self.load()
-        text = chat_template.render(
-            self.layout.chat_template, messages, bos_token=self._bos, eos_token=self._eos
-        )
-        add_bos = self._add_bos and not (self._bos and text.startswith(self._bos))
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return encode_chat(self._llm, self.layout.chat_template, messages, self._bos, self._eos, self._add_bos)
 
     def _stream(
         self, messages: list[Message], config: GenerationConfig, cancel: threading.Event | None
@@ -238,3 +232,19 @@ class LlamaCppEngine(Engine):
             if self._tap is not None:
                 ids = list(llm.input_ids[: llm.n_tokens])
                 self.routing = self._collect_routing(ids, llm.n_tokens, len(tokens))
+
+
+def token_text(llm: Any, token: int) -> str:
+    """A special token's text in llama.cpp's vocabulary ("" for none)."""
+    if token < 0:
+        return ""
+    return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+
+def encode_chat(llm: Any, template: str | None, messages: list[Message], bos: str, eos: str,
+                add_bos: bool) -> list[int]:
+    """Messages through the model's chat template (sandboxed) and llama.cpp's tokenizer: a BOS when the model wants
+    one and the template did not write it. Shared by this engine and the native engine's GGUF tokenizer."""
+    text = chat_template.render(template, messages, bos_token=bos, eos_token=eos)
+    add = add_bos and not (bos and text.startswith(bos))
+    return llm.tokenize(text.encode("utf-8"), add_bos=add, special=True)

@@ -355,6 +355,9 @@ class TorchMoEEngine(Engine):
             qtypes = expert_types(self._ckpt, model.args) if isinstance(self._ckpt, GGUFCheckpoint) else None
             self._step = decode_step(model, ExpertTable(model.args.n_layers, model.args.n_experts),
                                      self._resolve, qtypes) or False
+            # what the table may point to, checked at every sync: packed bytes, or float32 for one-token activations
+            self._table_usable = _packed_usable if store.expert_dtype == PACKED else \
+                partial(kernels.usable, torch.zeros(1, model.args.dim))
             self._synced = [-1] * model.args.n_layers
         if self._step:
             for layer, version in enumerate(store.versions):
@@ -371,10 +374,8 @@ class TorchMoEEngine(Engine):
         entries = dict(resident)
         extra = {e: w for e, w in (using or {}).items() if e not in entries}
         entries.update(extra)
-        probe = torch.zeros(1, self._model().args.dim)
         mats = [(expert, w.mats) for expert, w in entries.items()]
-        usable = _packed_usable if self.store.expert_dtype == PACKED else partial(kernels.usable, probe)
-        if not all(usable(m) for _, m in mats):
+        if not all(self._table_usable(m) for _, m in mats):
             raise LocalmoeError(f"layer {layer}'s experts are not matrices the native step can read")
         self._step.table.sync(layer, mats)
         self._synced[layer] = -1 if extra else version

@@ -17,14 +17,14 @@ from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from localmoe.engine.torch_moe import ggml_quants
-from localmoe.engine.torch_moe.checkpoint import Checkpoint, DenseWeights
+from localmoe.engine.torch_moe.checkpoint import _ST_DTYPES, Checkpoint, DenseWeights
 from localmoe.engine.torch_moe.config import ModelArgs
 from localmoe.engine.torch_moe.expert_store import Loader, PackedExpert
 from localmoe.engine.torch_moe.packed import PackedLinear
 from localmoe.errors import LocalmoeError
 from localmoe.placement.gguf_file import GGUFFormatError, checkpoint_view, read_header
 
-_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_TYPES = _ST_DTYPES  # the unquantised types, by the same names in both formats
 
 
 def type_of(name: str) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import localmoe.engine.chat_template as chat_template
 from localmoe.engine.base import Message
+from localmoe.engine.llamacpp import encode_chat, token_text
 from localmoe.errors import LocalmoeError
 
 
@@ -69,8 +70,8 @@ class GGUFChatTokenizer:
             raise LocalmoeError(f"llama.cpp could not read the tokenizer of {path.name}: {e}") from None
         self.tokenizer = _LlamaVocab(self._llm)
         self.template: str | None = read_layout(path).chat_template
-        self.bos_token = self.tokenizer.text(self._llm.token_bos())
-        self.eos_token = self.tokenizer.text(self._llm.token_eos())
+        self.bos_token = token_text(self._llm, self._llm.token_bos())
+        self.eos_token = token_text(self._llm, self._llm.token_eos())
         self._add_bos = self._llm.metadata.get("tokenizer.ggml.add_bos_token", "true") == "true"
         vocab = self._llm._model.vocab
         # every end-of-generation token (eos, eot, <|im_end|>, ...), as llama.cpp's own generation stops at
@@ -80,10 +81,7 @@ class GGUFChatTokenizer:
         return chat_template.render(self.template, messages, bos_token=self.bos_token, eos_token=self.eos_token)
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        text = self.render(messages)
-        # as the llama.cpp engine: a BOS when the model wants one and the template did not write it
-        add_bos = self._add_bos and not (self.bos_token and text.startswith(self.bos_token))
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return encode_chat(self._llm, self.template, messages, self.bos_token, self.eos_token, self._add_bos)
 
 
 class _LlamaVocab:
@@ -94,9 +92,6 @@ class _LlamaVocab:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._llm.detokenize(ids, special=not skip_special_tokens).decode("utf-8", errors="replace")
-
-    def text(self, token: int) -> str:
-        return "" if token < 0 else self.decode([token], skip_special_tokens=False)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
