@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from collections import Counter
 
 from test_models_ui import screen_lines
@@ -147,13 +148,26 @@ def test_a_dense_model_says_so_in_one_line_and_the_view_follows_answers(home):
 
 
 def test_the_view_follows_an_answer_on_the_native_engine_while_it_is_written(home, tiny_moe, monkeypatch):
+    from localmoe.engine.torch_moe.engine import TorchMoEEngine
     from localmoe.ui import hardware_screen
 
     monkeypatch.setattr(hardware_screen, "LIVE_INTERVAL_S", 0.05)
+    # The answer holds after a few pieces until the test has seen the view follow it: how fast a machine decodes
+    # must not decide whether the answer is still being written when the view looks (a fast CI machine finished
+    # 1500 tokens before the first look).
+    seen = threading.Event()
+    stream = TorchMoEEngine._stream
+
+    def held_stream(self, messages, config, cancel):
+        for i, piece in enumerate(stream(self, messages, config, cancel)):
+            if i == 3:
+                assert seen.wait(60), "the view never followed the answer"
+            yield piece
+
+    monkeypatch.setattr(TorchMoEEngine, "_stream", held_stream)
 
     async def run() -> None:
-        # the tiny model decodes ~500 tokens/s here: 1500 tokens keep it answering for a few seconds
-        app = LocalmoeApp(model=str(tiny_moe[0]), config=GenerationConfig(max_tokens=1500, temperature=0.0))
+        app = LocalmoeApp(model=str(tiny_moe[0]), config=GenerationConfig(max_tokens=64, temperature=0.0))
         async with app.run_test(size=(100, 40)) as pilot:
             chat = app.screen
             screen = await open_hardware(pilot, app)
@@ -161,10 +175,13 @@ def test_the_view_follows_an_answer_on_the_native_engine_while_it_is_written(hom
             await pilot.press("escape")
             await type_and_send(pilot, "Tell me a long story about a lighthouse.")
             screen = await open_hardware(pilot, app)
-            await wait_for(pilot, lambda: summary(screen).startswith("Answering now") or not chat.generating)
-            assert chat.generating, "the answer ended before the view followed it"
-            assert screen.counts is not None and sum(map(sum, screen.counts)) > 0
-            live_uses = sum(map(sum, screen.counts))
+            try:
+                await wait_for(pilot, lambda: summary(screen).startswith("Answering now") or not chat.generating)
+                assert chat.generating, "the answer ended before the view followed it"
+                assert screen.counts is not None and sum(map(sum, screen.counts)) > 0
+                live_uses = sum(map(sum, screen.counts))
+            finally:
+                seen.set()
             await wait_for(pilot, lambda: not chat.generating and summary(screen).startswith("Last answer"))
             assert sum(map(sum, screen.counts)) >= live_uses
             assert sum(map(sum, screen.counts)) == sum(len(e) for t in chat.last_run["routing"] for e in t.experts)
