@@ -111,9 +111,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise LocalmoeError("--backend needs --model (a .gguf file or a checkpoint directory)")
     if options and not args.model:
         raise LocalmoeError(f"{_first_flag(options)} needs --model (a Hugging Face checkpoint directory)")
-    if args.no_log and (args.cont or args.conversation is not None):
+    from localmoe.home import settings
+
+    user_settings = settings.load()
+    off_record = args.no_log or not (args.log or user_settings.record)  # [privacy] record = false: --log records
+    if off_record and (args.cont or args.conversation is not None):
         # continuing means reading the history from the database, and a follow-up usually wants the record too
-        raise UsageError("--no-log cannot continue a recorded conversation (-c/--conversation)")
+        if args.no_log:
+            raise UsageError("--no-log cannot continue a recorded conversation (-c/--conversation)")
+        raise UsageError("recording is off ([privacy] record = false in settings.toml): add --log to continue a "
+                         "recorded conversation and record this answer")
+    args.no_log = off_record
     recorder = None
     if args.no_log:
         from localmoe.record.recorder import Recorder
@@ -128,7 +136,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if args.backend:  # the engine asked for, even where the planner would choose the other one
             ref = models.with_backend(ref, args.backend)
         ref = _check_torch_options(options, ref)
-        session = Session(ref, engine_options=options, recorder=recorder)
+        session = Session(ref, engine_options=options, recorder=recorder, meter=user_settings.meter)
         session.config = GenerationConfig(**{**models.generation_defaults(ref), **overrides})
         target, closer, route = session, session.close, None
         notices = session.warnings
@@ -136,7 +144,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         from localmoe.chat.assistant import Assistant
 
         assistant = Assistant(overrides=overrides, strategy=args.strategy, preference=args.preference,
-                              recorder=recorder)
+                              recorder=recorder, user_settings=user_settings)
         target, closer = assistant, assistant.close
         notices = list(assistant.notices)
     try:
@@ -955,8 +963,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the latest conversation (the model sees its earlier questions and answers)")
     a.add_argument("--conversation", type=_positive_int, metavar="ID",
                    help="continue this conversation (ids are in `localmoe logs`)")
-    a.add_argument("--no-log", action="store_true",
-                   help="off the record: answer without storing the question or the answer anywhere")
+    record = a.add_mutually_exclusive_group()
+    record.add_argument("--no-log", action="store_true",
+                        help="off the record: answer without storing the question or the answer anywhere")
+    record.add_argument("--log", action="store_true",
+                        help="record this answer even when settings.toml turns recording off ([privacy] record)")
     a.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy")
     a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     _add_engine_options(a)

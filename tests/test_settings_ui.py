@@ -1,16 +1,24 @@
-"""The settings screen through Textual's pilot: what it writes is what the CLI reads, and the next question uses it."""
+"""The settings screen through Textual's pilot: what it writes is what the CLI reads, and the next question uses it.
+Recording and the energy meter are checked against the real SQLite file and the CLI's `ask` too."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
+import sys
 import tomllib
 
+import pytest
 from test_tui import type_and_send, wait_for
-from textual.widgets import Input, Select, Static
+from textual.widgets import Input, Select, Static, Switch
 
+from helpers import advancing_rapl, run_cli
 from localmoe.engine import GenerationConfig
+from localmoe.errors import LocalmoeError
+from localmoe.home import settings
 from localmoe.ui.app import LocalmoeApp
-from localmoe.ui.chat import Answer, ChatScreen
+from localmoe.ui.chat import OFF_THE_RECORD, Answer, ChatScreen
 from localmoe.ui.settings_screen import SettingsScreen
 
 
@@ -52,3 +60,188 @@ def test_a_tier_change_is_written_and_used_by_the_next_question(home, tiny_moe):
     written = tomllib.loads((home / "settings.toml").read_text())
     assert written == {"tiers": {"allow_remote": False, "large": str(tiny_moe[1])},
                        "router": {"preference": 0.001, "strategy": "features"}}
+
+
+def write_settings(home, text: str) -> None:
+    """settings.toml as the user (or the screen) leaves it: private, so no command adds a notice about its mode."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(text)
+    (home / "settings.toml").chmod(0o600)
+
+
+def messages(db) -> list[tuple[str, str]]:
+    """(role, content) of every message row in the real database file; none when the file was never made."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("select role, content from messages order by id").fetchall()
+    finally:
+        conn.close()
+
+
+async def ask(pilot, chat, question: str) -> Answer:
+    n = len(chat.query(Answer))
+    await type_and_send(pilot, question)
+    await wait_for(pilot, lambda: len(chat.query(Answer)) == n + 1 and chat.query(Answer)[n].done)
+    return chat.query(Answer)[n]
+
+
+async def open_settings(pilot, app) -> SettingsScreen:
+    await pilot.press("f3")
+    await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+    return app.screen
+
+
+def test_recording_off_in_settings_keeps_tui_answers_out_of_the_database_until_turned_on(home):
+    write_settings(home, "[privacy]\nrecord = false\n")
+    db = home / "localmoe.db"
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.screen
+            await wait_for(pilot, lambda: chat.sub_title == "smollm2-135m-instruct" + OFF_THE_RECORD)
+            assert chat.active_bindings["ctrl+o"].binding.description == "Record again"
+            off = await ask(pilot, chat, "Name a colour.")
+            assert off.status == "complete" and off.text.strip() and off.energy is not None
+            assert messages(db) == []  # answered and shown, nothing in the real file
+
+            screen = await open_settings(pilot, app)
+            switch = screen.query_one("#privacy-record", Switch)
+            assert switch.value is False
+            switch.value = True
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: app.screen is chat and chat.sub_title == "smollm2-135m-instruct")
+            assert chat.active_bindings["ctrl+o"].binding.description == "Off the record"
+            on = await ask(pilot, chat, "Name a fruit.")
+            assert on.status == "complete"
+
+    asyncio.run(run())
+    rows = messages(db)
+    assert [r for r in rows if r[0] == "user"] == [("user", "Name a fruit.")] and len(rows) == 2
+    assert tomllib.loads((home / "settings.toml").read_text()) == {"privacy": {"record": True}}
+
+
+def test_turning_recording_off_in_settings_applies_to_the_next_question_and_ctrl_o_still_overrides(home):
+    db = home / "localmoe.db"
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.screen
+            await ask(pilot, chat, "Name a colour.")  # recorded: the default
+            screen = await open_settings(pilot, app)
+            assert screen.query_one("#privacy-record", Switch).value is True
+            screen.query_one("#privacy-record", Switch).value = False
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: chat.sub_title == "smollm2-135m-instruct" + OFF_THE_RECORD)
+            await ask(pilot, chat, "Name a fruit.")  # off the record, in the same conversation on screen
+            await pilot.press("ctrl+o")  # recording again for this chat, whatever the default
+            await pilot.pause()
+            await ask(pilot, chat, "Name an animal.")
+
+    asyncio.run(run())
+    rows = messages(db)
+    assert [c for r, c in rows if r == "user"] == ["Name a colour.", "Name an animal."]
+    conn = sqlite3.connect(db)
+    assert conn.execute("select count(distinct conversation_id) from messages").fetchone() == (1,)
+    assert tomllib.loads((home / "settings.toml").read_text()) == {"privacy": {"record": False}}
+
+
+def test_ask_follows_the_recording_setting_and_log_overrides_it(home):
+    write_settings(home, "[privacy]\nrecord = false\n")
+    db = home / "localmoe.db"
+    r = run_cli("ask", "Say hi.", "--json", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["recorded"] is False and out["conversation_id"] is None and out["answer"].strip()
+    assert messages(db) == []
+    r = run_cli("ask", "And again?", "-c")  # nothing recorded to continue: one line saying how
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--log" in r.stderr, r.stderr
+    r = run_cli("ask", "Say hello.", "--json", "--max-tokens", "4", "--log")
+    assert r.returncode == 0 and json.loads(r.stdout)["recorded"] is True, r.stderr
+    assert [c for role, c in messages(db) if role == "user"] == ["Say hello."]
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[privacy]\nrecord = \"no\"\n", "[privacy] record must be true or false"),
+    ("[energy]\nmeter = \"wattmeter\"\n", "unknown energy meter 'wattmeter'"),
+    ("energy = 3\n", "energy must be a table"),
+])
+def test_bad_privacy_and_energy_settings_are_refused_in_one_line(home, text, words):
+    write_settings(home, text)
+    with pytest.raises(LocalmoeError) as err:
+        settings.load()
+    assert words in str(err.value) and "\n" not in str(err.value)
+    r = run_cli("ask", "Say hi.", "--max-tokens", "4")  # the CLI reads the file with the same reader
+    assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_meter_names_and_auto(home):
+    home.mkdir(parents=True, exist_ok=True)
+    assert settings.load().meter is None  # auto
+    write_settings(home, '[energy]\nmeter = "Estimate"\n')
+    assert settings.load().meter == "estimate"
+    write_settings(home, '[energy]\nmeter = "auto"\n')
+    assert settings.load().meter is None
+    from localmoe.record.meters import METER_NAMES
+
+    assert settings.meter_names() == ("auto", *METER_NAMES)
+
+
+def test_the_chosen_energy_meter_measures_the_next_answer(home, tmp_path, monkeypatch):
+    """A (fake) RAPL counter is what auto would take; the settings choose the estimate, then RAPL from the screen.
+    A meter this machine cannot read is refused by the screen in one line."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no GPU meter, whatever this machine has
+    root = tmp_path / "sys"
+    root.mkdir()
+    monkeypatch.setenv("LOCALMOE_SYSFS_ROOT", str(root))
+    write_settings(home, '[energy]\nmeter = "estimate"\n')
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.screen
+            first = await ask(pilot, chat, "Say hi.")
+            assert first.energy.meter.startswith("estimate") and first.energy.measured is False
+            assert "~" in str(first.query_one(".stats", Static).render())
+
+            screen = await open_settings(pilot, app)
+            meter = screen.query_one("#energy-meter", Select)
+            assert meter.value == "estimate"
+            meter.value = "amdgpu"  # no such sensor in the fake tree: refused, nothing written
+            await pilot.press("ctrl+s")
+            error = str(screen.query_one("#settings-error", Static).render())
+            assert "energy meter 'amdgpu' is not available here" in error and "\n" not in error
+            assert app.screen is screen and "estimate" in (home / "settings.toml").read_text()
+            meter.value = "rapl"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: app.screen is chat and chat.sub_title == "smollm2-135m-instruct")
+
+            second = await ask(pilot, chat, "Say hello.")
+            assert second.energy.meter == "rapl(package-0)" and second.energy.measured is True
+
+    with advancing_rapl(root, watts=25):
+        asyncio.run(run())
+        # `ask` reads the same key: the estimate when the file names it, RAPL (auto's choice here) without it
+        assert tomllib.loads((home / "settings.toml").read_text()) == {"energy": {"meter": "rapl"}}
+        write_settings(home, '[energy]\nmeter = "estimate"\n')
+        out = json.loads(run_cli("ask", "Say hi.", "--json", "--max-tokens", "4").stdout)
+        assert out["energy"]["meter"].startswith("estimate") and out["energy"]["measured"] is False
+        write_settings(home, "")
+        out = json.loads(run_cli("ask", "Say hi.", "--json", "--max-tokens", "4").stdout)
+        assert out["energy"]["meter"].startswith("rapl(package-0)") and out["energy"]["measured"] is True
+    conn = sqlite3.connect(home / "localmoe.db")
+    meters = [r[0] for r in conn.execute("select meter from energy order by message_id")]
+    assert meters[0].startswith("estimate") and meters[1] == "rapl(package-0)", meters
+
+
+def test_a_named_meter_this_machine_cannot_read_refuses_the_question_before_recording_it(home, tmp_path):
+    write_settings(home, '[energy]\nmeter = "rapl"\n')
+    empty = tmp_path / "sys"
+    empty.mkdir()
+    r = run_cli("ask", "Say hi.", "--max-tokens", "4", env_extra={"LOCALMOE_SYSFS_ROOT": str(empty)})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "energy meter 'rapl' is not available here" in r.stderr and "[energy] meter" in r.stderr
+    assert messages(home / "localmoe.db") == []

@@ -23,7 +23,8 @@ from localmoe.chat.assistant import Assistant
 from localmoe.chat.display import stats_line
 from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
-from localmoe.home import paths
+from localmoe.home import paths, settings
+from localmoe.record.recorder import Recorder
 
 # Rendering shares two cores (and the GIL) with the decode loop: batch tokens into ten appends a second.
 UPDATE_INTERVAL_S = 0.1
@@ -177,17 +178,25 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="load")
     def load_model(self, previous: Assistant | None = None) -> None:
-        """`previous`: the assistant before a settings change; its conversation and recording mode go on."""
+        """`previous`: the assistant before a settings change; its conversation and recording mode go on (its
+        scratch database too, off the record), unless the change was to [privacy] record, which then applies."""
         try:
             overrides = {k: v for k, v in vars(self.config).items()} if self.config else None
-            assistant = Assistant(overrides=overrides, pinned_model=self.model_name)
+            user_settings = settings.load()
+            if previous is None:  # [privacy] record = false: the chat starts off the record; nothing is opened
+                recorder = None if user_settings.record else Recorder.in_memory()
+            else:
+                recorder = None if previous.recording else previous.recorder
+            assistant = Assistant(overrides=overrides, pinned_model=self.model_name, user_settings=user_settings,
+                                  recorder=recorder)
             if previous is not None:
                 assistant.conversation.id = previous.conversation.id
                 assistant.conversation.history = previous.conversation.history
-                if not previous.recording:
-                    assistant.set_recording(False)
                 previous.close()
-                previous.recorder.close()
+                for rec in {previous.recorder, previous._log} - {recorder, None}:
+                    rec.close()
+                if previous.settings.record != user_settings.record:
+                    assistant.set_recording(user_settings.record)
             self.assistant = assistant
             t0 = time.perf_counter()
             session = assistant.session_for("small")
@@ -205,7 +214,9 @@ class ChatScreen(Screen):
             self.sub_title = "no model"
             notice.update(Text(f"Could not start the model: {message.error}"))
             return
-        self.sub_title = message.model or ""
+        off = self.assistant is not None and not self.assistant.recording
+        self.sub_title = (message.model or "") + (OFF_THE_RECORD if off else "")
+        self.refresh_bindings()  # Ctrl+O's label follows the mode the chat starts in
         notice.update(Text(f"{message.model} is ready (loaded in {message.load_s:.1f} s). Ask a question below."))
         a = self.assistant
         if paths.tightened:

@@ -1,5 +1,6 @@
-"""The settings screen: the tiers and the router, written to settings.toml and checked by the same reader every
-command uses (`localmoe.home.settings.load`), so the screen can never save a file the CLI would refuse."""
+"""The settings screen: the tiers, the router, recording and the energy meter, written to settings.toml and checked by
+the same reader every command uses (`localmoe.home.settings.load`), so the screen can never save a file the CLI would
+refuse. A meter newly chosen here must also be readable on this machine (the CLI would refuse an answer with it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, Select, Static
+from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
 
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths, settings
@@ -41,6 +42,10 @@ class SettingsScreen(Screen[bool]):
             yield Label("Router strategy")
             yield Select([("default (learned)", ""), *((s, s) for s in settings.STRATEGIES)], allow_blank=False,
                          id="router-strategy")
+            yield Label("Record conversations (off: chats and `ask` are off the record by default)")
+            yield Switch(True, id="privacy-record")
+            yield Label("Energy meter (auto: the best this machine has)")
+            yield Select([(name, name) for name in settings.meter_names()], allow_blank=False, id="energy-meter")
         yield Static("", id="settings-error")  # outside the scroll: on a short terminal the error stays in view
         yield Footer()
 
@@ -56,7 +61,11 @@ class SettingsScreen(Screen[bool]):
             value = self.raw.get(table, {}).get(key)
             self.query_one(f"#{table}-{key}", Input).value = "" if value is None else str(value)
         self.query_one("#router-strategy", Select).value = self.raw.get("router", {}).get("strategy") or ""
-        self.query_one("#tiers-small", Input).focus()
+        self.query_one("#privacy-record", Switch).value = self.raw.get("privacy", {}).get("record", True) is not False
+        self.query_one("#energy-meter", Select).value = self._meter_in_file() or settings.AUTO_METER
+        # the form is taller than 24 lines: it opens at its top (the file's path first), not scrolled to the field
+        self.query_one("#tiers-small", Input).focus(scroll_visible=False)
+        self.call_after_refresh(self.query_one("#settings", VerticalScroll).scroll_home, animate=False)
 
     def error(self, message: str) -> None:
         line = self.query_one("#settings-error", Static)
@@ -66,8 +75,14 @@ class SettingsScreen(Screen[bool]):
     def action_back(self) -> None:
         self.dismiss(False)
 
+    def _meter_in_file(self) -> str | None:
+        try:
+            return settings.parse_meter(self.raw.get("energy", {}).get("meter"))
+        except LocalmoeError:
+            return None  # the error line already says what is wrong with the file
+
     def action_save(self) -> None:
-        data: dict[str, dict[str, Any]] = {t: dict(self.raw.get(t, {})) for t in ("tiers", "router")}
+        data: dict[str, dict[str, Any]] = {t: dict(self.raw.get(t, {})) for t in settings.TABLES}
         for table, key, _ in FIELDS:
             value = self.query_one(f"#{table}-{key}", Input).value.strip()
             if value:
@@ -79,6 +94,17 @@ class SettingsScreen(Screen[bool]):
             data["router"]["strategy"] = strategy
         else:
             data["router"].pop("strategy", None)
+        record = self.query_one("#privacy-record", Switch).value
+        if not record or "record" in data["privacy"]:  # on is the default: a file without the key stays without
+            data["privacy"]["record"] = record
+        meter = settings.parse_meter(self.query_one("#energy-meter", Select).value)
+        if meter is None:
+            data["energy"].pop("meter", None)
+        else:
+            data["energy"]["meter"] = meter
+            if meter != self._meter_in_file() and (problem := self._unreadable(meter)):
+                self.error(problem)
+                return
         try:
             settings.save({**{k: v for k, v in self.raw.items() if k not in data}, **data}, self.path)
         except LocalmoeError as exc:
@@ -86,3 +112,15 @@ class SettingsScreen(Screen[bool]):
             return
         self.notify(f"Saved {self.path}; the next question uses it.", title="Settings", markup=False)
         self.dismiss(True)
+
+    @staticmethod
+    def _unreadable(name: str) -> str | None:
+        """Why the meter `name` cannot be read on this machine (one line), or None when it can."""
+        from localmoe.record import meters
+
+        try:
+            meter, _notes = meters.select_meter(name)
+        except LocalmoeError as exc:
+            return f"[energy] meter: {exc}"
+        meter.close()
+        return None

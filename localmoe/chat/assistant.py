@@ -187,8 +187,9 @@ class Assistant:
             raise LocalmoeError(f"no {tier} model is configured")
         if tier not in self._sessions:
             config = GenerationConfig(**{**models.generation_defaults(ref), **self.overrides})
+            options = {"meter": self.settings.meter, **self.session_options}  # [energy] meter; None: the best here
             self._sessions[tier] = Session(ref, recorder=self.recorder, config=config,
-                                           conversation=self.conversation, **self.session_options)
+                                           conversation=self.conversation, **options)
         return self._sessions[tier]
 
     # -- conversation ------------------------------------------------------------------------------------

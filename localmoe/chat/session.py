@@ -115,7 +115,8 @@ class Session:
         idle_watts: float | None = None,
         conversation: Conversation | None = None,
     ) -> None:
-        """`meter`: a meters.Meter, None to pick the best available at the first question, False for none.
+        """`meter`: a meters.Meter, None to pick the best available at the first question, a meter's name (the
+        settings' [energy] meter) for that one, False for none.
         `keep_samples` stores every power sample (benchmarks); `idle_watts` adds idle-subtracted joules.
         `conversation`: shared with other sessions (the assistant's tiers), else the session's own."""
         self.model = model if isinstance(model, models.ModelRef) else models.resolve(model)
@@ -132,11 +133,17 @@ class Session:
 
     @property
     def meter(self) -> Any:
-        """The energy meter, chosen once: hardware counters where present, else a labelled estimate."""
-        if self._meter is None:
+        """The energy meter, chosen once: hardware counters where present, else a labelled estimate; or the one
+        named. A named meter this machine cannot read is a one-line error, raised before a question is recorded."""
+        if self._meter is None or isinstance(self._meter, str):
             from localmoe.record import meters
 
-            self._meter, self.meter_notes = meters.select_meter()
+            name = self._meter
+            try:
+                self._meter, self.meter_notes = meters.select_meter(name)
+            except LocalmoeError as exc:
+                raise LocalmoeError(f"{exc}; settings.toml chose it ([energy] meter = {name!r}; \"auto\" takes the "
+                                    "best this machine has)") from None
         return self._meter or None
 
     def _sampler(self) -> Any:
@@ -174,6 +181,7 @@ class Session:
             raise UsageError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise UsageError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        _ = self.meter  # chosen now: a named meter that cannot be read refuses the question before it is recorded
         rec, conv = self.recorder, self.conversation
         with self._lock:
             if conv.id is None:

@@ -11,6 +11,12 @@
     [router]
     strategy = "learned"      # features | learned | cascade; default: the best on the shipped held-out data
     preference = "balanced"   # quality | balanced | energy, or a number in (0, 1): the threshold itself
+
+    [privacy]
+    record = true             # false: the chat and `ask` answer off the record unless told otherwise (nothing stored)
+
+    [energy]
+    meter = "auto"            # auto: the best here | rapl | nvml | amdgpu | powermetrics | battery | estimate
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from localmoe.home import paths
 FILENAME = "settings.toml"
 STRATEGIES = ("features", "learned", "cascade")
 PREFERENCES = ("quality", "balanced", "energy")
+AUTO_METER = "auto"
+TABLES = ("tiers", "router", "privacy", "energy")
 
 
 @dataclass
@@ -39,6 +47,8 @@ class Settings:
     allow_remote: bool = True
     strategy: str | None = None
     preference: str | float = "balanced"
+    record: bool = True  # False: new chats and `ask` answers are off the record unless asked otherwise
+    meter: str | None = None  # an energy meter's name (localmoe.record.meters.METER_NAMES); None: the best available
     path: Path | None = None
 
 
@@ -66,9 +76,18 @@ def load(path: Path | None = None) -> Settings:
         raise LocalmoeError(f"cannot read settings {p}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise LocalmoeError(f"settings {p} is not valid TOML: {exc}") from None
+    for table in TABLES:
+        if not isinstance(data.get(table, {}), dict):
+            raise LocalmoeError(f"settings {p}: {table} must be a table ([{table}])")
     tiers, router = data.get("tiers", {}), data.get("router", {})
-    if not isinstance(tiers, dict) or not isinstance(router, dict):
-        raise LocalmoeError(f"settings {p}: [tiers] and [router] must be tables")
+    privacy, energy = data.get("privacy", {}), data.get("energy", {})
+    record = privacy.get("record", True)
+    if not isinstance(record, bool):  # "false" as a string would be truthy: refuse rather than record
+        raise LocalmoeError(f"settings {p}: [privacy] record must be true or false, not {record!r}")
+    try:
+        meter = parse_meter(energy.get("meter"))
+    except LocalmoeError as exc:
+        raise LocalmoeError(f"settings {p}: [energy] {exc}") from None
     strategy = router.get("strategy")
     remote = tiers.get("remote")
     if remote and not str(remote).startswith(("http://", "https://")):
@@ -87,8 +106,30 @@ def load(path: Path | None = None) -> Settings:
         allow_remote=allow_remote,
         strategy=strategy,
         preference=parse_preference(router.get("preference", "balanced")),
+        record=record,
+        meter=meter,
         path=p,
     )
+
+
+def meter_names() -> tuple[str, ...]:
+    """What `[energy] meter` may name: auto, then every meter localmoe knows (best first)."""
+    from localmoe.record.meters import METER_NAMES  # only when a meter is named: it imports psutil
+
+    return (AUTO_METER, *METER_NAMES)
+
+
+def parse_meter(value: Any) -> str | None:
+    """A meter's name as `select_meter` takes it, None for auto (or no value); a one-line error otherwise."""
+    if value is None:
+        return None
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text == "" or text == AUTO_METER:
+        return None
+    names = meter_names()
+    if text not in names:
+        raise LocalmoeError(f"unknown energy meter {value!r} (meter: {', '.join(names)})")
+    return text
 
 
 def toml_text(data: dict[str, dict[str, Any]]) -> str:
