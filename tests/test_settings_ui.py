@@ -245,3 +245,35 @@ def test_a_named_meter_this_machine_cannot_read_refuses_the_question_before_reco
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "energy meter 'rapl' is not available here" in r.stderr and "[energy] meter" in r.stderr
     assert messages(home / "localmoe.db") == []
+
+
+def test_off_the_record_across_a_settings_change_never_joins_another_conversation(home):
+    """Off the record, a settings change reloads the models: the exchanges kept in memory go on in the same scratch
+    database, so recording again (Ctrl+O) starts a new recorded conversation rather than continuing whichever
+    recorded conversation happens to have the scratch one's id."""
+    db = home / "localmoe.db"
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.screen
+            await ask(pilot, chat, "Name a colour.")  # recorded: conversation 1
+            await pilot.press("ctrl+n")
+            await pilot.press("ctrl+o")
+            await pilot.pause()
+            await ask(pilot, chat, "Name a fruit.")  # off the record: conversation 1 of the scratch database
+            screen = await open_settings(pilot, app)
+            screen.query_one("#router-preference", Input).value = "0.9"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: app.screen is chat and chat._ready.is_set()
+                           and chat.sub_title == "smollm2-135m-instruct" + OFF_THE_RECORD)
+            await pilot.press("ctrl+o")  # record again
+            await pilot.pause()
+            assert chat.assistant.recording
+            await ask(pilot, chat, "Name an animal.")
+
+    asyncio.run(run())
+    conn = sqlite3.connect(db)
+    rows = conn.execute("select conversation_id, content from messages where role = 'user' order by id").fetchall()
+    assert [c for _, c in rows] == ["Name a colour.", "Name an animal."]
+    assert rows[0][0] != rows[1][0], rows
