@@ -110,6 +110,7 @@ class ChatScreen(Screen):
         Binding("f3", "settings", "Settings"),
         Binding("f4", "models", "Models"),
         Binding("f5", "hardware", "Hardware"),
+        Binding("f6", "benchmarks", "Benchmarks"),
         Binding("ctrl+l", "retry_large", "Retry on large"),
         Binding("ctrl+g", "thumbs_up", "Good"),
         Binding("ctrl+b", "thumbs_down", "Bad"),
@@ -533,6 +534,11 @@ class ChatScreen(Screen):
         from localmoe.ui.hardware_screen import HardwareScreen
 
         self.app.push_screen(HardwareScreen(self))
+
+    def action_benchmarks(self) -> None:
+        from localmoe.ui.bench_screen import BenchScreen
+
+        self.app.push_screen(BenchScreen())
 
     def _back_from_settings(self, saved: bool | None) -> None:
         """From the settings or models screen: True when settings.toml changed."""

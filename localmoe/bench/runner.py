@@ -9,6 +9,7 @@ IPW follows the Stanford study: accuracy ÷ average power (W). Accuracy per joul
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +63,10 @@ def run(
     idle_seconds: float = 0.0,
     progress: Callable[[int, int, str], None] | None = None,
     on_start: Callable[[int, suites.Suite], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> int:
-    """Run (or resume) a benchmark and return its run id. Ctrl-C leaves the run `interrupted` and resumable."""
+    """Run (or resume) a benchmark and return its run id. Ctrl-C leaves the run `interrupted` and resumable, and so
+    does setting `cancel` (a UI's stop): the answer under way is stopped and not graded, as after Ctrl-C."""
     from localmoe.chat.assistant import Assistant, RoutedReply
     from localmoe.chat.session import Session
     from localmoe.placement import hardware
@@ -99,8 +102,12 @@ def run(
     total = len(loaded.items) * len(plan)
     finished = len(done)
     status = "interrupted"
+    stopped = False
     try:
         for target in plan:
+            if cancel is not None and cancel.is_set():
+                stopped = True
+                break
             opts = {"meter": meter, "keep_samples": True, "idle_watts": idle}
             config = GenerationConfig(max_tokens=max_tokens, temperature=0.0, logprobs=True)
             if target.policy in ("routed", "cascade"):
@@ -114,10 +121,16 @@ def run(
                     key = (target.model.id, target.policy, item.id)
                     if key in done:
                         continue
+                    if cancel is not None and cancel.is_set():
+                        stopped = True
+                        break
                     asker.new_conversation()
-                    answer = asker.ask(item.question).run()
+                    answer = asker.ask(item.question, cancel).run()
                     replies = [r for r in (getattr(answer, "small_reply", None), getattr(answer, "reply", answer))
                                if r is not None]
+                    if any(r.status == "cancelled" for r in replies):
+                        stopped = True  # stopped mid-answer: not graded, asked again on resume
+                        break
                     final = replies[-1]
                     verdict = scoring.score(item, final.text)
                     tier = answer.decision.tier if isinstance(answer, RoutedReply) else (
@@ -144,7 +157,9 @@ def run(
                         progress(finished, total, f"{target.model.id}/{target.policy}")
             finally:
                 asker.close() if isinstance(asker, Assistant) else asker.engine.close()
-        status = "complete"
+            if stopped:
+                break
+        status = "interrupted" if stopped else "complete"
     finally:
         recorder.set_bench_run_status(run_id, status, finished=True)
     return run_id
