@@ -1,4 +1,5 @@
-"""Text snapshots of every screen at 80×24, so that a layout regression (a widget that moves, shrinks, wraps or is cut
+"""Text snapshots of every screen at 80×24 (chat, conversations F2, settings F3, models F4, hardware F5, benchmarks
+F6), so that a layout regression (a widget that moves, shrinks, wraps or is cut
 off) fails a test.
 
 Each screen is rendered the way `export_screenshot` renders it, as text (`test_models_ui.screen_lines`), and compared
@@ -204,6 +205,15 @@ def test_every_screen_matches_its_snapshot(fixed_home):
             await wait_for(pilot, lambda: app.screen is not chat and app.screen.hardware is not None)
             await settle(pilot, app)
             shots["hardware"] = screen_lines(app)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is chat)
+
+            # the benchmarks screen before any run: the suites and models are listed in a worker
+            await pilot.press("f6")
+            await wait_for(pilot, lambda: app.screen is not chat and app.screen.query("#bench-models")
+                           and app.screen.query_one("#bench-models").option_count > 0)
+            await settle(pilot, app)
+            shots["benchmarks"] = screen_lines(app)
             await pilot.press("escape")
             await wait_for(pilot, lambda: app.screen is chat)
 
