@@ -155,6 +155,32 @@ def test_a_cold_miss_reads_only_the_experts_packed_bytes(gguf_moes):
     assert layer0 < 256 * 256 * 3 * 4 / 6  # at least 6x fewer bytes than the float32 expert
 
 
+def test_a_paged_plan_keeps_llama_cpp_from_copying_weights_out_of_the_file(gguf_moes):
+    """llama.cpp repacks Q4_K tensors for its CPU kernels into anonymous memory, which the OS cannot drop. On a file
+    bigger than RAM that copy is what got the process killed, so a plan that pages loads the file's blocks in place."""
+    from localmoe.engine.llamacpp import LlamaCppEngine
+    from localmoe.placement.layout import read_layout
+    from localmoe.placement.plan import RAM_RESERVE, Budget, make_plan
+
+    q, _ = gguf_moes["qwen3_moe", "Q4_K_M"]
+    layout = read_layout(q)
+    resident = make_plan(layout, Budget(0, 64 * 1024**3, source="override"), 256)
+    # 4 MiB short of everything resident: a few MiB of weights are read through mmap as tokens need them
+    paged = make_plan(layout, Budget(0, RAM_RESERVE + resident.ram_bytes - 4 * 1024**2, source="override"), 256)
+    assert resident.paged_bytes == 0 and resident.repack
+    assert paged.fits and paged.paged_bytes > 0 and not paged.repack
+    assert "--no-repack" in paged.llama_cpp_args and "--no-repack" not in resident.llama_cpp_args
+    logs = {}
+    for name, plan in (("resident", resident), ("paged", paged)):
+        engine = LlamaCppEngine(q, plan=plan)
+        engine.load()
+        logs[name] = engine.load_log
+        engine.close()
+    if "CPU_REPACK" not in logs["resident"]:
+        pytest.skip("llama.cpp repacks no Q4_K tensor on this CPU (it needs AVX2 or Arm dot products)")
+    assert "CPU_REPACK" not in logs["paged"] and "CPU_Mapped" in logs["paged"]
+
+
 def test_chat_uses_the_files_tokenizer_and_template(gguf_moes):
     q, _ = gguf_moes["mixtral", "Q8_0"]
     messages = [{"role": "user", "content": "Name a colour."}]

@@ -199,9 +199,11 @@ GGML_LOG_LEVEL_CONT = 5
 
 
 @contextmanager
-def patched_defaults(overrides: ctypes.Array | None = None, cb_eval: Any = None) -> Iterator[LoadLog]:
-    """For one `Llama(...)` call: make the default-params functions carry our overrides / callback, and capture
-    llama.cpp's log (llama-cpp-python prints its errors to stderr even when quiet). Restores everything after."""
+def patched_defaults(overrides: ctypes.Array | None = None, cb_eval: Any = None,
+                     repack: bool = True) -> Iterator[LoadLog]:
+    """For one `Llama(...)` call: make the default-params functions carry our overrides / callback / repacking
+    choice (`Plan.repack`), and capture llama.cpp's log (llama-cpp-python prints its errors to stderr even when
+    quiet). Restores everything after."""
     import llama_cpp.llama_cpp as lc
     from llama_cpp import _logger
 
@@ -220,6 +222,8 @@ def patched_defaults(overrides: ctypes.Array | None = None, cb_eval: Any = None)
             p = orig_model()
             if overrides is not None:
                 p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+            if not repack:
+                p.use_extra_bufts = False
             return p
 
         def ctx_params() -> Any:

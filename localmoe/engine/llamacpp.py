@@ -102,7 +102,8 @@ class LlamaCppEngine(Engine):
             t0 = time.perf_counter()
             log = llama_hooks.LoadLog()
             try:
-                with llama_hooks.patched_defaults(overrides, self._tap.callback if self._tap else None) as log:
+                with llama_hooks.patched_defaults(overrides, self._tap.callback if self._tap else None,
+                                                  repack=self.plan.repack) as log:
                     self._llm = Llama(
                         model_path=str(self.path),
                         n_ctx=self.n_ctx,

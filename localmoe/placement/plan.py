@@ -106,6 +106,13 @@ class Plan:
         return [(EXPERT_PATTERN.format(layers="|".join(map(str, self.cpu_expert_layers))), "CPU")]
 
     @property
+    def repack(self) -> bool:
+        """Whether llama.cpp may repack weights for its CPU kernels. Repacking copies tensors such as Q4_K's out of
+        the mmap into anonymous memory the OS cannot drop: on a model that pages, that copy is what exceeds the
+        memory and gets the process killed, so a paged plan reads the file's own blocks in place."""
+        return not self.paged_bytes
+
+    @property
     def llama_cpp_args(self) -> list[str]:
         """The same placement as llama.cpp command-line flags, for users who run llama-server too."""
         args = ["-c", str(self.ctx), "-ngl", str(self.n_gpu_layers)]
@@ -115,6 +122,8 @@ class Plan:
             args.append("--mlock")
         if not self.use_mmap:
             args.append("--no-mmap")
+        if not self.repack:
+            args.append("--no-repack")
         return args
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,8 +341,8 @@ def make_plan(
         plan.warnings.append(
             f"the model's CPU-side weights and buffers ({human_bytes(p.ram_weights + p.ram_resident)}) exceed the "
             f"{human_bytes(ram_usable)} of RAM {budget.where} leaves after a {human_bytes(RAM_RESERVE)} reserve: "
-            f"{human_bytes(plan.paged_bytes)} will be read from disk through mmap as tokens need them; expect lower "
-            "speed"
+            f"{human_bytes(plan.paged_bytes)} will be read from disk through mmap as tokens need them (llama.cpp's "
+            "CPU repacking is off, so no weight is copied out of the file); expect lower speed"
         )
     else:
         headroom = max(MLOCK_HEADROOM, budget.ram_bytes // 4)
