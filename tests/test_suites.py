@@ -482,7 +482,11 @@ def test_hf_bad_names():
 
 def test_hf_without_huggingface_hub(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(LocalmoeError, match="pip install huggingface-hub"):
+    from localmoe.home import install
+
+    # the command that fits how localmoe was installed (here: a checkout's venv), not a bare `pip`
+    hint = install.install_command("huggingface-hub", no_deps=False)
+    with pytest.raises(LocalmoeError, match=re.escape(f"`{hint}`")):
         load_suite("hf:arc")
 
 
@@ -522,5 +526,5 @@ def test_hf_parquet_without_pyarrow(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     _fake_download(monkeypatch, data)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(LocalmoeError, match="needs pyarrow: pip install pyarrow"):
+    with pytest.raises(LocalmoeError, match=re.escape(f"needs pyarrow: `{sys.executable} -m pip install pyarrow`")):
         load_suite("hf:gsm8k")

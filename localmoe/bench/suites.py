@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from localmoe.bench.scoring import LETTERS, normalize, parse_number
 from localmoe.errors import LocalmoeError
-from localmoe.home import paths
+from localmoe.home import install, paths
 
 KINDS = ("numeric", "exact", "choice")
 NUMBER_ONLY = "Answer with a number only."
@@ -795,7 +795,8 @@ def _hf_download(spec: str, repo: str, filename: str) -> Path:
         import huggingface_hub
         import huggingface_hub.constants
     except ImportError:
-        raise LocalmoeError(f"{spec} needs the huggingface_hub package: pip install huggingface-hub") from None
+        raise LocalmoeError(f"{spec} needs the huggingface_hub package: "
+                            f"`{install.install_command('huggingface-hub', no_deps=False)}`") from None
     try:
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # huggingface_hub before 0.23 kept them in utils
@@ -841,7 +842,8 @@ def _read_rows(spec: str, path: Path) -> list[dict[str, Any]]:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise LocalmoeError(f"{spec} is stored as Parquet, which needs pyarrow: pip install pyarrow") from None
+                raise LocalmoeError(f"{spec} is stored as Parquet, which needs pyarrow: "
+                                    f"`{install.install_command('pyarrow', no_deps=False)}`") from None
             return pq.read_table(path).to_pylist()
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmoe.errors import LocalmoeError, UsageError
-from localmoe.home import catalog, paths
+from localmoe.home import catalog, install, paths
 from localmoe.units import human_bytes
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ def _hub() -> Any:
         import huggingface_hub.errors
         import huggingface_hub.utils  # noqa: F401 (the submodules are not attributes until imported)
     except ImportError:
-        raise LocalmoeError("pulling models needs huggingface-hub: install localmoe's `hub` extra "
-                            "(pip install 'localmoe[hub]')") from None
+        raise LocalmoeError("pulling models needs huggingface-hub: "
+                            f"`{install.install_command('huggingface-hub', no_deps=False)}`") from None
     return huggingface_hub
 
 
