@@ -230,16 +230,25 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     from localmoe.home import models, paths
     from localmoe.home.paths import data_dir
     from localmoe.record.recorder import Recorder
+    from localmoe.routing import calibrate
     from localmoe.routing import train as router_train
     from localmoe.routing.router import ROUTER_FILE, TokenEmbedder
 
+    out = Path(args.out) if args.out else data_dir() / ROUTER_FILE
+    if not args.shipped and (run_id := calibrate.calibration_of(out)) is not None:
+        with Recorder() as rec:
+            result = calibrate.retrain(rec, run_id, router_out=out)
+        print(f"retrained the router calibrated on run {run_id} ({result['n']} questions on your tiers) with "
+              f"{sum(result['training_labels'].values())} labels ("
+              + ", ".join(f"{n} {src}" for src, n in result["training_labels"].items()) + "); "
+              f"default strategy: {result['default_strategy']}; written to {out}")
+        return 0
     small = models.default_model()
     rows = router_train.shipped_labels()
     if not args.shipped:
         with Recorder() as rec:
             rows += router_train.collected_labels(rec, small.id)
     trained = router_train.train(rows, TokenEmbedder(small.path))
-    out = Path(args.out) if args.out else data_dir() / ROUTER_FILE
     try:
         if args.out:
             out.write_text(json.dumps(trained, indent=1))

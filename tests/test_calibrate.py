@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -186,3 +187,30 @@ def test_without_a_large_tier_calibration_is_one_line_and_exit_2(home: Path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = run_cli("router", "calibrate", "--resume", "--json", home=home)
     assert r.returncode == 2 and json.loads(r.stdout)["status"] == "error"
+
+
+def test_router_train_keeps_the_calibration_and_adds_new_ratings(calibrated: Path, tmp_path: Path, tiny_moe):
+    """`router train` after a calibration retrains on the calibration's outcomes plus the user's new ratings; it
+    used to overwrite router.json with a router that knew nothing of the user's tiers. Other tiers: refused."""
+    home = tmp_path / "home"
+    shutil.copytree(calibrated, home)
+    before = json.loads((home / "router.json").read_text())
+    from localmoe.record.recorder import Recorder
+
+    with Recorder(home / "localmoe.db") as rec:  # a thumbs-down in the chat, after the calibration
+        rec.add_label(None, "Write a sonnet about the tides of Fundy.", True, "thumbs")
+    r = run_cli("router", "train", home=home)
+    assert r.returncode == 0, r.stderr
+    assert f"calibrated on run {before['calibration']['run_id']}" in r.stdout
+    after = json.loads((home / "router.json").read_text())
+    assert after["calibration"]["run_id"] == before["calibration"]["run_id"]
+    assert after["tiers"] == before["tiers"] and after["outcome_preferences"]
+    assert "calibration" in after["sources"] and len(after["sources"]) > len(before["sources"]), after["sources"]
+
+    other = tmp_path / "other-moe.gguf"
+    shutil.copy(tiny_moe[1], other)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{other}"\n')
+    r = run_cli("router", "train", home=home)
+    assert r.returncode == 2 and "calibrated on other tiers" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert json.loads((home / "router.json").read_text()) == after  # untouched

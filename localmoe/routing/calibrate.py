@@ -152,6 +152,32 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
     return finish(rec, run_id, tiers, ids, router_out=router_out)
 
 
+def calibration_of(path: Path) -> int | None:
+    """The calibration run a router file was fitted on, or None (shipped, `router train`, or unreadable)."""
+    try:
+        run_id = json.loads(path.read_text(encoding="utf-8")).get("calibration", {}).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, int) else None
+
+
+def retrain(rec: Recorder, run_id: int, router_out: Path | None = None) -> dict[str, Any]:
+    """`router train` over a calibrated router: retrain on that calibration's recorded outcomes plus the user's
+    latest signals, so new ratings count and the calibration (thresholds, tiers) is kept, not overwritten by a
+    router that knows nothing of these tiers. Refused when settings now name other tiers."""
+    tiers = resolve_tiers()
+    keys = [_key(tiers.small), _key(tiers.large)]
+    row = rec.bench_run(run_id)
+    if row is None:
+        raise UsageError(f"the router was calibrated on run {run_id}, which is no longer recorded: run "
+                         "`localmoe router calibrate` again, or `router train --shipped` to drop the calibration")
+    if row["models"] != keys:
+        raise UsageError(f"the router was calibrated on other tiers ({', '.join(row['models'])}; now "
+                         f"{', '.join(keys)}): run `localmoe router calibrate`, or `router train --shipped` to drop "
+                         "the calibration")
+    return finish(rec, run_id, tiers, [models.resolve(k).id for k in keys], router_out=router_out)
+
+
 def outcomes(rec: Recorder, run_id: int, small_id: str, large_id: str) -> list[dict[str, Any]]:
     """Per question answered by both tiers: question, category, small/large correctness, joules, tokens and the
     small answer's log-probabilities."""
