@@ -43,16 +43,17 @@ The first run of this benchmark gave 0.61 (9.70 → 5.95 J, tokens 59.5 → 31.4
 question did not scale with its tokens. `--profile` (next section) times that fixed part phase by phase: it is the
 prompt evaluation of the question's own tokens (here a prompt token costs about a third of a decode step) and the
 end-of-answer token's decode step. The system prompt is already kept in the KV cache from one conversation to the next
-(the "prompt tok evaluated" column is the question alone; `tests/test_answer_cost.py` pins it), and routing, template,
-tokenising, recording and the energy sampler take about a millisecond together. What was left to cut honestly was
-answer tokens: a question that asks for a bare value ("Answer with a number only", "with one word", "the symbol only",
-"the letter of the correct option only") now gets a 32-token budget instead of 96 — and no longer the full 512 when it
-mentions a letter ("How many times does the letter …", multiple choice), which read as a request to write one. 32 was
-sized on the `router-train` questions that `mixed` does not share (200 generated + 26 facts, decoded as "after", every
-budget simulated from the same answers): every answer graded right ended within 22 tokens but one, right by accident
-at any length ("9 ÷ 3 is a classic example of the "division by zero" conundrum…", graded on its last number, the
-question's 3). Graded right with a 96-token budget: 24 of 226; with 32: 26 (two ramblings cut where their last number
-happened to be right); with 16: 24."""
+(27 of the profiled question's 50 prompt tokens, ~80 ms or ~1 J a question; the "prompt tok evaluated" column is the
+question alone; `tests/test_answer_cost.py` pins it). Routing, template, tokenising, recording and the energy sampler
+take a few milliseconds together, less than half a millisecond of it inside the metered span. Nothing there was worth
+cutting. What was left to cut honestly was answer tokens: a question that asks for a bare value ("Answer with a number
+only", "with one word", "the symbol only", "the letter of the correct option only") now gets a 32-token budget instead
+of 96 — and no longer the full 512 when it mentions a letter ("How many times does the letter …", multiple choice),
+which read as a request to write one. 32 was sized on the `router-train` questions that `mixed` does not share (200
+generated + 26 facts, decoded as "after", every budget simulated from the same answers): every answer graded right
+ended within 22 tokens but one, right by accident at any length ("9 ÷ 3 is a classic example of the "division by zero"
+conundrum…", graded on its last number, the question's 3). Graded right with a 96-token budget: 24 of 226; with 32: 26
+(two ramblings cut where their last number happened to be right); with 16: 24."""
 
 
 def run(suite: str, limit: int | None) -> dict[str, dict[str, float]]:
@@ -174,7 +175,7 @@ def profile(reps: int = 15) -> list[tuple[str, float]]:
         asked.append((t2 - t, t1 - t, t2 - t1 - (routed.reply.energy.seconds if routed.reply.energy else 0.0),
                       routed.reply.stats.completion_tokens))
     total, before, after, n = min(asked)
-    rows += [(f"the whole `ask` of a {n}-token answer", total * 1000),
+    rows += [(f"the whole `ask` of one {n}-token answer", total * 1000),
              ("  of which before the answer: route, record the question", before * 1000),
              ("  of which outside the metered span after it: record the answer", after * 1000)]
     a.close()
