@@ -194,6 +194,7 @@ def test_router_train_keeps_the_calibration_and_adds_new_ratings(calibrated: Pat
     used to overwrite router.json with a router that knew nothing of the user's tiers. Other tiers: refused."""
     home = tmp_path / "home"
     shutil.copytree(calibrated, home)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')  # the calibration's tiers
     before = json.loads((home / "router.json").read_text())
     from localmoe.record.recorder import Recorder
 
