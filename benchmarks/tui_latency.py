@@ -71,6 +71,7 @@ class Pane:
         script = "read _; exec env " + " ".join(map(_q, envs + command))
         self.tmux("-f", str(conf), "new-session", "-d", "-s", "b", "-x", "80", "-y", "24", "sh", "-c", script)
         self.tmux("pipe-pane", "-t", "b", "-o", f"cat >> {_q(str(self.out))}")
+        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
         self._f = open(self.out, "rb")  # noqa: SIM115 - read as it grows, closed in close()
         self.data = b""
 
@@ -105,6 +106,7 @@ class Pane:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+        Path(self.socket_path).unlink(missing_ok=True)  # tmux leaves the socket file behind
         self._f.close()
 
 

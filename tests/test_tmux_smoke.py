@@ -39,6 +39,7 @@ class Pane:
     def __init__(self, socket: str, name: str = "smoke") -> None:
         self.socket, self.name = socket, name
         self.captures: list[str] = []
+        self.socket_path = ""
         self.waited: list[tuple[str, float]] = []  # (what, seconds): where the time went, for a slow run
 
     def tmux(self, *args: str, check: bool = True) -> str:
@@ -50,6 +51,7 @@ class Pane:
     def start(self, command: list[str], config: Path, width: int = 80, height: int = 24) -> None:
         self.tmux("-f", str(config), "new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height),
                   shlex.join(command))
+        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
 
     def capture(self) -> str:
         text = self.tmux("capture-pane", "-p", "-t", self.name)
@@ -81,6 +83,8 @@ class Pane:
 
     def close(self) -> None:
         self.tmux("kill-server", check=False)
+        if self.socket_path:  # tmux leaves the socket file behind
+            Path(self.socket_path).unlink(missing_ok=True)
 
 
 def header(screen: str) -> str:
