@@ -109,6 +109,23 @@ def test_ask_json_reports_energy_from_a_fake_rapl_counter(home, tmp_path):
     assert row["joules"] == pytest.approx(e["joules"]) and row["measured"] == 1
 
 
+def test_bench_uses_the_meter_settings_name(home, tmp_path):
+    """[energy] meter = "estimate" in settings.toml: the run is metered by the estimate though a RAPL counter is
+    there (which `select_meter` would otherwise prefer)."""
+    suite = tmp_path / "one.jsonl"
+    suite.write_text('{"question": "What is 2 + 2? Answer with a number only.", "answer": "4"}\n')
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[energy]\nmeter = "estimate"\n')
+    with advancing_rapl(tmp_path / "sys", watts=25) as root:
+        r = run_cli("bench", "--suite", str(suite), "--json", "--max-tokens", "4", timeout=300,
+                    env_extra={"LOCALMOE_SYSFS_ROOT": str(root)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert "estimate" in res["meter"] and res["measured"] is False
+    [row] = db(home).execute("select meter, measured from energy").fetchall()
+    assert "estimate" in row["meter"] and row["measured"] == 0
+
+
 def test_ask_json_labels_the_estimate(home, tmp_path):
     r = run_cli("ask", "Say hi.", "--json", "--max-tokens", "8",
                 env_extra={"LOCALMOE_SYSFS_ROOT": str(tmp_path / "empty-sys")})

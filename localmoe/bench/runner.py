@@ -82,7 +82,9 @@ def run(
     loaded = suites.load_suite(suite, limit=limit)
     plan = targets(model_names or [], policies)
     if meter is None:
-        meter, _notes = meters.select_meter()
+        from localmoe.home import settings
+
+        meter, _notes = meters.select_meter(settings.load().meter)  # settings' [energy] meter, as ask and the chat
     idle = meters.measure_idle(meter, idle_seconds) if idle_seconds > 0 else None
 
     if resume is None:
