@@ -155,3 +155,62 @@ def test_the_engine_column_is_the_planners_choice(home, tiny_moe):
     assert moe.engine_reason.startswith("llama.cpp cannot run it here")
     [roomy] = [m for m in inventory.local_models(Budget(0, 8 * 1024**3)) if m.id == "tiny-moe"]
     assert roomy.engine == "llama.cpp" and roomy.verdict.label == "fits in RAM"
+
+
+def test_d_downloads_a_catalog_file_with_a_progress_bar_and_lists_it_installed(home, tiny_moe, monkeypatch):
+    import socket
+
+    from hub_standin import StandinHub
+    from textual.widgets import ProgressBar, Static
+
+    from localmoe.home import catalog, pull
+
+    data = tiny_moe[1].read_bytes()
+    repo, name = "test-org/tiny-moe-GGUF", "tiny-moe-F32.gguf"
+    f = catalog.CatalogFile("F32", name, len(data), "hub listing", default=True)
+    layout = {"architecture": "qwen3moe", "layers": 3, "experts": 8, "experts_per_token": 2,
+              "total_params": len(data) / 4, "active_params": len(data) / 16, "context": 4096,
+              "hidden": 64, "vocab": 49152, "heads": 4, "kv_heads": 2, "head_dim": 16, "source": "test"}
+    entry = catalog.CatalogEntry("tiny-moe", "hub", "large", "Apache-2.0", "a test MoE", repo=repo, rank=0,
+                                 layout=layout, files=(f,))
+    shipped = catalog.entries()
+    monkeypatch.setattr(catalog, "entries", lambda: (*shipped, entry))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(pull, "CHUNK", 4096)
+    seen: list[tuple[int, int]] = []
+    real = pull.download
+    monkeypatch.setattr(pull, "download", lambda t, progress=True, on_progress=None: real(
+        t, progress, lambda d, n: (seen.append((d, n)), on_progress(d, n))))
+
+    async def run(endpoint: str) -> tuple[ModelsScreen, str, float | None, list[str]]:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await open_models(pilot, app)
+            row = next(m for m in screen.rows if m.candidate is not None and m.candidate.entry.id == "tiny-moe")
+            move_to(screen, row.id)
+            await pilot.press("d")
+            await wait_for(pilot, lambda: screen.pulling is None and any(
+                m.candidate is not None and m.candidate.entry.id == "tiny-moe" and m.installed
+                for m in screen.rows) or str(screen.query_one("#pull-status", Static).render()).startswith(
+                "Pull failed"))
+            bar = screen.query_one("#pull-bar", ProgressBar)
+            status = str(screen.query_one("#pull-status", Static).render())
+            return screen, status, bar.percentage, screen_lines(app)
+
+    with StandinHub({repo: {name: data}}) as h:
+        screen, status, pct, _ = asyncio.run(run(h.url))
+    assert pct == 1.0 and status.startswith("Pulled tiny-moe")
+    assert seen and seen[-1] == (len(data), len(data)) and [d for d, _ in seen] == sorted({d for d, _ in seen})
+    pulled = [p for p in (home / "models").glob("*.gguf")]
+    assert len(pulled) == 1 and pulled[0].read_bytes() == data
+    row = next(m for m in screen.rows if m.candidate is not None and m.candidate.entry.id == "tiny-moe")
+    assert row.installed
+
+    pulled[0].unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    screen, status, _, lines = asyncio.run(run(f"http://127.0.0.1:{port}"))
+    assert status.startswith("Pull failed: cannot reach the hub at http://127.0.0.1:") and "\n" not in status
+    assert not any("Traceback" in line for line in lines)

@@ -10,7 +10,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 
 from localmoe.errors import LocalmoeError
 from localmoe.home import inventory, models, settings
@@ -43,6 +43,7 @@ class ModelsScreen(Screen[bool]):
         Binding("s", "set_tier('small')", "Set small"),
         Binding("l", "set_tier('large')", "Set large"),
         Binding("p", "pull", "Pull command"),
+        Binding("d", "download", "Download"),
         Binding("r", "reload", "Refresh"),
     ]
 
@@ -58,10 +59,15 @@ class ModelsScreen(Screen[bool]):
         yield Static("Reading models and planning them on this machine…", id="models-budget")
         yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
         yield Static("", id="model-detail")
+        yield ProgressBar(id="pull-bar", show_eta=False)
+        yield Static("", id="pull-status")
         yield Footer()
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "models"
+        self.query_one("#pull-bar", ProgressBar).display = False  # both shown once a download starts
+        self.query_one("#pull-status", Static).display = False
+        self.pulling: str | None = None
         self.query_one(DataTable).focus()
         self.load_rows()
 
@@ -171,6 +177,8 @@ class ModelsScreen(Screen[bool]):
 
     # -- actions ----------------------------------------------------------------------------------------------
     def action_back(self) -> None:
+        if self.pulling is not None:
+            self.app.notify(f"{self.pulling} goes on downloading in the background.", title="Pull", markup=False)
         self.dismiss(self.changed)
 
     def action_reload(self) -> None:
@@ -206,3 +214,52 @@ class ModelsScreen(Screen[bool]):
         command = str(m.pull_command)
         self.app.copy_to_clipboard(command)
         self.notify(f"Run in a shell: {command} (copied to the clipboard)", title="Pull", timeout=15, markup=False)
+
+    def action_download(self) -> None:
+        """Pull the highlighted catalog file here, with a progress bar; the `.part` file resumes an interrupted one."""
+        m = self.selected()
+        if m is None or m.candidate is None or m.installed:
+            self.notify("Pick a catalog row that is not installed (source: catalog) to download it.")
+            return
+        if self.pulling is not None:
+            self.notify(f"{self.pulling} is downloading; one at a time.")
+            return
+        self.pulling = m.id
+        spec = m.id  # what `localmoe pull` takes
+        bar = self.query_one("#pull-bar", ProgressBar)
+        bar.update(total=None, progress=0)
+        bar.display = True
+        status = self.query_one("#pull-status", Static)
+        status.update(Text(f"Pulling {spec}…"))
+        status.display = True
+        self.run_pull(spec)
+
+    def show_progress(self, label: str, done: int, total: int) -> None:
+        if not self.is_attached:  # Esc left the screen: the pull goes on in the background
+            return
+        self.query_one("#pull-bar", ProgressBar).update(total=total, progress=done)
+        pct = 100 * done / total if total else 100.0
+        self.query_one("#pull-status", Static).update(
+            Text(f"Pulling {label}: {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)"))
+
+    def pull_done(self, message: str) -> None:
+        self.pulling = None
+        if not self.is_attached:
+            self.app.notify(message, title="Pull", markup=False)
+            return
+        self.query_one("#pull-status", Static).update(Text(message))
+        self.load_rows()
+
+    @work(thread=True, exclusive=True, group="pull")
+    def run_pull(self, spec: str) -> None:
+        from localmoe.home import pull
+
+        try:
+            result = pull.pull(spec, progress=False,
+                               on_progress=lambda done, total: self.app.call_from_thread(
+                                   self.show_progress, spec, done, total))
+        except Exception as exc:  # noqa: BLE001 (one line on the screen, never a traceback)
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.app.call_from_thread(self.pull_done, f"Pull failed: {text}")
+            return
+        self.app.call_from_thread(self.pull_done, f"Pulled {result.target.id} into {result.path}")

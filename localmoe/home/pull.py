@@ -309,9 +309,10 @@ def _sha256_of(path: Path) -> Any:
     return h
 
 
-def download(t: Target, progress: bool = True) -> tuple[int, int]:
-    """Fetch `t` into its `.part` file from where an earlier attempt stopped, verify, move into place.
-    Returns (bytes fetched now, bytes there before)."""
+def download(t: Target, progress: bool = True,
+             on_progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Fetch `t` into its `.part` file from where an earlier attempt stopped, verify, move into place;
+    `on_progress(bytes done, total)` is called as bytes arrive. Returns (bytes fetched now, bytes there before)."""
     httpx2 = _http()
 
     assert t.size is not None
@@ -341,6 +342,8 @@ def download(t: Target, progress: bool = True) -> tuple[int, int]:
                         fetched += len(chunk)
                         if bar:
                             bar.update(have + fetched)
+                        if on_progress:
+                            on_progress(have + fetched, t.size)
     except httpx2.HTTPError as exc:
         done = have + fetched
         if isinstance(exc, httpx2.HTTPStatusError):
@@ -416,7 +419,8 @@ def _set_large_tier(model_id: str) -> bool:
     return True
 
 
-def pull(spec: str, *, dry_run: bool = False, progress: bool = True, force: bool = False) -> PullResult:
+def pull(spec: str, *, dry_run: bool = False, progress: bool = True, force: bool = False,
+         on_progress: Callable[[int, int], None] | None = None) -> PullResult:
     t = parse(spec)
     if t.local_name and t.dest.exists() and not dry_run:
         return PullResult(t, t.dest, notes=[f"{t.id} is already installed ({t.dest})"])
@@ -434,7 +438,7 @@ def pull(spec: str, *, dry_run: bool = False, progress: bool = True, force: bool
     t.dest.parent.mkdir(parents=True, exist_ok=True)
     have = t.part.stat().st_size if t.part.exists() else 0
     _check_space(t, have)
-    fetched, before = download(t, progress)
+    fetched, before = download(t, progress, on_progress)
     _record(t)
     result = PullResult(t, t.dest, fetched, before, v)
     is_moe = t.entry.is_moe if t.entry else layout.is_moe
