@@ -92,10 +92,21 @@ def test_native_engine_heat_map_matches_its_cache_statistics(home, tiny_moe):
             engine = chat.assistant.session_for("small").engine
             stats = engine.cache_stats()
             screen = await open_hardware(pilot, app)
-            assert screen.counts is None and "Per-expert uses need routing telemetry" in summary(screen)
+            # without telemetry the map is the cache's own count per expert: hits and misses together
+            assert "shade is its expert's uses (cache hits and misses)" in summary(screen)
             shown = "\n".join(screen_lines(app))
-            for layer, s in enumerate(stats["layers"]):
-                assert f"L{layer} hit {s['hit_rate']:.0%} · {s['misses']} miss" in shown
+            for row, s in zip(screen.counts, stats["layers"], strict=True):
+                assert sum(row) == s["hits"] + s["warm_hits"] + s["misses"] > 0
+                assert f"{sum(row)} uses · hit {s['hit_rate']:.0%} · {s['misses']} miss" in shown
+            for view, key in (("misses", "misses"), ("hits", "hits"), ("prefetch hits", "prefetch_hits")):
+                await pilot.press("v")
+                await pilot.pause()
+                assert screen.view == view and f"shade is its expert's {view} (" in summary(screen)
+                assert [sum(row) for row in screen.counts] == [s[key] + (s["warm_hits"] if key == "misses" else 0)
+                                                               for s in stats["layers"]]
+            await pilot.press("v")  # back to uses
+            await pilot.pause()
+            assert screen.view == "uses"
             await pilot.press("t")
             await pilot.press("escape")
             await ask(pilot, chat, "And of Italy?")
@@ -113,6 +124,12 @@ def test_native_engine_heat_map_matches_its_cache_statistics(home, tiny_moe):
                 fetches = len({e for t in prompt for e in t.experts[layer]}) + sum(len(t.experts[layer])
                                                                                    for t in decoded)
                 assert s["hits"] + s["warm_hits"] + s["misses"] == fetches
+                # and per expert: the cache's hits and misses of each expert add up to the times a step asked for it
+                per = chat.last_run["per_expert"][layer]
+                for e in range(len(row)):
+                    asked = (e in {x for t in prompt for x in t.experts[layer]}) + sum(
+                        t.experts[layer].count(e) for t in decoded)
+                    assert per["hits"][e] + per["misses"][e] == asked, (layer, e)
             text = summary(screen)
             assert f"{stats['slots']} slots per layer" in text and f"Decode path: {stats['decode_step']} step" in text
             assert "stalled" in text and "per token" in text

@@ -124,8 +124,10 @@ def fixed_last_run() -> dict:
                "expert_kernel": "packed", "expert_dtype": "q8_0", "device": "cpu", "compiled": False,
                "layers": layers}
     stats = GenerationStats(prompt_tokens=4, completion_tokens=8, prompt_eval_tokens=4, wall_s=0.5)
+    per_expert = [{"hits": [3, 2, 3, 2, 2, 2, 2, 2], "misses": [1, 1, 1, 1, 1, 1, 0, 0],
+                   "prefetch_hits": [1, 0, 0, 1, 0, 0, 0, 0]} for _ in range(3)]
     return {"model": "tiny-moe", "backend": "torch", "stats": stats, "experts": experts, "routing": routing,
-            "shape": (3, 8, 2), "plan": None}
+            "shape": (3, 8, 2), "plan": None, "per_expert": per_expert}
 
 
 async def settle(pilot, app) -> None:

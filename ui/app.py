@@ -38,8 +38,8 @@ class LocalmoeApp(App):
                 continue
             _, name, params = parse_action(b.action)
             if screen.check_action(name, params):  # of two labels on one key, the one that applies now
-                yield SystemCommand(b.description, f"{b.key}: {b.description.lower()}",
-                                    partial(screen.run_action, b.action))
+                title = b.tooltip or b.description  # a footer label kept short has its full name as tooltip
+                yield SystemCommand(title, f"{b.key}: {title.lower()}", partial(screen.run_action, b.action))
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen(self.model_name, self.config))

@@ -25,7 +25,6 @@ from textual.screen import Screen
 from textual.widgets import (
     Button,
     DataTable,
-    Footer,
     Header,
     Input,
     ProgressBar,
@@ -39,6 +38,7 @@ from textual.widgets import (
 from localmoe.bench import report, runner
 from localmoe.errors import LocalmoeError
 from localmoe.record.recorder import Recorder
+from localmoe.ui.footer import FitFooter
 
 # -- the plot: accuracy (y, 0-100%) against joules per question (x, 0 to a round number) --------------------------
 MARKERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -224,7 +224,7 @@ class BenchScreen(Screen[None]):
                 yield DataTable(id="bench-runs", cursor_type="row", zebra_stripes=True)
                 yield Static("", id="bench-compare-title")
                 yield DataTable(id="bench-compare", cursor_type="none", zebra_stripes=True)
-        yield Footer()
+        yield FitFooter()
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "benchmarks"

@@ -17,14 +17,15 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Markdown, Static
+from textual.widgets import Header, Input, Markdown, Static
 
 from localmoe.chat.assistant import Assistant
-from localmoe.chat.display import stats_line
+from localmoe.chat.display import SEPARATOR, stats_parts, wrap_figures
 from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths, settings
 from localmoe.record.recorder import Recorder
+from localmoe.ui.footer import FitFooter
 
 # Rendering shares two cores (and the GIL) with the decode loop: batch tokens into ten appends a second.
 UPDATE_INTERVAL_S = 0.1
@@ -38,6 +39,31 @@ class Question(Static):
 class Conversation(VerticalScroll, can_focus=False):
     """The questions and answers. Not focusable: the prompt keeps the keyboard, and PgUp/PgDn scroll this from
     there."""
+
+
+class Figures(Static):
+    """An answer's stats line, wrapped between its figures (never "first token 0.06" / "s")."""
+
+    def __init__(self, text: str = "", **kwargs: Any) -> None:
+        super().__init__(text, **kwargs)
+        self.parts: list[str] | None = None  # None: plain text, as Static shows it
+
+    def show_parts(self, parts: list[str]) -> None:
+        self.parts = parts
+        self.update(SEPARATOR.join(parts))  # the plain line: update lays the widget out again
+
+    def _lines(self, width: int) -> list[str]:
+        return wrap_figures(self.parts or [], width)
+
+    def render(self) -> Any:
+        if self.parts is None:
+            return super().render()
+        return Text("\n".join(self._lines(self.content_size.width or 10**6)))
+
+    def get_content_height(self, container: Any, viewport: Any, width: int) -> int:
+        if self.parts is None:
+            return super().get_content_height(container, viewport, width)
+        return len(self._lines(width))
 
 
 class Answer(VerticalScroll, can_focus=False):
@@ -56,7 +82,7 @@ class Answer(VerticalScroll, can_focus=False):
 
     def compose(self) -> ComposeResult:
         yield Markdown("", classes="body")
-        yield Static("…", classes="stats")
+        yield Figures("…", classes="stats")
         yield Static("", classes="route")
         yield Static("", classes="rating")
 
@@ -92,7 +118,7 @@ class Answer(VerticalScroll, can_focus=False):
             self.add_class("error")
             line.update(Text(f"error: {error}"))
         elif stats is not None:
-            line.update(Text(stats_line(self.model, stats, status, energy, experts)))
+            line.show_parts(stats_parts(self.model, stats, status, energy, experts))
         if decision is not None and not error:
             tier = "large (escalated)" if decision.escalated else decision.tier
             route = self.query_one(".route", Static)
@@ -103,14 +129,18 @@ class Answer(VerticalScroll, can_focus=False):
 
 
 class ChatScreen(Screen):
+    # where the footer is too narrow for every key: Esc and Ctrl+N are named in the input's placeholder, and the rest
+    # stay in the command palette
+    FOOTER_DROP_FIRST = ("stop", "new_conversation", "thumbs_down", "thumbs_up", "recording", "retry_large")
     BINDINGS = [
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+n", "new_conversation", "New chat"),
-        Binding("f2", "conversations", "Conversations"),
+        # short names: the five screens and Quit fit an 80-column footer
+        Binding("f2", "conversations", "History", tooltip="Conversations"),
         Binding("f3", "settings", "Settings"),
         Binding("f4", "models", "Models"),
         Binding("f5", "hardware", "Hardware"),
-        Binding("f6", "benchmarks", "Benchmarks"),
+        Binding("f6", "benchmarks", "Bench", tooltip="Benchmarks"),
         Binding("ctrl+l", "retry_large", "Retry on large"),
         Binding("ctrl+g", "thumbs_up", "Good"),
         Binding("ctrl+b", "thumbs_down", "Bad"),
@@ -169,7 +199,7 @@ class ChatScreen(Screen):
         with Conversation(id="conversation"):
             yield Static("Loading the model… you can type your question now.", id="notice")
         yield Input(placeholder="Ask anything (Enter to send, Esc to stop, Ctrl+N for a new chat)", id="prompt")
-        yield Footer()
+        yield FitFooter()
 
     def on_mount(self) -> None:
         self.title = "localmoe"
@@ -350,7 +380,8 @@ class ChatScreen(Screen):
         replace the engine's routing: the cache statistics, a copy of the routing telemetry and the MoE shape."""
         engine = reply.session.engine
         return {"model": reply.model, "backend": reply.backend, "stats": reply.stats, "experts": reply.experts,
-                "routing": list(engine.routing), "shape": engine.moe_shape(), "plan": engine.plan}
+                "per_expert": engine.expert_cache_counts(), "routing": list(engine.routing),
+                "shape": engine.moe_shape(), "plan": engine.plan}
 
     def live_run(self) -> dict[str, Any] | None:
         """The answer being streamed, as `_last_run` describes a finished one, from an engine whose statistics grow
@@ -363,7 +394,8 @@ class ChatScreen(Screen):
             return None
         engine = reply.session.engine
         return {"model": reply.model, "backend": reply.backend, "stats": engine.stats, "experts": engine.cache_stats(),
-                "routing": list(engine.routing), "shape": engine.moe_shape(), "plan": engine.plan}
+                "per_expert": engine.expert_cache_counts(), "routing": list(engine.routing),
+                "shape": engine.moe_shape(), "plan": engine.plan}
 
     async def action_retry_large(self) -> None:
         """Re-ask the last question on the large tier; the small answer was not good enough: a label."""

@@ -16,11 +16,12 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths
 from localmoe.record.recorder import Recorder
+from localmoe.ui.footer import FitFooter
 
 # the other columns' widths and the table's padding: the title gets what is left of the terminal's width
 FIXED_COLUMNS = 62
@@ -58,7 +59,7 @@ class ConversationsScreen(Screen[dict[str, Any]]):
         yield Input(id="rename", classes="hidden")
         yield DataTable(id="conversations", cursor_type="row", zebra_stripes=True)
         yield Static("", id="match")
-        yield Footer()
+        yield FitFooter()
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "conversations"

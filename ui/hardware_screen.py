@@ -5,7 +5,8 @@ before: opening never measures), and for the model that answered last, which exp
 The native torch engine reports its cache per layer (`cache_stats()`: hits, misses, prefetch hits, bytes read,
 stall time, decode path); per-expert use comes from routing telemetry (`engine.routing`, the experts of every
 evaluated token per layer), which both engines record when it is on (t here: it costs speed, so it is off until
-asked for). A dense or remote model has neither, and the screen says so in one line.
+asked for). The cache also counts hits, misses and prefetch hits per expert (`expert_cache_counts()`), which v
+shades the map by in turn. A dense or remote model has neither, and the screen says so in one line.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import ScrollableContainer
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
 from localmoe.errors import LocalmoeError
+from localmoe.ui.footer import FitFooter
 from localmoe.units import human_bytes
 
 SHADES = "░▒▓█"  # a cell's share of the hottest cell's uses, in quarters; "·" is an expert the answer never used
@@ -53,7 +55,7 @@ def _color(count: int, hottest: int) -> str:
     return "rgb({},{},{})".format(*(int(a + (b - a) * f) for a, b in zip(lo, hi, strict=True)))
 
 
-def heat_map(counts: list[list[int]] | None, layer_notes: Sequence[str] = ()) -> Text:
+def heat_map(counts: list[list[int]] | None, layer_notes: Sequence[str] = (), what: str = "uses") -> Text:
     """The grid as text: a header of expert numbers (tens over units from 10 experts on), then one line per layer,
     one character per expert, and what the engine reports of that layer after it. Without counts (no telemetry),
     the layers' notes alone."""
@@ -74,7 +76,7 @@ def heat_map(counts: list[list[int]] | None, layer_notes: Sequence[str] = ()) ->
         for count in row:
             out.append(shade(count, hottest), style=_color(count, hottest) if count else "dim")
         note = layer_notes[layer] if layer < len(layer_notes) else ""
-        out.append(f"  {sum(row)} uses" + (f" · {note}" if note else "") + ("\n" if layer < n_layers - 1 else ""))
+        out.append(f"  {sum(row)} {what}" + (f" · {note}" if note else "") + ("\n" if layer < n_layers - 1 else ""))
     return out
 
 
@@ -91,9 +93,41 @@ def layer_note(s: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def describe_run(run: dict[str, Any] | None, telemetry: bool,
-                 answering: bool = False) -> tuple[str, list[list[int]] | None, list[str]]:
-    """(the summary lines, the counts for the heat map or None, per-layer notes) for the latest answer."""
+# What the heat map can shade by: uses come from routing telemetry (or, without it, the cache's hits and misses
+# together); the rest from the expert cache's counters per expert.
+VIEWS = ("uses", "misses", "hits", "prefetch hits")
+_COUNTER = {"misses": "misses", "hits": "hits", "prefetch hits": "prefetch_hits"}
+
+
+def views_of(run: dict[str, Any] | None) -> list[str]:
+    """The views this answer's statistics allow, in VIEWS order."""
+    if run is None or run.get("shape") is None:
+        return []
+    per_expert = run.get("per_expert")
+    if per_expert:
+        return list(VIEWS)
+    return ["uses"] if run.get("routing") else []
+
+
+def view_counts(run: dict[str, Any], view: str) -> list[list[int]] | None:
+    """Counts per (layer, expert) for `view`, or None when the answer has none of that kind."""
+    n_layers, n_experts, _ = run["shape"]
+    per_expert = run.get("per_expert") or []
+    if view == "uses":
+        if run.get("routing"):
+            return expert_counts(run["routing"], n_layers, n_experts)
+        if not per_expert:
+            return None
+        return [[h + m for h, m in zip(layer["hits"], layer["misses"], strict=True)] for layer in per_expert]
+    if not per_expert:
+        return None
+    return [list(layer[_COUNTER[view]]) for layer in per_expert]
+
+
+def describe_run(run: dict[str, Any] | None, telemetry: bool, answering: bool = False,
+                 view: str = "uses") -> tuple[str, list[list[int]] | None, list[str]]:
+    """(the summary lines, the counts for the heat map or None, per-layer notes) for the latest answer, its map
+    shaded by `view` (one of views_of(run); the first of them when it is not)."""
     if run is None:
         if answering:
             return "The first answer is being written: its experts show here when it ends.", None, []
@@ -105,17 +139,22 @@ def describe_run(run: dict[str, Any] | None, telemetry: bool,
     n_layers, n_experts, top_k = shape
     routing, cache = run["routing"], run["experts"]
     layers = cache.get("layers", []) if cache else []
-    if not routing and not layers:
+    views = views_of(run)
+    if not views and not layers:
         why = "telemetry is on for the next answers" if telemetry else "t turns it on for the next answers"
         return (f"No expert statistics for {model}: {backend} reports the experts it used only with routing "
                 f"telemetry ({why}; observing costs some speed)."), None, []
+    view = view if view in views else (views[0] if views else "uses")
     lines = [f"Last answer: {model} on {backend}, {n_layers} layers × {n_experts} experts, top-{top_k}."]
     stats = run["stats"]
     if routing:
         decoded = sum(1 for t in routing if t.phase == "decode")
         lines.append(f"Routing telemetry: {len(routing)} tokens evaluated ({len(routing) - decoded} of the prompt, "
-                     f"{decoded} of the answer); a cell's shade is its expert's uses ({SHADES[-1]} most, "
-                     f"{UNUSED} none).")
+                     f"{decoded} of the answer).")
+    if views:
+        what = "uses (cache hits and misses)" if view == "uses" and not routing else view
+        other = f"; v shades by {views[(views.index(view) + 1) % len(views)]}" if len(views) > 1 else ""
+        lines.append(f"A cell's shade is its expert's {what} ({SHADES[-1]} most, {UNUSED} none){other}.")
     else:
         lines.append("Per-expert uses need routing telemetry (t: on for the next answers); the layers' cache "
                      "statistics follow.")
@@ -140,7 +179,7 @@ def describe_run(run: dict[str, Any] | None, telemetry: bool,
         lines.append(f"Decode path: llama.cpp {where}; "
                      + (f"{human_bytes(paged)} of weights paged from disk through mmap as tokens need them."
                         if paged else "every weight resident (llama.cpp keeps no expert cache of its own)."))
-    counts = expert_counts(routing, n_layers, n_experts) if routing else None
+    counts = view_counts(run, view) if views else None
     return "\n".join(lines), counts, [layer_note(s) for s in layers]
 
 
@@ -151,7 +190,8 @@ class HardwareScreen(Screen[None]):
         # one key, two labels: the footer says which applies
         Binding("t", "telemetry(True)", "Telemetry on"),
         Binding("t", "telemetry(False)", "Telemetry off"),
-        Binding("b", "measure", "Measure bandwidth"),
+        Binding("v", "next_view", "Shade by", tooltip="Shade the heat map by the next count"),
+        Binding("b", "measure", "Bandwidth", tooltip="Measure bandwidth"),
     ]
 
     def __init__(self, chat: Any) -> None:
@@ -160,6 +200,8 @@ class HardwareScreen(Screen[None]):
         self.chat = chat
         self.hardware: Any = None
         self.counts: list[list[int]] | None = None
+        self.view = VIEWS[0]  # what the heat map's shades count (v cycles through views_of the answer shown)
+        self._shown: dict[str, Any] | None = None  # the answer on screen
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -167,7 +209,7 @@ class HardwareScreen(Screen[None]):
         yield Static("", id="experts-summary")
         with ScrollableContainer(id="heatmap"):
             yield Static("", id="heatmap-grid")
-        yield Footer()
+        yield FitFooter()
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "hardware and experts"
@@ -218,15 +260,19 @@ class HardwareScreen(Screen[None]):
 
     def show_experts(self, run: dict[str, Any] | None = None, live: bool = False) -> None:
         """The latest finished answer, or with `live` the one being written (`run`)."""
-        summary, counts, notes = describe_run(run if live else self.chat.last_run, self.chat.telemetry,
-                                              self.chat.generating)
+        self._shown = run if live else self.chat.last_run
+        views = views_of(self._shown)
+        if views and self.view not in views:
+            self.view = views[0]
+        summary, counts, notes = describe_run(self._shown, self.chat.telemetry, self.chat.generating, self.view)
         if live:
             summary = "Answering now, counts so far. " + summary.replace("Last answer: ", "", 1)
         self.counts = counts
         self.query_one("#experts-summary", Static).update(Text(summary))
         grid = self.query_one("#heatmap-grid", Static)
-        grid.update(heat_map(counts, notes) if counts or notes else "")
+        grid.update(heat_map(counts, notes, self.view) if counts or notes else "")
         grid.display = bool(counts or notes)
+        self.refresh_bindings()  # v appears once an answer with more than one view is shown
 
     def on_chat_screen_answer_finished(self) -> None:
         self.show_experts()
@@ -235,6 +281,8 @@ class HardwareScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "telemetry":
             return bool(parameters[0]) != self.chat.telemetry
+        if action == "next_view":  # shown only when the answer on screen has more than one thing to shade by
+            return len(views_of(self._shown)) > 1
         return True
 
     def action_back(self) -> None:
@@ -250,6 +298,16 @@ class HardwareScreen(Screen[None]):
         self.show_experts()
         self.notify("Routing telemetry on: the next answers of a MoE record the experts they use (a little slower)."
                     if on else "Routing telemetry off from the next answer.", title="Experts", markup=False)
+
+    def action_next_view(self) -> None:
+        views = views_of(self._shown)
+        if len(views) < 2:
+            return
+        self.view = views[(views.index(self.view) + 1) % len(views) if self.view in views else 0]
+        if self.chat.generating and (run := self.chat.live_run()) is not None:
+            self.show_experts(run, live=True)
+        else:
+            self.show_experts()
 
     def action_measure(self) -> None:
         self.query_one("#hw-summary", Static).update(Text("Measuring the memory bandwidth…"))

@@ -10,10 +10,11 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+from textual.widgets import DataTable, Header, ProgressBar, Static
 
 from localmoe.errors import LocalmoeError
 from localmoe.home import inventory, models, settings
+from localmoe.ui.footer import FitFooter
 from localmoe.units import human_bytes
 
 COLUMNS = ("Model", "Tier", "Verdict", "Engine", "Layout", "Size", "Quant", "Source")
@@ -61,7 +62,7 @@ class ModelsScreen(Screen[bool]):
         yield Static("", id="model-detail")
         yield ProgressBar(id="pull-bar", show_eta=False)
         yield Static("", id="pull-status")
-        yield Footer()
+        yield FitFooter()
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "models"

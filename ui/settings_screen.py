@@ -12,10 +12,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
+from textual.widgets import Header, Input, Label, Select, Static, Switch
 
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths, settings
+from localmoe.ui.footer import FitFooter
 
 FIELDS = (("tiers", "small", "Small tier (model id or .gguf path; empty: the embedded model)"),
           ("tiers", "large", "Large tier (empty: the largest installed MoE that fits)"),
@@ -47,7 +48,7 @@ class SettingsScreen(Screen[bool]):
             yield Label("Energy meter (auto: the best this machine has)")
             yield Select([(name, name) for name in settings.meter_names()], allow_blank=False, id="energy-meter")
         yield Static("", id="settings-error")  # outside the scroll: on a short terminal the error stays in view
-        yield Footer()
+        yield FitFooter()
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "settings"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,6 +56,15 @@ def stats_line(model: str, stats: GenerationStats | None, status: str = "complet
                experts: dict[str, Any] | None = None, route: Any = None) -> str:
     """`model · N tokens · R tok/s · first token T s · experts … · E J`, then how it ended if not complete, then
     the tier and the router's reason when the answer was routed. A remote model is followed by its host."""
+    return SEPARATOR.join(stats_parts(model, stats, status, energy, experts, route))
+
+
+SEPARATOR = " · "
+
+
+def stats_parts(model: str, stats: GenerationStats | None, status: str = "complete", energy: Any = None,
+                experts: dict[str, Any] | None = None, route: Any = None) -> list[str]:
+    """The figures of stats_line, one string each."""
     stats = stats or GenerationStats()
     parts = [model_label(model), f"{stats.completion_tokens} tokens"]
     if stats.tokens_per_s:
@@ -75,4 +85,26 @@ def stats_line(model: str, stats: GenerationStats | None, status: str = "complet
         parts.append("(stopped: it was repeating itself)")
     if route is not None:
         parts.append(f"{route.tier} tier: {route.reason}")
-    return " · ".join(parts)
+    return parts
+
+
+def wrap_figures(parts: list[str], width: int) -> list[str]:
+    """`parts` joined by " · " in lines of at most `width` columns, broken between figures rather than inside one
+    ("first token 0.06 s" stays whole); a figure wider than a line is word-wrapped on lines of its own."""
+    lines: list[str] = []
+    line = ""
+    for part in parts:
+        joined = f"{line}{SEPARATOR}{part}" if line else part
+        if len(joined) <= width:
+            line = joined
+            continue
+        if line:
+            lines.append(line)
+        if len(part) <= width:
+            line = part
+        else:
+            *whole, line = textwrap.wrap(part, max(width, 1), break_on_hyphens=False) or [""]
+            lines.extend(whole)
+    if line or not lines:
+        lines.append(line)
+    return lines

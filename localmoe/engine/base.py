@@ -181,6 +181,12 @@ class Engine:
         """The expert cache's statistics (hits, misses, bytes moved, per layer), for engines that have one."""
         return None
 
+    def expert_cache_counts(self) -> list[dict[str, list[int]]] | None:
+        """Per layer, the expert cache's counters per expert (`hits`, `misses`, `prefetch_hits`) over the same span
+        as cache_stats, for engines that have a cache; kept apart from cache_stats, which is recorded and served
+        with every answer, because it grows with layers × experts."""
+        return None
+
     def moe_shape(self) -> tuple[int, int, int] | None:
         """(layers, experts per layer, experts used per token) for a MoE model, else None; may load the model."""
         return None

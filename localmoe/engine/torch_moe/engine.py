@@ -259,6 +259,10 @@ class TorchMoEEngine(Engine):
                        for s, p, n in zip(store.stats, store.precision, store.scored, strict=True)] if store else [],
         }
 
+    def expert_cache_counts(self) -> list[dict[str, list[int]]] | None:
+        store = self.store
+        return [store.per_expert(layer) for layer in range(len(store.stats))] if store else None
+
     def _expert_kernel(self) -> str:
         """What computes a decode step's experts: "native" (kernels.py) or torch's kernels (and why)."""
         if self.model is not None and self.model.moes and self.model.moes[0].native:

@@ -169,6 +169,10 @@ def _return_big_blocks_to_the_os() -> None:
         pass  # musl or another libc: its own policy stands
 
 
+HIT, MISS, PREFETCH_HIT = range(3)
+EXPERT_COUNTERS = ("hits", "misses", "prefetch_hits")  # ExpertStore.per_expert's keys, in that order
+
+
 @dataclass
 class LayerStats:
     hits: int = 0  # uses served from the fast tier (prefetched experts included)
@@ -231,6 +235,10 @@ class ExpertStore:
         self.warm_slots = min(warm_slots, n_experts) if self.device.type == "cuda" else 0
         self.warm = [LRUCache(self.warm_slots) for _ in range(n_layers)] if self.warm_slots else None
         self.stats = [LayerStats() for _ in range(n_layers)]
+        self.n_experts = n_experts
+        # per layer, per expert: [hits, misses, prefetch hits], for the hardware screen's heat map (misses count the
+        # warm tier's copies too: neither was in the fast tier when asked for)
+        self.expert_counts = self._zero_counts()
         self.versions = [0] * n_layers  # per layer: bumped whenever an expert enters or leaves its fast tier
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, int], Future[ExpertWeights]] = {}
@@ -298,16 +306,22 @@ class ExpertStore:
                 st.tokens += 1
                 st.experts_used += len(used)
                 st.hits += len(used)
+                hits = self.expert_counts[layer][HIT]
+                for expert in used:
+                    hits[expert] += 1
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         st = self.stats[layer]
         with self._lock:
             found = self.layers[layer].lookup(expert)
+            counts = self.expert_counts[layer]
             if found is not None:
                 st.hits += 1
+                counts[HIT][expert] += 1
                 if expert in self._unused_prefetch[layer]:
                     self._unused_prefetch[layer].discard(expert)
                     st.prefetch_hits += 1
+                    counts[PREFETCH_HIT][expert] += 1
                 copied = self._copied.pop((layer, expert), None)
             else:
                 future = self._pending.get((layer, expert))
@@ -336,6 +350,7 @@ class ExpertStore:
                     st.warm_hits += 1
                 else:
                     st.misses += 1
+                self.expert_counts[layer][MISS][expert] += 1
                 self._insert(layer, expert, weights)
                 del self._pending[(layer, expert)]
             future.set_result(weights)
@@ -344,6 +359,8 @@ class ExpertStore:
             with self._lock:
                 st.hits += 1
                 st.prefetch_hits += 1
+                self.expert_counts[layer][HIT][expert] += 1
+                self.expert_counts[layer][PREFETCH_HIT][expert] += 1
                 self._unused_prefetch[layer].discard(expert)  # the use was counted by the lookup above
         st.stall_s += time.perf_counter() - t0
         return weights
@@ -498,6 +515,14 @@ class ExpertStore:
             t.record_stream(compute)  # freed blocks wait for the compute stream before they are reused
         return weights, done
 
+    def _zero_counts(self) -> list[list[list[int]]]:
+        return [[[0] * self.n_experts for _ in range(3)] for _ in self.stats]
+
+    def per_expert(self, layer: int) -> dict[str, list[int]]:
+        """The layer's counters per expert since the last reset: hits, misses and prefetch hits."""
+        with self._lock:
+            return {name: list(row) for name, row in zip(EXPERT_COUNTERS, self.expert_counts[layer], strict=True)}
+
     def totals(self) -> LayerStats:
         total = LayerStats()
         for s in self.stats:
@@ -507,6 +532,7 @@ class ExpertStore:
     def reset_stats(self) -> None:
         with self._lock:  # a prefetch finishing now must not count into the counters being replaced
             self.stats = [LayerStats() for _ in self.stats]
+            self.expert_counts = self._zero_counts()
             for unused in self._unused_prefetch:  # counted by the old counters: no hit or waste in the new ones
                 unused.clear()
 
