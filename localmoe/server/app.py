@@ -11,6 +11,7 @@ history), recorded like `localmoe ask` plus one `api_requests` row naming its cl
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import ipaddress
 import json
@@ -506,6 +507,7 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key_env: str
               "Ctrl-C stops", file=sys.stderr, flush=True)
         config = uvicorn.Config(Api(backend, api_key=key, queue=queue).app(), log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)
+        gc.freeze()  # the loaded model, web stack and their imports are permanent: keep the collector off them
         _uvicorn_server(config).run(sockets=[sock])
     finally:
         sock.close()
