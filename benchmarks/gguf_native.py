@@ -475,6 +475,7 @@ def build_big(path: Path = BIG_PATH) -> Path:
     import synthetic_moe
 
     b = BIG
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "qwen3moe")
     w.add_name("qwen3-30b-a3b-shaped random Q4_K_M")
