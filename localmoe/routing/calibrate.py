@@ -116,8 +116,7 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
     """Answer the suite on both tiers (or finish the interrupted calibration), retrain, write the router.
     `progress(done, total, tier)` after each answer; `on_start(run_id, questions, tiers)` once the run exists.
     Returns the summary `router calibrate --json` prints."""
-    tiers = resolve_tiers()
-    keys = [_key(tiers.small), _key(tiers.large)]
+    tiers, keys, ids = _current_tiers()
     if resume:
         if suite is not None or limit is not None:
             raise UsageError("--resume continues the interrupted calibration with its own suite and limit")
@@ -147,7 +146,6 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
         if progress:
             progress(done, total, "small" if label.split("/")[0] == ids[0] else "large")
 
-    ids = [models.resolve(k).id for k in keys]
     run_id = runner.run(rec, max_tokens=max_tokens, meter=meter, progress=tick, on_start=begin, **run_kwargs)
     return finish(rec, run_id, tiers, ids, router_out=router_out)
 
@@ -165,8 +163,7 @@ def retrain(rec: Recorder, run_id: int, router_out: Path | None = None) -> dict[
     """`router train` over a calibrated router: retrain on that calibration's recorded outcomes plus the user's
     latest signals, so new ratings count and the calibration (thresholds, tiers) is kept, not overwritten by a
     router that knows nothing of these tiers. Refused when settings now name other tiers."""
-    tiers = resolve_tiers()
-    keys = [_key(tiers.small), _key(tiers.large)]
+    tiers, keys, ids = _current_tiers()
     row = rec.bench_run(run_id)
     if row is None:
         raise UsageError(f"the router was calibrated on run {run_id}, which is no longer recorded: run "
@@ -175,7 +172,14 @@ def retrain(rec: Recorder, run_id: int, router_out: Path | None = None) -> dict[
         raise UsageError(f"the router was calibrated on other tiers ({', '.join(row['models'])}; now "
                          f"{', '.join(keys)}): run `localmoe router calibrate`, or `router train --shipped` to drop "
                          "the calibration")
-    return finish(rec, run_id, tiers, [models.resolve(k).id for k in keys], router_out=router_out)
+    return finish(rec, run_id, tiers, ids, router_out=router_out)
+
+
+def _current_tiers() -> tuple[Tiers, list[str], list[str]]:
+    """The tiers settings name now: as resolved, as a calibration run records them, and their model ids."""
+    tiers = resolve_tiers()
+    keys = [_key(tiers.small), _key(tiers.large)]
+    return tiers, keys, [models.resolve(k).id for k in keys]
 
 
 def outcomes(rec: Recorder, run_id: int, small_id: str, large_id: str) -> list[dict[str, Any]]:
