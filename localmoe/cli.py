@@ -448,6 +448,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.available:
         return _models_available(args)
+    if args.spec:
+        raise UsageError(f"{args.spec!r}: a hub repository is planned with `localmoe models --available {args.spec}`")
     entries = inventory.local_models()
     if args.json:
         _print_json([{**m.ref.to_dict(), "layout": m.layout.to_dict() if m.layout else None, "error": m.error,
@@ -483,6 +485,46 @@ def _models_available(args: argparse.Namespace) -> int:
     from localmoe.placement.plan import Budget
 
     budget = Budget.detect(vram=args.vram, ram=args.ram)
+    if args.spec:
+        # a hub model planned from its headers alone (a catalog name: its rows of the catalog listing)
+        from localmoe.home import catalog, inventory, pull
+
+        if not args.spec.startswith("hf:"):
+            entry, _ = catalog.lookup(args.spec)
+            found = [m for m in inventory.catalog_models(budget) if m.candidate and m.candidate.entry is entry]
+            if args.json:
+                _print_json({"models": [{**m.candidate.to_dict(), "installed": m.installed} for m in found]})
+                return 0
+            for m in found:
+                print(f"{m.id}: {human_bytes(m.size_bytes)}, {m.verdict.label if m.verdict else '?'} on {budget.where}"
+                      + (f" ({m.verdict.reason})" if m.verdict and m.verdict.reason else ""))
+            return 0
+        t = pull.parse(args.spec)
+        pull.resolve_remote(t)
+        m = inventory.remote_model(t, budget)
+        v = m.verdict
+        assert v is not None
+        if args.json:
+            _print_json({"budget": {"vram_bytes": budget.vram_bytes, "ram_bytes": budget.ram_bytes,
+                                    "unified": budget.unified, "source": budget.source},
+                         "model": {"id": m.id, "kind": t.kind, "repo": t.repo, "file": t.filename, "bytes": t.total,
+                                   "files": [f.filename for f in t.files], "architecture": m.architecture,
+                                   "layers": m.layers, "experts": m.experts, "experts_per_token": m.top_k,
+                                   "quant": m.quant, "context": m.context, "engine": m.engine,
+                                   "engine_reason": m.engine_reason, "verdict": v.to_dict(),
+                                   "header_bytes_read": t.header_bytes, "pull": m.pull_command}})
+            return 0
+        what = {"checkpoint": f"a safetensors checkpoint, {len(t.parts)} files",
+                "gguf": f"{len(t.parts)} shards" if t.parts else t.filename}[t.kind]
+        experts = f"{m.experts} experts (top-{m.top_k})" if m.is_moe else "dense"
+        print(f"hf:{t.repo}: {what}, {human_bytes(t.total)} ({pull.endpoint()})")
+        print(f"model: {m.architecture}, {m.layers} layers, {experts}, {m.quant}, context {m.context}")
+        print(f"on {budget.where}: {v.label}" + (f" ({v.reason})" if v.reason else "")
+              + (f"; engine {m.engine}" if m.engine not in ("none", "auto") else ""))
+        gpu = f"{human_bytes(budget.vram_bytes)} VRAM, " if budget.vram_bytes and not budget.unified else ""
+        print(f"planned for {gpu}{human_bytes(budget.ram_bytes)} RAM from the headers alone "
+              f"({human_bytes(t.header_bytes)} read); get it: {m.pull_command}")
+        return 0
     found = inventory.catalog_models(budget)
     best = next((m for m in found if m.recommended), None)
     if args.json:
@@ -513,9 +555,9 @@ def _models_available(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from localmoe.home import pull
+    from localmoe.home import inventory, pull
 
-    r = pull.pull(args.spec, dry_run=args.dry_run, progress=not args.json, force=args.force)
+    r = pull.pull(args.spec, inventory.plan_target, dry_run=args.dry_run, progress=not args.json, force=args.force)
     t = r.target
     if args.json:
         _print_json({"status": "dry-run" if r.dry_run else "ok", **r.to_dict()})
@@ -524,16 +566,31 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(note)
     if r.notes and r.path:
         return 0
-    size = human_bytes(t.size) if t.size is not None else "?"
     v = r.verdict
     verdict = f"{v.label}" + (f" ({v.reason})" if v and v.reason else "") if v else "?"
+    size = human_bytes(t.total) if t.total is not None else "?"
+    n_sums = sum(1 for f in t.files if f.sha256)
     if r.dry_run:
-        print(f"would fetch {t.repo}/{t.filename} ({size}) from {pull.endpoint()} as {t.id}")
+        if t.kind == "checkpoint":
+            names = ", ".join(f.filename for f in t.parts[:8]) + (" …" if len(t.parts) > 8 else "")
+            print(f"would fetch {len(t.parts)} files of the checkpoint hf:{t.repo} ({size}) from {pull.endpoint()} "
+                  f"into {t.dest}: {names}")
+        elif t.parts:
+            print(f"would fetch {t.repo}/{t.filename} and its {len(t.parts) - 1} other shards ({size} in all) from "
+                  f"{pull.endpoint()} as {t.id}")
+        else:
+            print(f"would fetch {t.repo}/{t.filename} ({size}) from {pull.endpoint()} as {t.id}")
         print(f"on this machine: {verdict}")
-        print(f"checksum: {'SHA-256 ' + t.sha256 if t.sha256 else 'none published: the file will not be verified'}")
+        if not t.parts:
+            print(f"checksum: {'SHA-256 ' + t.sha256 if t.sha256 else 'none published: the file will not be verified'}")
+        else:
+            print(f"checksums: SHA-256 published for {n_sums} of {len(t.parts)} files")
         return 0
     resumed = f", resumed at {human_bytes(r.resumed_from)}" if r.resumed_from else ""
     check = "SHA-256 verified" if t.sha256 else "no checksum published: not verified"
+    if t.parts:
+        check = ("SHA-256 verified" if n_sums == len(t.parts) else f"{n_sums} of {len(t.parts)} files SHA-256 "
+                 "verified (no checksum published for the rest)") + f"; {len(t.parts)} files"
     print(f"pulled {t.id} ({size}{resumed}; {check}) into {r.path}")
     print(f"on this machine: {verdict}")
     if r.large_tier_set:
@@ -1037,6 +1094,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list installed models", description="List embedded and installed "
                        "models with their layout (architecture, layers, experts, quantisation). With --available: "
                        "every catalog model and quantisation, planned on this machine before any download.")
+    m.add_argument("spec", nargs="?", metavar="hf:OWNER/REPO[/FILE]",
+                   help="with --available: plan this hub model from its headers alone (range requests), or one "
+                   "catalog NAME")
     m.add_argument("--json", action="store_true", help="print JSON instead of text")
     m.add_argument("--available", action="store_true",
                    help="the catalog against this machine: fits in VRAM / in RAM / runs from disk / refused")
@@ -1046,9 +1106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pu = sub.add_parser("pull", help="download a model from the catalog or the Hugging Face hub",
                         description="Download a catalog model (NAME[:QUANT], see `localmoe models --available`) or "
-                        "a GGUF file of a hub repository (hf:OWNER/REPO[/FILE.gguf]) into the data dir's models/, "
-                        "after planning it on this machine and checking the free disk space. An interrupted pull "
-                        "resumes where it stopped; the file is verified against the hub's SHA-256. Honours "
+                        "a GGUF model of a hub repository (hf:OWNER/REPO[/FILE.gguf]; a split GGUF's shards all "
+                        "come), or a repository's safetensors checkpoint (hf:OWNER/REPO with config.json and "
+                        "*.safetensors, no GGUF) for the native engine, into the data dir's models/, after "
+                        "planning it on this machine and checking the free disk space. An interrupted pull "
+                        "resumes where it stopped; each file is verified against the hub's SHA-256. Honours "
                         "HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN.")
     pu.add_argument("spec", metavar="NAME[:QUANT] | hf:OWNER/REPO[/FILE]", help="what to download")
     pu.add_argument("--dry-run", action="store_true", help="show what would be fetched and whether it fits; "

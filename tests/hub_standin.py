@@ -76,7 +76,10 @@ class StandinHub:
                               "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
                              for n, d in files.items()]
                     info = {"id": m.group(1), "sha": COMMIT,
-                            "siblings": [{"rfilename": i["path"], "size": i["size"], "lfs": i["lfs"]} for i in items]}
+                            # the model info's siblings name the LFS hash `sha256`, the tree listing `oid`, as the hub
+                            "siblings": [{"rfilename": i["path"], "size": i["size"],
+                                          "lfs": {"sha256": i["lfs"]["oid"], "size": i["size"], "pointerSize": 134}}
+                                         for i in items]}
                     data = json.dumps(items if m.group(2) == "tree" else info).encode()
                     entry["sent"] = self._send(200, {"Content-Type": "application/json"}, data, body)
                     return
@@ -112,3 +115,15 @@ class StandinHub:
                 self.close_connection = True  # hang up mid-body: the client sees a short read
 
         return Handler
+
+
+def tiny_catalog_entry(data: bytes, repo: str, filename: str) -> Any:
+    """A catalog entry for the tests' tiny MoE (3 layers, 8 experts, top-2) served as `repo`/`filename`."""
+    from localmoe.home import catalog
+
+    f = catalog.CatalogFile("F32", filename, len(data), "hub listing", default=True)
+    layout = {"architecture": "qwen3moe", "layers": 3, "experts": 8, "experts_per_token": 2,
+              "total_params": len(data) / 4, "active_params": len(data) / 16, "context": 4096,
+              "hidden": 64, "vocab": 49152, "heads": 4, "kv_heads": 2, "head_dim": 16, "source": "test"}
+    return catalog.CatalogEntry("tiny-moe", "hub", "large", "Apache-2.0", "a test MoE", repo=repo, rank=0,
+                                layout=layout, files=(f,))

@@ -160,19 +160,14 @@ def test_the_engine_column_is_the_planners_choice(home, tiny_moe):
 def test_d_downloads_a_catalog_file_with_a_progress_bar_and_lists_it_installed(home, tiny_moe, monkeypatch):
     import socket
 
-    from hub_standin import StandinHub
+    from hub_standin import StandinHub, tiny_catalog_entry
     from textual.widgets import ProgressBar, Static
 
     from localmoe.home import catalog, pull
 
     data = tiny_moe[1].read_bytes()
     repo, name = "test-org/tiny-moe-GGUF", "tiny-moe-F32.gguf"
-    f = catalog.CatalogFile("F32", name, len(data), "hub listing", default=True)
-    layout = {"architecture": "qwen3moe", "layers": 3, "experts": 8, "experts_per_token": 2,
-              "total_params": len(data) / 4, "active_params": len(data) / 16, "context": 4096,
-              "hidden": 64, "vocab": 49152, "heads": 4, "kv_heads": 2, "head_dim": 16, "source": "test"}
-    entry = catalog.CatalogEntry("tiny-moe", "hub", "large", "Apache-2.0", "a test MoE", repo=repo, rank=0,
-                                 layout=layout, files=(f,))
+    entry = tiny_catalog_entry(data, repo, name)
     shipped = catalog.entries()
     monkeypatch.setattr(catalog, "entries", lambda: (*shipped, entry))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -253,10 +253,10 @@ class ModelsScreen(Screen[bool]):
 
     @work(thread=True, exclusive=True, group="pull")
     def run_pull(self, spec: str) -> None:
-        from localmoe.home import pull
+        from localmoe.home import inventory, pull
 
         try:
-            result = pull.pull(spec, progress=False,
+            result = pull.pull(spec, inventory.plan_target, progress=False,
                                on_progress=lambda done, total: self.app.call_from_thread(
                                    self.show_progress, spec, done, total))
         except Exception as exc:  # noqa: BLE001 (one line on the screen, never a traceback)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmoe.errors import LocalmoeError
-from localmoe.home import catalog, models
+from localmoe.home import catalog, models, pull
 from localmoe.units import human_bytes
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class ModelInfo:
     candidate: catalog.Candidate | None = None
     installed: bool = True  # a catalog file: pulled already
     recommended: bool = False  # the catalog's recommended large tier for the budget
+    remote: pull.Target | None = None  # a hub repository's model, planned from its headers (remote_model)
 
     @property
     def is_moe(self) -> bool:
@@ -65,6 +66,9 @@ class ModelInfo:
 
     @property
     def pull_command(self) -> str | None:
+        if self.remote is not None:
+            return f"localmoe pull hf:{self.remote.repo}" + (f"/{self.remote.filename}" if self.remote.filename
+                                                             and self.remote.kind == "gguf" else "")
         return f"localmoe pull {self.id}" if self.candidate is not None else None
 
     def layout_text(self) -> str:
@@ -80,28 +84,92 @@ def local_models(budget: Budget | None = None) -> list[ModelInfo]:
     from localmoe.placement.layout import read_layout
 
     out = []
+    incomplete: set[Path] = set()
     for ref in models.list_models():
         if ref.backend == "torch":
-            c = checkpoint_summary(ref.path)
-            info = ModelInfo(ref.id, ref.source, "torch", str(c["architecture"]), _int(c["layers"]),
-                             int(c["experts"] or 0), int(c["top_k"] or 0), c["dtype"], c["bytes"],
-                             context=_int(c["context"]), ref=ref, config=c)
-            if budget is not None:
-                info.verdict = checkpoint_verdict(ref.path, budget)
-            out.append(info)
+            out.append(_checkpoint_info(ref.id, ref.source, ref.path, budget, ref=ref))
+            continue
+        shard = pull.split_name(ref.path.name)
+        if shard is not None and shard[1] > 1:
+            # a split GGUF's later shards are not models: the model is its first shard; without it (a split pull
+            # under way or interrupted) one row says so
+            first = ref.path.parent / pull.shard_names(ref.path.name)[0]
+            if not first.exists() and first not in incomplete:
+                incomplete.add(first)
+                out.append(ModelInfo(ref.id, ref.source, ref.backend, ref=ref, error=(
+                    f"shard {shard[1]} of a {shard[2]}-file split GGUF whose first shard {first.name} is not there "
+                    "(an interrupted pull? run it again)")))
             continue
         try:
-            lay = read_layout(ref.path)
+            lay = pull.split_layout(ref.path) if shard is not None else read_layout(ref.path)
         except LocalmoeError as exc:
             out.append(ModelInfo(ref.id, ref.source, ref.backend, error=str(exc), ref=ref))
             continue
-        info = ModelInfo(ref.id, ref.source, ref.backend, lay.architecture, lay.n_layers, lay.n_experts,
-                         lay.n_experts_used, lay.quantization, lay.file_bytes, context=lay.context_length, ref=ref,
-                         layout=lay)
-        if budget is not None:
-            _choose(info, lay, budget)
-        out.append(info)
+        out.append(_gguf_info(ref.id, ref.source, lay, budget, split=lay.file_bytes != ref.path.stat().st_size,
+                              ref=ref))
     return out
+
+
+def _checkpoint_info(model_id: str, source: str, path: Path, budget: Budget | None, **kw: Any) -> ModelInfo:
+    c = checkpoint_summary(path)
+    info = ModelInfo(model_id, source, "torch", str(c["architecture"]), _int(c["layers"]), int(c["experts"] or 0),
+                     int(c["top_k"] or 0), c["dtype"], c["bytes"], context=_int(c["context"]), config=c, **kw)
+    if budget is not None:
+        info.verdict = checkpoint_verdict(path, budget)
+    return info
+
+
+def _gguf_info(model_id: str, source: str, lay: ModelLayout, budget: Budget | None, *, split: bool,
+               **kw: Any) -> ModelInfo:
+    from localmoe.placement.plan import make_plan, verdict
+
+    info = ModelInfo(model_id, source, "llama.cpp", lay.architecture, lay.n_layers, lay.n_experts,
+                     lay.n_experts_used, lay.quantization, lay.file_bytes, context=lay.context_length, layout=lay,
+                     **kw)
+    if budget is None:
+        return info
+    if split:
+        # llama.cpp opens the other shards from the first one's path; the native engine reads one file
+        info.verdict = verdict(make_plan(lay, budget), lay)
+        info.engine = "llama.cpp" if info.verdict.kind != "refused" else "none"
+        info.engine_reason = "a split GGUF: llama.cpp loads its shards (the native engine reads single files)"
+    else:
+        _choose(info, lay, budget)
+    return info
+
+
+def remote_model(t: pull.Target, budget: Budget) -> ModelInfo:
+    """A hub model (`t`, resolved) planned on `budget` from its headers alone, exactly as `local_models` plans the
+    same files on disk: a GGUF (every shard of a split one) or a checkpoint folder's config and safetensors
+    headers, read by range requests (pull.remote_replica)."""
+    from localmoe.placement.layout import read_layout
+
+    with pull.remote_replica(t) as p:
+        if t.kind == "checkpoint":
+            info = _checkpoint_info(t.id, "hub", p, budget, remote=t)
+        else:
+            lay = pull.split_layout(p) if t.parts else read_layout(p)
+            info = _gguf_info(t.id, "hub", lay, budget, split=bool(t.parts), remote=t)
+            lay.path = f"hf:{t.repo}/{t.filename}"  # not the temporary replica's
+    return info
+
+
+def plan_target(t: pull.Target, budget: Budget | None = None) -> tuple[bool, Verdict]:
+    """(a MoE?, the planner's verdict for `budget`, default this machine) of a pull's target, before it is fetched:
+    from the catalog's layout, else from the remote headers exactly as `localmoe models` plans the local files
+    (remote_model). `pull.pull` takes it as its `plan`."""
+    from localmoe.placement.plan import Budget, make_plan, verdict
+
+    budget = budget or Budget.detect()
+    if t.entry is not None and t.cfile is not None:
+        f = t.cfile
+        if t.total:  # the hub's exact size over the catalog's rounded one
+            f = catalog.CatalogFile(f.quant, f.file, t.total, "hub", f.default, f.sha256)
+        layout = catalog.layout_of(t.entry, f)
+        return t.entry.is_moe, verdict(make_plan(layout, budget), layout)
+    info = remote_model(t, budget)
+    assert info.verdict is not None
+    return info.is_moe, info.verdict
 
 
 def _int(value: Any) -> int | None:
@@ -176,5 +244,11 @@ def catalog_models(budget: Budget, installed: set[str] | None = None) -> list[Mo
             f"{e.id}:{f.quant}", "catalog", engine, str(lay.get("architecture", "?")), _int(lay.get("layers")),
             int(lay.get("experts", 0)), int(lay.get("experts_per_token", 0)), f.quant, f.size_bytes,
             size_estimated=f.size_source != "hub listing", context=_int(lay.get("context")), verdict=c.verdict,
-            candidate=c, installed=e.local_id(f) in installed, recommended=c is best))
+            candidate=c, installed=_local_ids(e, f) & installed != set(), recommended=c is best))
     return out
+
+
+def _local_ids(e: catalog.CatalogEntry, f: catalog.CatalogFile) -> set[str]:
+    """The ids a pulled catalog file may be installed under: `<entry>-<quant>`, a split one's first shard's."""
+    s = pull.split_name(Path(f.file).name)
+    return {e.local_id(f)} | ({f"{e.local_id(f)}-00001-of-{s[2]:05d}"} if s else set())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from localmoe.errors import LocalmoeError, UsageError
@@ -55,12 +55,14 @@ class Removal:
     action: str  # delete | unlink | forget
     frees: int  # bytes the disk gets back
     path: Path
+    shards: list[Path] = field(default_factory=list)  # a split GGUF's other files, deleted with it
 
     def describe(self) -> str:
         from localmoe.units import human_bytes
 
         if self.action == "delete":
-            return f"delete {self.ref.id} ({self.path}), freeing {human_bytes(self.frees)}"
+            more = f" and its {len(self.shards)} other shards" if self.shards else ""
+            return f"delete {self.ref.id} ({self.path}{more}), freeing {human_bytes(self.frees)}"
         what = "remove the link" if self.action == "unlink" else "forget"
         return f"{what} {self.ref.id}; its file stays at {self._target()} (frees nothing)"
 
@@ -94,7 +96,8 @@ def plan_removal(name: str) -> Removal:
                          f"delete {ref.path} yourself if you mean to")
     if local.is_symlink():
         return Removal(ref, "unlink", 0, local)
-    return Removal(ref, "delete", _size(local), local)
+    shards = [d / name for name in entry.get("shards", []) if name != local.name and (d / name).is_file()]
+    return Removal(ref, "delete", _size(local) + sum(map(_size, shards)), local, shards)
 
 
 def remove(r: Removal) -> None:
@@ -105,7 +108,8 @@ def remove(r: Removal) -> None:
         shutil.rmtree(r.path)
     else:
         r.path.unlink()
-    part = r.path.with_name(r.path.name + ".part")
-    if part.exists():
-        part.unlink()
+    for p in [r.path, *r.shards]:
+        for leftover in (p, p.with_name(p.name + ".part")):
+            if leftover != r.path and leftover.exists():
+                leftover.unlink()
     pull.record(r.path.name, None)

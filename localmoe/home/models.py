@@ -75,10 +75,22 @@ def embedded_models() -> list[ModelRef]:
 def installed_models() -> list[ModelRef]:
     """GGUF files the user put (or `pull`ed) into `<data dir>/models`, then Hugging Face checkpoint directories
     there (a folder with a config.json), which the torch engine runs."""
+    from localmoe.placement.gguf_file import shard_names, split_name
+
     d = paths.models_dir()
     if not d.is_dir():
         return []
-    found = [ModelRef(p.stem.lower(), p, "installed") for p in sorted(d.glob("*.gguf"))]
+    files = sorted(d.glob("*.gguf"))
+    present = {p.name for p in files}
+
+    def stands_for_its_model(p: Path) -> bool:
+        """A split GGUF is one model, named by its first shard (llama.cpp opens the others from it); without that
+        shard (an interrupted pull), its lowest present shard stands for it, so the model is still seen."""
+        if (s := split_name(p.name)) is None or s[1] == 1:
+            return True
+        return next(n for n in shard_names(p.name) if n in present) == p.name
+
+    found = [ModelRef(p.stem.lower(), p, "installed") for p in files if stands_for_its_model(p)]
     found += [checkpoint_ref(p, "installed") for p in sorted(d.iterdir()) if is_checkpoint_dir(p)]
     return found
 

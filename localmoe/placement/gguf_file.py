@@ -7,6 +7,7 @@ short arrays are decoded; tensor data is left on disk for the caller to memory-m
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,27 @@ STRING, ARRAY = 8, 9
 
 class GGUFFormatError(ValueError):
     pass
+
+
+# llama.cpp's gguf-split names (llama_split_path): llama.cpp finds shards 2..N beside shard 1 by these names
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+
+
+def split_name(name: str) -> tuple[str, int, int] | None:
+    """`Model-Q4_K_M-00002-of-00003.gguf` → ("Model-Q4_K_M", 2, 3); None for a file not named as a shard."""
+    m = SPLIT_NAME.match(name)
+    if not m or not 1 <= int(m["no"]) <= int(m["count"]) or int(m["count"]) < 2:
+        return None
+    return m["prefix"], int(m["no"]), int(m["count"])
+
+
+def shard_names(name: str) -> list[str]:
+    """Every shard's name (directory kept) for the name of any one shard."""
+    head, _, base = name.rpartition("/")
+    s = split_name(base)
+    assert s is not None
+    prefix, _, count = s
+    return [(head + "/" if head else "") + f"{prefix}-{k:05d}-of-{count:05d}.gguf" for k in range(1, count + 1)]
 
 
 @dataclass

@@ -11,6 +11,7 @@ token embeddings stay in RAM, and buffer-type overrides move matching expert ten
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 from dataclasses import asdict, dataclass, field
@@ -668,6 +669,10 @@ def native_gguf_view(path: str) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
 
     try:
         header = gguf_file.read_header(path)
+        shards = int(header.metadata.get("split.count") or 1)
+        if shards > 1:
+            raise LocalmoeError(f"{os.path.basename(path)} is one of {shards} files of a split GGUF: the native engine "
+                                "reads single-file GGUFs; llama.cpp runs it (--backend llama.cpp)")
         return gguf_file.checkpoint_view(header, file=str(path))
     except (gguf_file.GGUFFormatError, OSError) as exc:
         raise LocalmoeError(f"cannot read the GGUF header of {path}: {exc}") from None
