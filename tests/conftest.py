@@ -1,10 +1,19 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# Under pytest-xdist each worker takes its share of the cores for torch's and OpenMP's thread pools (read when torch
+# is first imported, and inherited by the CLI subprocesses): two workers that each spin a pool as wide as the machine
+# slow each other down. The kernel tests that exercise several threads set the count themselves.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-from localmoe.home import models
+import pytest  # noqa: E402
+
+from helpers import built_once  # noqa: E402
+from localmoe.home import models, paths  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -12,6 +21,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own data dir, so no test sees another's database or the user's."""
     d = tmp_path / "home"
     monkeypatch.setenv("LOCALMOE_HOME", str(d))
+    # a notice owed by an earlier test's in-process call would surface in this one's output (each real process
+    # starts with none): which test ran before depends on the order, and under xdist on the worker
+    paths.tightened.clear()
     return d
 
 
@@ -23,11 +35,16 @@ def smollm() -> models.ModelRef:
 
 
 @pytest.fixture(scope="session")
-def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A random-init Qwen3-MoE (3 layers, 8 experts, top-2) as a HF checkpoint and the same weights as GGUF."""
-    import synthetic_moe
+def tiny_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random-init Qwen3-MoE (3 layers, 8 experts, top-2) as a HF checkpoint and the same weights as GGUF
+    (read-only: built once and kept between runs, see helpers.built_once)."""
 
-    root = tmp_path_factory.mktemp("tiny_moe")
-    # init_std 0.05: large enough weights that a wrong conversion shows in the logits (see test_synthetic_moe)
-    hf = synthetic_moe.build_hf_moe(root / "hf", "qwen3_moe", layers=3, experts=8, top_k=2, init_std=0.05)
-    return hf, synthetic_moe.hf_to_gguf(hf, root / "tiny-moe.gguf")
+    def build(root: Path) -> None:
+        import synthetic_moe
+
+        # init_std 0.05: large enough weights that a wrong conversion shows in the logits (see test_synthetic_moe)
+        hf = synthetic_moe.build_hf_moe(root / "hf", "qwen3_moe", layers=3, experts=8, top_k=2, init_std=0.05)
+        synthetic_moe.hf_to_gguf(hf, root / "tiny-moe.gguf")
+
+    root = built_once(request.config, tmp_path_factory, "tiny_moe", {}, build)
+    return root / "hf", root / "tiny-moe.gguf"

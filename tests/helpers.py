@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
+import inspect
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
+
+# What a built test model depends on besides its parameters and its build function: the converter and these
+# packages (the initialisation, the file writers, llama.cpp's quantiser). A change to any of them builds anew.
+_BUILD_SOURCES = (Path(__file__).with_name("synthetic_moe.py"),)
+_BUILD_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "numpy", "llama_cpp_python")
 
 
 def run_cli(*args: str, home: Path | None = None, timeout: float = 120, env_extra: dict[str, str] | None = None,
@@ -49,3 +60,41 @@ def advancing_rapl(root: Path, watts: float = 25.0, interval: float = 0.05) -> I
     finally:
         stop.set()
         thread.join()
+
+
+def built_once(config: pytest.Config, factory: pytest.TempPathFactory, name: str, params: dict,
+               build: Callable[[Path], None]) -> Path:
+    """The folder that `build(folder)` fills, kept in pytest's cache (.pytest_cache/d/localmoe-models) and reused by
+    later runs while `params`, `build`'s source, synthetic_moe.py and the packages it uses are unchanged: test models
+    are made by test code from a fixed seed, so a rebuild would give the same bytes, and only product code reads them.
+    Without pytest's cache (`-p no:cacheprovider`) or with LOCALMOE_TEST_FRESH=1 the folder is built afresh in the
+    run's temporary directory, as a fresh checkout (CI) does anyway. Callers must treat the folder as read-only."""
+    if config.cache is None or os.environ.get("LOCALMOE_TEST_FRESH"):
+        out = factory.mktemp(name)
+        build(out)
+        return out
+    h = hashlib.sha256(repr(sorted(params.items())).encode())
+    h.update(inspect.getsource(build).encode())
+    for src in _BUILD_SOURCES:
+        h.update(src.read_bytes())
+    for pkg in _BUILD_PACKAGES:
+        h.update(f"{pkg}={importlib.metadata.version(pkg)}".encode())
+    key = h.hexdigest()[:16]
+    shelf = config.cache.mkdir("localmoe-models") / name
+    out = shelf / key
+    if (out / ".complete").exists():
+        return out
+    shelf.mkdir(parents=True, exist_ok=True)
+    for old in shelf.iterdir():  # one version per name: older builds are dead weight (hundreds of MB)
+        if old.name != key and not old.name.startswith(f"{key}."):
+            shutil.rmtree(old, ignore_errors=True)
+    part = shelf / f"{key}.{os.getpid()}"  # built aside and renamed: an interrupted build is never reused
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir()
+    build(part)
+    (part / ".complete").touch()
+    try:
+        part.rename(out)
+    except OSError:  # another process (an xdist worker) finished first: its copy is the same
+        shutil.rmtree(part, ignore_errors=True)
+    return out

@@ -26,6 +26,19 @@ def fresh_library():
     native._library.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def kernel_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels-home")
+
+
+@pytest.fixture
+def shared_kernel_build(kernel_home, monkeypatch):
+    """One data dir for the tests that only compute with the kernel: each still decides afresh (fresh_library), and
+    finds the library this module built from the current source instead of compiling it again (seconds per test).
+    The tests of the build itself keep their own data dir."""
+    monkeypatch.setenv("LOCALMOE_HOME", str(kernel_home))
+
+
 def _reference(x, experts, scales):
     out = torch.zeros(1, x.shape[-1], dtype=torch.float64)
     for (gu, down), s in zip(experts, scales, strict=True):
@@ -37,7 +50,7 @@ def _reference(x, experts, scales):
 @needs_cc
 @pytest.mark.parametrize("hidden,ff,n", [(64, 32, 4), (37, 13, 3), (5, 3, 1), (130, 66, 5)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_moe_decode_matches_torch(hidden, ff, n, threads):
+def test_moe_decode_matches_torch(hidden, ff, n, threads, shared_kernel_build):
     """Shapes that are not multiples of the 4-row blocks, more threads than some shares have rows; the kernel adds
     to what `out` holds."""
     assert native.available(), native.kernels()
@@ -90,7 +103,7 @@ def test_a_compiler_error_is_one_line_and_the_engine_keeps_torch(tiny_moe, monke
 
 
 @needs_cc
-def test_engine_with_native_kernel_equals_torch_kernels(tiny_moe, monkeypatch):
+def test_engine_with_native_kernel_equals_torch_kernels(tiny_moe, monkeypatch, shared_kernel_build):
     """The same checkpoint decoded with the native kernel and with LOCALMOE_KERNELS=torch: the same greedy tokens,
     logits equal up to float rounding (each is checked against transformers in test_torch_moe)."""
     runs = {}
