@@ -44,10 +44,13 @@ def test_the_footer_shows_whole_keys_at_80_columns_and_every_key_at_200(home):
         async with app.run_test(size=(200, 60)) as pilot:
             chat = app.screen
             assert isinstance(chat, ChatScreen)
-            await pilot.pause(0.3)
-            wide = {k.action for k in footer_keys(app)}
-            listed = {b.action for b in chat.BINDINGS if b.show} | {"quit"}
-            assert {a.split("(")[0] for a in listed} <= {a.split("(")[0] for a in wide}, listed - wide
+            listed = {b.action.split("(")[0] for b in chat.BINDINGS if b.show} | {"quit"}
+
+            def shown() -> set[str]:
+                return {k.action.split("(")[0] for k in footer_keys(app)}
+
+            await wait_for(pilot, lambda: listed <= shown(), timeout=30)  # the footer lays out after the screen
+            wide = shown()
             assert "Stop answer" in screen_lines(app)[-1]
 
             await pilot.resize_terminal(80, 24)

@@ -77,9 +77,13 @@ class Pane:
             time.sleep(0.05)
 
     def dead(self) -> int | None:
-        """The exit status once the command has ended (the pane stays, remain-on-exit), else None."""
-        out = self.tmux("display-message", "-p", "-t", self.name, "#{pane_dead} #{pane_dead_status}").split()
-        return int(out[1]) if out and out[0] == "1" else None
+        """The exit status once the command has ended (the pane stays, remain-on-exit), minus the signal's number
+        when a signal ended it, else None."""
+        out = self.tmux("display-message", "-p", "-t", self.name,
+                        "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}").strip().split(":")
+        if len(out) < 3 or out[0] != "1":
+            return None
+        return int(out[1]) if out[1] else -int(out[2] or 0)
 
     def close(self) -> None:
         self.tmux("kill-server", check=False)
@@ -130,7 +134,7 @@ def test_start_ask_open_every_screen_and_quit(home, tmp_path):
         pane.close()
     elapsed = time.monotonic() - t0
 
-    assert status == 0, final
+    assert status == 0, f"exit status {status} (negative: killed by that signal)\n{final}"
     assert not [c for c in pane.captures if "Traceback" in c]
     conn = sqlite3.connect(home / "localmoe.db")
     rows = conn.execute("select role, content, status from messages order by id").fetchall()
