@@ -662,7 +662,7 @@ def _size(text: str) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from localmoe.home import models
     from localmoe.placement import plan
-    from localmoe.placement.layout import read_layout
+    from localmoe.placement.layout import read_model_layout
 
     ref = models.resolve(args.model)
     if ref.backend == "torch":  # a Hugging Face checkpoint directory: expert slots per tier from a memory budget
@@ -687,7 +687,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0 if cp.fits else 3
     if args.expert_dtype:
         raise UsageError("--expert-dtype applies to checkpoint directories: a GGUF's experts stay in its quantisation")
-    layout = read_layout(ref.path)
+    layout = read_model_layout(ref.path)
     budget = plan.Budget.detect(vram=args.vram, ram=args.ram)
     # Which engine answers (#16): llama.cpp while the experts fit in memory, the native expert cache when not.
     try:

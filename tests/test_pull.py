@@ -325,6 +325,12 @@ def test_a_split_gguf_is_pulled_whole_in_one_progress_and_answers(split_hub, hom
                 "--no-log", home=home)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "split GGUF" in r.stderr and "llama.cpp" in r.stderr
+    # planned as the whole model wherever a local file is planned: `plan`, the engine's own layout
+    assert cli.main(["plan", "tiny-moe-f32-00001-of-00003", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["file_bytes"] == total
+    from localmoe.placement.layout import read_model_layout
+
+    assert read_model_layout(paths.models_dir() / first).file_bytes == total
     # shards 2..N are not models of their own, by any name
     assert [m.id for m in models.list_models() if "tiny-moe-f32" in m.id] == ["tiny-moe-f32-00001-of-00003"]
     # rm deletes the whole model: every shard, and says it frees all of them

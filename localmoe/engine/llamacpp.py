@@ -28,7 +28,7 @@ from localmoe.engine.base import (
 )
 from localmoe.errors import LocalmoeError
 from localmoe.experts.trace import TraceToken
-from localmoe.placement.layout import read_layout
+from localmoe.placement.layout import read_model_layout
 from localmoe.placement.plan import Budget, Plan, make_plan
 
 DEFAULT_CTX = 4096
@@ -58,7 +58,7 @@ class LlamaCppEngine(Engine):
         self.path = Path(path)
         self.model_id = model_id or self.path.stem.lower()
         # Validates the file (signature, truncation, shapes) with a clear message before llama.cpp sees it.
-        self.layout = read_layout(self.path)
+        self.layout = read_model_layout(self.path)
         if plan is None:
             plan = make_plan(self.layout, Budget.detect(), n_ctx)
         plan.raise_if_refused()

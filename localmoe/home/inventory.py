@@ -81,7 +81,7 @@ class ModelInfo:
 def local_models(budget: Budget | None = None) -> list[ModelInfo]:
     """Embedded, installed and discovered models (models.list_models), each with its layout; with `budget`, the
     verdict of its plan on it."""
-    from localmoe.placement.layout import read_layout
+    from localmoe.placement.layout import read_layout, read_model_layout
 
     out = []
     incomplete: set[Path] = set()
@@ -101,7 +101,7 @@ def local_models(budget: Budget | None = None) -> list[ModelInfo]:
                     "(an interrupted pull? run it again)")))
             continue
         try:
-            lay = pull.split_layout(ref.path) if shard is not None else read_layout(ref.path)
+            lay = read_model_layout(ref.path) if shard is not None else read_layout(ref.path)
         except LocalmoeError as exc:
             out.append(ModelInfo(ref.id, ref.source, ref.backend, error=str(exc), ref=ref))
             continue
@@ -142,13 +142,13 @@ def remote_model(t: pull.Target, budget: Budget) -> ModelInfo:
     """A hub model (`t`, resolved) planned on `budget` from its headers alone, exactly as `local_models` plans the
     same files on disk: a GGUF (every shard of a split one) or a checkpoint folder's config and safetensors
     headers, read by range requests (pull.remote_replica)."""
-    from localmoe.placement.layout import read_layout
+    from localmoe.placement.layout import read_model_layout
 
     with pull.remote_replica(t) as p:
         if t.kind == "checkpoint":
             info = _checkpoint_info(t.id, "hub", p, budget, remote=t)
         else:
-            lay = pull.split_layout(p) if t.parts else read_layout(p)
+            lay = read_model_layout(p)
             info = _gguf_info(t.id, "hub", lay, budget, split=bool(t.parts), remote=t)
             lay.path = f"hf:{t.repo}/{t.filename}"  # not the temporary replica's
     return info

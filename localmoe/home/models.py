@@ -211,7 +211,7 @@ def tier_model(tier: str) -> ModelRef:
     """small: the default model; large: the largest installed MoE whose plan fits this machine."""
     if tier == "small":
         return default_model()
-    from localmoe.placement.layout import read_layout
+    from localmoe.placement.layout import read_model_layout
     from localmoe.placement.plan import Budget, choose_engine
 
     budget = Budget.detect()
@@ -220,7 +220,7 @@ def tier_model(tier: str) -> ModelRef:
         if ref.backend != "llama.cpp":
             continue
         try:
-            layout = read_layout(ref.path)
+            layout = read_model_layout(ref.path)
         except LocalmoeError:
             continue
         # fits on either engine: a MoE whose experts do not fit in RAM runs from the native expert cache

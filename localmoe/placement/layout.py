@@ -99,6 +99,57 @@ def read_layout(path: str | Path) -> ModelLayout:
     return _read_gguf_cached(str(p.resolve()), st.st_size, st.st_mtime_ns)
 
 
+
+def read_model_layout(path: str | Path) -> ModelLayout:
+    """read_layout for a whole model: a split GGUF (named by its first shard) has the first shard's metadata,
+    every shard's tensors and the shards' sizes summed (what is loaded and what the disk holds). The shards must lie
+    beside the first, under llama.cpp's names; a missing or foreign one is a LocalmoeError."""
+    first = Path(path).expanduser()
+    from dataclasses import replace
+
+    from localmoe.placement.gguf_file import GGUFFormatError, read_header, shard_names, split_name
+
+    lay = read_layout(first)
+    s = split_name(first.name)
+    try:
+        count = int(read_header(first).metadata.get("split.count") or 1)
+    except (GGUFFormatError, OSError) as exc:
+        raise LocalmoeError(f"{first.name} is a truncated or corrupt GGUF file ({exc})") from None
+    if s is None or count == 1:
+        return lay
+    if s[1] != 1 or s[2] != count:
+        raise LocalmoeError(f"{first.name}: its header says shard 1 of {count}; the name says {s[1]} of {s[2]}")
+    expert, dense = list(lay.expert_bytes_per_layer), list(lay.dense_bytes_per_layer)
+    other, output, params, vocab, total = lay.other_bytes, lay.output_bytes, lay.n_params, lay.vocab_size, 0
+    for name in shard_names(first.name):
+        p = first.parent / name
+        if not p.is_file():
+            raise LocalmoeError(f"{first.name} is shard 1 of a {count}-file split GGUF and {name} is missing from "
+                                f"{first.parent}")
+        total += p.stat().st_size
+        if p.name == first.name:
+            continue
+        try:
+            header = read_header(p)
+        except (GGUFFormatError, OSError) as exc:
+            raise LocalmoeError(f"{name} is a truncated or corrupt GGUF shard ({exc})") from None
+        for ti in header.tensors:
+            params += ti.n_elements
+            m = BLOCK_TENSOR.match(ti.name)
+            if not m:
+                other += ti.n_bytes
+                output += ti.n_bytes if ti.name.startswith("output") else 0
+                vocab = int(ti.shape[-1]) if ti.name == "token_embd.weight" else vocab
+            elif int(m.group(1)) >= lay.n_layers:
+                raise LocalmoeError(f"{name}: tensor {ti.name} names a layer the model does not have")
+            elif EXPERT_TENSOR.match(ti.name):
+                expert[int(m.group(1))] += ti.n_bytes
+            else:
+                dense[int(m.group(1))] += ti.n_bytes
+    return replace(lay, file_bytes=total, n_params=params, expert_bytes_per_layer=expert, dense_bytes_per_layer=dense,
+                   other_bytes=other, output_bytes=output, vocab_size=vocab)
+
+
 @lru_cache(maxsize=16)
 def _read_gguf_cached(path: str, size: int, mtime_ns: int) -> ModelLayout:
     # Keyed on size and mtime so a file replaced on disk is read again.

@@ -807,9 +807,9 @@ def choose_engine(
 
 def choose_engine_for(path: str | Any, ctx: int | None = None, *, backend: str | None = None) -> EngineChoice:
     """`choose_engine` on this machine for a GGUF file: its header and the detected memory (not measured)."""
-    from localmoe.placement.layout import read_layout
+    from localmoe.placement.layout import read_model_layout
 
-    return choose_engine(read_layout(path), Budget.detect(), ctx, backend=backend)
+    return choose_engine(read_model_layout(path), Budget.detect(), ctx, backend=backend)
 
 
 def describe_choice(choice: EngineChoice, layout: ModelLayout) -> str:
