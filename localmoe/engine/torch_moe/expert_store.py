@@ -301,14 +301,13 @@ class ExpertStore:
                 cache, st = self.layers[layer], self.stats[layer]
                 cache.clock += 1
                 used = [e for e in experts if e >= 0]  # -1: dropped by the adaptive expert count
-                for expert in used:
+                hits = self.expert_counts[layer][HIT]
+                for expert in used:  # per decoded token: one pass over the step's experts
                     cache.lookup(expert)
+                    hits[expert] += 1
                 st.tokens += 1
                 st.experts_used += len(used)
                 st.hits += len(used)
-                hits = self.expert_counts[layer][HIT]
-                for expert in used:
-                    hits[expert] += 1
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         st = self.stats[layer]
