@@ -69,7 +69,7 @@ def built_once(config: pytest.Config, factory: pytest.TempPathFactory, name: str
     are made by test code from a fixed seed, so a rebuild would give the same bytes, and only product code reads them.
     Without pytest's cache (`-p no:cacheprovider`) or with LOCALMOE_TEST_FRESH=1 the folder is built afresh in the
     run's temporary directory, as a fresh checkout (CI) does anyway. Callers must treat the folder as read-only."""
-    if config.cache is None or os.environ.get("LOCALMOE_TEST_FRESH"):
+    if getattr(config, "cache", None) is None or os.environ.get("LOCALMOE_TEST_FRESH"):
         out = factory.mktemp(name)
         build(out)
         return out
