@@ -48,16 +48,19 @@ def main() -> None:
     rows = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines() if line.strip()]
     ids = {r["id"] for r in rows}
     assert set(AUDIT) <= ids, sorted(set(AUDIT) - ids)
-    changed = 0
+    changed = agreed = 0
     for r in rows:
         if r["id"] in AUDIT:
             verdict, why = AUDIT[r["id"]]
-            assert verdict != r["small_correct"], f"{r['id']}: the audit agrees with the scorer"
+            # the scorer has since learned some of these phrasings ("is called lava", "stands for ..."): the
+            # reader's verdict stands either way, and the note says why the first scorer missed it
+            agreed += verdict == r["small_correct"]
+            changed += verdict != r["small_correct"]
             r["small_correct"], r["audit"] = verdict, why
-            changed += 1
     OUT.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     acc = sum(r["small_correct"] for r in rows) / len(rows)
-    print(f"{changed} of {len(rows)} verdicts changed by the audit; small-tier accuracy {acc:.1%} -> {OUT}")
+    print(f"{changed} of {len(rows)} verdicts changed by the audit ({agreed} audited verdicts the scorer now gives "
+          f"itself); small-tier accuracy {acc:.1%} -> {OUT}")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ by the embedded SmolLM2 (`benchmarks/label_router_suite.py`; small-tier accuracy
 from `{trained_path().name}` (made by `localmoe router train --shipped --out assets/router/router.json`). APGR
 assumes a large tier that answers every question right (no real large model ships). Per-split AUC:
 {', '.join(f"{k} {[f'{a:.3f}' for a in v]}" for k, v in ev['split_auc'].items())}.
-Five splits of 137 questions are too few to separate `learned` from `features` (their means differ by
-{ev['auc']['learned'] - ev['auc']['features']:+.4f}); on {len(FRESH_SEEDS)} further splits (seeds
+On these five splits of {ev['n_test']} questions the means of `learned` and `features` differ by
+{ev['auc']['learned'] - ev['auc']['features']:+.4f}; on {len(FRESH_SEEDS)} further splits (seeds
 {FRESH_SEEDS[0]}-{FRESH_SEEDS[-1]}, never used to design or tune the router), mean held-out AUC: {fresh_line}.
 
 | strategy | AUC | large share (balanced) | APGR |

@@ -30,7 +30,7 @@ def _stem(item: Item) -> str:
 def test_registry_names_sizes_and_well_formed_items():
     assert builtin_suites() == ["quick", *CATEGORIES, "mixed", "router-train"]
     sizes = {name: len(load_suite(name).items) for name in builtin_suites()}
-    assert sizes["quick"] == 24 and sizes["mixed"] == 120
+    assert sizes["quick"] == 24 and sizes["mixed"] == 120 and sizes["router-train"] == 500 + 46 + 391
     assert all(sizes[c] >= 30 for c in CATEGORIES), sizes
     for name in builtin_suites():
         suite = load_suite(name)
@@ -39,11 +39,12 @@ def test_registry_names_sizes_and_well_formed_items():
         for item in suite.items:
             assert item.kind in ("numeric", "exact", "choice")
             assert 1 <= item.difficulty <= 5
-            assert "answer with" in item.question.lower(), item  # the model is told the form of the answer
+            if not item.id.startswith("tv-"):  # the hand-written router questions are worded as people type them
+                assert "answer with" in item.question.lower(), item  # the model is told the form of the answer
             if item.kind == "choice":
                 assert item.choices and item.answer in "ABCDEFGHIJ"[: len(item.choices)]
                 for letter, option in zip("ABCD", item.choices, strict=False):
-                    assert f"\n{letter}) {option}\n" in item.question
+                    assert f"\n{letter}) {option}\n" in item.question + "\n"
             else:
                 assert item.choices is None
 
@@ -312,8 +313,8 @@ EXACT_DECIMAL = Item("p", "How many kilometers are 3140 meters? Answer with a nu
 @pytest.mark.parametrize("item, output, correct, method", [
     (NUM, "42", True, "first_line"),
     (NUM, "The answer is 42.", True, "answer_phrase"),
-    (NUM, "6 × 7 = 42", True, "last_number"),
-    (NUM, "x = 42", True, "last_number"),
+    (NUM, "6 × 7 = 42", True, "equation_line"),
+    (NUM, "x = 42", True, "equation_line"),
     (NUM, "**42**", True, "first_line"),
     (NUM, "42\n\nExplanation: 6 times 7 is 42, because 6 + 6 + 6 + 6 + 6 = 30 and 30 + 12 = 42.", True, "first_line"),
     (NUM, "42 apples", True, "first_line"),
@@ -325,12 +326,16 @@ EXACT_DECIMAL = Item("p", "How many kilometers are 3140 meters? Answer with a nu
     (NUM, "The answer is 41. Let me check: 6 × 7 = 42", False, "answer_phrase"),  # the committed answer counts
     (NUM, "To solve this, multiply 6 by 7.", False, "last_number"),
     (NUM, "42.5", False, "first_line"),
+    # a first line that is a worked equation commits to its result, whatever the later lines ramble about
+    (NUM, "6 × 7 = 42\n\nIn mathematics, 6 and 7 are both integers, and 7 is odd.", True, "equation_line"),
+    (NUM, "6 × 7 = 41\n\nSo the product is 42.", False, "equation_line"),
+    (NUM, "6 × 7 = 42 apples, or 43\n", False, "last_number"),  # not an equation alone
     (NUM, "I don't know.", False, "none"),
     (MONEY, "$1,234.50", True, "first_line"),
     (MONEY, "The total cost is $1,234.50 in all.", True, "last_number"),
     (MONEY, "1234.49", False, "first_line"),
     (NEG, "-3", True, "first_line"),
-    (NEG, "4 - 7 = -3", True, "last_number"),
+    (NEG, "4 - 7 = -3", True, "equation_line"),
     (NEG, "The result is −3.", True, "answer_phrase"),
     (NEG, "3", False, "first_line"),
     (ROUNDED, "-8.9", True, "first_line"),
@@ -357,6 +362,8 @@ CAPITAL = Item("c", "What is the capital of France? Answer with one word.", "Par
 DAY = Item("d", "What day of the week was 2001-07-05? Answer with the name of the day only.", "Thursday", "exact")
 DATE = Item("t", "What date is the day after 2000-10-10? Answer with the date in YYYY-MM-DD format only.",
             "2000-10-11", "exact")
+CENTURY = Item("y", "What is a period of a hundred years called?", "century", "exact")
+SQL = Item("s", "What does SQL stand for?", "Structured Query Language", "exact")
 
 
 @pytest.mark.parametrize("item, output, correct", [
@@ -383,6 +390,13 @@ DATE = Item("t", "What date is the day after 2000-10-10? Answer with the date in
     (DATE, "The date is 2000-10-11.", True),
     (DATE, "2000-10-12", False),
     (DATE, "October 11, 2000", False),  # the question asked for YYYY-MM-DD
+    # naming verbs after the copula: the name that follows is the answer
+    (CENTURY, "A period of a hundred years is called a century.", True),
+    (CENTURY, "It is known as a century, from the Latin centum.", True),
+    (CENTURY, "A period of a hundred years is called a decade.", False),
+    (CENTURY, "It is called a century or a decade.", False),
+    (SQL, "SQL stands for Structured Query Language. It is used with databases.", True),
+    (SQL, "SQL stands for Standard Query Language.", False),
 ])
 def test_score_exact(item, output, correct):
     assert score(item, output).correct is correct, score(item, output)

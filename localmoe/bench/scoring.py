@@ -78,6 +78,8 @@ _ANSWER_PHRASE = re.compile(r"\b(?:final\s+answer|answer|result)\s*(?:is|:|=)\s*
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 # The first line is the answer when it is a number with at most two unit words: "42", "$1,234.50", "3 times".
 _BARE_LINE = re.compile(r"[\W_]*" + _NUMBER.pattern + r"(?:\s*[A-Za-z%°'’]+){0,2}[\W_]*")
+# ...or a worked equation and nothing else ("7 + 8 = 15"), whatever follows on later lines: its result.
+_EQUATION_LINE = re.compile(r"[\s*_`$]*[\d.,\s()+\-−×xX*/÷^]+=\s*" + _NUMBER.pattern + r"[\s*_`.!]*")
 
 
 def _to_fraction(neg: str | None, num: str) -> Fraction | None:
@@ -128,6 +130,8 @@ def extract_number(output: str) -> tuple[Fraction, str, str] | None:
         return (*nums[0], "first_line")
     if "####" in output and (nums := _numbers(_rest_of_line(output.rsplit("####", 1)[1]))):
         return (*nums[0], "gsm8k_marker")
+    if _EQUATION_LINE.fullmatch(first_line) and (nums := _numbers(first_line)):
+        return (*nums[-1], "equation_line")
     if nums := _numbers(output):
         return (*nums[-1], "last_number")
     words = list(_NUMBER_WORD.finditer(output))
@@ -167,7 +171,9 @@ def _score_numeric(item: Item, output: str) -> Verdict:
 # --- short exact answers -------------------------------------------------------------------------------------
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-_COPULA = re.compile(r"(?:\b(?:is|are|was|were|equals)\b|['’]s\b|=)\s+", re.IGNORECASE)
+# "is", and the verbs that name or expand: "is called a century", "stands for Central Processing Unit"
+_COPULA = re.compile(r"(?:\b(?:is|are|was|were)\b(?:\s+(?:called|known\s+as|named|termed))?|\bequals\b"
+                     r"|\bstands\s+for\b|['’]s\b|=)\s+", re.IGNORECASE)
 
 
 def normalize(text: str) -> str:

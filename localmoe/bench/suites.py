@@ -485,10 +485,14 @@ def _letters(seed: int = 505, count: int = 30, prefix: str = "letter") -> tuple[
 
 
 @cache
-def _facts() -> tuple[tuple[Item, ...], tuple[str, ...]]:
-    text = files("localmoe.assets").joinpath("suites").joinpath("facts.jsonl").read_text(encoding="utf-8")
-    items, errors = parse_jsonl(text, default_category="fact")
+def _authored(name: str, default_category: str = "") -> tuple[tuple[Item, ...], tuple[str, ...]]:
+    text = files("localmoe.assets").joinpath("suites").joinpath(name).read_text(encoding="utf-8")
+    items, errors = parse_jsonl(text, default_category=default_category)
     return tuple(items), tuple(errors)
+
+
+def _facts() -> tuple[tuple[Item, ...], tuple[str, ...]]:
+    return _authored("facts.jsonl", "fact")
 
 
 _CATEGORIES: dict[str, Callable[[], tuple[Item, ...]]] = {
@@ -505,12 +509,14 @@ _GENERATED = (_arithmetic, _word_problems, _dates, _units, _letters)
 
 def _router_train() -> list[Item]:
     """Questions for labelling the router: the same generators with other seeds (so no overlap with the
-    evaluation suites' numbers), 100 per generated category, plus the authored facts."""
+    evaluation suites' numbers), 100 per generated category, the authored facts, and questions written one by one
+    in the many ways people type them (conversation, instructions, definitions, code, follow-ups...): a router
+    trained on generated questions alone learns the generators' wording, not what makes a question hard."""
     items: list[Item] = []
     for n, build in enumerate(_GENERATED):
         default_prefix = build.__wrapped__.__defaults__[2]
         items += build(seed=7919 + n, count=100, prefix=f"rt-{default_prefix}")
-    return items + list(_facts()[0])
+    return items + list(_facts()[0]) + list(_authored("router_train_varied.jsonl")[0])
 
 
 def builtin_suites() -> list[str]:
@@ -544,7 +550,8 @@ def _mix(per_category: int) -> list[Item]:
 
 def _builtin(name: str) -> Suite:
     if name == "router-train":
-        return Suite(name, _router_train(), "builtin", list(_facts()[1]))
+        errors = list(_facts()[1]) + list(_authored("router_train_varied.jsonl")[1])
+        return Suite(name, _router_train(), "builtin", errors)
     if name in _MIXES:
         items = _mix(_MIXES[name])
     else:

@@ -30,7 +30,7 @@ from localmoe.routing import preferences
 from localmoe.routing import train as router_train
 from localmoe.routing.router import ROUTER_FILE, Router, TokenEmbedder
 
-DEFAULT_SUITE = "router-train"  # 546 questions over six kinds, interleaved so that --limit N spans them
+DEFAULT_SUITE = "router-train"  # 937 questions over 15 kinds, interleaved so that --limit N spans them
 RECOMMENDED = 100  # fewer questions than this give rough thresholds: said, not refused
 MAX_TOKENS = 128  # as `bench`: enough for every suite answer, greedy
 STRATEGIES = ("features", "learned", "cascade")

@@ -132,6 +132,9 @@ def _train_split(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seed: i
     # number only.") dominates the similarities.
     centre = raw[train_idx].mean(axis=0)
     emb = centred(raw, centre)
+    # router.json keeps the reference embeddings in float16 (encode_matrix): neighbours are found among the values
+    # that ship, so the evaluation written beside them is the shipped router's own
+    refs16 = emb.astype("<f2").astype(emb.dtype)
 
     def fit_features(l2: float) -> Any:
         return lambda tr, va: router_eval.fit_logistic(fx[tr], y[tr], l2=l2).predict(fx[va])
@@ -140,7 +143,7 @@ def _train_split(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seed: i
 
     def similar(refs: np.ndarray, rows_idx: np.ndarray, k: int, sharpness: float) -> np.ndarray:
         # rows that are also references leave themselves out of their own neighbours (leave-one-out)
-        return neighbour_scores(emb[rows_idx], emb[refs], y[refs], k, exclude=rows_idx, ref_idx=refs,
+        return neighbour_scores(emb[rows_idx], refs16[refs], y[refs], k, exclude=rows_idx, ref_idx=refs,
                                 sharpness=sharpness)
 
     k_best, sharp_best = max(((k, s) for k in K_GRID for s in SHARPNESS_GRID),

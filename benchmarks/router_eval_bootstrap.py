@@ -1,0 +1,61 @@
+"""Bootstrap intervals for the router's AUC on the independent evaluation set: the shipped `learned` router, an
+older router file beside it, and the digit-count baseline, on the same resamples (paired).
+
+    .venv/bin/python benchmarks/router_eval_bootstrap.py [--old OLD_ROUTER.json] [--n 1000]
+
+(`git show REV:assets/router/router.json > old.json` gives an older router.)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from localmoe.routing import evaluate as router_eval
+from localmoe.routing import train as router_train
+from localmoe.routing.router import Router
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ("benchmarks/router_eval_labels.jsonl", "benchmarks/router_eval_labels_audited.jsonl")
+
+
+def learned_scores(router_file: Path, questions: list[str]) -> np.ndarray:
+    router = Router(strategy="learned", router_file=router_file)
+    return np.array([router.route(q).score for q in questions])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", type=Path, help="an older router.json to compare with")
+    ap.add_argument("--n", type=int, default=1000)
+    args = ap.parse_args()
+    for name in LABELS:
+        rows = router_train.read_labels(ROOT / name)
+        questions = [r["question"] for r in rows]
+        y = np.array([r["small_wrong"] for r in rows])
+        runs = {"learned": learned_scores(ROOT / "assets" / "router" / "router.json", questions),
+                "digits": np.array([router_eval.BASELINES["digits"](q) for q in questions], dtype=np.float64)}
+        if args.old:
+            runs["before"] = learned_scores(args.old, questions)
+        rng = np.random.default_rng(0)
+        boot: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.n):
+            i = rng.integers(0, len(y), len(y))
+            if len(set(y[i])) == 2:
+                for k, s in runs.items():
+                    boot[k].append(router_eval.auc(s[i], y[i]))
+        b = {k: np.array(v) for k, v in boot.items()}
+        lo, hi = np.percentile(b["learned"], [2.5, 97.5])
+        print(f"{name}: learned AUC {router_eval.auc(runs['learned'], y):.3f} (95% {lo:.2f}-{hi:.2f}, "
+              f"se {b['learned'].std():.3f})")
+        for other in [k for k in runs if k != "learned"]:
+            d = b["learned"] - b[other]
+            lo, hi = np.percentile(d, [2.5, 97.5])
+            print(f"  learned minus {other} ({router_eval.auc(runs[other], y):.3f}): {d.mean():+.3f} "
+                  f"({lo:+.3f} to {hi:+.3f})")
+
+
+if __name__ == "__main__":
+    main()
