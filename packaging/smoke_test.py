@@ -27,7 +27,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # where each source folder installs (pyproject.toml's package-dir)
 INSTALLS_AS = {"localmoe": "localmoe", "ui": "localmoe/ui", "assets": "localmoe/assets"}
-QUESTION = "What is the capital of France?"
+# the shipped router keeps this one on the small tier: with no large tier here, a question it sent large would
+# bring a "no large model" notice, and the check below must see only a notice about the router file
+QUESTION = "What is the capital of France? Answer with one word."
 
 
 class SmokeError(Exception):
