@@ -3,6 +3,13 @@ and how sure was it (token log-probabilities)? Writes assets/router/labels.jsonl
 `localmoe router train --shipped` builds the default router.
 
     .venv/bin/python benchmarks/label_router_suite.py [--suite router-train] [--out assets/router/labels.jsonl]
+
+With --rescore it runs no model: it scores the outputs already stored in --out again with the current scorer
+(after a scorer fix), keeps every other field, and says which labels flipped:
+
+    .venv/bin/python benchmarks/label_router_suite.py --rescore
+    .venv/bin/python benchmarks/label_router_suite.py --rescore --suite assets/suites/router_eval.jsonl \\
+        --out benchmarks/router_eval_labels.jsonl
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ def main() -> None:
     ap.add_argument("--suite", default="router-train")
     ap.add_argument("--out", type=Path, default=ROOT / "assets" / "router" / "labels.jsonl")
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--rescore", action="store_true", help="score the stored outputs again; run no model")
     args = ap.parse_args()
     suite = suites.load_suite(args.suite)
+    if args.rescore:
+        rescore(suite, args.out)
+        return
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp, Recorder(Path(tmp) / "labels.db") as rec:
         session = Session(None, recorder=rec, meter=False,
@@ -49,6 +60,21 @@ def main() -> None:
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     acc = sum(r["small_correct"] for r in rows) / len(rows)
     print(f"\n{len(rows)} items labelled in {time.time() - t0:.0f} s; small-tier accuracy {acc:.1%} → {args.out}")
+
+
+def rescore(suite: suites.Suite, path: Path) -> None:
+    items = {item.id: item for item in suite.items}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    flips = []
+    for row in rows:
+        correct = int(scoring.score(items[row["id"]], row["small_output"]).correct)
+        if correct != row["small_correct"]:
+            flips.append(f"{row['id']}: {row['small_correct']} -> {correct}")
+            row["small_correct"] = correct
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print("\n".join(flips))
+    print(f"{len(flips)} of {len(rows)} labels flipped; small-tier accuracy "
+          f"{sum(r['small_correct'] for r in rows) / len(rows):.1%} → {path}")
 
 
 if __name__ == "__main__":

@@ -1061,8 +1061,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "metered, each answer graded), retrain every strategy on those outcomes, set the quality/"
                           "balanced/energy thresholds from them, write <data dir>/router.json and print accuracy "
                           "against large share and joules. Ctrl-C keeps the answers: --resume continues.")
-    ca.add_argument("--suite", help="built-in suite name or a JSONL file (default: router-train, 937 questions)")
-    ca.add_argument("--limit", type=_positive_int, help="only the first N questions (a quick calibration)")
+    ca.add_argument("--suite", help="built-in suite name or a JSONL file (default: router-train, 1331 questions)")
+    ca.add_argument("--limit", type=_positive_int,
+                    help="only the first N questions (default: 300 of router-train, all of a suite you name)")
     ca.add_argument("--resume", action="store_true", help="continue the interrupted calibration")
     ca.add_argument("--json", action="store_true", help="print the outcome summary, thresholds and curves as JSON")
     ca.set_defaults(func=cmd_router_calibrate)

@@ -168,16 +168,16 @@ def test_bench_idle_records_net_joules_below_the_gross(home):
 
 
 def test_routed_policy_with_a_large_tier_sends_exactly_the_hard_question_to_it(home, tmp_path, tiny_moe):
-    """A real large tier and the features router at a threshold of 0.72: the easy question (score ≈ 0.52) stays
-    small, the hard one (≈ 0.91) goes large, both well away from the threshold, so the run's large share is exactly
+    """A real large tier and the features router at a threshold of 0.75: the easy question (score ≈ 0.61) stays
+    small, the hard one (≈ 0.90) goes large, both well away from the threshold, so the run's large share is exactly
     one half."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n\n[router]\nstrategy = "features"\n'
-                                        'preference = 0.72\n')
+                                        'preference = 0.75\n')
     easy, hard = "What is the capital of France?", "What is 17 * 23 + 4? Answer with a number only."
     for q, tier in ((easy, "small"), (hard, "large")):
         route = json.loads(run_cli("route", q, "--json").stdout)
-        assert route["tier"] == tier and route["threshold"] == 0.72 and abs(route["score"] - 0.72) > 0.15
+        assert route["tier"] == tier and route["threshold"] == 0.75 and abs(route["score"] - 0.75) > 0.12
     suite = tmp_path / "two.jsonl"
     suite.write_text(json.dumps({"question": easy, "answer": "Paris"}) + "\n"
                      + json.dumps({"question": hard, "answer": "395"}) + "\n")

@@ -181,6 +181,33 @@ def test_the_calibrated_router_is_loaded_and_its_thresholds_are_the_outcomes(cal
     assert r.returncode == 0 and r.stdout.count("localmoe router calibrate") == 1, r.stdout + r.stderr
 
 
+def test_the_default_calibration_asks_a_few_hundred_questions_of_every_kind(home: Path, monkeypatch):
+    """Without --suite or --limit: the first 300 interleaved questions of router-train, every one of its kinds
+    among them; a suite the user names is asked whole."""
+    from localmoe.bench import suites
+    from localmoe.routing import calibrate
+
+    class Asked(Exception):
+        pass
+
+    asked: dict = {}
+
+    def fake_run(rec, **kwargs):
+        asked.update(kwargs)
+        raise Asked
+
+    monkeypatch.setattr(calibrate, "_current_tiers", lambda: (None, ["small", "large"], ["small", "large"]))
+    monkeypatch.setattr(calibrate.runner, "run", fake_run)
+    with pytest.raises(Asked):
+        calibrate.run(None)
+    questions = suites.load_suite(asked["suite"], limit=asked["limit"]).items
+    kinds = {item.category for item in suites.load_suite("router-train").items}
+    assert len(questions) == 300 and {item.category for item in questions} == kinds and len(kinds) == 29
+    with pytest.raises(Asked):
+        calibrate.run(None, suite="quick")
+    assert asked["limit"] is None
+
+
 def test_without_a_large_tier_calibration_is_one_line_and_exit_2(home: Path):
     r = run_cli("router", "calibrate", "--limit", "2", home=home)
     assert r.returncode == 2 and "needs a large tier" in r.stderr and "Traceback" not in r.stderr

@@ -298,7 +298,7 @@ HARD_Q = "A train leaves at 3:40 pm and travels 217 km at 62 km/h. At what time 
 
 def test_no_large_tier_flags_a_probably_wrong_answer_and_refuses_tier_large(home):
     home.mkdir(parents=True, exist_ok=True)
-    (home / "settings.toml").write_text('[router]\nstrategy = "features"\npreference = "quality"\n')
+    (home / "settings.toml").write_text('[router]\nstrategy = "learned"\npreference = "quality"\n')
     r = run_cli("ask", HARD_Q, "--json", "--max-tokens", "8")
     assert r.returncode == 0, r.stderr
     route = json.loads(r.stdout)["route"]
@@ -309,7 +309,8 @@ def test_no_large_tier_flags_a_probably_wrong_answer_and_refuses_tier_large(home
     assert "localmoe: warning: the small model answered" in text.stderr
     one_line_refusal(run_cli("ask", "hi", "--tier", "large"), 2, "no large model is installed", ".gguf")
     # the easy question is not flagged
-    easy = json.loads(run_cli("ask", "Hi!", "--json", "--max-tokens", "4").stdout)["route"]
+    easy_q = "What is the capital of France? Answer with one word."  # scores 0.28 (the hard one 0.96)
+    easy = json.loads(run_cli("ask", easy_q, "--json", "--max-tokens", "4").stdout)["route"]
     assert easy["tier"] == "small" and easy["probably_wrong"] is False and easy["wanted"] is None
 
 

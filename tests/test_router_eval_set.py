@@ -69,11 +69,12 @@ def near(a: suites.Item, b: suites.Item) -> bool:
 
 
 def test_no_hand_written_training_question_is_an_evaluation_question_reworded(eval_set):
-    """The hand-written part of the training suite was written without reading the evaluation set, and then every
-    question that `near` matches to an evaluation question was struck out (93 of 484): two writers asked for
-    varied everyday questions ask many of the same ones ("What does HTML stand for?")."""
+    """The hand-written part of the training suite was written without reading the evaluation set, in two batches,
+    and then every question that `near` matches to an evaluation question was struck out (93 of 484, then 29 of
+    451; the second batch also lost 28 near repeats of the first): writers asked for varied everyday questions ask
+    many of the same ones ("What does HTML stand for?")."""
     varied = suites.load_suite(str(ROOT / "assets" / "suites" / "router_train_varied.jsonl"))
-    assert varied.errors == [] and len(varied.items) == 391
+    assert varied.errors == [] and len(varied.items) == 785
     assert not [(t.question, e.question) for t in varied.items for e in eval_set.items if near(t, e)]
     # the rule does catch rewordings
     q = suites.Item("x", "what does HTML stand for", "HyperText Markup Language", "exact")

@@ -14,6 +14,14 @@ from localmoe.routing import vocab
 from localmoe.routing.router import Router, TokenEmbedder, dequantize
 
 
+def covered_questions() -> list[str]:
+    """The shipped questions in the characters the Python tokenizer covers (a few hold an emoji: llama.cpp's)."""
+    questions = [r["question"] for r in router_train.shipped_labels()]
+    covered = [q for q in questions if all(vocab.fast_char(ord(c)) for c in q)]
+    assert len(covered) > 0.97 * len(questions)
+    return covered
+
+
 @pytest.fixture(scope="module")
 def embedder(smollm, tmp_path_factory) -> TokenEmbedder:
     return TokenEmbedder(smollm.path, tmp_path_factory.mktemp("cache"))
@@ -27,7 +35,7 @@ def test_tokenizer_matches_llama_cpp(embedder) -> None:
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 20))) for _ in range(600)]
     texts += ["".join(rng.choice(words) + rng.choice(["", " ", "  ", "\n"]) for _ in range(rng.randint(1, 10)))
               for _ in range(600)]
-    texts += [r["question"] for r in router_train.shipped_labels()]
+    texts += covered_questions()
     for text in texts:
         assert embedder.bpe.tokenize(text) == embedder.vocab.tokenize(text.encode(), add_bos=False), repr(text)
     assert embedder.bpe.tokenize("日本の首都は？") is None  # outside the covered characters: llama.cpp tokenises it
@@ -56,7 +64,7 @@ def test_scores_identical_to_llama_cpp_path(smollm) -> None:
     path every decision took before the cache)."""
     fast, slow = Router("learned", small_model_path=smollm.path), Router("learned", small_model_path=smollm.path)
     slow.embedder.bpe = None
-    prompts = [r["question"] for r in router_train.shipped_labels()]
+    prompts = covered_questions()
     assert [fast.score(p)[0] for p in prompts] == [slow.score(p)[0] for p in prompts]
     assert "vocab" not in fast.embedder.__dict__  # llama.cpp never loaded on the fast path
 

@@ -30,7 +30,7 @@ def _stem(item: Item) -> str:
 def test_registry_names_sizes_and_well_formed_items():
     assert builtin_suites() == ["quick", *CATEGORIES, "mixed", "router-train"]
     sizes = {name: len(load_suite(name).items) for name in builtin_suites()}
-    assert sizes["quick"] == 24 and sizes["mixed"] == 120 and sizes["router-train"] == 500 + 46 + 391
+    assert sizes["quick"] == 24 and sizes["mixed"] == 120 and sizes["router-train"] == 500 + 46 + 785
     assert all(sizes[c] >= 30 for c in CATEGORIES), sizes
     for name in builtin_suites():
         suite = load_suite(name)
@@ -39,7 +39,8 @@ def test_registry_names_sizes_and_well_formed_items():
         for item in suite.items:
             assert item.kind in ("numeric", "exact", "choice")
             assert 1 <= item.difficulty <= 5
-            if not item.id.startswith("tv-"):  # the hand-written router questions are worded as people type them
+            # the hand-written router questions (tv-, tw-) are worded as people type them
+            if not item.id.startswith(("tv-", "tw-")):
                 assert "answer with" in item.question.lower(), item  # the model is told the form of the answer
             if item.kind == "choice":
                 assert item.choices and item.answer in "ABCDEFGHIJ"[: len(item.choices)]
@@ -314,7 +315,8 @@ EXACT_DECIMAL = Item("p", "How many kilometers are 3140 meters? Answer with a nu
     (NUM, "42", True, "first_line"),
     (NUM, "The answer is 42.", True, "answer_phrase"),
     (NUM, "6 × 7 = 42", True, "equation_line"),
-    (NUM, "x = 42", True, "equation_line"),
+    (NUM, "x = 42", True, "last_number"),  # no worked equation: no digit, operator, digit before "="
+    (NUM, "**6 × 7 = 42**", True, "equation_line"),
     (NUM, "**42**", True, "first_line"),
     (NUM, "42\n\nExplanation: 6 times 7 is 42, because 6 + 6 + 6 + 6 + 6 = 30 and 30 + 12 = 42.", True, "first_line"),
     (NUM, "42 apples", True, "first_line"),
@@ -330,6 +332,11 @@ EXACT_DECIMAL = Item("p", "How many kilometers are 3140 meters? Answer with a nu
     (NUM, "6 × 7 = 42\n\nIn mathematics, 6 and 7 are both integers, and 7 is odd.", True, "equation_line"),
     (NUM, "6 × 7 = 41\n\nSo the product is 42.", False, "equation_line"),
     (NUM, "6 × 7 = 42 apples, or 43\n", False, "last_number"),  # not an equation alone
+    # ...unless a later line works on from it or takes it back
+    (Item("s", "What is 17 × 23 + 4?", "395", "numeric"), "17 × 23 = 391\n391 + 4 = 395", True, "last_number"),
+    (NUM, "6 × 7 = 42\nWait, 6 × 7 = 48.", False, "last_number"),
+    (NUM, "6 × 7 = 42\nActually it is 48.", False, "last_number"),
+    (NUM, "2024 = 41\nSo 42.", True, "last_number"),  # no arithmetic before "=": not an equation
     (NUM, "I don't know.", False, "none"),
     (MONEY, "$1,234.50", True, "first_line"),
     (MONEY, "The total cost is $1,234.50 in all.", True, "last_number"),
@@ -395,6 +402,9 @@ SQL = Item("s", "What does SQL stand for?", "Structured Query Language", "exact"
     (CENTURY, "It is known as a century, from the Latin centum.", True),
     (CENTURY, "A period of a hundred years is called a decade.", False),
     (CENTURY, "It is called a century or a decade.", False),
+    (CENTURY, "It's called a century.", True),
+    (CENTURY, "It is also called a century.", True),
+    (CENTURY, "It's sometimes known as a decade.", False),
     (SQL, "SQL stands for Structured Query Language. It is used with databases.", True),
     (SQL, "SQL stands for Standard Query Language.", False),
 ])

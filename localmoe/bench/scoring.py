@@ -78,8 +78,11 @@ _ANSWER_PHRASE = re.compile(r"\b(?:final\s+answer|answer|result)\s*(?:is|:|=)\s*
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 # The first line is the answer when it is a number with at most two unit words: "42", "$1,234.50", "3 times".
 _BARE_LINE = re.compile(r"[\W_]*" + _NUMBER.pattern + r"(?:\s*[A-Za-z%°'’]+){0,2}[\W_]*")
-# ...or a worked equation and nothing else ("7 + 8 = 15"), whatever follows on later lines: its result.
-_EQUATION_LINE = re.compile(r"[\s*_`$]*[\d.,\s()+\-−×xX*/÷^]+=\s*" + _NUMBER.pattern + r"[\s*_`.!]*")
+# ...or a worked equation and nothing else ("7 + 8 = 15"; the line stripped of markdown first): its result,
+# unless a later line works on or takes it back ("391 + 4 = 395", "Wait, ...").
+_EQUATION_LINE = re.compile(r"(?=[^=]*\d\s*[-−+×xX*/÷^]\s*\(*\d)[\d.,\s()+\-−×xX*/÷^]+=\s*" + _NUMBER.pattern
+                            + r"[\s*_`.!]*")
+_LATER_WORK = re.compile(r"=|\b(?:wait|actually|sorry|mistake|correction|oops)\b", re.IGNORECASE)
 
 
 def _to_fraction(neg: str | None, num: str) -> Fraction | None:
@@ -130,7 +133,9 @@ def extract_number(output: str) -> tuple[Fraction, str, str] | None:
         return (*nums[0], "first_line")
     if "####" in output and (nums := _numbers(_rest_of_line(output.rsplit("####", 1)[1]))):
         return (*nums[0], "gsm8k_marker")
-    if _EQUATION_LINE.fullmatch(first_line) and (nums := _numbers(first_line)):
+    equation = first_line.strip().strip("*_`")
+    if (_EQUATION_LINE.fullmatch(equation) and (nums := _numbers(equation))
+            and not _LATER_WORK.search(output.split(first_line, 1)[1])):
         return (*nums[-1], "equation_line")
     if nums := _numbers(output):
         return (*nums[-1], "last_number")
@@ -172,8 +177,9 @@ def _score_numeric(item: Item, output: str) -> Verdict:
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 # "is", and the verbs that name or expand: "is called a century", "stands for Central Processing Unit"
-_COPULA = re.compile(r"(?:\b(?:is|are|was|were)\b(?:\s+(?:called|known\s+as|named|termed))?|\bequals\b"
-                     r"|\bstands\s+for\b|['’]s\b|=)\s+", re.IGNORECASE)
+_COPULA = re.compile(r"(?:(?:\b(?:is|are|was|were)\b|['’]s\b)(?:\s+(?:also|sometimes|often|usually|commonly))?"
+                     r"(?:\s+(?:called|known\s+as|named|termed))?|\bequals\b|\bstands\s+for\b|=)\s+",
+                     re.IGNORECASE)
 
 
 def normalize(text: str) -> str:

@@ -30,7 +30,8 @@ from localmoe.routing import preferences
 from localmoe.routing import train as router_train
 from localmoe.routing.router import ROUTER_FILE, Router, TokenEmbedder
 
-DEFAULT_SUITE = "router-train"  # 937 questions over 15 kinds, interleaved so that --limit N spans them
+DEFAULT_SUITE = "router-train"  # 1331 questions over 29 kinds, interleaved so that --limit N spans them
+DEFAULT_LIMIT = 300  # of the default suite: a few hundred, so two tiers answer them in minutes, not hours
 RECOMMENDED = 100  # fewer questions than this give rough thresholds: said, not refused
 MAX_TOKENS = 128  # as `bench`: enough for every suite answer, greedy
 STRATEGIES = ("features", "learned", "cascade")
@@ -132,6 +133,8 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
         run_kwargs: dict[str, Any] = {"resume": row["id"]}
     else:
         source, size, errors = suite_source(suite or DEFAULT_SUITE)
+        if suite is None and limit is None:
+            limit = DEFAULT_LIMIT
         run_kwargs = {"suite": source, "model_names": keys, "policies": ["direct"], "limit": limit}
     started: dict[str, int] = {}
 
