@@ -698,6 +698,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # --backend torch on a file the native engine does not run: bad input
         raise UsageError(f"{ref.id} cannot run on the torch backend: "
                          f"{str(exc).removesuffix('; use the llama.cpp backend')}") from None
+    # The native engine's expected decode speed: `plan` displays, so it may measure the disk (once per device).
+    plan.with_speed(choice, ref.path)
     if args.json:
         _print_json({"model": {**ref.to_dict(), "backend": choice.backend or ref.backend},
                      "layout": layout.to_dict(), "engine": choice.to_dict(), "plan": choice.plan.to_dict()})
@@ -1149,7 +1151,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "expert cache for a GGUF MoE whose experts do not (llama.cpp would page them through mmap). "
                         "llama.cpp: GPU layers, which layers' experts stay in RAM, mmap/mlock, the largest context "
                         "that fits, or why it cannot run. The native engine (and checkpoint directories): expert "
-                        "slots per layer in fast memory, the rest on disk, and bytes read per token. Exits 3 when "
+                        "slots per layer in fast memory, the rest on disk, bytes read per token, and for a GGUF its "
+                        "expected decode speed (an estimate at uniform routing from the disk read bandwidth of the "
+                        "file's device, measured on the file once and cached, and the memory bandwidth). Exits 3 when "
                         "the model does not fit.")
     pl.add_argument("model", help="model id, path to a .gguf file, or a Hugging Face MoE checkpoint directory")
     pl.add_argument("--fast-memory", type=_size, help="native engine: bytes for dense weights, KV cache and expert "

@@ -269,3 +269,126 @@ def _cached_bandwidth(cache: Path, fp: str) -> tuple[float, bool]:
     except OSError:
         pass  # a read-only data dir costs a re-measurement next time, nothing more
     return bw, False
+
+
+def memory_bandwidth(hw: Hardware) -> tuple[float, bool]:
+    """(GB/s, cached): the figure `detect(measure=True)` keeps, measured now (~0.25 s) and cached when there is none.
+    For display commands (`localmoe plan`), which may measure; the others read `known_bandwidth`."""
+    return _cached_bandwidth(Path(hw.data_dir) / BANDWIDTH_CACHE, hw.fingerprint)
+
+
+# --- Disk read bandwidth, per device ---------------------------------------------------------------------------
+#
+# What a token costs once experts are read from disk. Measured on the model file itself (its device, with whatever
+# filesystem, encryption or network mount is in between) as the native engine reads a missed expert: a buffered
+# pread of an expert-sized range at a random offset. Cached per device (st_dev) and hardware fingerprint.
+
+DISK_BANDWIDTH_CACHE = "disk_bandwidth.json"
+DISK_SAMPLE_BYTES = 96 * 1024**2  # ~0.2-0.5 s on an SSD, enough expert-sized reads to average over
+DISK_CHUNK_BYTES = 1024**2  # about one matrix of a Qwen3-30B-A3B Q4_K expert (gate, up or down)
+MIN_SAMPLE_FILE = 16 * 1024**2  # smaller files would measure little more than the page cache and one seek
+
+
+def unsampleable(path: str | os.PathLike[str]) -> str | None:
+    """Why `measure_disk_bandwidth` cannot measure the disk on `path`, or None when it can."""
+    st = os.stat(path)
+    if st.st_size < MIN_SAMPLE_FILE:
+        return f"the file is too small to sample (under {MIN_SAMPLE_FILE // 1024**2} MiB)"
+    if getattr(st, "st_blocks", st.st_size // 512) * 512 < st.st_size // 2:
+        return "the file is mostly holes, and a sparse file reads as zeros without touching the disk"
+    return None
+
+
+def measure_disk_bandwidth(path: str | os.PathLike[str], total: int = DISK_SAMPLE_BYTES,
+                           chunk: int = DISK_CHUNK_BYTES) -> float | None:
+    """Read bandwidth in GB/s of `total` bytes (at most a quarter of the file) in `chunk`-sized buffered preads at
+    distinct random aligned offsets of `path`, cold. None for a file too small to sample or mostly holes (a sparse
+    file's holes read as zeros without touching the disk)."""
+    import random
+
+    if unsampleable(path):
+        return None
+    st = os.stat(path)
+    size = st.st_size
+    total = min(total, size // 4)
+    chunk = max(4096, min(chunk, total // 8)) // 4096 * 4096
+    slots = random.Random(st.st_ino).sample(range(size // chunk), max(1, total // chunk))
+    buf = bytearray(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        advise = hasattr(os, "posix_fadvise")
+        if advise:
+            # Pages already cached would be read at memory speed and the figure would be the page cache's, not the
+            # disk's: drop the sampled ranges first. DONTNEED leaves dirty pages (a file just written or downloaded)
+            # in place, hence the fdatasync; pages another process maps stay too, which only makes the figure high.
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass
+            for s in slots:
+                os.posix_fadvise(fd, s * chunk, chunk, os.POSIX_FADV_DONTNEED)
+        done = 0
+        t0 = time.perf_counter()
+        for s in slots:
+            n, off = 0, s * chunk
+            while n < chunk:
+                got = os.preadv(fd, [memoryview(buf)[n:]], off + n)
+                if got <= 0:
+                    break
+                n += got
+            done += n
+        seconds = time.perf_counter() - t0
+        if advise:  # leave the page cache as it was: a sample of the model is not worth keeping
+            for s in slots:
+                os.posix_fadvise(fd, s * chunk, chunk, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return round(done / max(seconds, 1e-9) / 1e9, 3) if done else None
+
+
+def _disk_key(path: str | os.PathLike[str], hw: Hardware) -> str:
+    return f"{hw.fingerprint}:{os.stat(path).st_dev}"
+
+
+def _read_disk_cache(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cache.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def known_disk_bandwidth(path: str | os.PathLike[str], hw: Hardware) -> float | None:
+    """The read bandwidth measured earlier for `path`'s device on this hardware; None when never measured.
+    Measures nothing: what `ask` and the engine choice may use."""
+    try:
+        entry = _read_disk_cache(Path(hw.data_dir) / DISK_BANDWIDTH_CACHE).get(_disk_key(path, hw))
+    except OSError:
+        return None
+    gbps = entry.get("disk_read_gbps") if isinstance(entry, dict) else None
+    return float(gbps) if isinstance(gbps, (int, float)) and gbps > 0 else None
+
+
+def disk_bandwidth(path: str | os.PathLike[str], hw: Hardware,
+                   chunk: int = DISK_CHUNK_BYTES) -> tuple[float | None, bool]:
+    """(GB/s, cached) for `path`'s device: the cached figure, else measured on `path` now and cached (None, not
+    cached, when the file cannot be sampled). For display commands only (`localmoe plan`): measuring takes ~0.5 s."""
+    known = known_disk_bandwidth(path, hw)
+    if known is not None:
+        return known, True
+    try:
+        gbps = measure_disk_bandwidth(path, chunk=chunk)
+    except OSError:
+        return None, False
+    if gbps is None:
+        return None, False
+    cache = Path(hw.data_dir) / DISK_BANDWIDTH_CACHE
+    data = _read_disk_cache(cache)
+    data[_disk_key(path, hw)] = {"disk_read_gbps": gbps, "sampled": str(path), "measured_at": time.time()}
+    try:
+        tmp = cache.with_suffix(".tmp")
+        paths.write_private(tmp, json.dumps(data))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only data dir costs a re-measurement next time, nothing more
+    return gbps, False

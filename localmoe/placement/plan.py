@@ -648,6 +648,7 @@ class EngineChoice:
     llama_plan: Plan
     native_plan: CheckpointPlan | None = None  # computed only when it decides (or was asked for)
     native_refusal: str | None = None  # why the native engine does not run this file, when that was asked
+    speed: SpeedEstimate | None = None  # the native engine's expected decode speed, when `localmoe plan` asked
 
     @property
     def fits(self) -> bool:
@@ -655,7 +656,13 @@ class EngineChoice:
 
     def to_dict(self) -> dict[str, Any]:
         """The `engine` object of `plan --json`."""
-        return {"backend": self.backend, "reason": self.reason, "fits": self.fits}
+        s = self.speed
+        return {"backend": self.backend, "reason": self.reason, "fits": self.fits,
+                "expected_tok_s": s.expected_tok_s if s else None, "disk_read_gbps": s.disk_read_gbps if s else None,
+                "memory_bandwidth_gbps": s.memory_bandwidth_gbps if s else None,
+                "disk_bytes_per_token": s.disk_bytes_per_token if s else None,
+                "memory_bytes_per_token": s.memory_bytes_per_token if s else None,
+                "speed_basis": s.basis if s else None}
 
     def raise_if_refused(self) -> None:
         if not self.fits:
@@ -813,11 +820,13 @@ def choose_engine_for(path: str | Any, ctx: int | None = None, *, backend: str |
 
 
 def describe_choice(choice: EngineChoice, layout: ModelLayout) -> str:
-    """`localmoe plan` for a GGUF: the engine and why, then the chosen engine's plan (or both refusals)."""
+    """`localmoe plan` for a GGUF: the engine and why (and, for the native engine, its expected speed when
+    `with_speed` was asked), then the chosen engine's plan (or both refusals)."""
     if choice.fits:
         text = describe_checkpoint(choice.plan) if isinstance(choice.plan, CheckpointPlan) else \
             describe(choice.plan, layout)
-        return f"engine   {choice.backend}: {choice.reason}\n{text}"
+        speed = f"; {choice.speed.describe()}" if choice.speed else ""
+        return f"engine   {choice.backend}: {choice.reason}{speed}\n{text}"
     if isinstance(choice.plan, CheckpointPlan):  # --backend torch, refused
         return f"engine   none: the native expert cache does not fit {choice.llama_plan.budget.where}\n" \
             + describe_checkpoint(choice.plan)
@@ -826,3 +835,89 @@ def describe_choice(choice: EngineChoice, layout: ModelLayout) -> str:
         return f"engine   none: llama.cpp does not fit {where}\n" + describe(choice.plan, layout)
     return (f"engine   none: neither llama.cpp nor the native expert cache fits {where}\n"
             + describe(choice.plan, layout) + f"\nnative   REFUSED  {cp.refusal}")
+
+
+# --- The native engine's expected decode speed (#16) ----------------------------------------------------------
+#
+# A decode step of the native engine reads its missed experts from disk, then streams what the token touches through
+# the CPU: every dense weight and top-k experts per layer. Both are bandwidth-bound on the CPUs the engine targets, so
+#     tok/s ≈ 1 / (bytes read from disk per token ÷ disk read bandwidth + bytes touched per token ÷ memory bandwidth)
+# with the disk bytes at the plan's uniform-routing miss rate. An estimate: real routing reuses experts (an expert the
+# previous token used is chosen again 34-40% of the time, DESIGN.md), so a real cache misses less and reads less; the
+# engine's own reads may get less of the disk than the sample's (the Qwen3-30B-shaped file at an 8 GiB cap, uniform
+# routing replayed: 0.64 tok/s measured against ~0.8 estimated, the engine reading at ~3/4 of the sampled rate).
+
+SPEED_ASSUMES = ("uniform routing and the engine reading at the sampled disk bandwidth; real routing reuses "
+                 "experts, so its cache misses less and reads less")
+
+
+@dataclass
+class SpeedEstimate:
+    expected_tok_s: float | None  # None when a bandwidth it needs is unknown (see `unknown`)
+    disk_read_gbps: float | None
+    memory_bandwidth_gbps: float | None
+    disk_bytes_per_token: int  # expected, at the uniform-routing miss rate
+    memory_bytes_per_token: int  # dense weights + top-k experts per layer
+    unknown: str | None = None  # why there is no figure
+
+    @property
+    def basis(self) -> str:
+        """What the figure assumes, or why there is none (one line, for `--json`)."""
+        if self.expected_tok_s is None:
+            return f"unknown: {self.unknown}"
+        parts = [f"{human_bytes(self.memory_bytes_per_token)} from memory at {self.memory_bandwidth_gbps:.1f} GB/s"]
+        if self.disk_bytes_per_token:
+            parts.insert(0, f"{human_bytes(self.disk_bytes_per_token)} from disk at {self.disk_read_gbps:.2f} GB/s")
+        return f"an estimate: per token {' + '.join(parts)}, at {SPEED_ASSUMES}"
+
+    def describe(self) -> str:
+        if self.expected_tok_s is None:
+            return f"expected speed unknown ({self.unknown})"
+        return f"expected ~{self.expected_tok_s:.2g} tok/s ({self.basis})"
+
+
+def memory_bytes_per_token(cp: CheckpointPlan) -> int:
+    """What one decoded token streams through the CPU: every dense weight and top-k experts in each layer."""
+    return cp.dense_bytes + cp.top_k * cp.n_layers * cp.bytes_per_expert
+
+
+def estimate_speed(cp: CheckpointPlan, disk_gbps: float | None, memory_gbps: float | None,
+                   disk_unknown: str = "no disk read bandwidth measured",
+                   memory_unknown: str = "no memory bandwidth measured on this machine: `localmoe hw` measures it",
+                   ) -> SpeedEstimate:
+    """The native engine's expected decode tok/s on `cp` with these bandwidths (GB/s, 1e9 bytes): see the section
+    comment. The disk figure is not needed when nothing is read from disk; a figure that is needed and unknown gives
+    None, with why, rather than a guess."""
+    disk, mem = cp.bytes_per_token, memory_bytes_per_token(cp)
+    missing = [why for why, need, gbps in ((disk_unknown, disk > 0, disk_gbps), (memory_unknown, True, memory_gbps))
+               if need and not (gbps and gbps > 0)]
+    if missing:
+        return SpeedEstimate(None, disk_gbps, memory_gbps, disk, mem, "; ".join(missing))
+    seconds = mem / (memory_gbps * 1e9) + (disk / (disk_gbps * 1e9) if disk else 0.0)  # type: ignore[operator]
+    return SpeedEstimate(1 / seconds, disk_gbps, memory_gbps, disk, mem)
+
+
+def with_speed(choice: EngineChoice, path: str | os.PathLike[str]) -> EngineChoice:
+    """`choice` with the native engine's expected speed on this machine, for `localmoe plan`: a display command, so
+    it measures what is not cached yet (the disk read bandwidth of `path`'s device, ~0.5 s; the memory bandwidth,
+    ~0.25 s). `ask` never comes here. Other choices are returned as they are."""
+    cp = choice.plan
+    if not (choice.fits and isinstance(cp, CheckpointPlan)) or cp.device != "cpu":
+        return choice
+    from localmoe.placement import hardware
+
+    hw = hardware.detect(measure=False)
+    memory_gbps, _ = hardware.memory_bandwidth(hw)
+    disk_gbps, disk_unknown = None, "no disk read bandwidth measured"
+    if cp.bytes_per_token:
+        # sampled as the engine reads a miss: an expert is three matrices (gate, up, down), one pread each
+        chunk = cp.disk_bytes_per_expert // 3 or hardware.DISK_CHUNK_BYTES
+        disk_gbps, _ = hardware.disk_bandwidth(path, hw, chunk=chunk)
+        if disk_gbps is None:
+            try:
+                why = hardware.unsampleable(path) or "the sample reads failed"
+            except OSError as exc:
+                why = f"the file cannot be read ({exc.strerror or exc})"
+            disk_unknown = f"no disk read bandwidth: {why}"
+    choice.speed = estimate_speed(cp, disk_gbps, memory_gbps, disk_unknown=disk_unknown)
+    return choice
