@@ -560,8 +560,10 @@ def plan_checkpoint(
             if expert_dtype == "int8" and t.shape:
                 acc[0] += t.shape[0] * 4  # one float32 scale per output row
             acc[1] += t.nbytes
-        elif expert_dtype == PACKED and _PACKED_DENSE.search(key):
-            dense += t.nbytes  # a GGUF's attention, embeddings and head stay in the file's types (engine/packed.py)
+        elif expert_dtype == PACKED and device == "cpu" and _PACKED_DENSE.search(key):
+            # a GGUF's attention, embeddings and head stay in the file's types on the CPU (engine/packed.py); on a
+            # GPU they are dequantised once to float32 (gguf_checkpoint.GGUFDenseWeights(packed=False))
+            dense += t.nbytes
         else:
             dense += t.numel * ENGINE_DTYPE_BYTES
     if not per_expert:

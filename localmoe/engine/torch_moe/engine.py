@@ -64,7 +64,9 @@ class TorchMoEEngine(Engine):
 
     On the CPU with float32 or packed (GGUF) experts, a one-token decode step runs whole in native code
     (step.DecodeStep; `cache_stats()["decode_step"]`), misses resolved through the store, adaptive top-p and a
-    benchmark's replayed trace included, unless compiled or with kernels="torch" (`set_kernels`)."""
+    benchmark's replayed trace included, unless compiled or with kernels="torch" (`set_kernels`). On a GPU a
+    GGUF's experts stay packed in VRAM and are dequantised by torch where used (torch_dequant.py; its dense weights
+    are float32 there): `device="cuda"`, as the CPU keeps GGUF files by default."""
 
     backend = "torch"  # as ModelRef.backend and create_engine name it
 
@@ -110,24 +112,30 @@ class TorchMoEEngine(Engine):
             return
         o = self.options
         view = None
+        if o.device_packed and not self.is_gguf:
+            raise LocalmoeError("device_packed applies to GGUF files only")
         if self.is_gguf:
-            if o.expert_dtype != "float32":
+            # on a GPU (device_packed) bfloat16 is what its experts are dequantised to and computed in
+            gpu = o.device_packed or (o.device is not None and not o.device.startswith("cpu"))
+            if o.expert_dtype not in (("float32", "bfloat16") if gpu else ("float32",)):
                 raise LocalmoeError(f"{self.model_dir.name}'s experts stay in the file's quantisation: "
-                                    f"expert_dtype {o.expert_dtype} applies to Hugging Face checkpoints only")
+                                    f"expert_dtype {o.expert_dtype} applies to Hugging Face checkpoints only"
+                                    f"{'' if gpu else ' (and bfloat16 to a GGUF on a GPU)'}")
             view = read_view(self.model_dir)
             config = view[0]
         else:
             config = _read_config(self.model_dir)
         expert_dtype = PACKED if view else o.expert_dtype
         args = ModelArgs.from_config(config, self.max_seq_length)
-        # GGUF's packed kernels are CPU code: the CPU unless a device is asked for (and then refused below)
+        # a GGUF runs on the CPU unless a device is asked for: its native packed kernels are CPU code
         device = "cpu" if view and o.device is None else resolve_device(o.device)
         if view and o.compile:
             raise LocalmoeError("compile is not available for GGUF files in the native engine (their packed "
                                 "matrices are opaque to torch.compile)")
-        if view and device != "cpu":
-            raise LocalmoeError(f"the native engine runs GGUF models on the CPU only for now; {device} needs a "
-                                "Hugging Face checkpoint, or the llama.cpp backend for this file")
+        # a GGUF off the CPU (or forced, for tests): experts as the file's bytes in the fast tier, dequantised by
+        # torch where used (torch_dequant.py) to float32 or bfloat16 (expert_dtype) and computed in it; dense weights
+        # dequantised once to float32 on the device
+        device_packed = bool(view) and (o.device_packed or device != "cpu")
         ckpt = GGUFCheckpoint(self.model_dir, device, view) if view else Checkpoint(self.model_dir, device)
         try:
             slots, warm = o.expert_slots, 0
@@ -144,20 +152,21 @@ class TorchMoEEngine(Engine):
             # step without prefetch decodes ~1.5x faster than the torch path with it (benchmarks/RESULTS.md, product
             # path); on a GPU prefetch has measured slower even when right, and resident has nothing to load.
             native = (device == "cpu" and o.kernels == "native" and expert_dtype in ("float32", PACKED)
-                      and not o.compile and kernels.available())
+                      and not o.compile and not device_packed and kernels.available())
             prefetch = o.prefetch if o.prefetch is not None else device == "cpu" and slots < args.n_experts \
-                and not native
+                and not native and not device_packed
             # every expert fits: the page cache is reclaimable memory the plan did not need, and keeping the files
             # there lets the next process (the next `ask`) read them at memory speed
             ckpt.keep_page_cache = slots >= args.n_experts and device == "cpu"
             loader = gguf_expert_loader(ckpt, args) if isinstance(ckpt, GGUFCheckpoint) else expert_loader(ckpt, args)
             store = ExpertStore(loader, args.n_layers, args.n_experts, slots,
                                 policy=o.cache_policy, expert_dtype=expert_dtype, device=device,
-                                warm_slots=warm, prefetch=prefetch)
+                                warm_slots=warm, prefetch=prefetch,
+                                dequant_on_use=(o.expert_dtype if device_packed else None))
             if o.dense_dtype == "int8" and (device != "cpu" or not int8_linear_available()):
                 raise LocalmoeError("dense_dtype int8 runs on the CPU only, with a torch that has int8 kernels")
             with torch.inference_mode():
-                dense = GGUFDenseWeights(ckpt, args) if view else DenseWeights(ckpt, args)
+                dense = GGUFDenseWeights(ckpt, args, packed=not device_packed) if view else DenseWeights(ckpt, args)
                 model = Transformer(args, dense, store).eval()
                 if o.dense_dtype == "int8":
                     model.quantize_dense()
@@ -191,7 +200,7 @@ class TorchMoEEngine(Engine):
         o, model, store = self.options, self.model, self.store
         assert model is not None and store is not None
         use_native = (o.kernels == "native" and str(self.device) == "cpu" and o.expert_dtype == "float32"
-                      and kernels.available())
+                      and not store.dequant_on_use and kernels.available())
         for moe in model.moes:
             moe.native = use_native
         # a compiled or prefetching engine keeps its torch path (DecodeStep.why_not rules out the rest)
@@ -267,6 +276,8 @@ class TorchMoEEngine(Engine):
         """What computes a decode step's experts: "native" (kernels.py) or torch's kernels (and why)."""
         if self.model is not None and self.model.moes and self.model.moes[0].native:
             return "native"
+        if self.store is not None and self.store.dequant_on_use:
+            return f"torch (packed experts dequantised to {self.store.dequant_on_use} on use)"
         if self.options.kernels == "torch":
             return "torch (kernels=torch)"
         if self.device.type != "cpu" or self.options.expert_dtype != "float32":

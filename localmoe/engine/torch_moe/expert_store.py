@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from localmoe.engine.torch_moe import ggml_quants
+from localmoe.engine.torch_moe import ggml_quants, torch_dequant
 from localmoe.engine.torch_moe.layer_cache import POLICIES, LRUCache
 from localmoe.engine.torch_moe.quant import Int8Linear, int8_linear_available, quantize_rows
 from localmoe.errors import LocalmoeError
@@ -53,18 +53,22 @@ class ExpertWeights:
     int8 is symmetric per output row (absmax / 127): in the CPU fast tier packed for torch's dynamic int8 linear
     (quant.Int8Linear), elsewhere int8 tensors + scales (copied to a GPU and computed there as float). bfloat16 is
     computed in bfloat16. "packed" (a GGUF's experts) keeps the file's quantised bytes: one token is computed on
-    them (ggml_quants), several tokens on a float32 copy made for the call. Results come back in the activations'
+    them (ggml_quants), several tokens on a float32 copy made for the call. Off the CPU (or with `dequant_on_use`,
+    the GPU path forced on the CPU) packed bytes are dequantised by torch where they are (torch_dequant) for every
+    call, to float32 or the `dequant_on_use` dtype, and computed in it. Results come back in the activations'
     float32."""
 
-    __slots__ = ("dtype", "mats", "scales", "nbytes", "qtypes")
+    __slots__ = ("dtype", "mats", "scales", "nbytes", "qtypes", "dequant_on_use")
 
     def __init__(self, mats: tuple[Tensor, Tensor] | PackedExpert, dtype: str = "float32",
-                 packed: bool = False) -> None:
+                 packed: bool = False, dequant_on_use: str | None = None) -> None:
         """`mats`: (gate and up stacked on the output rows, down), float32, or a PackedExpert with dtype "packed".
-        `packed`: int8 for the CPU kernel."""
+        `packed`: int8 for the CPU kernel. `dequant_on_use` ("float32" or "bfloat16"): a PackedExpert computed the
+        GPU path's way (torch dequantisation to that dtype, then its matmuls) even on the CPU."""
         self.dtype = dtype
         self.scales: tuple[Tensor, ...] | None = None
         self.qtypes: tuple[int, int, int, int] | None = None  # packed: (gate/up type, down type, f, k)
+        self.dequant_on_use = dequant_on_use if isinstance(mats, PackedExpert) else None
         if isinstance(mats, PackedExpert):
             self.mats = (mats.gate_up, mats.down)
             self.qtypes = (mats.gu_type, mats.down_type, mats.f, mats.k)
@@ -88,6 +92,7 @@ class ExpertWeights:
             return self
         out = ExpertWeights.__new__(ExpertWeights)
         out.dtype, out.nbytes, out.qtypes = self.dtype, self.nbytes, self.qtypes
+        out.dequant_on_use = self.dequant_on_use
         out.mats = tuple(m.to(device, non_blocking=non_blocking) for m in self.mats)
         out.scales = tuple(s.to(device, non_blocking=non_blocking) for s in self.scales) if self.scales else None
         return out
@@ -95,6 +100,7 @@ class ExpertWeights:
     def pin(self) -> ExpertWeights:
         out = ExpertWeights.__new__(ExpertWeights)
         out.dtype, out.nbytes, out.qtypes = self.dtype, self.nbytes, self.qtypes
+        out.dequant_on_use = self.dequant_on_use
         out.mats = tuple(m.pin_memory() for m in self.mats)
         out.scales = tuple(s.pin_memory() for s in self.scales) if self.scales else None
         return out
@@ -112,23 +118,34 @@ class ExpertWeights:
             return F.linear(x.to(w.dtype), w).to(x.dtype)
         return F.linear(x, w)
 
+    @property
+    def on_device(self) -> bool:
+        """A packed expert dequantised by torch where its bytes are (the GPU path), not by the native kernels."""
+        return self.qtypes is not None and (self.dequant_on_use is not None or self.mats[0].device.type != "cpu")
+
     def float_mats(self) -> tuple[Tensor, Tensor]:
-        """(gate and up, down) as float32 matrices: dequantised for a packed expert."""
+        """(gate and up, down) as float32 matrices: dequantised for a packed expert (on its device, in the
+        `dequant_on_use` dtype there)."""
         if self.qtypes is None:
             return self.mats  # type: ignore[return-value]
         gu_type, down_type, f, k = self.qtypes
+        if self.on_device:
+            dtype = torch.bfloat16 if self.dequant_on_use == "bfloat16" else torch.float32
+            return (torch_dequant.dequantize(gu_type, self.mats[0], (2 * f, k), dtype),
+                    torch_dequant.dequantize(down_type, self.mats[1], (k, f), dtype))
         return (ggml_quants.dequantize(gu_type, self.mats[0], (2 * f, k)),
                 ggml_quants.dequantize(down_type, self.mats[1], (k, f)))
 
     def ffn(self, x: Tensor) -> Tensor:
         if self.qtypes is not None:
             gu_type, down_type, f, k = self.qtypes
-            if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu":  # one token: on the packed bytes
+            if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu" and not self.on_device:
+                # one token: on the packed bytes
                 gate, up = ggml_quants.qgemv(gu_type, self.mats[0], x[0].contiguous(), 2 * f, k).chunk(2)
                 return ggml_quants.qgemv(down_type, self.mats[1], (F.silu(gate) * up).contiguous(), k, f)[None]
             gate_up, down = self.float_mats()
-            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-            return F.linear(F.silu(gate) * up, down)
+            gate, up = F.linear(x.to(gate_up.dtype), gate_up).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, down).to(x.dtype)
         if self.dtype == "bfloat16":  # stay in bfloat16 between the matmuls
             gate, up = F.linear(x.to(torch.bfloat16), self.mats[0]).chunk(2, dim=-1)
             return F.linear(F.silu(gate) * up, self.mats[1]).to(x.dtype)
@@ -138,7 +155,12 @@ class ExpertWeights:
     def ffn_add(self, x: Tensor, weight: float, out: Tensor) -> None:
         """out += weight × ffn(x), fusing the scale and the sum into the down projection's matmul where it can."""
         w = self.mats[1]
-        if self.scales is None and self.dtype == "float32" and w.dtype == x.dtype and x.dim() == 2:
+        if self.on_device and self.dequant_on_use != "bfloat16" and x.dim() == 2 and x.dtype == torch.float32:
+            # dequantised for this call, then dropped
+            gate_up, down = self.float_mats()
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            out.addmm_(F.silu(gate).mul_(up), down.t(), alpha=weight)
+        elif self.scales is None and self.dtype == "float32" and w.dtype == x.dtype and x.dim() == 2:
             gate, up = F.linear(x, self.mats[0]).chunk(2, dim=-1)
             out.addmm_(F.silu(gate).mul_(up), w.t(), alpha=weight)
         else:
@@ -220,7 +242,10 @@ class ExpertStore:
         warm_slots: int = 0,
         prefetch: bool = False,
         prefetch_min_precision: float = PREFETCH_MIN_PRECISION,
+        dequant_on_use: str | None = None,
     ) -> None:
+        """`dequant_on_use` ("float32" or "bfloat16"): packed experts computed the GPU path's way, in that dtype,
+        even on the CPU (ExpertWeights)."""
         if policy not in POLICIES:
             raise LocalmoeError(f"unknown expert cache policy {policy!r} (known: {', '.join(POLICIES)})")
         if expert_dtype not in EXPERT_DTYPES and expert_dtype != PACKED:
@@ -228,6 +253,7 @@ class ExpertStore:
         if slots < 1:
             raise LocalmoeError(f"expert_slots must be at least 1, got {slots}")
         self._load, self.policy, self.expert_dtype = load, policy, expert_dtype
+        self.dequant_on_use = dequant_on_use
         self.device = torch.device(device)
         self.slots = min(slots, n_experts)
         self.layers = [POLICIES[policy](self.slots) for _ in range(n_layers)]
@@ -483,13 +509,14 @@ class ExpertStore:
             with self._lock:
                 st.bytes_read += nbytes
             on_cpu = self.device.type == "cpu"
-            return ExpertWeights(mats, self.expert_dtype, packed=on_cpu).to(self.device), False
+            weights = ExpertWeights(mats, self.expert_dtype, packed=on_cpu, dequant_on_use=self.dequant_on_use)
+            return weights.to(self.device), False
         with self._lock:
             host = self.warm[layer].lookup(expert)
         warm_hit = host is not None
         if host is None:
             mats, nbytes = self._load(layer, expert)
-            host = ExpertWeights(mats, self.expert_dtype).pin()
+            host = ExpertWeights(mats, self.expert_dtype, dequant_on_use=self.dequant_on_use).pin()
             with self._lock:
                 st.bytes_read += nbytes
                 self.warm[layer].insert(expert, host)

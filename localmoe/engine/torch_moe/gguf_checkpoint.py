@@ -125,11 +125,17 @@ PACKED_DENSE = ("tok_embeddings", "output", "q_proj", "k_proj", "v_proj", "o_pro
 
 class GGUFDenseWeights(DenseWeights):
     """DenseWeights of a GGUF: the attention projections, embeddings and output head as PackedLinear (the file's
-    bytes), the rest (norms, routers, biases, shared experts) dequantised to float32."""
+    bytes), the rest (norms, routers, biases, shared experts) dequantised to float32. With `packed` False (the GPU
+    path, whose matmuls are torch's), every dense weight is dequantised once to float32 on the checkpoint's
+    device."""
+
+    def __init__(self, ckpt: Checkpoint, args: ModelArgs, packed: bool = True) -> None:
+        super().__init__(ckpt, args)
+        self.packed = packed
 
     def __getitem__(self, name: str) -> Tensor | PackedLinear:  # type: ignore[override]
         key, shape = self.keys_shapes[name]
-        if name.rsplit(".", 1)[-1] in PACKED_DENSE:
+        if self.packed and name.rsplit(".", 1)[-1] in PACKED_DENSE:
             assert isinstance(self.ckpt, GGUFCheckpoint)
             return self.ckpt.get_packed(key, (shape[0], shape[1]))
         return self.ckpt.get(key, shape)

@@ -62,6 +62,11 @@ class TorchOptions:
     kernels: str = _option(
         "native", "native: the engine's own C kernels for float32 on the CPU, where they build (default; "
         "LOCALMOE_KERNELS=torch turns them off too); torch: torch's kernels only", choices=KERNELS)
+    # A GGUF's GPU path, on whatever device (no flag: the tests force it on the CPU, which has no GPU): experts kept
+    # as the file's bytes in the fast tier and dequantised by torch where used (torch_dequant.py) to float32, or
+    # bfloat16 with expert_dtype bfloat16, dense weights dequantised once to float32, no native kernels. On a GPU a
+    # GGUF always runs this way; False on the CPU: the native packed kernels.
+    device_packed: bool = False
 
     def __post_init__(self) -> None:
         if self.expert_slots is not None and self.expert_slots < 1:
