@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LOCALMOE_HOME=/tmp/lmhome
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,memory.free,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_expert_store.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_expert_store.py tests/test_gguf_device.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 timeout 30 python3 -m localmoe hw --json > "$OUT/hw.json" 2>&1; head -c 1500 "$OUT/hw.json"; echo
 timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/nvml_energy.txt"
 import time, torch
