@@ -1263,8 +1263,17 @@ def _privacy_notice() -> None:
         paths.tightened.clear()
 
 
+def _check_environment() -> None:
+    # said first: deep inside a tier's set-up the same error would read as "no model available"
+    if os.environ.get("LOCALMOE_THREADS"):
+        from localmoe.engine.base import default_threads
+
+        default_threads()
+
+
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, json_out: bool) -> int:
     try:
+        _check_environment()
         return func(args)
     except LocalmoeError as exc:
         _report_error(str(exc), json_out)

@@ -3,14 +3,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Under pytest-xdist each worker takes its share of the cores for torch's and OpenMP's thread pools (read when torch
-# is first imported, and inherited by the CLI subprocesses): two workers that each spin a pool as wide as the machine
-# slow each other down. The kernel tests that exercise several threads set the count themselves.
+# Under pytest-xdist each worker takes its share of the cores for torch's, OpenMP's and llama.cpp's thread pools
+# (read when torch is first imported or a model loads, and inherited by the CLI subprocesses): two workers that each
+# spin a pool as wide as the machine slow each other down. The kernel tests that exercise several threads set the
+# count themselves.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    os.environ.setdefault("LOCALMOE_THREADS", _share)
 
 import pytest  # noqa: E402
+from gguf_models import float_activations, gguf_moes, reference  # noqa: E402, F401  (shared fixtures)
 
 from helpers import built_once  # noqa: E402
 from localmoe.home import models, paths  # noqa: E402

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import inspect
@@ -85,8 +86,18 @@ def built_once(config: pytest.Config, factory: pytest.TempPathFactory, name: str
     if (out / ".complete").exists():
         return out
     shelf.mkdir(parents=True, exist_ok=True)
+    # One builder at a time: an xdist worker that needs the same models waits for the other's build instead of
+    # making a second copy on the same two cores (which slows both).
+    with open(shelf / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / ".complete").exists():
+            return out
+        return _build(shelf, key, out, build)
+
+
+def _build(shelf: Path, key: str, out: Path, build: Callable[[Path], None]) -> Path:
     for old in shelf.iterdir():  # one version per name: older builds are dead weight (hundreds of MB)
-        if old.name != key and not old.name.startswith(f"{key}."):
+        if old.name not in (key, ".lock") and not old.name.startswith(f"{key}."):
             shutil.rmtree(old, ignore_errors=True)
     part = shelf / f"{key}.{os.getpid()}"  # built aside and renamed: an interrupted build is never reused
     shutil.rmtree(part, ignore_errors=True)

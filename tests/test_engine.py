@@ -135,3 +135,26 @@ def test_a_stopped_loop_is_recorded_as_its_first_round(home, smollm):
     content, stop = conn.execute("select m.content, g.stop_reason from messages m join generations g "
                                  "on g.message_id = m.id where m.role = 'assistant'").fetchone()
     assert content == reply.text and stop == "repetition"
+
+
+def test_localmoe_threads_sets_both_engines_thread_count_and_a_bad_value_is_one_line(smollm, monkeypatch, tmp_path):
+    """A machine shared with other work (or two test workers) caps the engines' threads with LOCALMOE_THREADS."""
+    import psutil
+
+    from helpers import run_cli
+    from localmoe.engine.base import default_threads
+
+    monkeypatch.delenv("LOCALMOE_THREADS", raising=False)
+    assert default_threads() == max(1, psutil.cpu_count(logical=False) or 1)
+    monkeypatch.setenv("LOCALMOE_THREADS", "3")
+    assert default_threads() == 3
+    engine = LlamaCppEngine(smollm.path)
+    assert engine.n_threads == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("LOCALMOE_THREADS", bad)
+        with pytest.raises(LocalmoeError, match="LOCALMOE_THREADS"):
+            default_threads()
+    r = run_cli("ask", "hi", "--max-tokens", "2", home=tmp_path, env_extra={"LOCALMOE_THREADS": "many"})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "localmoe: error: LOCALMOE_THREADS must be a whole number of threads, 1 or more (got 'many')"]

@@ -15,24 +15,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import test_gguf_native as native_tests  # noqa: E402  (its tiny MoE GGUFs, llama.cpp's logits on them)
 import test_quant_kernels as tqk  # noqa: E402  (random valid blocks with extreme scales)
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
+from gguf_models import ARCHS, PROMPT, QUANTS, STEPS, _native  # noqa: E402  (fixtures: conftest.py)
 
 from localmoe.engine.torch_moe import ggml_quants as gq  # noqa: E402
 from localmoe.engine.torch_moe import torch_dequant as td  # noqa: E402
 from localmoe.engine.torch_moe.packed import PackedLinear  # noqa: E402
 from localmoe.errors import LocalmoeError  # noqa: E402
 
-# test_gguf_native's fixtures, found by pytest under these names in this module
-gguf_moes, reference, float_activations = native_tests.gguf_moes, native_tests.reference, native_tests.float_activations
-PROMPT, STEPS, _native = native_tests.PROMPT, native_tests.STEPS, native_tests._native
-
 TYPES = sorted(td.DEQUANT)
-ARCHS = native_tests.ARCHS  # mixtral's q and k rows are reordered from llama.cpp's rope layout on the way in
-QUANTS = native_tests.QUANTS  # Q4_K_M mixes Q4_K, Q5_K, Q6_K and Q8_0
+# ARCHS: mixtral's q and k rows are reordered from llama.cpp's rope layout on the way in
+# QUANTS: Q4_K_M mixes Q4_K, Q5_K, Q6_K and Q8_0
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

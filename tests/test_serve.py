@@ -159,7 +159,8 @@ def test_answers_equal_ask_json_streamed_and_not(server):
 
 def test_auto_routes_as_the_route_command(server):
     client = server.client()
-    prompts = ["What is the capital of France? Answer with one word.", "A train leaves at 3:40 pm at 72 km/h and a second one at 4:05 pm at 90 km/h on the same "
+    prompts = ["What is the capital of France? Answer with one word.",
+               "A train leaves at 3:40 pm at 72 km/h and a second one at 4:05 pm at 90 km/h on the same "
                "track; at what time, to the minute, does the second catch up, and how far have they gone?"]
     tiers = set()
     for prompt in prompts:

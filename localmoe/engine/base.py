@@ -3,6 +3,7 @@ server) takes and reports, so that the session, CLI and UI never know which one 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -10,9 +11,23 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from localmoe.engine.loopguard import LoopGuard
-from localmoe.errors import LocalmoeError
+from localmoe.errors import LocalmoeError, UsageError
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+
+
+def default_threads() -> int:
+    """LOCALMOE_THREADS when set (a machine shared with other work), else one thread per physical core: llama.cpp
+    decodes fastest so, hyperthreads only add contention, and its threads spin while they wait, so two engines that
+    each take every core slow each other down far more than two times."""
+    import psutil
+
+    value = os.environ.get("LOCALMOE_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise UsageError(f"LOCALMOE_THREADS must be a whole number of threads, 1 or more (got {value!r})")
+        return int(value)
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
 @dataclass

@@ -8,7 +8,6 @@ incrementally without the completion API's look-ahead buffering.
 from __future__ import annotations
 
 import codecs
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from localmoe.engine.base import (
     GenerationConfig,
     GenerationStats,
     Message,
+    default_threads,
     limits,
     reusable_prefix,
     stop_after,
@@ -32,13 +32,6 @@ from localmoe.placement.layout import read_model_layout
 from localmoe.placement.plan import Budget, Plan, make_plan
 
 DEFAULT_CTX = 4096
-
-
-def default_threads() -> int:
-    # llama.cpp decodes fastest with one thread per physical core; hyperthreads only add contention.
-    import psutil
-
-    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
 class LlamaCppEngine(Engine):

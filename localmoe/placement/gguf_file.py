@@ -7,6 +7,7 @@ short arrays are decoded; tensor data is left on disk for the caller to memory-m
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -81,9 +82,14 @@ class GGUFHeader:
     data_offset: int
 
 
+_CHUNK = 1 << 20
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
+        self.size = os.fstat(f.fileno()).st_size
 
     def read(self, n: int) -> bytes:
         b = self.f.read(n)
@@ -119,9 +125,7 @@ class _Reader:
         if etype in _SCALARS:
             self.f.seek(struct.calcsize(_SCALARS[etype]) * n, 1)
         elif etype == STRING:
-            for _ in range(n):
-                (length,) = struct.unpack("<Q", self.read(8))
-                self.f.seek(length, 1)
+            self._skip_strings(n)
         elif etype == ARRAY:
             for _ in range(n):
                 self.value(ARRAY)
@@ -129,8 +133,44 @@ class _Reader:
             raise GGUFFormatError(f"unknown GGUF value type {etype}")
 
 
+    def _skip_strings(self, n: int) -> None:
+        # A vocabulary is 50-150k strings: walking them in memory chunks, not a read and a seek each, is what keeps
+        # reading a header (done several times before every first answer) at milliseconds rather than a quarter second.
+        buf, pos = b"", 0
+        for _ in range(n):
+            if pos + 8 > len(buf):
+                if pos > len(buf):
+                    self.f.seek(pos - len(buf), 1)
+                    buf, pos = b"", 0
+                buf, pos = buf[pos:] + self.f.read(_CHUNK), 0
+                if len(buf) < 8:
+                    raise GGUFFormatError("unexpected end of file in the header")
+            (length,) = _U64.unpack_from(buf, pos)
+            if length > 1 << 30:
+                raise GGUFFormatError(f"implausible string length {length}")
+            pos += 8 + length
+        self.f.seek(pos - len(buf), 1)  # back to the end of the last string (forward, when it ended past the chunk)
+        if self.f.tell() > self.size:
+            raise GGUFFormatError("unexpected end of file in the header")
+
+
+_HEADERS: dict[tuple[str, int, int, int], GGUFHeader] = {}
+
+
 def read_header(path: str | Path) -> GGUFHeader:
-    """Parse a GGUF file's header; raises GGUFFormatError on anything malformed."""
+    """Parse a GGUF file's header; raises GGUFFormatError on anything malformed. A file unchanged since the last
+    read in this process (same inode, size and mtime) is not parsed again: placement, the plan and the engine each
+    ask before the first answer. The result is shared: treat it as read-only."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HEADERS:
+        if len(_HEADERS) >= 32:
+            _HEADERS.clear()
+        _HEADERS[key] = _read_header(path)
+    return _HEADERS[key]
+
+
+def _read_header(path: str | Path) -> GGUFHeader:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb", buffering=1 << 20) as f:

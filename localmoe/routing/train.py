@@ -106,7 +106,12 @@ def train(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seeds: tuple[i
           ) -> dict[str, Any]:
     """Fit on the split of the first seed (that is the model written out); evaluate on every seed's held-out
     split and report the mean, because a single split of a few hundred questions moves AUC by ±0.03."""
-    runs = [_train_split(rows, embedder, seed=s) for s in seeds]
+    if len(rows) < 20 or len({r["small_wrong"] for r in rows}) < 2:
+        raise LocalmoeError(f"need at least 20 labels with both outcomes to train a router (have {len(rows)})")
+    # the questions' signals and embeddings do not depend on the split: worked out once, not once per seed
+    fx = np.stack([feature_vector(r["question"]) for r in rows])
+    raw = np.stack([embedder.embed(r["question"]) for r in rows])
+    runs = [_train_split(rows, fx, raw, seed=s) for s in seeds]
     out = runs[0]
     ev = out["evaluation"]
     ev["split_auc"] = {name: [r["evaluation"]["auc"].get(name) for r in runs] for name in ev["auc"]}
@@ -119,12 +124,9 @@ def train(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seeds: tuple[i
     return out
 
 
-def _train_split(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seed: int = 0) -> dict[str, Any]:
-    if len(rows) < 20 or len({r["small_wrong"] for r in rows}) < 2:
-        raise LocalmoeError(f"need at least 20 labels with both outcomes to train a router (have {len(rows)})")
+def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, *,
+                 seed: int = 0) -> dict[str, Any]:
     y = np.array([r["small_wrong"] for r in rows], dtype=np.float64)
-    fx = np.stack([feature_vector(r["question"]) for r in rows])
-    raw = np.stack([embedder.embed(r["question"]) for r in rows])
     has_lp = np.array([r["mean_logprob"] is not None and r["min_logprob"] is not None for r in rows])
     cx = np.array([[r["mean_logprob"] or 0.0, r["min_logprob"] or 0.0] for r in rows])
     train_idx, test_idx = router_eval.split(len(rows), seed=seed, strata=[r["category"] for r in rows])

@@ -9,6 +9,7 @@ nothing here imports it.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,6 +29,7 @@ from localmoe.engine.base import (
     GenerationConfig,
     GenerationStats,
     Message,
+    default_threads,
     limits,
     reusable_prefix,
     stop_after,
@@ -111,6 +113,8 @@ class TorchMoEEngine(Engine):
         if self.model is not None:
             return
         o = self.options
+        if os.environ.get("LOCALMOE_THREADS"):  # the same cap as llama.cpp's (torch's pool is process-wide)
+            torch.set_num_threads(default_threads())
         view = None
         if o.device_packed and not self.is_gguf:
             raise LocalmoeError("device_packed applies to GGUF files only")
