@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -376,7 +377,7 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
     """The GGUF `src` with every tensor dequantised to f32 by the `gguf` package (bit-equal to llama.cpp's), the
     metadata unchanged: llama.cpp on it is exact float32 arithmetic on the quantised file's weights, a reference that
     leaves out llama.cpp's 8-bit activations."""
-    reader = gguf.GGUFReader(src, "r")
+    reader = gguf_reader(src)
     arch = str(reader.fields["general.architecture"].contents())
     w = gguf.GGUFWriter(str(dst), arch)
     for name, field in reader.fields.items():
@@ -473,6 +474,14 @@ def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_reader(path: str | Path) -> gguf.GGUFReader:
+    """gguf's reader over the file read into memory (read-only). Over its default memory map every slice costs a
+    Python call: seconds for a 49k-token vocabulary, and the test suite reads such headers dozens of times."""
+    data = np.fromfile(path, dtype=np.uint8)
+    with mock.patch.object(np, "memmap", lambda *args, **kwargs: data):
+        return gguf.GGUFReader(path, "r")
+
+
 def _tokenizer_fields(path: Path) -> dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
     return _tokenizer_fields_cached(Path(path).resolve())
 
@@ -480,7 +489,7 @@ def _tokenizer_fields(path: Path) -> dict[str, tuple[Any, gguf.GGUFValueType, gg
 @cache  # decoding ~100k vocab and merge strings takes seconds; a test session converts several models
 def _tokenizer_fields_cached(path: Path) -> dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
     """Every `tokenizer.*` key of a GGUF (vocab, merges, special ids, chat template) with its stored types."""
-    reader = gguf.GGUFReader(path, "r")
+    reader = gguf_reader(path)
     out = {}
     for name, field in reader.fields.items():
         if not name.startswith("tokenizer."):

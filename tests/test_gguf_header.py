@@ -9,6 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from synthetic_moe import gguf_reader
 
 from localmoe.placement import gguf_file
 from localmoe.placement.gguf_file import GGUFFormatError, SkippedArray, read_header
@@ -38,7 +39,7 @@ def vocab_file(tmp_path: Path) -> Path:
 
 def test_a_vocabulary_sized_header_reads_as_gguf_reads_it(vocab_file: Path):
     ours = read_header(vocab_file)
-    ref = gguf.GGUFReader(str(vocab_file))
+    ref = gguf_reader(vocab_file)
     assert ours.metadata["tokenizer.ggml.tokens"] == SkippedArray(gguf.GGUFValueType.STRING, 150_000)
     assert ours.metadata["after.the.tokens"] == "still here" and ours.metadata["after.a.number"] == 7
     assert ours.data_offset == ref.data_offset

@@ -94,7 +94,7 @@ def test_a_cold_miss_reads_only_the_experts_packed_bytes(gguf_moes):
     engine.logits(PROMPT[:1])
     stats = engine.cache_stats()
     # the file's expert tensors: 8 experts of gate+up (Q4_K, 2 × 256 × 256 weights, 144 bytes per 256) and down
-    per_expert = {t.name: t.n_bytes // 8 for t in synthetic_moe.gguf.GGUFReader(q).tensors if "_exps" in t.name}
+    per_expert = {t.name: t.n_bytes // 8 for t in synthetic_moe.gguf_reader(q).tensors if "_exps" in t.name}
     layer0 = sum(v for k, v in per_expert.items() if k.startswith("blk.0."))
     assert stats["layers"][0]["bytes_read"] == stats["layers"][0]["misses"] * layer0
     assert layer0 < 256 * 256 * 3 * 4 / 6  # at least 6x fewer bytes than the float32 expert
@@ -146,7 +146,7 @@ def test_bad_files_are_one_line_errors(gguf_moes, tmp_path):
     assert "\n" not in str(e.value)
 
     # a header whose expert shapes disagree with the layout its metadata states
-    reader = synthetic_moe.gguf.GGUFReader(q)
+    reader = synthetic_moe.gguf_reader(q)
     bad = tmp_path / "bad-shape.gguf"
     _rewrite(reader, bad, meta={"qwen3moe.expert_feed_forward_length": 128})
     with pytest.raises(LocalmoeError, match=r"has shape \[8?.*expected") as e:

@@ -136,8 +136,9 @@ def test_trace_and_plan_commands(tiny_moe, tmp_path):
 
 def test_unknown_architecture_is_a_clear_error(tiny_moe, tmp_path):
     import gguf
+    import synthetic_moe
 
-    src = gguf.GGUFReader(tiny_moe[1])
+    src = synthetic_moe.gguf_reader(tiny_moe[1])
     path = tmp_path / "alien.gguf"
     w = gguf.GGUFWriter(str(path), "alienmoe")
     w.add_block_count(1)

@@ -257,9 +257,10 @@ def split_shards(tiny_moe: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
     and their tensors."""
     import gguf
     import numpy as np
+    import synthetic_moe
 
     out = tmp_path_factory.mktemp("split") / "tiny-moe-F32.gguf"
-    r = gguf.GGUFReader(tiny_moe[1], "r")
+    r = synthetic_moe.gguf_reader(tiny_moe[1])
     w = gguf.GGUFWriter(out, r.fields["general.architecture"].contents(), split_max_tensors=14)
     for name, f in r.fields.items():
         if not name.startswith("GGUF.") and name != "general.architecture":

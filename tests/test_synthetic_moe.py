@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import synthetic_moe
 import torch
-from gguf import GGUFReader
 from safetensors import safe_open
+from synthetic_moe import gguf_reader
 
 from localmoe.placement.layout import read_layout
 
@@ -85,7 +85,7 @@ def test_saved_files_hold_one_tensor_per_expert(qwen3: Pair) -> None:
 
 def test_gguf_experts_are_the_saved_experts_stacked(qwen3: Pair) -> None:
     saved = _saved_tensors(qwen3.hf)
-    tensors = {t.name: t for t in GGUFReader(qwen3.gguf, "r").tensors}
+    tensors = {t.name: t for t in gguf_reader(qwen3.gguf).tensors}
     for layer in range(LAYERS):
         for short, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
             t = tensors[f"blk.{layer}.ffn_{short}_exps.weight"]
@@ -132,7 +132,7 @@ def test_other_archs_logits_match_transformers(tmp_path: Path, arch: str) -> Non
 def test_qwen2_moe_gguf_holds_the_shared_expert_and_biases(tmp_path: Path) -> None:
     pair = _build(tmp_path, "qwen2_moe")
     saved = _saved_tensors(pair.hf)
-    tensors = {t.name: t for t in GGUFReader(pair.gguf, "r").tensors}
+    tensors = {t.name: t for t in gguf_reader(pair.gguf).tensors}
     p = "model.layers.1.mlp."
     np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_gate_inp_shexp.weight"].data),
                                   saved[p + "shared_expert_gate.weight"].reshape(-1))  # [1, hidden] as a vector
