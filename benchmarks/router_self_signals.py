@@ -4,7 +4,9 @@ probability of the first answer token, and the mean log-probability of the promp
 question is to the model). A logistic model over the 12 `features` signals plus these three is fitted on the
 training labels only (the split `router train` fits on: stratified, first seed; l2 = 1.0, the features model's
 own), then scored on that split's held-out rows (in-distribution) and on the independent evaluation set, with the
-scorer's labels and the audited ones. Nothing here is chosen by looking at the evaluation set.
+scorer's labels and the audited ones. A fourth row, added on 2026-12-04 before that day's run, sums the log-odds
+of the shipped `learned` estimate and of the signals-alone model (nothing fitted on top). Nothing here is chosen by
+looking at the evaluation set.
 
     flock /tmp/localmoe-cpu.lock .venv/bin/python benchmarks/router_self_signals.py
 """
@@ -22,7 +24,7 @@ from localmoe.engine.llamacpp import LlamaCppEngine
 from localmoe.home import models
 from localmoe.routing import evaluate as router_eval
 from localmoe.routing import train as router_train
-from localmoe.routing.router import Router, feature_vector
+from localmoe.routing.router import Router, feature_vector, log_odds
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "benchmarks" / "router_eval_labels.jsonl"
@@ -86,6 +88,10 @@ def main() -> None:
             "learned (shipped)": report("l", np.array([router.score(r["question"], "learned")[0] for r in rows]), y),
             "self signals alone": report("s", alone.predict(x[:, n_feat:]), y),
             "features + self signals": report("b", both.predict(x), y),
+            # declared before the 2026-12-04 run, nothing fitted: the sum of the two estimates' log-odds
+            "learned + self signals": report("ls", log_odds(np.array([router.score(r["question"], "learned")[0]
+                                                                      for r in rows]))
+                                             + log_odds(alone.predict(x[:, n_feat:])), y),
         }
     print(json.dumps({"weights": dict(zip(SIGNALS, both.weights[n_feat:].round(3).tolist(), strict=True)),
                       "results": out}, indent=1))
