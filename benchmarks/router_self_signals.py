@@ -8,11 +8,12 @@ scorer's labels and the audited ones. A fourth row, added on 2026-12-04 before t
 of the shipped `learned` estimate and of the signals-alone model (nothing fitted on top). Nothing here is chosen by
 looking at the evaluation set.
 
-    flock /tmp/localmoe-cpu.lock .venv/bin/python benchmarks/router_self_signals.py
+    flock /tmp/localmoe-cpu.lock .venv/bin/python benchmarks/router_self_signals.py [--cache signals.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -53,18 +54,37 @@ def report(name: str, scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "cpt80": router_eval.cpt(scores, small, large, 0.8)}
 
 
+def paired_gain(a: np.ndarray, b: np.ndarray, y: np.ndarray, n: int = 1000) -> tuple[float, float, float]:
+    """Mean and 95% interval of AUC(a) - AUC(b) over bootstrap resamples of the questions (paired)."""
+    rng = np.random.default_rng(0)
+    d = []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if len(set(y[i])) == 2:
+            d.append(router_eval.auc(a[i], y[i]) - router_eval.auc(b[i], y[i]))
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return float(np.mean(d)), float(lo), float(hi)
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", type=Path, help="a JSON file of each question's signals: read if it exists, else "
+                                                "written (the prompt evaluations are most of the run)")
+    args = ap.parse_args()
     train_rows = router_train.shipped_labels()
     eval_rows = router_train.read_labels(EVAL)
     audited_y = np.array([r["small_wrong"] for r in router_train.read_labels(AUDITED)], dtype=float)
     engine = LlamaCppEngine(models.default_model().path, n_ctx=512, logits_all=True)
     engine.load()
     t0 = time.time()
-    sig = {}
+    sig = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
     for n, r in enumerate(train_rows + eval_rows, 1):
-        sig.setdefault(r["question"], self_signals(engine, r["question"]))
+        if r["question"] not in sig:
+            sig[r["question"]] = self_signals(engine, r["question"])
         print(f"\r{n}/{len(train_rows) + len(eval_rows)}", end="", file=sys.stderr)
     print(f"\nprompt evaluations: {time.time() - t0:.0f} s", file=sys.stderr)
+    if args.cache:
+        args.cache.write_text(json.dumps(sig))
 
     def matrix(rows: list[dict]) -> np.ndarray:
         return np.stack([np.concatenate([feature_vector(r["question"]), sig[r["question"]]]) for r in rows])
@@ -82,7 +102,10 @@ def main() -> None:
             "eval set, scorer labels": (eval_rows, x_ev, y_ev),
             "eval set, audited labels": (eval_rows, x_ev, audited_y)}
     out: dict[str, dict[str, dict[str, float]]] = {}
+    gains: dict[str, tuple[float, float, float]] = {}
     for set_name, (rows, x, y) in sets.items():
+        learned = np.array([router.score(r["question"], "learned")[0] for r in rows])
+        gains[set_name] = paired_gain(log_odds(learned) + log_odds(alone.predict(x[:, n_feat:])), learned, y)
         out[set_name] = {
             "features (shipped)": report("f", np.array([router.score(r["question"], "features")[0] for r in rows]), y),
             "learned (shipped)": report("l", np.array([router.score(r["question"], "learned")[0] for r in rows]), y),
@@ -99,6 +122,8 @@ def main() -> None:
         print(f"\n{set_name}")
         for name, r in table.items():
             print(f"  {name:<26} AUC {r['auc']:.3f}  CPT50 {r['cpt50']:.2f}  CPT80 {r['cpt80']:.2f}")
+        mean, lo, hi = gains[set_name]
+        print(f"  learned + self signals minus learned, paired bootstrap: {mean:+.3f} (95% {lo:+.3f} to {hi:+.3f})")
 
 
 if __name__ == "__main__":
