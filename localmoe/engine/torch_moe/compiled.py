@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from localmoe.errors import LocalmoeError
 
 
-def compile_model(model: nn.Module) -> Any:
+def compile_model(model: nn.Module, device: torch.device) -> Any:
     """`model` wrapped by torch.compile; it compiles at its first calls."""
+    if device.type == "cpu":
+        _require_cpp_compiler()
     if not os.environ.get("TORCH_LOGS"):  # torch's warnings would precede our one-line error on failure
         torch._logging.set_logs(dynamo=logging.ERROR, inductor=logging.ERROR)
         # advice to the compiler's developers (TF32, online softmax), not to someone chatting
@@ -33,6 +35,16 @@ def compile_model(model: nn.Module) -> Any:
     quiet = {k: False for k in ("size_asserts", "alignment_asserts", "scalar_asserts")
              if hasattr(torch._inductor.config, k)}
     return torch.compile(model, dynamic=True, options=quiet)
+
+
+def _require_cpp_compiler() -> None:
+    # inductor's CPU code is C++, and without a compiler it fails only after tracing the whole model (~15 s here)
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as e:
+        raise LocalmoeError(f"torch.compile failed ({root_cause(e)}); run without compile") from None
 
 
 def call(run: Any, idx: Tensor, pos: Tensor, end: int) -> Any:

@@ -186,7 +186,7 @@ class TorchMoEEngine(Engine):
         self._use_kernels()
         self._run = model
         if o.compile:
-            self._run = compiled.compile_model(model)
+            self._run = compiled.compile_model(model, self.device)
             self._compile_now()
         if o.load_all if o.load_all is not None else store.slots == args.n_experts:
             store.fill_in_background()
