@@ -37,7 +37,7 @@ run: setup
 # Two workers, whole files to each: most tests wait on a model, a subprocess or a terminal, so two share 2 cores
 # well (about 400 s against 840 s serially here); `pytest -q` alone runs them one after another.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check .

@@ -51,3 +51,16 @@ def tiny_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
     root = built_once(request.config, tmp_path_factory, "tiny_moe", {}, build)
     return root / "hf", root / "tiny-moe.gguf"
+
+
+# The files that take longest (serial seconds, measured 2026-12-04), run first. `make test` hands whole files to two
+# workers in collection order (--no-loadscope-reorder; xdist's own order is by test count, which put a 60 s file of
+# two tests last, with one worker idle while the other ran it). A file not named keeps its place after these.
+SLOW_FIRST = ("test_torch_moe.py", "test_gguf_native.py", "test_concurrency.py", "test_cli.py", "test_expert_store.py",
+              "test_router.py", "test_tui.py", "test_calibrate.py", "test_settings_ui.py", "test_bench.py",
+              "test_gguf_device.py", "test_pull.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: a file's tests keep their order
