@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synthetic_moe
 
 from helpers import built_once
 
@@ -28,6 +27,8 @@ def gguf_moes(request: pytest.FixtureRequest,
     (helpers.built_once): building them is most of this file's time."""
 
     def build(root: Path) -> None:
+        import synthetic_moe  # here, not at the top: conftest imports this module, and torch with it otherwise
+
         for arch in ARCHS:
             # dimensions multiples of 256: the K-quants' super-blocks (otherwise llama-quantize falls back to others)
             hf = synthetic_moe.build_hf_moe(root / arch / "hf", arch, layers=3, experts=8, top_k=2, hidden=256,

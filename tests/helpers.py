@@ -96,13 +96,16 @@ def built_once(config: pytest.Config, factory: pytest.TempPathFactory, name: str
 
 
 def _build(shelf: Path, key: str, out: Path, build: Callable[[Path], None]) -> Path:
-    for old in shelf.iterdir():  # one version per name: older builds are dead weight (hundreds of MB)
-        if old.name not in (key, ".lock") and not old.name.startswith(f"{key}."):
+    for old in shelf.iterdir():  # one version per name: older builds and interrupted ones are dead weight (the lock
+        if old.name not in (key, ".lock"):  # is held: no other build is under way)
             shutil.rmtree(old, ignore_errors=True)
     part = shelf / f"{key}.{os.getpid()}"  # built aside and renamed: an interrupted build is never reused
-    shutil.rmtree(part, ignore_errors=True)
     part.mkdir()
-    build(part)
+    try:
+        build(part)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
     (part / ".complete").touch()
     try:
         part.rename(out)

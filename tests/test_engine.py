@@ -150,7 +150,7 @@ def test_localmoe_threads_sets_both_engines_thread_count_and_a_bad_value_is_one_
     assert default_threads() == 3
     engine = LlamaCppEngine(smollm.path)
     assert engine.n_threads == 3
-    for bad in ("0", "two", "-1"):
+    for bad in ("0", "two", "-1", "²", "1.5"):
         monkeypatch.setenv("LOCALMOE_THREADS", bad)
         with pytest.raises(LocalmoeError, match="LOCALMOE_THREADS"):
             default_threads()

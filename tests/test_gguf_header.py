@@ -51,7 +51,9 @@ def test_a_header_cut_inside_the_strings_is_a_format_error(vocab_file: Path, tmp
     data = vocab_file.read_bytes()
     end = read_header(vocab_file).data_offset
     cut_file = tmp_path / "cut.gguf"
-    for cut in (40, 1000, gguf_file._CHUNK + 3, 2 * gguf_file._CHUNK, end // 2, end - 100, end - 300_000):
+    # inside the string array: across chunk boundaries, inside the 3 MiB string, among the short strings after it;
+    # and, for the rest of the reader, inside the first key and in the tensor infos after the strings
+    for cut in (gguf_file._CHUNK + 3, 2 * gguf_file._CHUNK, end // 2, end - 300_000, 40, end - 100):
         cut_file.write_bytes(data[:cut])
         with pytest.raises(GGUFFormatError, match="unexpected end of file"):
             read_header(cut_file)
@@ -62,6 +64,6 @@ def test_a_header_is_parsed_once_per_process_until_the_file_changes(tmp_path: Pa
     first = read_header(path)
     assert read_header(path) is first
     path.unlink()
-    _write(path, ["a", "b", "c"])  # a new file under the same name
+    _write(path, ["a", "b", "c"])  # another file under the same name (and, here, another size)
     again = read_header(path)
     assert again is not first and again.metadata["tokenizer.ggml.tokens"] == ["a", "b", "c"]

@@ -24,7 +24,7 @@ def default_threads() -> int:
 
     value = os.environ.get("LOCALMOE_THREADS", "").strip()
     if value:
-        if not value.isdigit() or int(value) < 1:
+        if not (value.isascii() and value.isdecimal()) or int(value) < 1:
             raise UsageError(f"LOCALMOE_THREADS must be a whole number of threads, 1 or more (got {value!r})")
         return int(value)
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)

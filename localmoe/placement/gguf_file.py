@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -154,49 +155,55 @@ class _Reader:
             raise GGUFFormatError("unexpected end of file in the header")
 
 
-_HEADERS: dict[tuple[str, int, int, int], GGUFHeader] = {}
+_HEADERS: dict[tuple[Any, ...], GGUFHeader] = {}
+_HEADERS_LOCK = threading.Lock()  # the server reads headers from several threads
 
 
 def read_header(path: str | Path) -> GGUFHeader:
     """Parse a GGUF file's header; raises GGUFFormatError on anything malformed. A file unchanged since the last
-    read in this process (same inode, size and mtime) is not parsed again: placement, the plan and the engine each
-    ask before the first answer. The result is shared: treat it as read-only."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HEADERS:
-        if len(_HEADERS) >= 32:
-            _HEADERS.clear()
-        _HEADERS[key] = _read_header(path)
-    return _HEADERS[key]
+    read in this process (same device, inode, size, mtime and ctime of the file opened) is not parsed again:
+    placement, the plan and the engine each ask before the first answer. The result is shared: treat it as
+    read-only."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        st = os.fstat(f.fileno())
+        key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with _HEADERS_LOCK:
+            header = _HEADERS.get(key)
+        if header is None:
+            header = _read_header(f)
+            with _HEADERS_LOCK:
+                if len(_HEADERS) >= 32:
+                    _HEADERS.clear()
+                _HEADERS[key] = header
+    return header
 
 
-def _read_header(path: str | Path) -> GGUFHeader:
+def _read_header(f: BinaryIO) -> GGUFHeader:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    with open(path, "rb", buffering=1 << 20) as f:
-        r = _Reader(f)
-        if r.read(4) != MAGIC:
-            raise GGUFFormatError("not a GGUF file")
-        version = r.unpack("I")
-        if version not in (2, 3):
-            raise GGUFFormatError(f"unsupported GGUF version {version}")
-        n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
-        if n_tensors > 1 << 24 or n_kv > 1 << 24:
-            raise GGUFFormatError("implausible tensor or key count")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = r.string()
-            meta[key] = r.value(r.unpack("I"))
-        raw = []
-        for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.unpack("I")
-            if n_dims > 8:
-                raise GGUFFormatError(f"tensor {name} has {n_dims} dimensions")
-            shape = tuple(r.unpack("Q") for _ in range(n_dims))
-            raw.append((name, shape, r.unpack("I"), r.unpack("Q")))
-        alignment = int(meta.get("general.alignment", 32) or 32)
-        pos = f.tell()
+    r = _Reader(f)
+    if r.read(4) != MAGIC:
+        raise GGUFFormatError("not a GGUF file")
+    version = r.unpack("I")
+    if version not in (2, 3):
+        raise GGUFFormatError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
+    if n_tensors > 1 << 24 or n_kv > 1 << 24:
+        raise GGUFFormatError("implausible tensor or key count")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.unpack("I"))
+    raw = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.unpack("I")
+        if n_dims > 8:
+            raise GGUFFormatError(f"tensor {name} has {n_dims} dimensions")
+        shape = tuple(r.unpack("Q") for _ in range(n_dims))
+        raw.append((name, shape, r.unpack("I"), r.unpack("Q")))
+    alignment = int(meta.get("general.alignment", 32) or 32)
+    pos = f.tell()
     data_offset = (pos + alignment - 1) // alignment * alignment
     tensors = []
     for name, shape, ttype, offset in raw:
