@@ -105,16 +105,15 @@ def main() -> None:
     gains: dict[str, tuple[float, float, float]] = {}
     for set_name, (rows, x, y) in sets.items():
         learned = np.array([router.score(r["question"], "learned")[0] for r in rows])
-        gains[set_name] = paired_gain(log_odds(learned) + log_odds(alone.predict(x[:, n_feat:])), learned, y)
+        combined = log_odds(learned) + log_odds(alone.predict(x[:, n_feat:]))
+        gains[set_name] = paired_gain(combined, learned, y)
         out[set_name] = {
             "features (shipped)": report("f", np.array([router.score(r["question"], "features")[0] for r in rows]), y),
-            "learned (shipped)": report("l", np.array([router.score(r["question"], "learned")[0] for r in rows]), y),
+            "learned (shipped)": report("l", learned, y),
             "self signals alone": report("s", alone.predict(x[:, n_feat:]), y),
             "features + self signals": report("b", both.predict(x), y),
             # declared before the 2026-12-04 run, nothing fitted: the sum of the two estimates' log-odds
-            "learned + self signals": report("ls", log_odds(np.array([router.score(r["question"], "learned")[0]
-                                                                      for r in rows]))
-                                             + log_odds(alone.predict(x[:, n_feat:])), y),
+            "learned + self signals": report("ls", combined, y),
         }
     print(json.dumps({"weights": dict(zip(SIGNALS, both.weights[n_feat:].round(3).tolist(), strict=True)),
                       "results": out}, indent=1))

@@ -137,7 +137,8 @@ def test_a_stopped_loop_is_recorded_as_its_first_round(home, smollm):
     assert content == reply.text and stop == "repetition"
 
 
-def test_localmoe_threads_sets_both_engines_thread_count_and_a_bad_value_is_one_line(smollm, monkeypatch, tmp_path):
+def test_localmoe_threads_sets_both_engines_thread_count_and_a_bad_value_is_one_line(smollm, tiny_moe, monkeypatch,
+                                                                                      tmp_path):
     """A machine shared with other work (or two test workers) caps the engines' threads with LOCALMOE_THREADS."""
     import psutil
 
@@ -150,6 +151,16 @@ def test_localmoe_threads_sets_both_engines_thread_count_and_a_bad_value_is_one_
     assert default_threads() == 3
     engine = LlamaCppEngine(smollm.path)
     assert engine.n_threads == 3
+    torch = pytest.importorskip("torch")
+    from localmoe.engine.torch_moe import TorchMoEEngine
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LOCALMOE_THREADS", str(before + 1))  # torch's pool is process-wide: put back below
+    try:
+        TorchMoEEngine(tiny_moe[0]).load()
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
     for bad in ("0", "two", "-1", "²", "1.5"):
         monkeypatch.setenv("LOCALMOE_THREADS", bad)
         with pytest.raises(LocalmoeError, match="LOCALMOE_THREADS"):

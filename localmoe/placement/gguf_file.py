@@ -133,7 +133,6 @@ class _Reader:
         else:
             raise GGUFFormatError(f"unknown GGUF value type {etype}")
 
-
     def _skip_strings(self, n: int) -> None:
         # A vocabulary is 50-150k strings: walking them in memory chunks, not a read and a seek each, is what keeps
         # reading a header (done several times before every first answer) at milliseconds rather than a quarter second.
