@@ -213,7 +213,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         assistant.close()
     if args.json:
         out = decision.to_dict()
-        if decision.strategy in ("features", "learned", "cascade"):
+        if decision.strategy in ("features", "learned", "probe", "cascade"):
             # what each named preference would set the threshold to, so a user can see what they choose between
             out["preferences"] = assistant.router.preferences(decision.strategy)
         _print_json(out)
@@ -232,6 +232,7 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     from localmoe.record.recorder import Recorder
     from localmoe.routing import calibrate
     from localmoe.routing import train as router_train
+    from localmoe.routing.probe import Prober
     from localmoe.routing.router import ROUTER_FILE, TokenEmbedder
 
     out = Path(args.out) if args.out else data_dir() / ROUTER_FILE
@@ -248,7 +249,7 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     if not args.shipped:
         with Recorder() as rec:
             rows += router_train.collected_labels(rec, small.id)
-    trained = router_train.train(rows, TokenEmbedder(small.path))
+    trained = router_train.train(rows, TokenEmbedder(small.path), prober=Prober(small.path))
     try:
         if args.out:
             out.write_text(json.dumps(trained, indent=1))
@@ -285,7 +286,8 @@ def cmd_router_calibrate(args: argparse.Namespace) -> int:
 
     def progress(done: int, total: int, tier: str) -> None:
         bar = "█" * (30 * done // max(total, 1))
-        line = f"calibrating {bar:<30} {done}/{total} ({tier} tier)"
+        what = "the small tier reads each question" if tier == "probe" else f"{tier} tier"
+        line = f"calibrating {bar:<30} {done}/{total} ({what})"
         print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     with Recorder() as rec:
@@ -794,8 +796,11 @@ def _bench_router(args: argparse.Namespace) -> int:
 
     from localmoe.routing import evaluate as router_eval
     from localmoe.routing import train as router_train
-    from localmoe.routing.router import Router
+    from localmoe.routing.router import STRATEGIES, Router
 
+    wanted = [s for s in (args.strategies or "").split(",") if s] or list(STRATEGIES)
+    if unknown := [s for s in wanted if s not in STRATEGIES]:
+        raise UsageError(f"unknown strategy {unknown[0]!r} ({', '.join(STRATEGIES)})")
     rows = router_train.read_labels(args.labels)
     if args.held_out:
         # the split `router train` fits on (stratified by category, first seed): in-distribution, unseen rows
@@ -809,16 +814,16 @@ def _bench_router(args: argparse.Namespace) -> int:
                            "small_accuracy": float(small.mean()), "large_accuracy": float(large.mean()),
                            "strategies": {}, "baselines": {},
                            "perfect_cpt": {f"{lv:.0%}": router_eval.cpt(y, small, large, lv) for lv in CPT_LEVELS}}
-    for name in ("features", "learned", "cascade"):
+    for name in wanted:
         if name == "cascade":
             if any(r["mean_logprob"] is None for r in rows) or router.trained is None:
                 continue
             scores = np.array([router.trained["cascade"].predict(np.array([r["mean_logprob"], r["min_logprob"]]))
                                for r in rows])
         else:
-            if name == "learned" and router.trained is None:
+            if name in ("learned", "probe") and name not in (router.trained or {}):
                 continue
-            scores = np.array([router.score(r["question"], name)[0] for r in rows])
+            scores = np.array([router.routed_score(r["question"], name) for r in rows])
         points = router_eval.operating_points(scores, small, large)
         shares = {}
         for pref in ("quality", "balanced", "energy"):
@@ -1036,7 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="off the record: answer without storing the question or the answer anywhere")
     record.add_argument("--log", action="store_true",
                         help="record this answer even when settings.toml turns recording off ([privacy] record)")
-    a.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy")
+    a.add_argument("--strategy", choices=["features", "learned", "probe", "cascade"], help="router strategy")
     a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     _add_engine_options(a)
     a.set_defaults(func=cmd_ask)
@@ -1044,7 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("route", help="show where the router would send a prompt, without answering",
                         description="Print the router's decision: tier, model, strategy, score, threshold, reason.")
     rt.add_argument("prompt", help="the question to route")
-    rt.add_argument("--strategy", choices=["features", "learned", "cascade"],
+    rt.add_argument("--strategy", choices=["features", "learned", "probe", "cascade"],
                     help="router strategy (default: settings.toml [router] strategy)")
     rt.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     rt.add_argument("--json", action="store_true", help="print the decision as one JSON object")
@@ -1194,6 +1199,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--held-out", action="store_true",
                     help="only the rows `router train` holds out (its first stratified split): with the shipped "
                     "labels, the in-distribution test set of the shipped router")
+    br.add_argument("--strategies", help="comma-separated strategies to evaluate (default: all of features, "
+                    "learned, probe, cascade; probe reads every question with the small model, ~0.2 s each)")
     br.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     bl = bsub.add_parser("list", help="list benchmark runs")
     bl.add_argument("--json", action="store_true", help="print the runs as JSON")
@@ -1229,7 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(clients send it as 'Authorization: Bearer KEY')")
     sv.add_argument("--queue", type=_queue_size, default=16, metavar="N", help="requests that may wait for the model; "
                     "more are answered 429 with Retry-After (default 16)")
-    sv.add_argument("--strategy", choices=["features", "learned", "cascade"], help="router strategy for "
+    sv.add_argument("--strategy", choices=["features", "learned", "probe", "cascade"], help="router strategy for "
                     "localmoe/auto")
     sv.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     sv.set_defaults(func=cmd_serve)

@@ -144,12 +144,14 @@ def test_learned_router_beats_features_on_held_out_real_labels(smollm):
     assert auc["features"] > 0.7 and auc["cascade"] > 0.58
     assert auc["learned"] > auc["features"]
     assert split_auc["learned"][0] > split_auc["features"][0]  # the split the shipped router is fitted on
-    assert trained["default_strategy"] == "learned" == max(auc, key=auc.get)
+    # the probe adds the small model's own reading of the question (its signals are stored in the labels)
+    assert auc["probe"] > auc["learned"] and split_auc["probe"][0] > split_auc["learned"][0]
+    assert trained["default_strategy"] == "probe" == max(auc, key=auc.get)
     shipped = json.loads(open(router_train_path()).read())
     for name in auc:
         assert shipped["evaluation"]["auc"][name] == pytest.approx(auc[name], abs=1e-9)
-    assert shipped["default_strategy"] == "learned"
-    assert Router().strategy == "learned"
+    assert shipped["default_strategy"] == "probe"
+    assert Router().strategy == "probe"
 
 
 def test_learned_router_wins_on_fresh_splits(smollm):
@@ -214,18 +216,32 @@ def test_bench_router_reports_auc_share_and_apgr(home, tmp_path):
     suite.write_text("".join(json.dumps({"question": r["question"], "small_correct": 1 - r["small_wrong"],
                                          "large_correct": 1, "mean_logprob": r["mean_logprob"],
                                          "min_logprob": r["min_logprob"]}) + "\n" for r in src))
-    r = run_cli("bench", "router", "--suite", str(suite), "--json")
+    r = run_cli("bench", "router", "--suite", str(suite), "--json", "--strategies", "features,learned,cascade")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out["strategies"]) == {"features", "learned", "cascade"}
+    bad = run_cli("bench", "router", "--suite", str(suite), "--strategies", "features,magic")
+    assert bad.returncode == 2 and "unknown strategy 'magic'" in bad.stderr and "Traceback" not in bad.stderr
     f = out["strategies"]["features"]
     y = [r["small_wrong"] for r in src]
     scores = [Router("features").score(r["question"], "features")[0] for r in src]
     assert f["auc"] == pytest.approx(router_eval.auc(scores, y))
     assert 0 <= f["apgr"] <= 1 and set(f["large_share"]) == {"quality", "balanced", "energy"}
     assert f["accuracy_at_share"]["1.0"] == pytest.approx(1.0)
-    human = run_cli("bench", "router", "--suite", str(suite))
+    human = run_cli("bench", "router", "--suite", str(suite), "--strategies", "features,learned")
     assert "APGR" in human.stdout
+
+    # the probe reads each question with the small model (~0.2 s each): 12 right and 12 wrong answers, all
+    # strategies by default
+    few = [r for r in src if not r["small_wrong"]][:12] + [r for r in src if r["small_wrong"]][:12]
+    suite.write_text("".join(json.dumps({"question": r["question"], "small_correct": 1 - r["small_wrong"],
+                                         "mean_logprob": r["mean_logprob"], "min_logprob": r["min_logprob"]}) + "\n"
+                             for r in few))
+    out = json.loads(run_cli("bench", "router", "--suite", str(suite), "--json").stdout)
+    assert set(out["strategies"]) == {"features", "learned", "probe", "cascade"}
+    probe_scores = [Router("probe").score(r["question"], "probe")[0] for r in few]
+    assert out["strategies"]["probe"]["auc"] == pytest.approx(
+        router_eval.auc(probe_scores, [r["small_wrong"] for r in few]))
 
 
 def test_labels_from_users_and_benchmarks_feed_training(home):
@@ -280,12 +296,14 @@ def test_router_train_end_to_end_from_bench_results_and_user_labels(home, tmp_pa
     assert f"written to {out}" in r.stdout and "sources: bench, retry, shipped, thumbs" in r.stdout
     assert not (home / "router.json").exists()  # --out writes only where it is told
 
+    # the four new rows carry no probe signals: `router train` read them with the small model
+    assert "probe" in trained and trained["evaluation"]["auc"]["probe"] > 0.5
     q = "What is 12 * 13?"
-    shipped = Router("learned").route(q)
+    shipped = Router("probe").route(q)
     (home / "router.json").write_text(out.read_text())
     d = json.loads(run_cli("route", q, "--json").stdout)
-    mine = Router("learned", router_file=out).route(q)
-    assert d["strategy"] == trained["default_strategy"] == "learned"
+    mine = Router("probe", router_file=out).route(q)
+    assert d["strategy"] == trained["default_strategy"] == "probe"
     assert "unreadable" not in (d.get("notice") or "") and "router train" not in (d.get("notice") or "")
     assert d["score"] == pytest.approx(mine.score, abs=1e-9) and d["threshold"] == mine.threshold
     assert abs(mine.score - shipped.score) > 1e-6  # a different router from the shipped one, and route used it

@@ -144,6 +144,31 @@ class LlamaCppEngine(Engine):
             self.routing = self._collect_routing(tokens, len(tokens), len(tokens))
             return np.array(self._llm.scores[: len(tokens)], copy=True)
 
+    def prompt_logits(self, tokens: list[int]) -> Any:
+        """Logits for every position of `tokens`, reusing the longest prefix of the last call's tokens still in the
+        context (a chat template's fixed system prompt is evaluated once, not per question); needs
+        `logits_all=True`. The same values as `logits()` up to float rounding of batch sizes."""
+        if not self.logits_all:
+            raise LocalmoeError("prompt_logits() needs an engine created with logits_all=True")
+        if not tokens:
+            raise LocalmoeError("no tokens to evaluate")
+        if len(tokens) > self.n_ctx:
+            raise LocalmoeError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token context")
+        import numpy as np
+
+        self.load()
+        with self._gen_lock:
+            llm = self._llm
+            same = 0
+            for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
+                if a != b:
+                    break
+                same += 1
+            # at least one token is evaluated, so the cache is trimmed to a prefix whose logits are still stored
+            llm.n_tokens = min(same, len(tokens) - 1)
+            llm.eval(tokens[llm.n_tokens:])
+            return np.array(llm.scores[: len(tokens)], copy=True)
+
     def _logprob(self, token: int) -> float:
         """log p(token) under the logits that produced it: the context still holds them until the next decode."""
         import llama_cpp

@@ -31,7 +31,7 @@ from localmoe.errors import LocalmoeError
 from localmoe.home import paths
 
 FILENAME = "settings.toml"
-STRATEGIES = ("features", "learned", "cascade")
+STRATEGIES = ("features", "learned", "probe", "cascade")
 PREFERENCES = ("quality", "balanced", "energy")
 AUTO_METER = "auto"
 TABLES = ("tiers", "router", "privacy", "energy")

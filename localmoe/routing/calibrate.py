@@ -28,13 +28,14 @@ from localmoe.home import models, paths, settings
 from localmoe.record.recorder import Recorder
 from localmoe.routing import preferences
 from localmoe.routing import train as router_train
+from localmoe.routing.probe import Prober
 from localmoe.routing.router import ROUTER_FILE, Router, TokenEmbedder
 
 DEFAULT_SUITE = "router-train"  # 1331 questions over 29 kinds, interleaved so that --limit N spans them
 DEFAULT_LIMIT = 300  # of the default suite: a few hundred, so two tiers answer them in minutes, not hours
 RECOMMENDED = 100  # fewer questions than this give rough thresholds: said, not refused
 MAX_TOKENS = 128  # as `bench`: enough for every suite answer, greedy
-STRATEGIES = ("features", "learned", "cascade")
+STRATEGIES = ("features", "learned", "probe", "cascade")
 SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -150,7 +151,7 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
             progress(done, total, "small" if label.split("/")[0] == ids[0] else "large")
 
     run_id = runner.run(rec, max_tokens=max_tokens, meter=meter, progress=tick, on_start=begin, **run_kwargs)
-    return finish(rec, run_id, tiers, ids, router_out=router_out)
+    return finish(rec, run_id, tiers, ids, router_out=router_out, progress=progress)
 
 
 def calibration_of(path: Path) -> int | None:
@@ -230,6 +231,9 @@ def strategy_scores(router: Router, done: list[dict[str, Any]]) -> dict[str, np.
     """Each strategy's score for each calibration question, as the written router gives it: `features` and
     `learned` before answering, `cascade` from the small answer's log-probabilities (what it escalates on)."""
     out = {name: np.array([router.score(o["question"], name)[0] for o in done]) for name in ("features", "learned")}
+    if "probe" in (router.trained or {}):
+        # a question too long for the probe is routed by learned: so it is scored here
+        out["probe"] = np.array([router.routed_score(o["question"], "probe") for o in done])
     if router.trained is not None and all(o["mean_logprob"] is not None and o["min_logprob"] is not None
                                           for o in done):
         model = router.trained["cascade"]
@@ -244,20 +248,25 @@ def at_share(points: list[dict[str, float]], share: float) -> dict[str, float]:
     return max(below, key=lambda p: p["large_share"]) if below else points[0]
 
 
-def finish(rec: Recorder, run_id: int, tiers: Tiers, ids: list[str], *, router_out: Path | None = None
-           ) -> dict[str, Any]:
-    """Retrain on the run's outcomes, set the preferences from them, write the router; the summary."""
+def finish(rec: Recorder, run_id: int, tiers: Tiers, ids: list[str], *, router_out: Path | None = None,
+           progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Retrain on the run's outcomes, set the preferences from them, write the router; the summary. The small
+    tier first reads every question that lacks the probe's signals (`progress(done, total, "probe")`)."""
     done = outcomes(rec, run_id, *ids)
     if not done:
         raise LocalmoeError(f"calibration run {run_id} has no question answered by both tiers")
     rows, counts = training_rows(rec, done, tiers.small)
+    prober = Prober(tiers.small.path)
+    router_train.fill_probe(rows, prober, progress=(lambda n, total: progress(n, total, "probe")) if progress
+                            else None)
     try:
         trained = router_train.train(rows, TokenEmbedder(tiers.small.path))
     except LocalmoeError as exc:
         raise LocalmoeError(f"{exc}; calibrate on more questions (a larger --limit, or none)") from None
     out = router_out or paths.data_dir() / ROUTER_FILE
     _write(out, trained)  # written first so that the scores below are the loaded router's own
-    router = Router(router_file=out, small_model_path=tiers.small.path, tiers=(tiers.small_spec, tiers.large_spec))
+    router = Router(router_file=out, small_model_path=tiers.small.path, tiers=(tiers.small_spec, tiers.large_spec),
+                    prober=prober)
     scores = strategy_scores(router, done)
     small_ok = np.array([o["small_correct"] for o in done], dtype=np.float64)
     large_ok = np.array([o["large_correct"] for o in done], dtype=np.float64)

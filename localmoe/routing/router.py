@@ -10,6 +10,11 @@ Strategies:
   over the log-odds of both, trained on labelled outcomes. The neighbours catch what the signals cannot (a single
   multiplication is easy, a single division is not; a capital city is easy, a multiple-choice question is not);
   the features estimate ranks questions with no close neighbour.
+- `probe`: `learned`, plus what the small model itself makes of the question: one prompt evaluation (no
+  decoding) gives the first answer token's entropy and top probability and the prompt's mean log-probability
+  (`probe`); a logistic model over those three, trained on the same labels, adds its log-odds to `learned`'s. It
+  costs about one prefill of the question on the small model (~0.1-0.2 s here), so it is for answering paths, where
+  that prefill is small beside the answer; questions too long to probe are routed by `learned`.
 - `cascade`: the small model answers first; if its confidence (token log-probabilities) is low, the large tier
   answers again. Before answering it can only say "small first".
 
@@ -34,9 +39,11 @@ import numpy as np
 from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import paths
 from localmoe.routing.evaluate import LogisticModel
+from localmoe.routing.probe import SIGNALS, Prober
 
 ROUTER_FILE = "router.json"
 ROUTER_VERSION = 2  # 2: the learned strategy stacks the features estimate with the neighbours' share
+STRATEGIES = ("features", "learned", "probe", "cascade")
 MAX_ROUTE_TOKENS = 512  # the embedder reads the start of very long prompts only
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?")
@@ -64,7 +71,7 @@ _SIGNAL_TEXT = {
     "operators": "arithmetic", "multi_step": "multi-step wording", "dates": "date reasoning",
     "units": "unit conversion", "code": "code", "constraints": "explicit constraints",
     "letters": "letter counting", "non_latin": "non-Latin script", "fact_question": "a simple fact question",
-    "similar": "similar questions",
+    "similar": "similar questions", "probe": "the small model's own reading",
 }
 # Hand-set weights for when no trained file is readable: every signal of work pushes towards the large tier.
 _HAND_WEIGHTS = {"log_chars": 0.3, "numbers": 0.4, "big_numbers": 0.5, "operators": 1.2, "multi_step": 0.6,
@@ -257,6 +264,10 @@ def _load_trained(path: Path) -> dict[str, Any]:
             raise ValueError("unknown version or feature set; `localmoe router train` rewrites it")
         for key in ("features", "learned", "cascade"):
             data[key] = LogisticModel.from_dict(data[key])
+        if "probe" in data:  # routers trained before the probe strategy, or without its signals, have none
+            data["probe"] = LogisticModel.from_dict(data["probe"])
+            if data["probe"].weights.size != len(SIGNALS):
+                raise ValueError("the probe model does not match its signals")
         nb = data["neighbours"]
         nb["matrix"] = decode_matrix(nb["embeddings"])
         nb["y"] = np.array(nb["labels"], dtype=np.float64)
@@ -318,9 +329,10 @@ def tiers_notice(trained: dict[str, Any] | None, small: str | None, large: str |
 class Router:
     def __init__(self, strategy: str | None = None, preference: str | float = "balanced",
                  small_model_path: str | Path | None = None, router_file: Path | None = None,
-                 tiers: tuple[str | None, str | None] | None = None) -> None:
+                 tiers: tuple[str | None, str | None] | None = None, prober: Prober | None = None) -> None:
         """`tiers`: settings' (small, large), to offer calibration when they are not the router's; default: read
-        from settings.toml (an unreadable one is the caller's to report)."""
+        from settings.toml (an unreadable one is the caller's to report). `prober`: the small model's probe, when
+        the caller already has one (else made on the probe strategy's first decision)."""
         self.notices: list[str] = []
         self._told: set[str] = set()  # notices already carried by a decision: each is said once per router
         self.trained: dict[str, Any] | None = None
@@ -341,12 +353,18 @@ class Router:
             self.notices.append(note)
         default = self.trained.get("default_strategy", "features") if self.trained else "features"
         self.strategy = strategy or default
-        if self.strategy not in ("features", "learned", "cascade"):
-            raise UsageError(f"unknown router strategy {self.strategy!r} (features, learned, cascade)")
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"unknown router strategy {self.strategy!r} ({', '.join(STRATEGIES)})")
         if self.trained is None and self.strategy != "features":
             self.strategy = "features"
+        if self.strategy == "probe" and "probe" not in (self.trained or {}):
+            self.notices.append("the router file has no probe model (`localmoe router train` fits one); routing "
+                                "with the learned strategy")
+            self.strategy = "learned"
         self.preference = preference
         self.small_model_path = small_model_path
+        if prober is not None:
+            self.__dict__["prober"] = prober  # the cached_property's slot
 
     def threshold(self, strategy: str) -> float:
         if isinstance(self.preference, float):
@@ -370,6 +388,14 @@ class Router:
             self.small_model_path = models.default_model().path
         return TokenEmbedder(self.small_model_path)
 
+    @cached_property
+    def prober(self) -> Prober:
+        if self.small_model_path is None:
+            from localmoe.home import models
+
+            self.small_model_path = models.default_model().path
+        return Prober(self.small_model_path)
+
     def score(self, prompt: str, strategy: str | None = None) -> tuple[float, dict[str, float]]:
         """P(small tier answers wrongly) and each signal's pull towards the large tier (log-odds)."""
         strategy = strategy or self.strategy
@@ -381,7 +407,7 @@ class Router:
         fmodel: LogisticModel = self.trained["features"]
         p_features = float(fmodel.predict(fv))
         fpulls = dict(zip(FEATURE_NAMES, _contributions(fmodel, fv), strict=True))
-        if strategy != "learned":
+        if strategy not in ("learned", "probe"):
             return p_features, fpulls
         model: LogisticModel = self.trained["learned"]
         nb = self.trained["neighbours"]
@@ -392,7 +418,27 @@ class Router:
         scale = float(model.weights[0] / model.std[0])
         pulls = {name: scale * pull for name, pull in fpulls.items()}
         pulls["similar"] = float(_contributions(model, x)[1])
-        return float(model.predict(x)), pulls
+        p_learned = float(model.predict(x))
+        if strategy != "probe":
+            return p_learned, pulls
+        if "probe" not in self.trained:
+            raise LocalmoeError("the router file has no probe model")
+        signals = self.prober.signals(prompt)
+        if signals is None:
+            raise LocalmoeError("the question is too long for the small model to read first")
+        probe: LogisticModel = self.trained["probe"]
+        pulls["probe"] = float(_contributions(probe, signals).sum())
+        z = float(log_odds(p_learned) + log_odds(float(probe.predict(signals))))
+        return 1 / (1 + math.exp(-z)), pulls
+
+    def routed_score(self, prompt: str, strategy: str) -> float:
+        """`strategy`'s score as a decision would use it: a question too long for the probe gets learned's."""
+        try:
+            return self.score(prompt, strategy)[0]
+        except LocalmoeError:
+            if strategy != "probe":
+                raise
+            return self.score(prompt, "learned")[0]
 
     def route(self, prompt: str) -> Decision:
         if not prompt.strip():
@@ -400,13 +446,18 @@ class Router:
         t0 = time.perf_counter()
         strategy = self.strategy
         told = list(self.notices)
-        try:
-            # The cascade answers small first; its pre-answer score is the features estimate, for the record.
-            p, pulls = self.score(prompt, "features" if strategy == "cascade" else strategy)
-        except LocalmoeError as exc:
-            told = [f"{exc}; routing with the features strategy"]
-            strategy = "features"
-            p, pulls = self.score(prompt, "features")
+        # The cascade answers small first; its pre-answer score is the features estimate, for the record.
+        chain = {"probe": ["probe", "learned", "features"], "learned": ["learned", "features"],
+                 "cascade": ["features"]}.get(strategy, ["features"])
+        for i, candidate in enumerate(chain):
+            try:
+                p, pulls = self.score(prompt, candidate)
+                break
+            except LocalmoeError as exc:
+                if i == len(chain) - 1:
+                    raise
+                told = [*told, f"{exc}; routing with the {chain[i + 1]} strategy"]
+                strategy = chain[i + 1]
         notice = "; ".join(n for n in told if n not in self._told) or None
         self._told.update(told)
         threshold = self.threshold(strategy)
@@ -445,6 +496,8 @@ def _signal_text(name: str, tier: str, raw: dict[str, float]) -> str:
         return "a long question" if tier == "large" else "a short question"
     if name == "similar":
         return "similar questions it got wrong" if tier == "large" else "similar questions it got right"
+    if name == "probe":
+        return "the small model unsure how to begin" if tier == "large" else "the small model sure how to begin"
     return _SIGNAL_TEXT[name].format(n=int(raw.get(name, 0)))
 
 
@@ -456,7 +509,7 @@ def _reason(tier: str, p: float, threshold: float, pulls: dict[str, float], raw:
             break
         if name == "fact_question" and tier == "large":
             continue
-        if name not in ("log_chars", "similar") and not raw.get(name):
+        if name not in ("log_chars", "similar", "probe") and not raw.get(name):
             continue  # a signal the question lacks (no code, no dates) is no reason a reader would recognise
         named.append(_signal_text(name, tier, raw))
     why = " and ".join(named) if named else ("no sign of multi-step work" if tier == "small"

@@ -2,7 +2,7 @@
 
 Labels say whether the small tier answered a question wrongly. They come from the shipped file (the project's
 own suite answered by the embedded model), from benchmark runs on this machine, and from user signals
-(retry on the large tier, thumbs up/down). `localmoe router train` fits all three strategies on a stratified
+(retry on the large tier, thumbs up/down). `localmoe router train` fits every strategy on a stratified
 75% split, reports held-out AUC, and writes `<data dir>/router.json`.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 from localmoe.errors import LocalmoeError
 from localmoe.record.recorder import Recorder
 from localmoe.routing import evaluate as router_eval
+from localmoe.routing.probe import SIGNALS, Prober
 from localmoe.routing.router import (
     FEATURE_NAMES,
     ROUTER_VERSION,
@@ -26,6 +27,7 @@ from localmoe.routing.router import (
     centred,
     encode_matrix,
     feature_vector,
+    log_odds,
     neighbour_scores,
     stack_inputs,
 )
@@ -47,10 +49,21 @@ def read_labels(path: str | Path) -> list[dict[str, Any]]:
             rows.append({"question": str(row["question"]), "small_wrong": 1 - int(row["small_correct"]),
                          "large_correct": float(row.get("large_correct", 1)),
                          "category": row.get("category", ""), "mean_logprob": row.get("mean_logprob"),
-                         "min_logprob": row.get("min_logprob"), "source": "shipped"})
+                         "min_logprob": row.get("min_logprob"), "probe": _probe_signals(row.get("probe")),
+                         "source": "shipped"})
         except (ValueError, KeyError, TypeError) as exc:
             raise LocalmoeError(f"{p}:{n}: bad label line ({exc})") from None
     return rows
+
+
+def _probe_signals(value: Any) -> list[float] | None:
+    """A label's stored probe signals (the small model's reading of the question), or None."""
+    if value is None:
+        return None
+    out = [float(v) for v in value]
+    if len(out) != len(SIGNALS) or not all(np.isfinite(out)):
+        raise ValueError(f"probe needs {len(SIGNALS)} finite numbers")
+    return out
 
 
 def shipped_labels() -> list[dict[str, Any]]:
@@ -61,10 +74,10 @@ def collected_labels(rec: Recorder, small_model: str) -> list[dict[str, Any]]:
     """Labels this machine produced: benchmark verdicts of the small model, and user signals."""
     rows = [{"question": r["question"], "small_wrong": 1 - r["correct"], "large_correct": 1.0,
              "category": r["category"] or "", "mean_logprob": r["mean_logprob"], "min_logprob": r["min_logprob"],
-             "source": "bench"}
+             "probe": None, "source": "bench"}
             for r in rec.labelled_outcomes(small_model)]
     rows += [{"question": r["prompt"], "small_wrong": r["small_wrong"], "large_correct": 1.0, "category": "user",
-              "mean_logprob": None, "min_logprob": None, "source": r["source"]}
+              "mean_logprob": None, "min_logprob": None, "probe": None, "source": r["source"]}
              for r in rec.route_labels()]
     return rows
 
@@ -76,6 +89,7 @@ K_GRID = (20, 30, 40)
 SHARPNESS_GRID = (5.0, 10.0)
 STACK_L2 = 1.0  # the learned strategy's two-input logistic model; with ~400 rows and 2 inputs it barely matters
 STACK_FOLDS = 5
+PROBE_L2 = 1.0  # three inputs over hundreds of rows: the penalty barely matters
 
 
 def _folds(idx: np.ndarray, k: int = 4, seed: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -102,30 +116,53 @@ def _fit_predict(x: np.ndarray, y: np.ndarray, tr: np.ndarray, rows: np.ndarray,
 EVAL_SEEDS = (0, 1, 2, 3, 4)
 
 
-def train(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seeds: tuple[int, ...] = EVAL_SEEDS
-          ) -> dict[str, Any]:
+def fill_probe(rows: list[dict[str, Any]], prober: Prober | None,
+               progress: Any = None) -> None:
+    """Give rows without the probe's signals those of `prober` (the small model reads each question once). A
+    small model the prober cannot load leaves them without: the probe strategy is then not trained."""
+    todo = [r for r in rows if r.get("probe") is None]
+    if prober is None or not todo:
+        return
+    for n, r in enumerate(todo, 1):
+        try:
+            sig = prober.signals(r["question"])
+        except LocalmoeError:
+            return
+        r["probe"] = None if sig is None else sig.tolist()
+        if progress:
+            progress(n, len(todo))
+
+
+def train(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seeds: tuple[int, ...] = EVAL_SEEDS,
+          prober: Prober | None = None) -> dict[str, Any]:
     """Fit on the split of the first seed (that is the model written out); evaluate on every seed's held-out
-    split and report the mean, because a single split of a few hundred questions moves AUC by ±0.03."""
+    split and report the mean, because a single split of a few hundred questions moves AUC by ±0.03.
+    `prober`: the small model's probe, for rows that do not carry its signals (the shipped labels do)."""
     if len(rows) < 20 or len({r["small_wrong"] for r in rows}) < 2:
         raise LocalmoeError(f"need at least 20 labels with both outcomes to train a router (have {len(rows)})")
+    fill_probe(rows, prober)
     # the questions' signals and embeddings do not depend on the split: worked out once, not once per seed
     fx = np.stack([feature_vector(r["question"]) for r in rows])
     raw = np.stack([embedder.embed(r["question"]) for r in rows])
-    runs = [_train_split(rows, fx, raw, seed=s) for s in seeds]
+    sx = np.array([r.get("probe") or [0.0] * len(SIGNALS) for r in rows], dtype=np.float64)
+    has_sig = np.array([r.get("probe") is not None for r in rows])
+    runs = [_train_split(rows, fx, raw, sx, has_sig, seed=s) for s in seeds]
     out = runs[0]
     ev = out["evaluation"]
     ev["split_auc"] = {name: [r["evaluation"]["auc"].get(name) for r in runs] for name in ev["auc"]}
     for key in ("auc", "large_share", "apgr"):
-        ev[key] = {name: float(np.mean([r["evaluation"][key][name] for r in runs])) for name in ev[key]}
-    ev["curve"] = {name: [(share, float(np.mean([r["evaluation"]["curve"][name][i][1] for r in runs])))
+        ev[key] = {name: float(np.mean([r["evaluation"][key][name] for r in runs if name in r["evaluation"][key]]))
+                   for name in ev[key]}
+    ev["curve"] = {name: [(share, float(np.mean([r["evaluation"]["curve"][name][i][1] for r in runs
+                                                  if name in r["evaluation"]["curve"]])))
                           for i, (share, _) in enumerate(ev["curve"][name])] for name in ev["curve"]}
     ev["splits"] = len(runs)
     out["default_strategy"] = max(ev["auc"], key=ev["auc"].get)
     return out
 
 
-def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, *,
-                 seed: int = 0) -> dict[str, Any]:
+def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx: np.ndarray, has_sig: np.ndarray,
+                 *, seed: int = 0) -> dict[str, Any]:
     y = np.array([r["small_wrong"] for r in rows], dtype=np.float64)
     has_lp = np.array([r["mean_logprob"] is not None and r["min_logprob"] is not None for r in rows])
     cx = np.array([[r["mean_logprob"] or 0.0, r["min_logprob"] or 0.0] for r in rows])
@@ -166,24 +203,35 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, *,
     }
     lp_train = train_idx[has_lp[train_idx]]
     lp_test = test_idx[has_lp[test_idx]]
+    sig_train, sig_test = train_idx[has_sig[train_idx]], test_idx[has_sig[test_idx]]
+    p_learned = models_["learned"].predict(learned_x)
+    if len(sig_train) >= 20 and len(set(y[sig_train])) == 2:
+        # the probe's own estimate from the three signals; the strategy adds its log-odds to learned's
+        models_["probe"] = router_eval.fit_logistic(sx[sig_train], y[sig_train], l2=PROBE_L2)
     if len(lp_train) >= 10 and len(set(y[lp_train])) == 2:
         models_["cascade"] = router_eval.fit_logistic(cx[lp_train], y[lp_train], l2=1.0)
     else:  # no confidence data: a fixed rule, flagged in the evaluation
         models_["cascade"] = router_eval.LogisticModel(np.array([-4.0, 0.0]), -1.5, np.zeros(2), np.ones(2))
-    inputs = {"features": fx, "learned": learned_x, "cascade": cx}
+
+    def scores_of(name: str, idx: np.ndarray) -> np.ndarray:
+        if name == "probe":
+            z = log_odds(p_learned[idx]) + log_odds(models_["probe"].predict(sx[idx]))
+            return 1 / (1 + np.exp(-z))
+        return models_[name].predict({"features": fx, "learned": learned_x, "cascade": cx}[name][idx])
+
+    subsets = {"cascade": (lp_train, lp_test), "probe": (sig_train, sig_test)}
     evaluation: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
                                   "small_accuracy": float(1 - y.mean()), "auc": {}, "large_share": {}, "apgr": {},
                                   "hyperparameters": {"features_l2": f_l2, "learned_l2": STACK_L2,
                                                       "neighbours": k_best, "sharpness": sharp_best}}
     thresholds: dict[str, dict[str, float]] = {}
-    for name, model in models_.items():
-        tr = lp_train if name == "cascade" else train_idx
-        te = lp_test if name == "cascade" else test_idx
-        train_scores = model.predict(inputs[name][tr])
+    for name in models_:
+        tr, te = subsets.get(name, (train_idx, test_idx))
+        train_scores = scores_of(name, tr)
         thresholds[name] = {t: float(router_eval.choose_threshold(train_scores, y[tr], target=t))
                             for t in router_eval.TARGETS}
         if len(te) and len(set(y[te])) == 2:
-            scores = model.predict(inputs[name][te])
+            scores = scores_of(name, te)
             evaluation["auc"][name] = router_eval.auc(scores, y[te])
             evaluation["large_share"][name] = float(np.mean(scores >= thresholds[name]["balanced"]))
             large = np.array([rows[i]["large_correct"] for i in te])
@@ -197,6 +245,7 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, *,
         "neighbours": {"k": k_best, "sharpness": sharp_best, "labels": y[train_idx].astype(int).tolist(),
                        "centre": centre.tolist(), "embeddings": encode_matrix(emb[train_idx])},
         **{name: m.to_dict() for name, m in models_.items()},
+        **({"probe_signals": list(SIGNALS)} if "probe" in models_ else {}),
         "thresholds": thresholds, "evaluation": evaluation,
         "sources": sorted({r["source"] for r in rows}), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -1,0 +1,149 @@
+"""The probe strategy: the small model's own reading of the question (first-token entropy and top probability,
+prompt mean log-probability) added to `learned`, on the embedded SmolLM2 and the shipped router."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from helpers import run_cli
+from localmoe.engine.llamacpp import LlamaCppEngine
+from localmoe.errors import LocalmoeError
+from localmoe.routing import train as router_train
+from localmoe.routing.probe import SIGNALS, Prober, signals_from_logits
+from localmoe.routing.router import Router, TokenEmbedder, log_odds, trained_path
+
+EASY = "Which city is the capital of Japan?"
+HARD = ("A shop sells pens at 3 dollars each. Tom buys 14 pens, then returns 5, and pays with a 50 dollar "
+        "note. How much change does he get? Answer with a number only.")
+
+
+def test_signals_from_logits_by_hand():
+    # two positions over a three-token vocabulary; row 0 predicts token 1 of the prompt, row 1 the answer's first
+    logits = np.array([[0.0, math.log(3.0), 0.0], [math.log(2.0), 0.0, 0.0]])
+    entropy, top_p, mean_lp = signals_from_logits(logits, [0, 1])
+    p = np.array([0.5, 0.25, 0.25])  # softmax of row 1
+    assert entropy == pytest.approx(-(p * np.log(p)).sum())
+    assert top_p == pytest.approx(0.5)
+    assert mean_lp == pytest.approx(math.log(3 / 5))  # P(token 1 | row 0) = 3 / (1 + 3 + 1)
+
+
+def test_the_probe_reuses_the_templates_prefix_and_gives_a_fresh_evaluations_signals(smollm):
+    """Questions share the chat template's system prompt: the second question evaluates only what differs, and its
+    signals are those of a full evaluation from an empty context."""
+    prober = Prober(smollm.path)
+    first = prober.signals(EASY)
+    engine = prober._engine
+    evaluated: list[int] = []
+    real_eval = engine._llm.eval
+
+    def counting_eval(tokens):
+        evaluated.append(len(tokens))
+        return real_eval(tokens)
+
+    engine._llm.eval = counting_eval
+    second = prober.signals(HARD)
+    again = prober.signals(EASY)  # memo: no evaluation
+    tokens = engine.prompt_tokens([{"role": "user", "content": HARD}])
+    assert len(evaluated) == 1 and 0 < evaluated[0] < len(tokens) - 5
+    assert np.array_equal(again, first)
+    fresh = LlamaCppEngine(smollm.path, n_ctx=512, logits_all=True)
+    try:
+        for q, got in ((HARD, second), (EASY, first)):
+            toks = fresh.prompt_tokens([{"role": "user", "content": q}])
+            want = signals_from_logits(fresh.logits(toks), toks)
+            assert got == pytest.approx(want, abs=1e-3), q
+    finally:
+        fresh.close()
+        prober.close()
+    assert second[0] > 0 and 0 < second[1] <= 1 and second[2] < 0
+
+
+def test_probe_scores_are_learneds_log_odds_plus_the_probe_models(smollm):
+    """The shipped router has a probe model over the three signals; a decision's score is the sum of learned's
+    log-odds and that model's, computed here by hand from the file."""
+    data = json.loads(trained_path().read_text())
+    assert data["probe_signals"] == list(SIGNALS) and len(data["probe"]["weights"]) == 3
+    r = Router("probe", small_model_path=smollm.path)
+    assert r.strategy == "probe"
+    for q in (EASY, HARD):
+        d = r.route(q)
+        p_learned = r.score(q, "learned")[0]
+        sig = Prober(smollm.path).signals(q)
+        w = np.array(data["probe"]["weights"])
+        z_probe = float(w @ ((sig - np.array(data["probe"]["mean"])) / np.array(data["probe"]["std"]))
+                        + data["probe"]["bias"])
+        want = 1 / (1 + math.exp(-(float(log_odds(p_learned)) + z_probe)))
+        assert d.strategy == "probe" and d.score == pytest.approx(want, abs=1e-6)
+        assert d.threshold == pytest.approx(data["thresholds"]["probe"]["balanced"])
+        assert "probe" in d.signals and d.notice is None
+    assert r.route(HARD).score > r.route(EASY).score
+
+
+def test_route_cli_with_the_probe(home):
+    r = run_cli("route", HARD, "--json", "--strategy", "probe")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["strategy"] == "probe" and set(d["preferences"]) == {"quality", "balanced", "energy"}
+    assert "probe" in d["signals"] and "Traceback" not in r.stderr
+
+
+def test_a_question_too_long_to_probe_is_routed_by_learned_and_said_once(smollm):
+    r = Router("probe", small_model_path=smollm.path)
+    long_q = "Tell me about this: " + "the quick brown fox jumps over the lazy dog " * 80
+    first, second = r.route(long_q), r.route(long_q + "?")
+    assert first.strategy == second.strategy == "learned"
+    assert "too long" in first.notice and second.notice is None
+    assert first.threshold == pytest.approx(r.threshold("learned"))
+    assert r.route(EASY).strategy == "probe"
+
+
+def test_a_small_model_the_probe_cannot_read_falls_back_to_learned_once(smollm, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    r = Router("probe", small_model_path=smollm.path, prober=Prober(bad))
+    d = r.route(HARD)
+    assert d.strategy == "learned" and "broken.gguf" in d.notice and "learned" in d.notice
+    assert r.route(EASY).notice is None
+
+
+def test_a_router_file_without_a_probe_model_says_so_and_routes_by_learned(tmp_path, smollm):
+    data = json.loads(trained_path().read_text())
+    del data["probe"]
+    (tmp_path / "router.json").write_text(json.dumps(data))
+    r = Router("probe", router_file=tmp_path / "router.json", small_model_path=smollm.path)
+    assert r.strategy == "learned" and "no probe model" in r.notices[0]
+    data["probe"] = {**json.loads(trained_path().read_text())["probe"], "weights": [1.0, 2.0]}
+    (tmp_path / "router.json").write_text(json.dumps(data))
+    r = Router("probe", router_file=tmp_path / "router.json", small_model_path=smollm.path)
+    assert r.trained is None and "unreadable" in r.notices[0]
+
+
+def test_training_fits_the_probe_from_stored_signals_and_reads_the_rest(smollm):
+    """Shipped labels carry their signals; rows without them are read by the prober; with no prober and too few
+    rows with signals, no probe model is written."""
+    rows = router_train.shipped_labels()[:300]
+    assert all(r["probe"] is not None and len(r["probe"]) == 3 for r in rows)
+    stored = [list(r["probe"]) for r in rows[:3]]
+    for r in rows[:3]:
+        r["probe"] = None
+    prober = Prober(smollm.path)
+    router_train.fill_probe(rows, prober)
+    for r, want in zip(rows[:3], stored, strict=True):
+        assert r["probe"] == pytest.approx(want, abs=1e-3)
+    trained = router_train.train(rows, TokenEmbedder(smollm.path), seeds=(0,))
+    assert "probe" in trained and "probe" in trained["thresholds"] and "probe" in trained["evaluation"]["auc"]
+    for r in rows:
+        r["probe"] = None
+    trained = router_train.train(rows, TokenEmbedder(smollm.path), seeds=(0,))
+    assert "probe" not in trained and "probe" not in trained["evaluation"]["auc"]
+
+
+def test_a_bad_probe_value_in_a_label_file_is_one_line(tmp_path):
+    f = tmp_path / "labels.jsonl"
+    f.write_text(json.dumps({"question": "q", "small_correct": 1, "probe": [1.0, "x", 2.0]}) + "\n")
+    with pytest.raises(LocalmoeError, match=r"labels.jsonl:1: bad label line"):
+        router_train.read_labels(f)
