@@ -274,7 +274,7 @@ def test_tier_flips_at_a_threshold_set_just_around_the_score(strategy, question)
     assert Router(strategy, score).route(question).tier == "large"  # ≥: a score on the threshold goes large
 
 
-def test_router_train_end_to_end_from_bench_results_and_user_labels(home, tmp_path):
+def test_router_train_end_to_end_from_bench_results_and_user_labels(home, tmp_path, tiny_moe):
     """A bench run of the small model and two user labels in the database; `router train --out` writes a router
     fitted on them beside the shipped labels; copied into the data dir, `route` uses it."""
     suite = tmp_path / "two.jsonl"
@@ -301,6 +301,8 @@ def test_router_train_end_to_end_from_bench_results_and_user_labels(home, tmp_pa
     q = "What is 12 * 13?"
     shipped = Router("probe").route(q)
     (home / "router.json").write_text(out.read_text())
+    # a large tier: with nothing larger than the small model, `ask` and `route` keep learned (test_router_probe)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
     d = json.loads(run_cli("route", q, "--json").stdout)
     mine = Router("probe", router_file=out).route(q)
     assert d["strategy"] == trained["default_strategy"] == "probe"

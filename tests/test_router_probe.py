@@ -147,3 +147,21 @@ def test_a_bad_probe_value_in_a_label_file_is_one_line(tmp_path):
     f.write_text(json.dumps({"question": "q", "small_correct": 1, "probe": [1.0, "x", 2.0]}) + "\n")
     with pytest.raises(LocalmoeError, match=r"labels.jsonl:1: bad label line"):
         router_train.read_labels(f)
+
+
+def test_the_assistant_probes_only_when_a_larger_tier_could_answer(home, tiny_moe):
+    """With only the small model installed the decision cannot change who answers: `learned` marks a probably wrong
+    answer without loading the probe's model. With a large tier the default strategy, `probe`, decides."""
+    from localmoe.chat.assistant import Assistant
+
+    alone = Assistant()
+    d = alone.route(HARD, load=False)
+    assert alone.router.strategy == "probe" and d.strategy == "learned" and d.tier == "small" and d.wanted == "large"
+    assert "prober" not in alone.router.__dict__  # never made
+    named = Assistant(strategy="probe")  # a user who names the probe gets it
+    assert named.route(HARD, load=False).strategy == "probe"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
+    both = Assistant()
+    d = both.route(HARD, load=False)
+    assert d.strategy == "probe" and d.tier == "large" and "probe" in d.signals

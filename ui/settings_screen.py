@@ -41,7 +41,8 @@ class SettingsScreen(Screen[bool]):
                 yield Label(label)
                 yield Input(id=f"{table}-{key}")
             yield Label("Router strategy")
-            yield Select([("default (learned)", ""), *((s, s) for s in settings.STRATEGIES)], allow_blank=False,
+            yield Select([("default (the router file's best; shipped: probe)", ""),
+                          *((s, s) for s in settings.STRATEGIES)], allow_blank=False,
                          id="router-strategy")
             yield Label("Record conversations (off: chats and `ask` are off the record by default)")
             yield Switch(True, id="privacy-record")

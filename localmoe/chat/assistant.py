@@ -243,7 +243,13 @@ class Assistant:
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
                          f"{tier}: asked for with --tier {tier}", 0.0)
         else:
-            d = self.router.route(prompt)
+            strategy = None
+            if (self.router.strategy == "probe" and not self.router.chosen
+                    and self.available("large", load=False) == "small"):
+                # nothing larger could answer: by default the probe's second model and prefill would buy only a
+                # sharper "probably wrong" mark, so learned (a millisecond) gives it; a user who names it gets it
+                strategy = "learned"
+            d = self.router.route(prompt, strategy)
         actual = self.available(d.tier, load, fall_back=tier is None)
         if actual != d.tier:
             hint = self._add_tier_hint(d.tier)

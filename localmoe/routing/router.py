@@ -352,6 +352,7 @@ class Router:
         if note:
             self.notices.append(note)
         default = self.trained.get("default_strategy", "features") if self.trained else "features"
+        self.chosen = strategy is not None  # named by the user (settings, --strategy), not the router file's default
         self.strategy = strategy or default
         if self.strategy not in STRATEGIES:
             raise UsageError(f"unknown router strategy {self.strategy!r} ({', '.join(STRATEGIES)})")
@@ -440,11 +441,12 @@ class Router:
                 raise
             return self.score(prompt, "learned")[0]
 
-    def route(self, prompt: str) -> Decision:
+    def route(self, prompt: str, strategy: str | None = None) -> Decision:
+        """`strategy`: this decision's, instead of the router's."""
         if not prompt.strip():
             raise UsageError("the prompt is empty")
         t0 = time.perf_counter()
-        strategy = self.strategy
+        strategy = strategy or self.strategy
         told = list(self.notices)
         # The cascade answers small first; its pre-answer score is the features estimate, for the record.
         chain = {"probe": ["probe", "learned", "features"], "learned": ["learned", "features"],
