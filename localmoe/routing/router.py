@@ -13,8 +13,8 @@ Strategies:
 - `probe`: `learned`, plus what the small model itself makes of the question: one prompt evaluation (no
   decoding) gives the first answer token's entropy and top probability and the prompt's mean log-probability
   (`probe`); a logistic model over those three, trained on the same labels, adds its log-odds to `learned`'s. It
-  costs about one prefill of the question on the small model (~0.1-0.2 s here), so it is for answering paths, where
-  that prefill is small beside the answer; questions too long to probe are routed by `learned`.
+  costs about one prefill of the question on the small model (p50 0.25 s on 2 cores), so it is for answering paths,
+  where that is small beside the answer; questions too long to probe are routed by `learned`.
 - `cascade`: the small model answers first; if its confidence (token log-probabilities) is low, the large tier
   answers again. Before answering it can only say "small first".
 
