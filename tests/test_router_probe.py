@@ -64,7 +64,7 @@ def test_the_probe_reuses_the_templates_prefix_and_gives_a_fresh_evaluations_sig
 
 def test_probe_scores_are_learneds_log_odds_plus_the_probe_models(smollm):
     """The shipped router has a probe model over the three signals; a decision's score is the sum of learned's
-    log-odds and that model's, computed here by hand from the file."""
+    log-odds and that model's less the base rate's (counted once), computed here by hand from the file."""
     data = json.loads(trained_path().read_text())
     assert data["probe_signals"] == list(SIGNALS) and len(data["probe"]["weights"]) == 3
     r = Router("probe", small_model_path=smollm.path)
@@ -76,7 +76,9 @@ def test_probe_scores_are_learneds_log_odds_plus_the_probe_models(smollm):
         w = np.array(data["probe"]["weights"])
         z_probe = float(w @ ((sig - np.array(data["probe"]["mean"])) / np.array(data["probe"]["std"]))
                         + data["probe"]["bias"])
-        want = 1 / (1 + math.exp(-(float(log_odds(p_learned)) + z_probe)))
+        prior = data["probe_prior"]
+        assert prior == pytest.approx(np.mean([r["small_wrong"] for r in router_train.shipped_labels()]), abs=0.02)
+        want = 1 / (1 + math.exp(-(float(log_odds(p_learned)) + z_probe - math.log(prior / (1 - prior)))))
         assert d.strategy == "probe" and d.score == pytest.approx(want, abs=1e-6)
         assert d.threshold == pytest.approx(data["thresholds"]["probe"]["balanced"])
         assert "probe" in d.signals and d.notice is None

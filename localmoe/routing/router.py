@@ -268,6 +268,8 @@ def _load_trained(path: Path) -> dict[str, Any]:
             data["probe"] = LogisticModel.from_dict(data["probe"])
             if data["probe"].weights.size != len(SIGNALS):
                 raise ValueError("the probe model does not match its signals")
+            if not 0 < float(data.get("probe_prior", 0.5)) < 1:
+                raise ValueError("the probe's base rate is out of range")
         nb = data["neighbours"]
         nb["matrix"] = decode_matrix(nb["embeddings"])
         nb["y"] = np.array(nb["labels"], dtype=np.float64)
@@ -429,7 +431,9 @@ class Router:
             raise LocalmoeError("the question is too long for the small model to read first")
         probe: LogisticModel = self.trained["probe"]
         pulls["probe"] = float(_contributions(probe, signals).sum())
-        z = float(log_odds(p_learned) + log_odds(float(probe.predict(signals))))
+        # learned's and the probe's estimates each carry the training base rate: it is counted once
+        prior = float(self.trained.get("probe_prior", 0.5))
+        z = float(log_odds(p_learned) + log_odds(float(probe.predict(signals))) - log_odds(prior))
         return 1 / (1 + math.exp(-z)), pulls
 
     def routed_score(self, prompt: str, strategy: str) -> float:

@@ -208,6 +208,9 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
     if len(sig_train) >= 20 and len(set(y[sig_train])) == 2:
         # the probe's own estimate from the three signals; the strategy adds its log-odds to learned's
         models_["probe"] = router_eval.fit_logistic(sx[sig_train], y[sig_train], l2=PROBE_L2)
+    # both estimates start from the same base rate: counted once, so the sum stays a probability (the ranking, and
+    # so AUC, is the same either way)
+    probe_prior = float(y[sig_train].mean()) if len(sig_train) else 0.5
     if len(lp_train) >= 10 and len(set(y[lp_train])) == 2:
         models_["cascade"] = router_eval.fit_logistic(cx[lp_train], y[lp_train], l2=1.0)
     else:  # no confidence data: a fixed rule, flagged in the evaluation
@@ -215,7 +218,7 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
 
     def scores_of(name: str, idx: np.ndarray) -> np.ndarray:
         if name == "probe":
-            z = log_odds(p_learned[idx]) + log_odds(models_["probe"].predict(sx[idx]))
+            z = log_odds(p_learned[idx]) + log_odds(models_["probe"].predict(sx[idx])) - log_odds(probe_prior)
             return 1 / (1 + np.exp(-z))
         return models_[name].predict({"features": fx, "learned": learned_x, "cascade": cx}[name][idx])
 
@@ -245,7 +248,7 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
         "neighbours": {"k": k_best, "sharpness": sharp_best, "labels": y[train_idx].astype(int).tolist(),
                        "centre": centre.tolist(), "embeddings": encode_matrix(emb[train_idx])},
         **{name: m.to_dict() for name, m in models_.items()},
-        **({"probe_signals": list(SIGNALS)} if "probe" in models_ else {}),
+        **({"probe_signals": list(SIGNALS), "probe_prior": probe_prior} if "probe" in models_ else {}),
         "thresholds": thresholds, "evaluation": evaluation,
         "sources": sorted({r["source"] for r in rows}), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
