@@ -157,6 +157,7 @@ def test_the_assistant_probes_only_when_a_larger_tier_could_answer(home, tiny_mo
     from localmoe.chat.assistant import Assistant
 
     alone = Assistant()
+    alone.warm_router()
     d = alone.route(HARD, load=False)
     assert alone.router.strategy == "probe" and d.strategy == "learned" and d.tier == "small" and d.wanted == "large"
     assert "prober" not in alone.router.__dict__  # never made
@@ -165,5 +166,9 @@ def test_the_assistant_probes_only_when_a_larger_tier_could_answer(home, tiny_mo
     home.mkdir(parents=True, exist_ok=True)
     (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
     both = Assistant()
+    both.warm_router()  # the chat loads the probe's model before the first question
+    assert both.router.prober._engine is not None and both.router.prober._engine.loaded
     d = both.route(HARD, load=False)
     assert d.strategy == "probe" and d.tier == "large" and "probe" in d.signals
+    both.close()
+    assert both.router.prober._engine is None

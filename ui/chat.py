@@ -233,6 +233,7 @@ class ChatScreen(Screen):
             session = assistant.session_for("small")
             session.load()
             self.post_message(self.Loaded(session.model.id, None, time.perf_counter() - t0))
+            assistant.warm_router()  # the probe's model, while the user types the first question
         except LocalmoeError as exc:
             self.load_error = str(exc)
             self.post_message(self.Loaded(None, str(exc), None))

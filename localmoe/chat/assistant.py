@@ -243,13 +243,7 @@ class Assistant:
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
                          f"{tier}: asked for with --tier {tier}", 0.0)
         else:
-            strategy = None
-            if (self.router.strategy == "probe" and not self.router.chosen
-                    and self.available("large", load=False) == "small"):
-                # nothing larger could answer: by default the probe's second model and prefill would buy only a
-                # sharper "probably wrong" mark, so learned (a millisecond) gives it; a user who names it gets it
-                strategy = "learned"
-            d = self.router.route(prompt, strategy)
+            d = self.router.route(prompt, None if self._probes() or self.router.strategy != "probe" else "learned")
         actual = self.available(d.tier, load, fall_back=tier is None)
         if actual != d.tier:
             hint = self._add_tier_hint(d.tier)
@@ -270,6 +264,22 @@ class Assistant:
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None
         return d
+
+    def _probes(self) -> bool:
+        """Whether decisions use the probe: the strategy is probe, and either the user named it or a tier larger
+        than the small one could answer. With nothing larger, the probe's second model and prefill would buy only
+        a sharper "probably wrong" mark, so by default learned (a millisecond) gives it."""
+        r = self.router
+        return r.strategy == "probe" and (r.chosen or self.available("large", load=False) != "small")
+
+    def warm_router(self) -> None:
+        """Load the probe's model ahead of the first question (the chat does, while the user types); a model it
+        cannot load is left to the first decision, which says so once and routes by learned."""
+        if self.pinned is None and self._probes():
+            try:
+                self.router.prober.load()
+            except LocalmoeError:
+                pass
 
     def _first_time(self, key: str) -> bool:
         """True the first time `key` is asked about in this session (this Assistant), False afterwards."""
@@ -337,5 +347,6 @@ class Assistant:
             self.recorder.set_label(message_id, prompt, None if good is None else not good, "thumbs")
 
     def close(self) -> None:
+        self.router.close()
         for s in self._sessions.values():
             s.engine.close()

@@ -49,7 +49,8 @@ class Prober:
         self._memo: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _load(self) -> Any:
+    def load(self) -> Any:
+        """The probe's engine, loaded on first use (callers that can wait early call it ahead of a question)."""
         if self._engine is None:
             from localmoe.engine.llamacpp import LlamaCppEngine
 
@@ -64,7 +65,7 @@ class Prober:
             if question in self._memo:
                 self._memo.move_to_end(question)
                 return self._memo[question]
-            engine = self._load()
+            engine = self.load()
             tokens = engine.prompt_tokens([{"role": "user", "content": question}])
             out = None if len(tokens) > engine.n_ctx else signals_from_logits(engine.prompt_logits(tokens), tokens)
             self._memo[question] = out

@@ -399,6 +399,10 @@ class Router:
             self.small_model_path = models.default_model().path
         return Prober(self.small_model_path)
 
+    def close(self) -> None:
+        if "prober" in self.__dict__:
+            self.prober.close()
+
     def score(self, prompt: str, strategy: str | None = None) -> tuple[float, dict[str, float]]:
         """P(small tier answers wrongly) and each signal's pull towards the large tier (log-odds)."""
         strategy = strategy or self.strategy
