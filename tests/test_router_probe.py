@@ -106,10 +106,26 @@ def test_a_question_too_long_to_probe_is_routed_by_learned_and_said_once(smollm)
 def test_a_small_model_the_probe_cannot_read_falls_back_to_learned_once(smollm, tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    r = Router("probe", small_model_path=smollm.path, prober=Prober(bad))
+    prober = Prober(bad)
+    r = Router("probe", small_model_path=smollm.path, prober=prober)
     d = r.route(HARD)
     assert d.strategy == "learned" and "broken.gguf" in d.notice and "learned" in d.notice
-    assert r.route(EASY).notice is None
+    # the failure is kept: later questions do not try to load the model again
+    import localmoe.engine.llamacpp as llamacpp
+
+    tried = []
+    real = llamacpp.LlamaCppEngine.__init__
+
+    def counting(self, *a, **kw):
+        tried.append(a)
+        real(self, *a, **kw)
+
+    llamacpp.LlamaCppEngine.__init__ = counting
+    try:
+        e = r.route(EASY)
+    finally:
+        llamacpp.LlamaCppEngine.__init__ = real
+    assert e.notice is None and e.strategy == "learned" and tried == []
 
 
 def test_a_router_file_without_a_probe_model_says_so_and_routes_by_learned(tmp_path, smollm):
@@ -118,10 +134,16 @@ def test_a_router_file_without_a_probe_model_says_so_and_routes_by_learned(tmp_p
     (tmp_path / "router.json").write_text(json.dumps(data))
     r = Router("probe", router_file=tmp_path / "router.json", small_model_path=smollm.path)
     assert r.strategy == "learned" and "no probe model" in r.notices[0]
-    data["probe"] = {**json.loads(trained_path().read_text())["probe"], "weights": [1.0, 2.0]}
-    (tmp_path / "router.json").write_text(json.dumps(data))
-    r = Router("probe", router_file=tmp_path / "router.json", small_model_path=smollm.path)
-    assert r.trained is None and "unreadable" in r.notices[0]
+    # a bad probe section costs the probe only: the other strategies of the file still route
+    good = json.loads(trained_path().read_text())
+    for bad in ({"probe_prior": 1.5}, {"probe_prior": "nan"}, {"probe": {**good["probe"], "weights": [1.0, 2.0]}},
+                {"probe": {**good["probe"], "weights": [1.0, 2.0, 3.0, 4.0], "mean": [0] * 4, "std": [1] * 4}}):
+        (tmp_path / "router.json").write_text(json.dumps({**good, **bad}))
+        r = Router("probe", router_file=tmp_path / "router.json", small_model_path=smollm.path)
+        assert r.trained is not None and r.strategy == "learned", bad
+        assert "probe model is unreadable" in r.notices[0] and len(r.notices) == 1, r.notices
+        assert r.route(EASY).strategy == "learned"
+        assert Router(router_file=tmp_path / "router.json", small_model_path=smollm.path).strategy == "learned"
 
 
 def test_training_fits_the_probe_from_stored_signals_and_reads_the_rest(smollm):

@@ -243,7 +243,7 @@ class Assistant:
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
                          f"{tier}: asked for with --tier {tier}", 0.0)
         else:
-            d = self.router.route(prompt, None if self._probes() or self.router.strategy != "probe" else "learned")
+            d = self.router.route(prompt, self.routing_strategy())
         actual = self.available(d.tier, load, fall_back=tier is None)
         if actual != d.tier:
             hint = self._add_tier_hint(d.tier)
@@ -264,6 +264,11 @@ class Assistant:
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None
         return d
+
+    def routing_strategy(self) -> str | None:
+        """The strategy decisions use: the router's own (None), or learned where the default probe cannot change
+        the answering tier (`_probes`)."""
+        return None if self.router.strategy != "probe" or self._probes() else "learned"
 
     def _probes(self) -> bool:
         """Whether decisions use the probe: the strategy is probe, and either the user named it or a tier larger

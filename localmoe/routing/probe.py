@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from localmoe.errors import LocalmoeError
+
 SIGNALS = ("first_token_entropy", "first_token_top_p", "prompt_mean_logprob")
 PROBE_CTX = 512  # questions whose templated prompt is longer are routed without the probe
 _MEMO = 1024  # signals kept per prober: calibration and `bench router` score each question more than once
@@ -47,17 +49,25 @@ class Prober:
         self.model_path = Path(model_path)
         self._engine: Any = None
         self._memo: OrderedDict[str, np.ndarray | None] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._failed: LocalmoeError | None = None  # a model that cannot load is not tried again on every question
 
     def load(self) -> Any:
         """The probe's engine, loaded on first use (callers that can wait early call it ahead of a question)."""
-        if self._engine is None:
-            from localmoe.engine.llamacpp import LlamaCppEngine
+        with self._lock:
+            if self._failed is not None:
+                raise LocalmoeError(str(self._failed))
+            if self._engine is None:
+                from localmoe.engine.llamacpp import LlamaCppEngine
 
-            engine = LlamaCppEngine(self.model_path, n_ctx=PROBE_CTX, logits_all=True)
-            engine.load()
-            self._engine = engine
-        return self._engine
+                try:
+                    engine = LlamaCppEngine(self.model_path, n_ctx=PROBE_CTX, logits_all=True)
+                    engine.load()
+                except LocalmoeError as exc:
+                    self._failed = exc
+                    raise
+                self._engine = engine
+            return self._engine
 
     def signals(self, question: str) -> np.ndarray | None:
         """The question's signals, or None when its prompt does not fit the probe's context."""

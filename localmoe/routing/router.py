@@ -265,11 +265,17 @@ def _load_trained(path: Path) -> dict[str, Any]:
         for key in ("features", "learned", "cascade"):
             data[key] = LogisticModel.from_dict(data[key])
         if "probe" in data:  # routers trained before the probe strategy, or without its signals, have none
-            data["probe"] = LogisticModel.from_dict(data["probe"])
-            if data["probe"].weights.size != len(SIGNALS):
-                raise ValueError("the probe model does not match its signals")
-            if not 0 < float(data.get("probe_prior", 0.5)) < 1:
-                raise ValueError("the probe's base rate is out of range")
+            try:
+                data["probe"] = LogisticModel.from_dict(data["probe"])
+                if data["probe"].weights.size != len(SIGNALS):
+                    raise ValueError("it does not match its signals")
+                prior = float(data.get("probe_prior", 0.5))
+                if not 0 < prior < 1:  # NaN too
+                    raise ValueError(f"its base rate {prior} is out of range")
+            except (ValueError, KeyError, TypeError) as exc:
+                # the other strategies are still good: only the probe is dropped, and said so when it is wanted
+                del data["probe"]
+                data["probe_error"] = f"the router file's probe model is unreadable ({exc})"
         nb = data["neighbours"]
         nb["matrix"] = decode_matrix(nb["embeddings"])
         nb["y"] = np.array(nb["labels"], dtype=np.float64)
@@ -361,8 +367,8 @@ class Router:
         if self.trained is None and self.strategy != "features":
             self.strategy = "features"
         if self.strategy == "probe" and "probe" not in (self.trained or {}):
-            self.notices.append("the router file has no probe model (`localmoe router train` fits one); routing "
-                                "with the learned strategy")
+            why = (self.trained or {}).get("probe_error") or "the router file has no probe model"
+            self.notices.append(f"{why} (`localmoe router train` fits one); routing with the learned strategy")
             self.strategy = "learned"
         self.preference = preference
         self.small_model_path = small_model_path
@@ -398,6 +404,11 @@ class Router:
 
             self.small_model_path = models.default_model().path
         return Prober(self.small_model_path)
+
+    @property
+    def told(self) -> list[str]:
+        """Every notice a decision has carried so far."""
+        return sorted(self._told)
 
     def close(self) -> None:
         if "prober" in self.__dict__:

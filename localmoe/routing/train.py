@@ -203,7 +203,7 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
     }
     lp_train = train_idx[has_lp[train_idx]]
     lp_test = test_idx[has_lp[test_idx]]
-    sig_train, sig_test = train_idx[has_sig[train_idx]], test_idx[has_sig[test_idx]]
+    sig_train = train_idx[has_sig[train_idx]]
     p_learned = models_["learned"].predict(learned_x)
     if len(sig_train) >= 20 and len(set(y[sig_train])) == 2:
         # the probe's own estimate from the three signals; the strategy adds its log-odds to learned's
@@ -219,10 +219,11 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
     def scores_of(name: str, idx: np.ndarray) -> np.ndarray:
         if name == "probe":
             z = log_odds(p_learned[idx]) + log_odds(models_["probe"].predict(sx[idx])) - log_odds(probe_prior)
-            return 1 / (1 + np.exp(-z))
+            # a question without signals (too long to probe) is routed by learned: so it is scored
+            return np.where(has_sig[idx], 1 / (1 + np.exp(-z)), p_learned[idx])
         return models_[name].predict({"features": fx, "learned": learned_x, "cascade": cx}[name][idx])
 
-    subsets = {"cascade": (lp_train, lp_test), "probe": (sig_train, sig_test)}
+    subsets = {"cascade": (lp_train, lp_test)}
     evaluation: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
                                   "small_accuracy": float(1 - y.mean()), "auc": {}, "large_share": {}, "apgr": {},
                                   "hyperparameters": {"features_l2": f_l2, "learned_l2": STACK_L2,

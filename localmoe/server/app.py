@@ -159,9 +159,11 @@ class Backend:
         returns what the user should know (tier fallbacks, an unreadable router file)."""
         a = self.assistant
         a.available("small")
-        a.router.route("What is the capital of France?")
+        a.warm_router()
+        a.router.route("What is the capital of France?", a.routing_strategy())
         _ = a.session_for("small").meter
-        return list(dict.fromkeys(a.notices))
+        # what the router said while warming (the probe's model failing, say) is told here, not to the first client
+        return list(dict.fromkeys([*a.notices, *a.router.told]))
 
     def model_ids(self) -> list[str]:
         """`localmoe/auto` and every installed model; the directory is scanned at most every few seconds."""
