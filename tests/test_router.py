@@ -155,14 +155,18 @@ def test_learned_router_beats_features_on_held_out_real_labels(smollm):
 
 
 def test_learned_router_wins_on_fresh_splits(smollm):
-    """Five splits move AUC by ±0.03 each, so the learned router's edge is also checked on 50 other splits (seeds
-    100-149, never used to design or tune it): it must win on the mean and on most splits."""
+    """Five splits move AUC by ±0.03 each, so the learned router's edge is also checked on 30 other splits (seeds
+    100-129, never used to design or tune it): it must win on the mean and on most splits; and so must the probe over
+    learned (measured: +0.030 and 93% of splits; +0.008 and 73%)."""
     trained = router_train.train(router_train.shipped_labels(), TokenEmbedder(smollm.path),
-                                 seeds=tuple(range(100, 150)))
+                                 seeds=tuple(range(100, 130)))
     split_auc = trained["evaluation"]["split_auc"]
     learned, feats = np.array(split_auc["learned"]), np.array(split_auc["features"])
+    probe = np.array(split_auc["probe"])
     assert learned.mean() > feats.mean() + 0.004
     assert np.mean(learned > feats) >= 0.65
+    assert probe.mean() > learned.mean() + 0.003
+    assert np.mean(probe > learned) >= 0.6
 
 
 def test_router_file_from_an_older_version_falls_back(tmp_path):
@@ -231,9 +235,9 @@ def test_bench_router_reports_auc_share_and_apgr(home, tmp_path):
     human = run_cli("bench", "router", "--suite", str(suite), "--strategies", "features,learned")
     assert "APGR" in human.stdout
 
-    # the probe reads each question with the small model (~0.2 s each): 12 right and 12 wrong answers, all
+    # the probe reads each question with the small model (~0.25 s each): 5 right and 6 wrong answers, all
     # strategies by default
-    few = [r for r in src if not r["small_wrong"]][:12] + [r for r in src if r["small_wrong"]][:12]
+    few = [r for r in src if not r["small_wrong"]][:5] + [r for r in src if r["small_wrong"]][:6]
     suite.write_text("".join(json.dumps({"question": r["question"], "small_correct": 1 - r["small_wrong"],
                                          "mean_logprob": r["mean_logprob"], "min_logprob": r["min_logprob"]}) + "\n"
                              for r in few))
