@@ -192,6 +192,11 @@ def test_routed_policy_with_a_large_tier_sends_exactly_the_hard_question_to_it(h
         "where b.run_id = ?", [run_id])}
     assert {q: (i["tier"], i["model"]) for q, i in items.items()} == {
         easy: ("small", "smollm2-135m-instruct"), hard: ("large", "tiny-moe")}
+    # each item's joules: its answer's and its decision's (by the small tier's meter)
+    for row in conn.execute("select b.joules, e.joules as answer, d.joules as decision from bench_items b "
+                            "join energy e on e.message_id = b.message_id "
+                            "join routing_decisions d on d.message_id = b.message_id where b.run_id = ?", [run_id]):
+        assert row["decision"] > 0 and row["joules"] == pytest.approx(row["answer"] + row["decision"], rel=1e-12)
     [(share,)] = conn.execute("select large_share from bench_results where run_id = ?", [run_id]).fetchall()
     assert share == 0.5
 
@@ -219,5 +224,11 @@ def test_cascade_policy_charges_an_escalated_item_both_answers_joules(home, tmp_
     small, large = (conn.execute("select joules, seconds from energy where message_id = ?", [m]).fetchone()
                     for m in (decision["escalated_from"], item["message_id"]))
     assert small["joules"] > 0 and large["joules"] > 0
-    assert item["joules"] == pytest.approx(small["joules"] + large["joules"], rel=1e-12)
-    assert item["seconds"] == pytest.approx(small["seconds"] + large["seconds"], rel=1e-12)
+    # and the decision, once: its joules are on the small answer's row, none on the escalation's
+    first = conn.execute("select joules, latency_ms from routing_decisions where message_id = ?",
+                         [decision["escalated_from"]]).fetchone()
+    [(again,)] = conn.execute("select joules from routing_decisions where message_id = ?", [item["message_id"]])
+    assert first["joules"] > 0 and again is None
+    assert item["joules"] == pytest.approx(small["joules"] + large["joules"] + first["joules"], rel=1e-12)
+    assert item["seconds"] == pytest.approx(small["seconds"] + large["seconds"] + first["latency_ms"] / 1000,
+                                            rel=1e-12)

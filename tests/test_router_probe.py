@@ -192,5 +192,8 @@ def test_the_assistant_probes_only_when_a_larger_tier_could_answer(home, tiny_mo
     assert both.router.prober._engine is not None and both.router.prober._engine.loaded
     d = both.route(HARD, load=False)
     assert d.strategy == "probe" and d.tier == "large" and "probe" in d.signals
+    # an answering decision is metered on the small tier's meter (the probe evaluates the question there)
+    metered = both.route(HARD)
+    assert metered.strategy == "probe" and metered.joules > 0 and metered.to_dict()["joules"] == metered.joules
     both.close()
     assert both.router.prober._engine is None

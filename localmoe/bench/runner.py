@@ -139,6 +139,12 @@ def run(
                         target.policy if target.policy in ("small", "large") else None)
                     energies = [r.energy for r in replies if r.energy is not None]
                     s = final.stats
+                    # a routed answer also costs its decision (the probe reads the question on the small model)
+                    decision = answer.decision if isinstance(answer, RoutedReply) else None
+                    route_j = (decision.joules or 0.0) if decision is not None else 0.0
+                    route_s = decision.latency_ms / 1000 if decision is not None and decision.joules else 0.0
+                    joules = sum(e.joules for e in energies) + route_j if energies else None
+                    seconds = sum(e.seconds for e in energies) + route_s if energies else s.wall_s
                     recorder.add_bench_item(run_id, {
                         "model": target.model.id, "policy": target.policy, "item_id": item.id,
                         "question": item.question, "expected": item.answer, "kind": item.kind,
@@ -146,10 +152,9 @@ def run(
                         "extracted": verdict.extracted, "correct": int(verdict.correct), "method": verdict.method,
                         "tier": tier, "message_id": final.message_id,
                         # an escalated cascade answer costs both answers
-                        "joules": sum(e.joules for e in energies) if energies else None,
-                        "avg_watts": (sum(e.joules for e in energies) / sum(e.seconds for e in energies))
-                        if energies and sum(e.seconds for e in energies) > 0 else None,
-                        "seconds": sum(e.seconds for e in energies) if energies else s.wall_s,
+                        "joules": joules,
+                        "avg_watts": joules / seconds if joules is not None and seconds > 0 else None,
+                        "seconds": seconds,
                         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                         "ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s,
                         "prompt_eval_tokens": s.prompt_eval_tokens,

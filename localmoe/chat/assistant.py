@@ -243,7 +243,8 @@ class Assistant:
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
                          f"{tier}: asked for with --tier {tier}", 0.0)
         else:
-            d = self.router.route(prompt, self.routing_strategy())
+            # `route` (load=False) only names the tier: no meter is started for it
+            d = self._metered_decision(prompt) if load else self.router.route(prompt, self.routing_strategy())
         actual = self.available(d.tier, load, fall_back=tier is None)
         if actual != d.tier:
             hint = self._add_tier_hint(d.tier)
@@ -263,6 +264,23 @@ class Assistant:
                     f" — {hint[1]}" if tell_hint else "")
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None
+        return d
+
+    def _metered_decision(self, prompt: str) -> Decision:
+        """The router's decision, with the joules it cost on the small tier's meter: the probe evaluates the question
+        on the small model, and an answer's cost includes choosing who gives it."""
+        sampler = None
+        if self.tier_ref("small") is not None:
+            try:
+                sampler = self.session_for("small").sampler()
+            except LocalmoeError:
+                sampler = None
+        try:
+            d = self.router.route(prompt, self.routing_strategy())
+        finally:
+            reading = sampler.stop() if sampler is not None else None
+        if reading is not None:
+            d.joules = reading.joules
         return d
 
     def routing_strategy(self) -> str | None:
@@ -339,6 +357,8 @@ class Assistant:
             reply.message_id, tier=d.tier, model=reply.model, strategy=d.strategy, score=d.score,
             threshold=d.threshold, reason=d.reason, latency_ms=d.latency_ms, notice=d.notice,
             escalated_from=escalated_from,
+            # one decision: its cost is on the first answer it chose, not again on the cascade's escalation
+            joules=None if escalated_from is not None else d.joules,
         )
 
     def label(self, message_id: int | None, prompt: str, small_wrong: bool, source: str) -> None:

@@ -49,7 +49,7 @@ class Reply:
     def __iter__(self) -> Iterator[str]:
         engine = self.session.engine
         status = "interrupted"  # what a Ctrl-C or a crash mid-stream leaves behind
-        sampler = self.session._sampler()
+        sampler = self.session.sampler()
         try:
             for piece in engine.stream(self._history, self.config, self._cancel):
                 self._pieces.append(piece)
@@ -146,7 +146,8 @@ class Session:
                                     "best this machine has)") from None
         return self._meter or None
 
-    def _sampler(self) -> Any:
+    def sampler(self) -> Any:
+        """A started energy sampler on this session's meter, or None (no meter, or it stopped working)."""
         meter = self.meter
         if meter is None:
             return None

@@ -182,6 +182,13 @@ def m008_calibration_runs(db: sqlite_utils.Database) -> None:
     db.execute("alter table bench_runs add column purpose text")
 
 
+@migration
+def m009_decision_energy(db: sqlite_utils.Database) -> None:
+    # what choosing the tier cost (the probe strategy evaluates the question on the small model), by the small
+    # tier's meter; NULL for decisions made before it was measured and for the escalated half of a cascade
+    db.execute("alter table routing_decisions add column joules real")
+
+
 def fts_query(text: str) -> str:
     """What a person types, as an FTS5 query: every word must occur, each as a prefix (search as you type), and
     no character of theirs is FTS5 syntax (quotes, `-`, `:`, `*`, AND/OR/NOT are words here)."""
@@ -707,13 +714,15 @@ class Recorder:
         latency_ms: float,
         notice: str | None = None,
         escalated_from: int | None = None,
+        joules: float | None = None,
     ) -> None:
-        """Which tier answered `message_id` and why; recording the same answer again replaces the first."""
+        """Which tier answered `message_id` and why (and what deciding cost); recording the same answer again
+        replaces the first."""
         with self._write():
             self._insert("routing_decisions", {
                 "message_id": message_id, "tier": tier, "model": model, "strategy": strategy, "score": score,
                 "threshold": threshold, "reason": reason, "latency_ms": latency_ms, "notice": notice,
-                "escalated_from": escalated_from, "created_at": now(),
+                "escalated_from": escalated_from, "joules": joules, "created_at": now(),
             }, replace=True)
 
     # -- the API server -----------------------------------------------------------------------------------------

@@ -119,6 +119,8 @@ class Decision:
     # set when the router wanted a larger tier that could not answer: the answer is probably wrong, and why
     warning: str | None = None
     signals: dict[str, float] = field(default_factory=dict)
+    # the decision's own energy (the probe's prompt evaluation is most of it), by the small tier's meter
+    joules: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
