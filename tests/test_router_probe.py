@@ -128,6 +128,15 @@ def test_a_small_model_the_probe_cannot_read_falls_back_to_learned_once(smollm, 
     assert e.notice is None and e.strategy == "learned" and tried == []
 
 
+def test_a_small_tier_that_is_not_a_gguf_routes_by_features_with_one_notice(tiny_moe):
+    """A safetensors small tier: learned's embedder cannot read it either, so the probe falls straight back to
+    features, said in one sentence."""
+    r = Router("probe", small_model_path=tiny_moe[0])
+    d = r.route(HARD)
+    assert d.strategy == "features" and d.notice.count("routing with") == 1 and "features strategy" in d.notice
+    assert r.route(EASY).notice is None
+
+
 def test_a_router_file_without_a_probe_model_says_so_and_routes_by_learned(tmp_path, smollm):
     data = json.loads(trained_path().read_text())
     del data["probe"]

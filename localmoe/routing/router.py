@@ -442,10 +442,13 @@ class Router:
         if strategy != "probe":
             return p_learned, pulls
         if "probe" not in self.trained:
-            raise LocalmoeError("the router file has no probe model")
-        signals = self.prober.signals(prompt)
+            raise ProbeUnavailable("the router file has no probe model")
+        try:
+            signals = self.prober.signals(prompt)
+        except LocalmoeError as exc:
+            raise ProbeUnavailable(str(exc)) from None
         if signals is None:
-            raise LocalmoeError("the question is too long for the small model to read first")
+            raise ProbeUnavailable("the question is too long for the small model to read first")
         probe: LogisticModel = self.trained["probe"]
         pulls["probe"] = float(_contributions(probe, signals).sum())
         # learned's and the probe's estimates each carry the training base rate: it is counted once
@@ -457,9 +460,7 @@ class Router:
         """`strategy`'s score as a decision would use it: a question too long for the probe gets learned's."""
         try:
             return self.score(prompt, strategy)[0]
-        except LocalmoeError:
-            if strategy != "probe":
-                raise
+        except ProbeUnavailable:
             return self.score(prompt, "learned")[0]
 
     def route(self, prompt: str, strategy: str | None = None) -> Decision:
@@ -479,6 +480,8 @@ class Router:
             except LocalmoeError as exc:
                 if i == len(chain) - 1:
                     raise
+                if candidate == "probe" and not isinstance(exc, ProbeUnavailable):
+                    chain[i + 1] = "features"  # learned's own part failed (its embedder): learned would too
                 told = [*told, f"{exc}; routing with the {chain[i + 1]} strategy"]
                 strategy = chain[i + 1]
         notice = "; ".join(n for n in told if n not in self._told) or None
@@ -508,6 +511,11 @@ class Router:
             return True, p, (f"escalated: the small model was unsure (mean token probability {confidence:.2f}, "
                              f"estimated {p:.0%} chance of a wrong answer ≥ {threshold:.0%})")
         return False, p, f"kept the small answer (mean token probability {confidence:.2f}, {p:.0%} risk)"
+
+
+class ProbeUnavailable(LocalmoeError):
+    """The probe's own part cannot score this question (no model, a small model it cannot load, too long): the
+    decision falls back to learned."""
 
 
 def _contributions(model: LogisticModel, x: np.ndarray) -> np.ndarray:
