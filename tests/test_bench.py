@@ -225,10 +225,10 @@ def test_cascade_policy_charges_an_escalated_item_both_answers_joules(home, tmp_
                     for m in (decision["escalated_from"], item["message_id"]))
     assert small["joules"] > 0 and large["joules"] > 0
     # and the decision, once: its joules are on the small answer's row, none on the escalation's
-    first = conn.execute("select joules, latency_ms from routing_decisions where message_id = ?",
+    first = conn.execute("select joules from routing_decisions where message_id = ?",
                          [decision["escalated_from"]]).fetchone()
     [(again,)] = conn.execute("select joules from routing_decisions where message_id = ?", [item["message_id"]])
     assert first["joules"] > 0 and again is None
     assert item["joules"] == pytest.approx(small["joules"] + large["joules"] + first["joules"], rel=1e-12)
-    assert item["seconds"] == pytest.approx(small["seconds"] + large["seconds"] + first["latency_ms"] / 1000,
-                                            rel=1e-12)
+    # the decision's metered interval (not stored on its own) is a few milliseconds
+    assert 0 <= item["seconds"] - (small["seconds"] + large["seconds"]) < 0.5

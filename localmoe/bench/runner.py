@@ -142,7 +142,7 @@ def run(
                     # a routed answer also costs its decision (the probe reads the question on the small model)
                     decision = answer.decision if isinstance(answer, RoutedReply) else None
                     route_j = (decision.joules or 0.0) if decision is not None else 0.0
-                    route_s = decision.latency_ms / 1000 if decision is not None and decision.joules else 0.0
+                    route_s = (decision.energy_s or 0.0) if decision is not None else 0.0
                     joules = sum(e.joules for e in energies) + route_j if energies else None
                     seconds = sum(e.seconds for e in energies) + route_s if energies else s.wall_s
                     recorder.add_bench_item(run_id, {

@@ -279,8 +279,9 @@ class Assistant:
             d = self.router.route(prompt, self.routing_strategy())
         finally:
             reading = sampler.stop() if sampler is not None else None
-        if reading is not None:
-            d.joules = reading.joules
+        # a meter whose reads all failed measured nothing: that is no reading, not zero joules
+        if reading is not None and (sampler.failed_reads == 0 or reading.seconds > 0):
+            d.joules, d.energy_s = reading.joules, reading.seconds
         return d
 
     def routing_strategy(self) -> str | None:

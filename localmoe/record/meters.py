@@ -154,18 +154,22 @@ class RaplMeter(Meter):
         self.name = "rapl(" + "+".join(dict.fromkeys(n for n, _, _ in domains)) + ")"
         self._last = [int(_read_text(p)) for p in self._paths]
         self._total_uj = 0
+        # two samplers on one meter (a decision's and an answer's) must not interleave a read: an older value read
+        # after a newer one looks like a counter wrap and adds the whole range
+        self._lock = threading.Lock()
 
     def read(self) -> float:
-        for i, path in enumerate(self._paths):
-            value = int(_read_text(path))
-            delta = value - self._last[i]
-            if delta < 0:
-                # The counter wrapped; without its range the delta is unknowable, so it counts as nothing.
-                rng = self._ranges[i]
-                delta = delta + rng if rng else 0
-            self._total_uj += delta
-            self._last[i] = value
-        return self._total_uj / 1e6
+        with self._lock:
+            for i, path in enumerate(self._paths):
+                value = int(_read_text(path))
+                delta = value - self._last[i]
+                if delta < 0:
+                    # The counter wrapped; without its range the delta is unknowable, so it counts as nothing.
+                    rng = self._ranges[i]
+                    delta = delta + rng if rng else 0
+                self._total_uj += delta
+                self._last[i] = value
+            return self._total_uj / 1e6
 
     @staticmethod
     def domains() -> list[tuple[str, Path, int | None]]:
@@ -478,10 +482,15 @@ class CompositeMeter(Meter):
         self._t = clock()
         self._last = [p.read() if p.kind == "counter" else 0.0 for p in self.parts]
         self._watts = [0.0] * len(self.parts)
+        self._lock = threading.Lock()  # the rates since the previous read are state: one read at a time
 
     def read(self) -> float:
         if self.kind == "counter":
             return sum(p.read() for p in self.parts)
+        with self._lock:
+            return self._rate_read()
+
+    def _rate_read(self) -> float:
         t = self._clock()
         dt = t - self._t
         fresh = dt >= MIN_RATE_INTERVAL_S  # else keep the last rates rather than divide counter noise by ~0

@@ -121,6 +121,7 @@ class Decision:
     signals: dict[str, float] = field(default_factory=dict)
     # the decision's own energy (the probe's prompt evaluation is most of it), by the small tier's meter
     joules: float | None = None
+    energy_s: float | None = None  # the interval those joules were measured over
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
