@@ -206,3 +206,26 @@ def test_the_assistant_probes_only_when_a_larger_tier_could_answer(home, tiny_mo
     assert metered.strategy == "probe" and metered.joules > 0 and metered.to_dict()["joules"] == metered.joules
     both.close()
     assert both.router.prober._engine is None
+
+
+def test_loading_the_probes_model_is_not_charged_to_the_first_decision(home, tiny_moe, monkeypatch):
+    """As loading the answering model is not metered, neither is loading the probe's: it is loaded before the
+    decision's sampler starts, and the decision's joules are its prompt evaluation's."""
+    from localmoe.chat.assistant import Assistant
+    from localmoe.chat.session import Session
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
+    a = Assistant()
+    loaded_at_start = []
+    real = Session.sampler
+
+    def spy(self):
+        prober = a.router.__dict__.get("prober")
+        loaded_at_start.append(prober is not None and prober._engine is not None)
+        return real(self)
+
+    monkeypatch.setattr(Session, "sampler", spy)
+    d = a.route(HARD)
+    a.close()
+    assert loaded_at_start == [True] and d.strategy == "probe" and d.joules > 0

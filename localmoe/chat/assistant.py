@@ -268,7 +268,9 @@ class Assistant:
 
     def _metered_decision(self, prompt: str) -> Decision:
         """The router's decision, with the joules it cost on the small tier's meter: the probe evaluates the question
-        on the small model, and an answer's cost includes choosing who gives it."""
+        on the small model, and an answer's cost includes choosing who gives it. Loading the probe's model is not
+        metered, as loading the answering model is not."""
+        self.warm_router()
         sampler = None
         if self.tier_ref("small") is not None:
             try:
