@@ -196,7 +196,8 @@ def test_routed_policy_with_a_large_tier_sends_exactly_the_hard_question_to_it(h
     for row in conn.execute("select b.joules, e.joules as answer, d.joules as decision from bench_items b "
                             "join energy e on e.message_id = b.message_id "
                             "join routing_decisions d on d.message_id = b.message_id where b.run_id = ?", [run_id]):
-        assert row["decision"] > 0 and row["joules"] == pytest.approx(row["answer"] + row["decision"], rel=1e-12)
+        # ≥ 0: a millisecond's decision can read 0 J on a coarse hardware counter (the estimate gives > 0)
+        assert row["decision"] >= 0 and row["joules"] == pytest.approx(row["answer"] + row["decision"], rel=1e-12)
     [(share,)] = conn.execute("select large_share from bench_results where run_id = ?", [run_id]).fetchall()
     assert share == 0.5
 
@@ -228,7 +229,7 @@ def test_cascade_policy_charges_an_escalated_item_both_answers_joules(home, tmp_
     first = conn.execute("select joules from routing_decisions where message_id = ?",
                          [decision["escalated_from"]]).fetchone()
     [(again,)] = conn.execute("select joules from routing_decisions where message_id = ?", [item["message_id"]])
-    assert first["joules"] > 0 and again is None
+    assert first["joules"] is not None and first["joules"] >= 0 and again is None
     assert item["joules"] == pytest.approx(small["joules"] + large["joules"] + first["joules"], rel=1e-12)
     # the decision's metered interval (not stored on its own) is a few milliseconds
     assert 0 <= item["seconds"] - (small["seconds"] + large["seconds"]) < 0.5
