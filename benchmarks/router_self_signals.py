@@ -25,27 +25,17 @@ from localmoe.engine.llamacpp import LlamaCppEngine
 from localmoe.home import models
 from localmoe.routing import evaluate as router_eval
 from localmoe.routing import train as router_train
+from localmoe.routing.probe import SIGNALS, signals_from_logits
 from localmoe.routing.router import Router, feature_vector, log_odds
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "benchmarks" / "router_eval_labels.jsonl"
 AUDITED = ROOT / "benchmarks" / "router_eval_labels_audited.jsonl"
-SIGNALS = ("first_token_entropy", "first_token_top_p", "prompt_mean_logprob")
 
 
 def self_signals(engine: LlamaCppEngine, question: str) -> list[float]:
     tokens = engine.prompt_tokens([{"role": "user", "content": question}])
-    llm = engine._llm
-    llm.reset()
-    llm.eval(tokens)
-    logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
-    logp = logits - logits.max(axis=1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-    first = np.exp(logp[-1])
-    entropy = float(-(first * logp[-1]).sum())
-    # log P(token i+1 | tokens up to i) over the prompt
-    lp = logp[np.arange(len(tokens) - 1), tokens[1:]]
-    return [entropy, float(first.max()), float(lp.mean())]
+    return signals_from_logits(engine.logits(tokens), tokens).tolist()
 
 
 def report(name: str, scores: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -794,9 +794,10 @@ CPT_LEVELS = (0.5, 0.8)  # RouteLLM's call-performance thresholds reported by `b
 def _bench_router(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from localmoe.home.settings import STRATEGIES
     from localmoe.routing import evaluate as router_eval
     from localmoe.routing import train as router_train
-    from localmoe.routing.router import STRATEGIES, Router
+    from localmoe.routing.router import Router
 
     wanted = [s for s in (args.strategies or "").split(",") if s] or list(STRATEGIES)
     if unknown := [s for s in wanted if s not in STRATEGIES]:
@@ -1010,6 +1011,8 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from localmoe.home.settings import STRATEGIES
+
     p = _Parser(
         prog="localmoe",
         description="Local, offline chat with Mixture-of-Experts models. With no command, starts the chat UI.",
@@ -1041,7 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="off the record: answer without storing the question or the answer anywhere")
     record.add_argument("--log", action="store_true",
                         help="record this answer even when settings.toml turns recording off ([privacy] record)")
-    a.add_argument("--strategy", choices=["features", "learned", "probe", "cascade"], help="router strategy")
+    a.add_argument("--strategy", choices=STRATEGIES, help="router strategy")
     a.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     _add_engine_options(a)
     a.set_defaults(func=cmd_ask)
@@ -1049,7 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("route", help="show where the router would send a prompt, without answering",
                         description="Print the router's decision: tier, model, strategy, score, threshold, reason.")
     rt.add_argument("prompt", help="the question to route")
-    rt.add_argument("--strategy", choices=["features", "learned", "probe", "cascade"],
+    rt.add_argument("--strategy", choices=STRATEGIES,
                     help="router strategy (default: settings.toml [router] strategy)")
     rt.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     rt.add_argument("--json", action="store_true", help="print the decision as one JSON object")
@@ -1236,7 +1239,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(clients send it as 'Authorization: Bearer KEY')")
     sv.add_argument("--queue", type=_queue_size, default=16, metavar="N", help="requests that may wait for the model; "
                     "more are answered 429 with Retry-After (default 16)")
-    sv.add_argument("--strategy", choices=["features", "learned", "probe", "cascade"], help="router strategy for "
+    sv.add_argument("--strategy", choices=STRATEGIES, help="router strategy for "
                     "localmoe/auto")
     sv.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
     sv.set_defaults(func=cmd_serve)

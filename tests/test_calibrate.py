@@ -156,7 +156,8 @@ def test_the_calibrated_router_is_loaded_and_its_thresholds_are_the_outcomes(cal
               for name in ("features", "learned")}
     scores["cascade"] = np.array([router.trained["cascade"].predict(
         np.array([small[i]["mean_logprob"], small[i]["min_logprob"]])) for i in ids])
-    # the calibration questions carry no stored signals: the small tier read each one before retraining
+    # the probe's thresholds come from the outcomes as the others' do (reading the calibration questions' signals
+    # is checked by test_router_probe's training test)
     assert "probe" in router.trained
     scores["probe"] = np.array([router.routed_score(small[i]["question"], "probe") for i in ids])
     assert set(data["outcome_preferences"]) == set(scores)

@@ -300,7 +300,8 @@ def test_router_train_end_to_end_from_bench_results_and_user_labels(home, tmp_pa
     assert f"written to {out}" in r.stdout and "sources: bench, retry, shipped, thumbs" in r.stdout
     assert not (home / "router.json").exists()  # --out writes only where it is told
 
-    # the four new rows carry no probe signals: `router train` read them with the small model
+    # a probe model is fitted beside the others (the four new rows' signals are read by the small model:
+    # test_router_probe's training test checks that reading itself)
     assert "probe" in trained and trained["evaluation"]["auc"]["probe"] > 0.5
     q = "What is 12 * 13?"
     shipped = Router("probe").route(q)

@@ -270,7 +270,9 @@ class Assistant:
         """The router's decision, with the joules it cost on the small tier's meter: the probe evaluates the question
         on the small model, and an answer's cost includes choosing who gives it. Loading the probe's model is not
         metered, as loading the answering model is not."""
-        self.warm_router()
+        strategy = self.routing_strategy()
+        if self.pinned is None and (strategy or self.router.strategy) == "probe":
+            self._load_prober()
         sampler = None
         if self.tier_ref("small") is not None:
             try:
@@ -278,7 +280,7 @@ class Assistant:
             except LocalmoeError:
                 sampler = None
         try:
-            d = self.router.route(prompt, self.routing_strategy())
+            d = self.router.route(prompt, strategy)
         finally:
             reading = sampler.stop() if sampler is not None else None
         # a meter whose reads all failed measured nothing: that is no reading, not zero joules
@@ -302,10 +304,13 @@ class Assistant:
         """Load the probe's model ahead of the first question (the chat does, while the user types); a model it
         cannot load is left to the first decision, which says so once and routes by learned."""
         if self.pinned is None and self._probes():
-            try:
-                self.router.prober.load()
-            except LocalmoeError:
-                pass
+            self._load_prober()
+
+    def _load_prober(self) -> None:
+        try:
+            self.router.prober.load()
+        except LocalmoeError:
+            pass
 
     def _first_time(self, key: str) -> bool:
         """True the first time `key` is asked about in this session (this Assistant), False afterwards."""

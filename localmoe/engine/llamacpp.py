@@ -159,13 +159,8 @@ class LlamaCppEngine(Engine):
         self.load()
         with self._gen_lock:
             llm = self._llm
-            same = 0
-            for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
-                if a != b:
-                    break
-                same += 1
             # at least one token is evaluated, so the cache is trimmed to a prefix whose logits are still stored
-            llm.n_tokens = min(same, len(tokens) - 1)
+            llm.n_tokens = reusable_prefix(llm.input_ids[: llm.n_tokens], tokens)
             llm.eval(tokens[llm.n_tokens:])
             return np.array(llm.scores[: len(tokens)], copy=True)
 

@@ -35,7 +35,6 @@ DEFAULT_SUITE = "router-train"  # 1331 questions over 29 kinds, interleaved so t
 DEFAULT_LIMIT = 300  # of the default suite: a few hundred, so two tiers answer them in minutes, not hours
 RECOMMENDED = 100  # fewer questions than this give rough thresholds: said, not refused
 MAX_TOKENS = 128  # as `bench`: enough for every suite answer, greedy
-STRATEGIES = ("features", "learned", "probe", "cascade")
 SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 

@@ -38,12 +38,12 @@ import numpy as np
 
 from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import paths
+from localmoe.home.settings import STRATEGIES
 from localmoe.routing.evaluate import LogisticModel
 from localmoe.routing.probe import SIGNALS, Prober
 
 ROUTER_FILE = "router.json"
 ROUTER_VERSION = 2  # 2: the learned strategy stacks the features estimate with the neighbours' share
-STRATEGIES = ("features", "learned", "probe", "cascade")
 MAX_ROUTE_TOKENS = 512  # the embedder reads the start of very long prompts only
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?")
@@ -71,7 +71,7 @@ _SIGNAL_TEXT = {
     "operators": "arithmetic", "multi_step": "multi-step wording", "dates": "date reasoning",
     "units": "unit conversion", "code": "code", "constraints": "explicit constraints",
     "letters": "letter counting", "non_latin": "non-Latin script", "fact_question": "a simple fact question",
-    "similar": "similar questions", "probe": "the small model's own reading",
+    "similar": "similar questions",
 }
 # Hand-set weights for when no trained file is readable: every signal of work pushes towards the large tier.
 _HAND_WEIGHTS = {"log_chars": 0.3, "numbers": 0.4, "big_numbers": 0.5, "operators": 1.2, "multi_step": 0.6,
@@ -236,6 +236,13 @@ def log_odds(p: np.ndarray | float) -> np.ndarray:
     return np.log(q / (1 - q))
 
 
+def combine_probe(p_learned: np.ndarray | float, p_probe: np.ndarray | float, prior: float) -> np.ndarray:
+    """The probe strategy's estimate: learned's and the signals model's log-odds summed, the training base rate
+    they both carry counted once."""
+    z = log_odds(p_learned) + log_odds(p_probe) - log_odds(prior)
+    return 1 / (1 + np.exp(-z))
+
+
 def stack_inputs(p_features: np.ndarray | float, similar: np.ndarray | float) -> np.ndarray:
     """The learned strategy's inputs: the log-odds of the features estimate and of the neighbours' share."""
     return np.stack([log_odds(p_features), log_odds(similar)], axis=-1)
@@ -392,21 +399,20 @@ class Router:
         table = (self.trained or {}).get("thresholds", {}).get(strategy, DEFAULT_THRESHOLDS)
         return {name: float(table.get(name, default)) for name, default in DEFAULT_THRESHOLDS.items()}
 
-    @cached_property
-    def embedder(self) -> TokenEmbedder:
+    def _small_path(self) -> str | Path:
         if self.small_model_path is None:
             from localmoe.home import models
 
             self.small_model_path = models.default_model().path
-        return TokenEmbedder(self.small_model_path)
+        return self.small_model_path
+
+    @cached_property
+    def embedder(self) -> TokenEmbedder:
+        return TokenEmbedder(self._small_path())
 
     @cached_property
     def prober(self) -> Prober:
-        if self.small_model_path is None:
-            from localmoe.home import models
-
-            self.small_model_path = models.default_model().path
-        return Prober(self.small_model_path)
+        return Prober(self._small_path())
 
     @property
     def told(self) -> list[str]:
@@ -452,10 +458,8 @@ class Router:
             raise ProbeUnavailable("the question is too long for the small model to read first")
         probe: LogisticModel = self.trained["probe"]
         pulls["probe"] = float(_contributions(probe, signals).sum())
-        # learned's and the probe's estimates each carry the training base rate: it is counted once
-        prior = float(self.trained.get("probe_prior", 0.5))
-        z = float(log_odds(p_learned) + log_odds(float(probe.predict(signals))) - log_odds(prior))
-        return 1 / (1 + math.exp(-z)), pulls
+        p = combine_probe(p_learned, probe.predict(signals), float(self.trained.get("probe_prior", 0.5)))
+        return float(p), pulls
 
     def routed_score(self, prompt: str, strategy: str) -> float:
         """`strategy`'s score as a decision would use it: a question too long for the probe gets learned's."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from localmoe.routing.router import (
     ROUTER_VERSION,
     TokenEmbedder,
     centred,
+    combine_probe,
     encode_matrix,
     feature_vector,
-    log_odds,
     neighbour_scores,
     stack_inputs,
 )
@@ -117,7 +118,7 @@ EVAL_SEEDS = (0, 1, 2, 3, 4)
 
 
 def fill_probe(rows: list[dict[str, Any]], prober: Prober | None,
-               progress: Any = None) -> None:
+               progress: Callable[[int, int], None] | None = None) -> None:
     """Give rows without the probe's signals those of `prober` (the small model reads each question once). A
     small model the prober cannot load leaves them without: the probe strategy is then not trained."""
     todo = [r for r in rows if r.get("probe") is None]
@@ -218,9 +219,9 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
 
     def scores_of(name: str, idx: np.ndarray) -> np.ndarray:
         if name == "probe":
-            z = log_odds(p_learned[idx]) + log_odds(models_["probe"].predict(sx[idx])) - log_odds(probe_prior)
+            p = combine_probe(p_learned[idx], models_["probe"].predict(sx[idx]), probe_prior)
             # a question without signals (too long to probe) is routed by learned: so it is scored
-            return np.where(has_sig[idx], 1 / (1 + np.exp(-z)), p_learned[idx])
+            return np.where(has_sig[idx], p, p_learned[idx])
         return models_[name].predict({"features": fx, "learned": learned_x, "cascade": cx}[name][idx])
 
     subsets = {"cascade": (lp_train, lp_test)}
