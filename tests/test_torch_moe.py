@@ -174,6 +174,13 @@ def _assert_matches(engine, model) -> None:
     assert chosen == [int(r.argmax()) for r in want]
 
 
+def _predictions_scored(stats: dict) -> bool:
+    """Whether the routers' predictions reached the store and were scored against the experts then used. Not
+    `prefetches > 0`: a predicted read counts as a prefetch only if the loader thread starts it before the compute
+    thread needs the expert, which two busy test workers can starve."""
+    return any(layer["prediction_precision"] is not None for layer in stats["layers"])
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "fifo"])
 def test_one_slot_under_every_policy_with_prefetch_matches_transformers(checkpoint, policy):
     """The smallest cache (1 slot per layer) under each policy, prefetching from the routers: the same logits as
@@ -182,7 +189,8 @@ def test_one_slot_under_every_policy_with_prefetch_matches_transformers(checkpoi
     engine = TorchMoEEngine(path, expert_slots=1, cache_policy=policy, prefetch=True)
     _assert_matches(engine, model)
     stats = engine.cache_stats()
-    assert stats["policy"] == policy and stats["slots"] == 1 and stats["prefetches"] > 0
+    assert stats["policy"] == policy and stats["slots"] == 1
+    assert _predictions_scored(stats)
     engine.close()
 
 
@@ -193,7 +201,7 @@ def test_compiled_engine_matches_transformers(checkpoint):
     engine = TorchMoEEngine(path, expert_slots=1, prefetch=True, compile=True)
     _assert_matches(engine, model)
     stats = engine.cache_stats()
-    assert stats["prefetches"] > 0 and stats["misses"] > 0
+    assert _predictions_scored(stats) and stats["misses"] > 0
     import torch._dynamo.utils
 
     # every layer in one graph per shape: the expert loop did not split the model into pieces
