@@ -54,7 +54,8 @@ def main() -> None:
     args = ap.parse_args()
 
     ref = models.default_model()
-    engine = LlamaCppEngine(ref.path)  # only to build the identical prompt tokens
+    # only to build the identical prompt tokens (with the system prompt `ask` gives the model)
+    engine = LlamaCppEngine(ref.path, system_prompt=models.system_prompt(ref.path))
     tokens = engine.prompt_tokens([{"role": "user", "content": PROMPT}])
     engine.close()
     llm = Llama(str(ref.path), n_ctx=DEFAULT_CTX, n_threads=default_threads(),

@@ -1,7 +1,8 @@
-"""Bootstrap intervals for the router's AUC on the independent evaluation set: the shipped `learned` router, an
-older router file beside it, and the digit-count baseline, on the same resamples (paired).
+"""Bootstrap intervals for the router's AUC on the independent evaluation set: the shipped router's strategy (by
+default `learned`; `--strategy probe` has the small model read every question), an older router file beside it, the
+other strategy, and the digit-count baseline, all on the same resamples (paired).
 
-    .venv/bin/python benchmarks/router_eval_bootstrap.py [--old OLD_ROUTER.json] [--n 1000]
+    .venv/bin/python benchmarks/router_eval_bootstrap.py [--strategy learned|probe] [--old OLD_ROUTER.json] [--n 1000]
 
 (`git show REV:assets/router/router.json > old.json` gives an older router.)
 """
@@ -21,24 +22,32 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("benchmarks/router_eval_labels.jsonl", "benchmarks/router_eval_labels_audited.jsonl")
 
 
-def learned_scores(router_file: Path, questions: list[str]) -> np.ndarray:
-    router = Router(strategy="learned", router_file=router_file)
-    return np.array([router.route(q).score for q in questions])
+def scores(router_file: Path, questions: list[str], strategy: str = "learned") -> np.ndarray:
+    router = Router(strategy=strategy, router_file=router_file)
+    try:
+        return np.array([router.route(q).score for q in questions])
+    finally:
+        router.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", type=Path, help="an older router.json to compare with")
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--strategy", default="learned", choices=["learned", "probe"])
     args = ap.parse_args()
+    main_s = args.strategy
+    shipped = ROOT / "assets" / "router" / "router.json"
     for name in LABELS:
         rows = router_train.read_labels(ROOT / name)
         questions = [r["question"] for r in rows]
         y = np.array([r["small_wrong"] for r in rows])
-        runs = {"learned": learned_scores(ROOT / "assets" / "router" / "router.json", questions),
-                "digits": np.array([router_eval.BASELINES["digits"](q) for q in questions], dtype=np.float64)}
+        runs = {main_s: scores(shipped, questions, main_s)}
+        if main_s != "learned":
+            runs["learned"] = scores(shipped, questions)
+        runs["digits"] = np.array([router_eval.BASELINES["digits"](q) for q in questions], dtype=np.float64)
         if args.old:
-            runs["before"] = learned_scores(args.old, questions)
+            runs["before"] = scores(args.old, questions, main_s)
         rng = np.random.default_rng(0)
         boot: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.n):
@@ -47,13 +56,13 @@ def main() -> None:
                 for k, s in runs.items():
                     boot[k].append(router_eval.auc(s[i], y[i]))
         b = {k: np.array(v) for k, v in boot.items()}
-        lo, hi = np.percentile(b["learned"], [2.5, 97.5])
-        print(f"{name}: learned AUC {router_eval.auc(runs['learned'], y):.3f} (95% {lo:.2f}-{hi:.2f}, "
-              f"se {b['learned'].std():.3f})")
-        for other in [k for k in runs if k != "learned"]:
-            d = b["learned"] - b[other]
+        lo, hi = np.percentile(b[main_s], [2.5, 97.5])
+        print(f"{name}: {main_s} AUC {router_eval.auc(runs[main_s], y):.3f} (95% {lo:.2f}-{hi:.2f}, "
+              f"se {b[main_s].std():.3f})")
+        for other in [k for k in runs if k != main_s]:
+            d = b[main_s] - b[other]
             lo, hi = np.percentile(d, [2.5, 97.5])
-            print(f"  learned minus {other} ({router_eval.auc(runs[other], y):.3f}): {d.mean():+.3f} "
+            print(f"  {main_s} minus {other} ({router_eval.auc(runs[other], y):.3f}): {d.mean():+.3f} "
                   f"({lo:+.3f} to {hi:+.3f})")
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from common import CACHE, ROOT, write_section
 from router_self_signals import paired_gain
 
+from localmoe.home import models
 from localmoe.routing import evaluate as router_eval
 from localmoe.routing import train as router_train
 from localmoe.routing.router import Router, combine_probe
@@ -50,7 +51,6 @@ def read_hidden(questions: list[str]) -> dict[str, np.ndarray]:
 
     from localmoe.engine import llama_hooks
     from localmoe.engine.llamacpp import LlamaCppEngine
-    from localmoe.home import models
 
     base, _ = llama_hooks._libs()
     seen: dict[int, np.ndarray] = {}
@@ -70,7 +70,7 @@ def read_hidden(questions: list[str]) -> dict[str, np.ndarray]:
 
     callback = llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(on_eval)
     path = models.default_model().path
-    template = LlamaCppEngine(path, n_ctx=512)
+    template = LlamaCppEngine(path, n_ctx=512, system_prompt=models.system_prompt(path))  # as the product asks
     template.load()
     with llama_hooks.patched_defaults(None, callback):
         llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
@@ -100,12 +100,14 @@ def main() -> None:
     train_rows = router_train.shipped_labels()
     eval_rows = router_train.read_labels(EVAL)
     questions = list(dict.fromkeys(r["question"] for r in train_rows + eval_rows))
-    if STATES.exists() and list(np.load(STATES, allow_pickle=True)["questions"]) == questions:
-        states = dict(np.load(STATES, allow_pickle=True))
+    prompt = str(models.system_prompt(models.default_model().path))
+    cached = np.load(STATES, allow_pickle=True) if STATES.exists() else None
+    if cached is not None and list(cached["questions"]) == questions and str(cached.get("prompt")) == prompt:
+        states = {k: cached[k] for k in POOLS}
     else:
         states = read_hidden(questions)
         CACHE.mkdir(exist_ok=True)
-        np.savez(STATES, questions=np.array(questions, dtype=object),
+        np.savez(STATES, questions=np.array(questions, dtype=object), prompt=np.array(prompt),
                  **{k: v.astype(np.float16) for k, v in states.items()})
     at = {q: i for i, q in enumerate(questions)}
     i_tr = np.array([at[r["question"]] for r in train_rows])

@@ -64,7 +64,8 @@ def main() -> None:
     train_rows = router_train.shipped_labels()
     eval_rows = router_train.read_labels(EVAL)
     audited_y = np.array([r["small_wrong"] for r in router_train.read_labels(AUDITED)], dtype=float)
-    engine = LlamaCppEngine(models.default_model().path, n_ctx=512, logits_all=True)
+    path = models.default_model().path
+    engine = LlamaCppEngine(path, n_ctx=512, logits_all=True, system_prompt=models.system_prompt(path))
     engine.load()
     t0 = time.time()
     sig = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}

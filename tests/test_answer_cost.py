@@ -38,7 +38,7 @@ def test_the_terse_budget_ends_a_ramble_and_keeps_a_right_answer(home, smollm):
 
     a = Assistant(overrides={"seed": 1234})
     try:
-        right = a.ask("What is 9 × 9? Answer with a number only.").run()
+        right = a.ask("What is 10 × 10? Answer with a number only.").run()
         a.new_conversation()
         # SmolLM2 cannot do this one and talks on for a hundred tokens or more without the budget
         ramble = a.ask("Pipe A pours 6 liters of water per minute into a tank and pipe B pours 7 liters per minute. "
@@ -49,7 +49,7 @@ def test_the_terse_budget_ends_a_ramble_and_keeps_a_right_answer(home, smollm):
     assert right.decision.tier == ramble.decision.tier == "small"
     out = right.to_dict()
     assert out["sampling"]["max_tokens"] == 32 and out["stop_reason"] == "stop"
-    item = suites.Item("t", "What is 9 × 9?", "81", "numeric", None, 1, "arithmetic")
+    item = suites.Item("t", "What is 10 × 10?", "100", "numeric", None, 1, "arithmetic")
     assert scoring.score(item, right.text).correct, right.text
     cut = ramble.to_dict()
     assert cut["stop_reason"] == "length" and cut["usage"]["completion_tokens"] == 32, cut

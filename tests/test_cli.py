@@ -350,9 +350,13 @@ def test_continue_with_nothing_to_continue_is_refused(home):
     one_line_refusal(run_cli("ask", "hi", "-c"), 2, "no conversation to continue")
 
 
-def test_the_france_question_ends_quickly_with_its_stop_reason_recorded(home):
+def test_the_france_question_is_answered_in_english_and_ends_quickly_with_its_stop_reason_recorded(home):
+    """SmolLM2's chat template puts in its own system prompt, which sends the model off in French ("L'Étoile, la
+    Cité, …"); the catalog's system prompt, which the embedded model gets wherever a conversation has none, makes
+    its greedy answer name Paris."""
     r = run_cli("ask", "What is the capital of France?", "--json", "--temperature", "0")
     out = json.loads(r.stdout)
+    assert out["answer"].startswith("The capital of France is Paris"), out["answer"]
     assert out["usage"]["completion_tokens"] < 80 and out["stop_reason"] in ("stop", "repetition")
     assert out["sampling"]["repeat_penalty"] > 1.0 and out["sampling"]["max_tokens"] <= 96  # a short question
     [row] = db_rows(home, "select stop_reason, completion_tokens from generations")

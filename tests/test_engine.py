@@ -42,6 +42,33 @@ def test_uses_the_models_own_template(engine):
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_a_catalog_system_prompt_goes_first_where_the_conversation_has_none(engine, smollm, tmp_path):
+    """The embedded model's catalog entry carries a system prompt (its template's own derails it). Every engine made
+    for it (create_engine) and the router's probe render a question with it; a conversation's own system message
+    wins; a model without one keeps its template's."""
+    from localmoe.engine import create_engine
+    from localmoe.home import models
+    from localmoe.routing.probe import Prober
+
+    own = models.system_prompt(smollm.path)
+    assert own and models.system_prompt(tmp_path / "other.gguf") is None
+    made = create_engine(smollm)
+    probe = Prober(smollm.path)
+    try:
+        assert made.system_prompt == own
+        question = [{"role": "user", "content": "hi"}]
+        made.load()
+        text = made._llm.detokenize(made.prompt_tokens(question), special=True).decode()
+        assert text.startswith(f"<|im_start|>system\n{own}<|im_end|>\n<|im_start|>user\nhi")
+        assert probe.load().prompt_tokens(question) == made.prompt_tokens(question)  # the probe reads what answers
+        mine = [{"role": "system", "content": "Be terse."}, *question]
+        assert made.prompt_tokens(mine) == engine.prompt_tokens(mine)  # the conversation's own system message
+        assert engine.system_prompt is None and engine.prompt_tokens(question) != made.prompt_tokens(question)
+    finally:
+        made.close()
+        probe.close()
+
+
 def test_cancel_stops_decoding_at_once(engine):
     cancel = threading.Event()
     pieces = []
@@ -92,6 +119,9 @@ def test_template_fallback_is_chatml():
 
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# With the catalog's system prompt (a Session's engine) the France answer ends at once; this one still loops greedily
+# without a penalty ("Il capo di Roma, il territore di Roma, il territore …").
+ITALY = "What is the capital of Italy?"
 
 
 def test_the_loop_guard_stops_a_real_loop_and_keeps_its_first_round(engine):
@@ -125,7 +155,7 @@ def test_a_stopped_loop_is_recorded_as_its_first_round(home, smollm):
     config = GenerationConfig(max_tokens=300, temperature=0.0, repeat_penalty=1.0, loop_guard=True)
     session = Session(smollm, config=config, meter=False)
     try:
-        reply = session.ask(FRANCE[0]["content"])
+        reply = session.ask(ITALY)
         streamed = "".join(reply)
     finally:
         session.close()

@@ -12,6 +12,7 @@ import pytest
 from helpers import run_cli
 from localmoe.engine.llamacpp import LlamaCppEngine
 from localmoe.errors import LocalmoeError
+from localmoe.home import models
 from localmoe.routing import train as router_train
 from localmoe.routing.probe import SIGNALS, Prober, signals_from_logits
 from localmoe.routing.router import Router, TokenEmbedder, log_odds, trained_path
@@ -50,7 +51,8 @@ def test_the_probe_reuses_the_templates_prefix_and_gives_a_fresh_evaluations_sig
     tokens = engine.prompt_tokens([{"role": "user", "content": HARD}])
     assert len(evaluated) == 1 and 0 < evaluated[0] < len(tokens) - 5
     assert np.array_equal(again, first)
-    fresh = LlamaCppEngine(smollm.path, n_ctx=512, logits_all=True)
+    # a fresh engine rendering the question as the product does (the catalog's system prompt)
+    fresh = LlamaCppEngine(smollm.path, n_ctx=512, logits_all=True, system_prompt=models.system_prompt(smollm.path))
     try:
         for q, got in ((HARD, second), (EASY, first)):
             toks = fresh.prompt_tokens([{"role": "user", "content": q}])

@@ -248,11 +248,12 @@ def test_a_stopped_loop_is_taken_back_on_screen(home):
         app = LocalmoeApp(config=config)
         async with app.run_test(size=(100, 40)) as pilot:
             screen = app.screen
-            await type_and_send(pilot, "What is the capital of France?")
+            # greedy with no penalty the embedded model loops here: "Il capo di Roma, il territore di Roma, …"
+            await type_and_send(pilot, "What is the capital of Italy?")
             answer = screen.query_one(Answer)
             await wait_for(pilot, lambda: answer.done)
             assert answer.stats.stop_reason == "repetition"
-            assert answer.text.count("la Femme") == 1 and answer.query_one(Markdown).source == answer.text
+            assert answer.text.count("il territore") == 1 and answer.query_one(Markdown).source == answer.text
             assert "repeating itself" in str(answer.query_one(".stats", Static).render())
 
     asyncio.run(run())

@@ -23,6 +23,10 @@ def create_engine(ref: Any, **options: Any) -> Engine:
 
         return RemoteEngine(model_id=ref.id, **ref.options, **options)
     backend, options = backend_for(ref, options)
+    if backend == "llama.cpp" and "system_prompt" not in options:
+        from localmoe.home.models import system_prompt
+
+        options["system_prompt"] = system_prompt(ref.path)
     return _engine_class(backend)(ref.path, model_id=ref.id, **options)
 
 

@@ -47,8 +47,12 @@ class LlamaCppEngine(Engine):
         plan: Plan | None = None,
         telemetry: bool = False,
         logits_all: bool = False,
+        system_prompt: str | None = None,
     ) -> None:
+        """`system_prompt`: put first where the messages have no system message (a catalog model's own, in place of
+        what its chat template would add)."""
         self.path = Path(path)
+        self.system_prompt = system_prompt
         self.model_id = model_id or self.path.stem.lower()
         # Validates the file (signature, truncation, shapes) with a clear message before llama.cpp sees it.
         self.layout = read_model_layout(self.path)
@@ -189,6 +193,8 @@ class LlamaCppEngine(Engine):
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         self.load()
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return encode_chat(self._llm, self.layout.chat_template, messages, self._bos, self._eos, self._add_bos)
 
     def _stream(

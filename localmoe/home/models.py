@@ -43,6 +43,17 @@ def _sampling(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in SAMPLING if k in entry}
 
 
+def system_prompt(path: str | Path) -> str | None:
+    """The system message localmoe gives a catalog model's file where a conversation has none (catalog
+    `system_prompt`), or None: the file's chat template then decides. Keyed by file name, so the router's probe,
+    which reads questions on the small model's file, renders them as the answering session does."""
+    name = Path(path).name
+    for entry in catalog():
+        if entry.get("filename") == name and isinstance(entry.get("system_prompt"), str):
+            return entry["system_prompt"]
+    return None
+
+
 def generation_defaults(ref: ModelRef) -> dict[str, Any]:
     """GenerationConfig fields for `ref`: its catalog entry, else its GGUF file's recommended sampling
     (`general.sampling.*`), else SANE_DEFAULTS. Settings and flags go on top of these."""

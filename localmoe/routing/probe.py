@@ -59,9 +59,12 @@ class Prober:
                 raise LocalmoeError(str(self._failed))
             if self._engine is None:
                 from localmoe.engine.llamacpp import LlamaCppEngine
+                from localmoe.home.models import system_prompt
 
                 try:
-                    engine = LlamaCppEngine(self.model_path, n_ctx=PROBE_CTX, logits_all=True)
+                    # the question as the answering session renders it: the same system message
+                    engine = LlamaCppEngine(self.model_path, n_ctx=PROBE_CTX, logits_all=True,
+                                            system_prompt=system_prompt(self.model_path))
                     engine.load()
                 except LocalmoeError as exc:
                     self._failed = exc
