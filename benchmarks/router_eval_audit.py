@@ -23,18 +23,14 @@ AUDIT = {
     "ev-conv-17": (1, "'translated as 'Hola' or 'Hola'': the same right word twice"),
     "ev-conv-21": (0, "'No, my friend is wrong. The answer is \"Yes.\"': says both"),
     "ev-instr-14": (1, "'1, 4, 9, 16, 25, ...': 25 comes next; the wrong later terms do not change it"),
-    "ev-def-11": (1, '\'is "mean" (also known as "average")\''),
     "ev-def-13": (1, "'A thermometer measures the temperature of a substance'"),
-    "ev-def-24": (1, "'The GDP stands for Gross Domestic Product'"),
     "ev-def-28": (1, "'A carnivore is an animal that eats meat.'"),
     "ev-code-06": (1, "'The keyword \"def\" is used to define a function in Python'"),
     "ev-code-18": (1, "'False in Python.', then a list of other languages"),
     "ev-fact-02": (0, "wrote the letter A with the text 'Pacific'"),
-    "ev-fact-09": (1, "'The kangaroo is native to Australia.'"),
     "ev-fact-10": (0, "'has 12 strings', the scorer took the later '6 strings per octave'"),
     "ev-fact-19": (1, "'299,792,458 metres per second': right, in m/s rather than km/s"),
     "ev-fact-21": (1, "'has 88 keys', then nonsense about '88 rows of 51 keys'"),
-    "ev-fact-26": (1, "'located in Paris, France'"),
     "ev-arith-19": (1, "'1001 is divisible by 7': yes, with a wrong working after it"),
 }
 

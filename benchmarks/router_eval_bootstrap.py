@@ -1,6 +1,7 @@
 """Bootstrap intervals for the router's AUC on the independent evaluation set: the shipped router's strategy (by
-default `learned`; `--strategy probe` has the small model read every question), an older router file beside it, the
-other strategy, and the digit-count baseline, all on the same resamples (paired).
+default `learned`; `--strategy probe` has the small model read every question, and adds `learned` beside it), an
+older router file beside it, and the digit-count baseline, all on the same resamples (paired). An older router's
+probe is fed the signals of today's probe (today's system prompt), whatever it was fitted on.
 
     .venv/bin/python benchmarks/router_eval_bootstrap.py [--strategy learned|probe] [--old OLD_ROUTER.json] [--n 1000]
 

@@ -90,6 +90,8 @@ def read_hidden(questions: list[str]) -> dict[str, np.ndarray]:
             last[n, i], mean[n, i] = h[-1], h[max(0, k - 2):].mean(axis=0)
         print(f"\r{n + 1}/{len(questions)} {time.time() - t0:.0f} s", end="", file=sys.stderr)
     print(file=sys.stderr)
+    llm.close()
+    template.close()
     return {"last": last, "mean": mean}
 
 
@@ -100,7 +102,8 @@ def main() -> None:
     train_rows = router_train.shipped_labels()
     eval_rows = router_train.read_labels(EVAL)
     questions = list(dict.fromkeys(r["question"] for r in train_rows + eval_rows))
-    prompt = str(models.system_prompt(models.default_model().path))
+    # the states depend on the rendered prompt: a cache made with another system prompt (or none) is stale
+    prompt = "system: " + str(models.system_prompt(models.default_model().path))
     cached = np.load(STATES, allow_pickle=True) if STATES.exists() else None
     if cached is not None and list(cached["questions"]) == questions and str(cached.get("prompt")) == prompt:
         states = {k: cached[k] for k in POOLS}

@@ -63,6 +63,9 @@ def test_a_catalog_system_prompt_goes_first_where_the_conversation_has_none(engi
         assert probe.load().prompt_tokens(question) == made.prompt_tokens(question)  # the probe reads what answers
         mine = [{"role": "system", "content": "Be terse."}, *question]
         assert made.prompt_tokens(mine) == engine.prompt_tokens(mine)  # the conversation's own system message
+        late = [*question, {"role": "system", "content": "Be terse."}]  # not first: the template would add its own
+        rendered = made._llm.detokenize(made.prompt_tokens(late), special=True).decode()
+        assert rendered.startswith(f"<|im_start|>system\n{own}<|im_end|>")
         assert engine.system_prompt is None and engine.prompt_tokens(question) != made.prompt_tokens(question)
     finally:
         made.close()
@@ -138,6 +141,7 @@ def test_the_loop_guard_stops_a_real_loop_and_keeps_its_first_round(engine):
 
 
 def test_the_products_defaults_end_the_france_answer_without_a_loop(engine, smollm):
+    """On the template's own system prompt (this fixture's), the harder case: without a penalty it loops."""
     from localmoe.home import models
 
     config = GenerationConfig(**models.generation_defaults(smollm))

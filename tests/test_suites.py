@@ -371,6 +371,8 @@ DATE = Item("t", "What date is the day after 2000-10-10? Answer with the date in
             "2000-10-11", "exact")
 CENTURY = Item("y", "What is a period of a hundred years called?", "century", "exact")
 SQL = Item("s", "What does SQL stand for?", "Structured Query Language", "exact")
+TOWER = Item("e", "In which city is the Eiffel Tower?", "Paris", "exact")
+KANGAROO = Item("k", "Which country are kangaroos native to?", "Australia", "exact")
 
 
 @pytest.mark.parametrize("item, output, correct", [
@@ -407,6 +409,17 @@ SQL = Item("s", "What does SQL stand for?", "Structured Query Language", "exact"
     (CENTURY, "It's sometimes known as a decade.", False),
     (SQL, "SQL stands for Structured Query Language. It is used with databases.", True),
     (SQL, "SQL stands for Standard Query Language.", False),
+    # the first copula's complement, when a later clause has its own ("…, which is a measure of …")
+    (SQL, "SQL stands for Structured Query Language, which is a language for databases.", True),
+    (SQL, "SQL stands for Standard Query Language, which is a language for databases.", False),
+    # a place after "is located in" / "is in" / "is native to"
+    (TOWER, "The Eiffel Tower is located in Paris, France.", True),
+    (TOWER, "The Eiffel Tower is in Paris.", True),
+    (TOWER, "The Eiffel Tower is located in Lyon, not Paris.", False),
+    (TOWER, "The Eiffel Tower is not in Paris.", False),
+    (TOWER, "It is located in Paris or Lyon.", False),
+    (KANGAROO, "The kangaroo is native to Australia.", True),
+    (KANGAROO, "The kangaroo is native to New Zealand.", False),
 ])
 def test_score_exact(item, output, correct):
     assert score(item, output).correct is correct, score(item, output)

@@ -180,6 +180,7 @@ _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 _COPULA = re.compile(r"(?:(?:\b(?:is|are|was|were)\b|['’]s\b)(?:\s+(?:also|sometimes|often|usually|commonly))?"
                      r"(?:\s+(?:called|known\s+as|named|termed))?|\bequals\b|\bstands\s+for\b|=)\s+",
                      re.IGNORECASE)
+_PLACE = re.compile(r"^(?:(?:located|situated|found|based)\s+)?(?:in|on|at|native\s+to)\s+", re.IGNORECASE)
 
 
 def normalize(text: str) -> str:
@@ -211,8 +212,13 @@ def _exact_candidates(output: str) -> list[tuple[str, str]]:
     candidates = [("whole", stripped), ("first_line", first_line), ("first_sentence", sentence),
                   ("first_clause", _first_clause(sentence))]
     copulas = list(_COPULA.finditer(sentence))
-    if copulas:
-        candidates.append(("copula", _first_clause(sentence[copulas[-1].end():])))
+    # The first copula's complement ("The GDP stands for Gross Domestic Product, which is a measure of …") and the
+    # last one's ("The term you mean is … and it is a mean"); a place after "is located in" / "is native to" counts.
+    for m in dict.fromkeys((copulas[0], copulas[-1])) if copulas else ():
+        clause = _first_clause(sentence[m.end():])
+        candidates.append(("copula", clause))
+        if (place := _PLACE.sub("", clause, count=1)) != clause:
+            candidates.append(("copula_place", place))
     return candidates
 
 

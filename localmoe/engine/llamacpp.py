@@ -193,7 +193,8 @@ class LlamaCppEngine(Engine):
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         self.load()
-        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+        # a template adds its own system prompt unless the first message is one, so ours goes first likewise
+        if self.system_prompt and (not messages or messages[0].get("role") != "system"):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return encode_chat(self._llm, self.layout.chat_template, messages, self._bos, self._eos, self._add_bos)
 
