@@ -271,7 +271,7 @@ class Assistant:
         on the small model, and an answer's cost includes choosing who gives it. Loading the probe's model is not
         metered, as loading the answering model is not."""
         strategy = self.routing_strategy()
-        if self.pinned is None and (strategy or self.router.strategy) == "probe":
+        if (strategy or self.router.strategy) == "probe":  # a pinned model never gets here (route returns first)
             self._load_prober()
         sampler = None
         if self.tier_ref("small") is not None:
