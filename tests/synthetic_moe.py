@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -505,6 +506,10 @@ def _tokenizer_fields_cached(path: Path) -> dict[str, tuple[Any, gguf.GGUFValueT
 def _embedded_gguf() -> Path:
     from localmoe.home.models import embedded_models
 
+    # the device machine has no embedded model (too big to carry there): benchmarks/gpu_check.sh carries a GGUF
+    # holding only its tokenizer fields and names it here
+    if os.environ.get("LOCALMOE_TEST_TOKENIZER_GGUF"):
+        return Path(os.environ["LOCALMOE_TEST_TOKENIZER_GGUF"])
     found = embedded_models()
     if not found:
         raise FileNotFoundError("the embedded SmolLM2 model is missing (run `make setup`); pass tokenizer_gguf=")

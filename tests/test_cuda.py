@@ -9,6 +9,7 @@ import torch
 from synthetic_moe import build_hf_moe
 
 from localmoe.engine.torch_moe import TorchMoEEngine
+from localmoe.errors import LocalmoeError
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -128,3 +129,9 @@ def test_gpu_detection_agrees_with_torch():
         # NVML counts the whole board, torch what the context can address: within 2%
         assert abs(g.vram_total_bytes - props.total_memory) <= 0.02 * props.total_memory
         assert 0 < g.vram_free_bytes <= g.vram_total_bytes
+
+
+def test_int8_dense_weights_on_a_gpu_are_refused_with_the_fix(checkpoint):
+    _, path, _ = checkpoint
+    with pytest.raises(LocalmoeError, match=r"CPU only, and this engine is on cuda \(add --device cpu\)"):
+        TorchMoEEngine(path, device="cuda", dense_dtype="int8").load()

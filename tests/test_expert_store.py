@@ -97,7 +97,7 @@ def test_engine_replaying_a_trace_counts_what_the_simulator_counts(ckpt):
     """The live engine (real checkpoint, real layers) routed by a trace meets its cache exactly as cache-sim says."""
     trace = cachesim.synthetic_trace(40, SHAPE["layers"], 8, 2, seed=5)
     for policy in ("lru", "lfu", "lfru"):
-        engine = TorchMoEEngine(ckpt, expert_slots=4, cache_policy=policy, prefetch=False)
+        engine = TorchMoEEngine(ckpt, expert_slots=4, cache_policy=policy, prefetch=False, device="cpu")  # no warm tier
         engine.replay(trace)
         engine.decode_logits([1], len(trace.tokens))  # one token per forward call: one step per layer each
         if native_kernels.available():  # the replay runs in the native decode step (its forced experts)
@@ -342,8 +342,8 @@ def test_int8_dense_and_experts_on_the_cpu_kernel(ckpt):
 
     if not int8_linear_available():
         pytest.skip("this torch has no dynamic int8 linear")
-    want_tokens, want = TorchMoEEngine(ckpt).decode_logits(PROMPT, 6)
-    engine = TorchMoEEngine(ckpt, expert_dtype="int8", dense_dtype="int8")
+    want_tokens, want = TorchMoEEngine(ckpt, device="cpu").decode_logits(PROMPT, 6)
+    engine = TorchMoEEngine(ckpt, expert_dtype="int8", dense_dtype="int8", device="cpu")
     got_tokens, got = engine.decode_logits(PROMPT, 6)
     assert isinstance(engine.model.output, Int8Linear)
     assert isinstance(engine.store.get(0, 0).mats[0], Int8Linear)  # the CPU fast tier holds packed int8
@@ -412,7 +412,7 @@ def test_adaptive_expert_count_in_the_native_step_matches_the_torch_path(peaked,
 def test_top_p_routing_matches_a_direct_computation(peaked):
     """One MoE layer's route() against the rule written out with numpy: keep the top experts until the mass of the
     better ones reaches p, renormalise (qwen3 normalises top-k)."""
-    engine = TorchMoEEngine(peaked, expert_top_p=0.6)
+    engine = TorchMoEEngine(peaked, expert_top_p=0.6, device="cpu")  # x below is a CPU tensor
     engine.load()
     moe = engine.model.moes[0]
     x = torch.randn(50, SHAPE["hidden"])
@@ -490,7 +490,7 @@ def test_compile_without_a_cpp_compiler_is_one_line(tiny_moe, tmp_path):
     """Inductor's CPU code needs a C++ compiler; without one, `--compile` fails in one line, no traceback."""
     env = {"CXX": "/nonexistent/c++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # nothing cached
     r = run_cli("ask", "Hello there", "--model", str(tiny_moe[0]), "--max-tokens", "4", "--compile",
-                home=tmp_path, env_extra=env, timeout=300)
+                "--device", "cpu", home=tmp_path, env_extra=env, timeout=300)  # on a GPU, inductor needs no C++
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr

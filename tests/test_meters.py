@@ -372,11 +372,29 @@ def test_select_meter_prefers_hardware(root: Path) -> None:
     assert isinstance(meter, CompositeMeter) and meter.kind == "power"
 
 
-def test_select_meter_gpu_only_says_the_cpu_is_not_measured(root: Path) -> None:
-    amd_card(root, "card0", "power1_average", 45_000_000)
+def test_select_meter_without_rapl_adds_the_cpu_estimate_to_a_gpu_meter(root: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU answer on a machine whose only sensor is the GPU's must not cost the idle GPU's watts alone."""
+    energy = [0]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(energy, [0]))
+    monkeypatch.setenv("LOCALMOE_BASE_WATTS", "0")
+    monkeypatch.setenv("LOCALMOE_WATTS_PER_CORE", "10")
+    busy = [100.0]
+    monkeypatch.setattr(meters, "busy_cpu_seconds", lambda: busy[0])
     meter, notes = select_meter()
-    assert isinstance(meter, AmdGpuMeter)
-    assert "CPU energy is not measured (no RAPL): the reading covers the GPU only" in notes
+    assert "CPU energy is estimated from CPU time (no RAPL); the GPU's is measured" in notes
+    assert isinstance(meter, CompositeMeter) and meter.kind == "counter" and meter.measured is False
+    assert meter.name.startswith("estimate(cpu-time") and meter.name.endswith("+nvml(GPU 0)")
+    start = meter.read()
+    busy[0] += 2.0  # two busy CPU seconds: 20 J at 10 W per core
+    energy[0] += 3_000  # 3 J on the GPU
+    assert meter.read() - start == pytest.approx(23.0)
+
+    amd_card(root, "card0", "power1_average", 45_000_000)
+    monkeypatch.delitem(sys.modules, "pynvml")
+    meter, _ = select_meter()
+    assert isinstance(meter, CompositeMeter) and meter.kind == "power" and meter.measured is False
+    assert [type(p) for p in meter.parts] == [EstimateMeter, AmdGpuMeter]
 
 
 def test_select_meter_prefer(root: Path) -> None:

@@ -550,8 +550,12 @@ def select_meter(prefer: str | None = None) -> tuple[Meter, list[str]]:
     gpus = [m for m in (NvmlMeter.probe(notes), AmdGpuMeter.probe(notes)) if m is not None]
     if cpu is not None or gpus:
         if cpu is None:
-            notes.append("CPU energy is not measured (no RAPL): the reading covers the GPU only")
-        parts = ([cpu] if cpu is not None else []) + gpus
+            # RAPL is root-only on most Linux installs; a GPU meter alone would count a CPU answer (llama.cpp's
+            # default) as the idle GPU's watts, so the CPU's share comes from the estimate and the sum is labelled
+            # estimated
+            notes.append("CPU energy is estimated from CPU time (no RAPL); the GPU's is measured")
+            cpu = EstimateMeter()
+        parts = [cpu] + gpus
         return (parts[0] if len(parts) == 1 else CompositeMeter(parts)), notes
     if (bat := BatteryMeter.probe(notes)) is not None:
         return bat, notes

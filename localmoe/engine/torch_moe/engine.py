@@ -167,8 +167,11 @@ class TorchMoEEngine(Engine):
                                 policy=o.cache_policy, expert_dtype=expert_dtype, device=device,
                                 warm_slots=warm, prefetch=prefetch,
                                 dequant_on_use=(o.expert_dtype if device_packed else None))
-            if o.dense_dtype == "int8" and (device != "cpu" or not int8_linear_available()):
-                raise LocalmoeError("dense_dtype int8 runs on the CPU only, with a torch that has int8 kernels")
+            if o.dense_dtype == "int8" and device != "cpu":
+                raise LocalmoeError(f"dense dtype int8 runs on the CPU only, and this engine is on {device} "
+                                    "(add --device cpu)")
+            if o.dense_dtype == "int8" and not int8_linear_available():
+                raise LocalmoeError("dense dtype int8 needs a torch with dynamic int8 kernels, which this one lacks")
             with torch.inference_mode():
                 dense = GGUFDenseWeights(ckpt, args, packed=not device_packed) if view else DenseWeights(ckpt, args)
                 model = Transformer(args, dense, store).eval()
