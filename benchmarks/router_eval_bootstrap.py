@@ -1,9 +1,10 @@
 """Bootstrap intervals for the router's AUC on the independent evaluation set: the shipped router's strategy (by
-default `learned`; `--strategy probe` has the small model read every question, and adds `learned` beside it), an
+default `learned`; `--strategy probe` has the small model read every question, and adds `learned` beside it;
+`--strategy cascade` scores each labelled answer as the cascade escalates on it, and adds `probe` and `learned`), an
 older router file beside it, and the digit-count baseline, all on the same resamples (paired). An older router's
 probe is fed the signals of today's probe (today's system prompt), whatever it was fitted on.
 
-    .venv/bin/python benchmarks/router_eval_bootstrap.py [--strategy learned|probe] [--old OLD_ROUTER.json] [--n 1000]
+    .venv/bin/python benchmarks/router_eval_bootstrap.py [--strategy learned|probe|cascade] [--old OLD.json] [--n 1000]
 
 (`git show REV:assets/router/router.json > old.json` gives an older router.)
 """
@@ -23,10 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("benchmarks/router_eval_labels.jsonl", "benchmarks/router_eval_labels_audited.jsonl")
 
 
-def scores(router_file: Path, questions: list[str], strategy: str = "learned") -> np.ndarray:
+def scores(router_file: Path, rows: list[dict], strategy: str = "learned") -> np.ndarray:
     router = Router(strategy=strategy, router_file=router_file)
     try:
-        return np.array([router.route(q).score for q in questions])
+        if strategy == "cascade":  # after the labelled answer, with its confidence
+            return np.array([router.cascade_score(r["mean_logprob"], r["min_logprob"], r["question"]) for r in rows])
+        return np.array([router.route(r["question"]).score for r in rows])
     finally:
         router.close()
 
@@ -35,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", type=Path, help="an older router.json to compare with")
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--strategy", default="learned", choices=["learned", "probe"])
+    ap.add_argument("--strategy", default="learned", choices=["learned", "probe", "cascade"])
     args = ap.parse_args()
     main_s = args.strategy
     shipped = ROOT / "assets" / "router" / "router.json"
@@ -43,12 +46,14 @@ def main() -> None:
         rows = router_train.read_labels(ROOT / name)
         questions = [r["question"] for r in rows]
         y = np.array([r["small_wrong"] for r in rows])
-        runs = {main_s: scores(shipped, questions, main_s)}
+        runs = {main_s: scores(shipped, rows, main_s)}
+        if main_s == "cascade":
+            runs["probe"] = scores(shipped, rows, "probe")
         if main_s != "learned":
-            runs["learned"] = scores(shipped, questions)
+            runs["learned"] = scores(shipped, rows)
         runs["digits"] = np.array([router_eval.BASELINES["digits"](q) for q in questions], dtype=np.float64)
         if args.old:
-            runs["before"] = scores(args.old, questions, main_s)
+            runs["before"] = scores(args.old, rows, main_s)
         rng = np.random.default_rng(0)
         boot: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.n):

@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     prompts = [r["question"] for r in router_train.shipped_labels()][: args.n]
     rows = []
-    for strategy in ("features", "learned", "cascade"):
+    for strategy in ("features", "learned", "probe", "cascade"):
         router = Router(strategy)
         t0 = time.perf_counter()
         router.route(prompts[0])  # open the embedder's files once, as a running assistant has
@@ -59,8 +59,11 @@ def main() -> None:
 
 Command: `.venv/bin/python benchmarks/router_latency.py --n {args.n} --write` ({time.strftime('%Y-%m-%d')},
 2 cores; the learned strategy's embedder already open). Target: p50 ≤ 15 ms for `features` and `learned`.
-The cascade decides before answering only that the small model goes first (its real cost is the small answer).
+`probe` and `cascade` have the small model read the question (the cascade judges the answer with those signals
+later), so theirs is a prompt evaluation on the small model; their "first" includes loading its second copy.
 "First" is a process's first decision, which for `learned` loads the small model's tokenizer (llama.cpp, vocab only).
+The cascade's held-out AUC below is after the answer: it scores the labelled answer's confidence with the probe's
+signals.
 
 | strategy | p50 ms | p95 ms | first decision ms |
 |---|---|---|---|

@@ -819,7 +819,8 @@ def _bench_router(args: argparse.Namespace) -> int:
         if name == "cascade":
             if any(r["mean_logprob"] is None for r in rows) or router.trained is None:
                 continue
-            scores = np.array([router.trained["cascade"].predict(np.array([r["mean_logprob"], r["min_logprob"]]))
+            # after the answer, as it escalates: its confidence with the probe's reading of the question
+            scores = np.array([router.cascade_score(r["mean_logprob"], r["min_logprob"], r["question"])
                                for r in rows])
         else:
             if name in ("learned", "probe") and name not in (router.trained or {}):

@@ -231,5 +231,6 @@ def test_cascade_policy_charges_an_escalated_item_both_answers_joules(home, tmp_
     [(again,)] = conn.execute("select joules from routing_decisions where message_id = ?", [item["message_id"]])
     assert first["joules"] is not None and first["joules"] >= 0 and again is None
     assert item["joules"] == pytest.approx(small["joules"] + large["joules"] + first["joules"], rel=1e-12)
-    # the decision's metered interval (not stored on its own) is a few milliseconds
-    assert 0 <= item["seconds"] - (small["seconds"] + large["seconds"]) < 0.5
+    # the decision's metered interval (not stored on its own): the probe's reading of the question, one prompt
+    # evaluation on the small model (loading it is not metered: test_router_probe)
+    assert 0 <= item["seconds"] - (small["seconds"] + large["seconds"]) < 3

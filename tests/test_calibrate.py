@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import run_cli
-from localmoe.routing.router import Router
+from localmoe.routing.router import Router, cascade_inputs
 
 SMALL, LARGE = "smollm2-135m-instruct", "tiny-moe"
 # The tiny MoE has random weights: it answers nothing right. So that the large tier is right where the small one
@@ -154,8 +154,11 @@ def test_the_calibrated_router_is_loaded_and_its_thresholds_are_the_outcomes(cal
     router = Router(router_file=path, tiers=(None, str(tiny_moe[1])))
     scores = {name: np.array([router.score(small[i]["question"], name)[0] for i in ids])
               for name in ("features", "learned")}
-    scores["cascade"] = np.array([router.trained["cascade"].predict(
-        np.array([small[i]["mean_logprob"], small[i]["min_logprob"]])) for i in ids])
+    # the cascade as it escalates: the stacked model over learned, the probe's signals and the answer's confidence
+    assert "cascade_probe" in router.trained
+    scores["cascade"] = np.array([router.trained["cascade_probe"].predict(cascade_inputs(
+        router.score(small[i]["question"], "learned")[0], router.prober.signals(small[i]["question"]),
+        small[i]["mean_logprob"], small[i]["min_logprob"])[0]) for i in ids])
     # the probe's thresholds come from the outcomes as the others' do (reading the calibration questions' signals
     # is checked by test_router_probe's training test)
     assert "probe" in router.trained

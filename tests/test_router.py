@@ -15,7 +15,7 @@ from localmoe.home import paths, settings
 from localmoe.record.recorder import Recorder
 from localmoe.routing import evaluate as router_eval
 from localmoe.routing import train as router_train
-from localmoe.routing.router import Router, TokenEmbedder, features
+from localmoe.routing.router import Router, TokenEmbedder, cascade_inputs, features
 
 
 def db_rows(sql):
@@ -146,7 +146,10 @@ def test_learned_router_beats_features_on_held_out_real_labels(smollm):
     assert split_auc["learned"][0] > split_auc["features"][0]  # the split the shipped router is fitted on
     # the probe adds the small model's own reading of the question (its signals are stored in the labels)
     assert auc["probe"] > auc["learned"] and split_auc["probe"][0] > split_auc["learned"][0]
-    assert trained["default_strategy"] == "probe" == max(auc, key=auc.get)
+    # the cascade, which has seen the answer, ranks best, but it is never the default (it answers twice when it
+    # escalates): the best strategy that decides before answering is
+    assert auc["cascade"] > auc["probe"]
+    assert trained["default_strategy"] == "probe" == max((n for n in auc if n != "cascade"), key=auc.get)
     shipped = json.loads(open(router_train_path()).read())
     for name in auc:
         assert shipped["evaluation"]["auc"][name] == pytest.approx(auc[name], abs=1e-9)
@@ -186,18 +189,24 @@ def router_train_path():
 
 def _pick(rows, correct):
     """The labelled answer the shipped cascade model is surest about: the right one it scores lowest, or the wrong
-    one it scores highest (greedy decoding gives the same answer again)."""
-    model = router_eval.LogisticModel.from_dict(json.loads(open(router_train_path()).read())["cascade"])
+    one it scores highest (greedy decoding gives the same answer again). Scored as the cascade escalates: the
+    stacked model over learned, the question's stored probe signals and the answer's log-probabilities."""
+    model = router_eval.LogisticModel.from_dict(json.loads(open(router_train_path()).read())["cascade_probe"])
+    router = Router("learned")
     pool = [r for r in rows if r["small_wrong"] == (0 if correct else 1) and r["mean_logprob"] is not None]
-    scores = model.predict(np.array([[r["mean_logprob"], r["min_logprob"]] for r in pool]))
-    return pool[int(np.argmin(scores) if correct else np.argmax(scores))]
+    scores = model.predict(cascade_inputs(np.array([router.score(r["question"], "learned")[0] for r in pool]),
+                                          np.array([r["probe"] for r in pool]),
+                                          np.array([r["mean_logprob"] for r in pool]),
+                                          np.array([r["min_logprob"] for r in pool])))
+    return pool[int(np.argmin(scores) if correct else np.argmax(scores))], float(scores.min() if correct
+                                                                                 else scores.max())
 
 
 def test_cascade_escalates_on_a_wrong_answer_and_not_on_a_right_one(home, tiny_moe):
     rows = router_train.shipped_labels()
-    wrong, right = _pick(rows, correct=False), _pick(rows, correct=True)
-    # a threshold of its own: that right answer scores about 0.44 and the wrong one about 0.99, whatever the shipped
-    # preferences' thresholds are
+    (wrong, p_wrong), (right, p_right) = _pick(rows, correct=False), _pick(rows, correct=True)
+    # a threshold of its own, whatever the shipped preferences' thresholds are
+    assert p_right < 0.8 <= p_wrong
     s = settings.Settings(large=str(tiny_moe[1]), strategy="cascade", preference=0.8)
     a = Assistant(user_settings=s, overrides={"temperature": 0.0, "max_tokens": 96})
     try:
@@ -209,6 +218,9 @@ def test_cascade_escalates_on_a_wrong_answer_and_not_on_a_right_one(home, tiny_m
     assert r_wrong.escalated and r_wrong.reply.model == "tiny-moe" and r_wrong.small_reply is not None
     assert "escalated" in r_wrong.decision.reason
     assert not r_right.escalated and r_right.reply.model == "smollm2-135m-instruct"
+    # judged as the stacked model judges them: the answer's confidence with the probe's reading of the question
+    assert f"{p_right:.0%} risk" in r_right.decision.reason, (p_right, r_right.decision.reason)
+    assert f"estimated {p_wrong:.0%} chance" in r_wrong.decision.reason, (p_wrong, r_wrong.decision.reason)
     decisions = db_rows("select tier, escalated_from from routing_decisions order by message_id")
     assert [d["tier"] for d in decisions] == ["small", "large", "small"]
     assert decisions[1]["escalated_from"] is not None

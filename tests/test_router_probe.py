@@ -210,14 +210,16 @@ def test_the_assistant_probes_only_when_a_larger_tier_could_answer(home, tiny_mo
     assert both.router.prober._engine is None
 
 
-def test_loading_the_probes_model_is_not_charged_to_the_first_decision(home, tiny_moe, monkeypatch):
+@pytest.mark.parametrize("strategy", ["probe", "cascade"])
+def test_loading_the_probes_model_is_not_charged_to_the_first_decision(home, tiny_moe, monkeypatch, strategy):
     """As loading the answering model is not metered, neither is loading the probe's: it is loaded before the
-    decision's sampler starts, and the decision's joules are its prompt evaluation's."""
+    decision's sampler starts, and the decision's joules are its prompt evaluation's. The cascade reads the
+    question with the probe too (it judges the answer with those signals)."""
     from localmoe.chat.assistant import Assistant
     from localmoe.chat.session import Session
 
     home.mkdir(parents=True, exist_ok=True)
-    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n[router]\nstrategy = "{strategy}"\n')
     a = Assistant()
     loaded_at_start = []
     real = Session.sampler
@@ -230,4 +232,65 @@ def test_loading_the_probes_model_is_not_charged_to_the_first_decision(home, tin
     monkeypatch.setattr(Session, "sampler", spy)
     d = a.route(HARD)
     a.close()
-    assert loaded_at_start == [True] and d.strategy == "probe" and d.joules > 0
+    assert loaded_at_start == [True] and d.strategy == strategy and d.joules > 0
+
+
+def test_the_cascade_judges_an_answer_with_what_the_probe_knew(smollm, tmp_path):
+    """After a small answer the cascade's score is the stacked model of the router file over learned's log-odds,
+    the question's three signals and the answer's mean and lowest token log-probability, computed here by hand.
+    Where the probe cannot read the question, or the file has no stacked model, the answer's confidence alone
+    decides, said once."""
+    data = json.loads(trained_path().read_text())
+    assert data["cascade_inputs"] == ["learned", *SIGNALS, "answer_mean_logprob", "answer_min_logprob"]
+    m = data["cascade_probe"]
+    r = Router("cascade", small_model_path=smollm.path)
+    d = r.route(HARD)
+    assert d.strategy == "cascade" and d.tier == "small" and "by the probe" in d.reason and d.notice is None
+    assert d.score == pytest.approx(r.score(HARD, "probe")[0])  # the pre-answer estimate on record
+    for mean_lp, min_lp in ((-0.2, -1.0), (-1.5, -6.0)):
+        x = np.array([float(log_odds(r.score(HARD, "learned")[0])), *Prober(smollm.path).signals(HARD),
+                      mean_lp, min_lp])
+        z = float(np.array(m["weights"]) @ ((x - np.array(m["mean"])) / np.array(m["std"])) + m["bias"])
+        assert r.cascade_score(mean_lp, min_lp, HARD) == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-6)
+    # an unsure answer is more likely wrong than a sure one to the same question
+    assert r.cascade_score(-1.5, -6.0, HARD) > r.cascade_score(-0.2, -1.0, HARD)
+    # and the question counts: the same confidence on a question the probe finds hard scores higher
+    assert r.cascade_score(-0.5, -2.0, HARD) > r.cascade_score(-0.5, -2.0, EASY)
+
+    def alone(mean_lp: float, min_lp: float) -> float:
+        c = data["cascade"]
+        x = (np.array([mean_lp, min_lp]) - np.array(c["mean"])) / np.array(c["std"])
+        return 1 / (1 + math.exp(-float(np.array(c["weights"]) @ x + c["bias"])))
+
+    long_q = "Tell me about this: " + "the quick brown fox jumps over the lazy dog " * 80
+    first, second = r.route(long_q), r.route(long_q + "!")
+    assert first.strategy == "cascade" and "confidence alone" in first.notice and second.notice is None
+    assert r.cascade_score(-0.5, -2.0, long_q) == pytest.approx(alone(-0.5, -2.0), abs=1e-6)
+    assert r.cascade_score(-0.5, -2.0) == pytest.approx(alone(-0.5, -2.0), abs=1e-6)  # no question given
+
+    del data["cascade_probe"]
+    (tmp_path / "router.json").write_text(json.dumps(data))
+    old = Router("cascade", router_file=tmp_path / "router.json", small_model_path=smollm.path)
+    assert "by features" in old.route(HARD).reason and "prober" not in old.__dict__  # no probe loaded for it
+    assert old.cascade_score(-0.5, -2.0, HARD) == pytest.approx(alone(-0.5, -2.0), abs=1e-6)
+    data["cascade_probe"] = {**m, "weights": [1.0, 2.0]}
+    (tmp_path / "router.json").write_text(json.dumps(data))
+    bad = Router("cascade", router_file=tmp_path / "router.json", small_model_path=smollm.path)
+    assert "cascade_probe" not in bad.trained and bad.route(HARD).strategy == "cascade"
+
+
+def test_training_stacks_the_cascade_and_never_makes_it_the_default(smollm):
+    """The cascade's model is fitted on rows with both the probe's signals and the answer's log-probabilities; it
+    ranks held-out failures better than the probe (it has seen the answer) but answers every question twice when it
+    escalates, so the default is the best strategy that decides before answering."""
+    rows = router_train.shipped_labels()
+    trained = router_train.train(rows, TokenEmbedder(smollm.path), seeds=(0,))
+    auc = trained["evaluation"]["auc"]
+    assert len(trained["cascade_probe"]["weights"]) == 6 and "cascade" in trained["thresholds"]
+    assert auc["cascade"] > auc["probe"] > auc["learned"]
+    assert trained["default_strategy"] == "probe"
+    assert router_train._default({"cascade": 0.9, "features": 0.6, "learned": 0.7}) == "learned"
+    for r in rows:
+        r["probe"] = None
+    plain = router_train.train(rows, TokenEmbedder(smollm.path), seeds=(0,))
+    assert "cascade_probe" not in plain and "cascade" in plain["evaluation"]["auc"]

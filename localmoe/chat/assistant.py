@@ -58,7 +58,7 @@ class RoutedReply:
             bigger = a.available("large") if d.strategy == "cascade" and self.reply.status == "complete" else None
             if bigger is not None and bigger != d.tier:
                 s = self.reply.stats
-                escalate, _p, why = a.router.cascade_escalates(s.mean_logprob, s.min_logprob)
+                escalate, _p, why = a.router.cascade_escalates(s.mean_logprob, s.min_logprob, self.prompt)
                 d.reason = why
                 if escalate:
                     self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, bigger
@@ -271,7 +271,7 @@ class Assistant:
         on the small model, and an answer's cost includes choosing who gives it. Loading the probe's model is not
         metered, as loading the answering model is not."""
         strategy = self.routing_strategy()
-        if (strategy or self.router.strategy) == "probe":  # a pinned model never gets here (route returns first)
+        if self.router.uses_probe(strategy):  # a pinned model never gets here (route returns first)
             self._load_prober()
         sampler = None
         if self.tier_ref("small") is not None:
@@ -301,9 +301,9 @@ class Assistant:
         return r.strategy == "probe" and (r.chosen or self.available("large", load=False) != "small")
 
     def warm_router(self) -> None:
-        """Load the probe's model ahead of the first question (the chat does, while the user types); a model it
-        cannot load is left to the first decision, which says so once and routes by learned."""
-        if self.pinned is None and self._probes():
+        """Load the probe's model ahead of the first question (the chat does, while the user types; the cascade reads
+        the question with it too); a model it cannot load is left to the first decision, which says so once."""
+        if self.pinned is None and (self._probes() or self.router.strategy == "cascade" and self.router.uses_probe()):
             self._load_prober()
 
     def _load_prober(self) -> None:

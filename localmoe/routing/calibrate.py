@@ -228,15 +228,15 @@ def training_rows(rec: Recorder, done: list[dict[str, Any]], small: models.Model
 
 def strategy_scores(router: Router, done: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Each strategy's score for each calibration question, as the written router gives it: `features` and
-    `learned` before answering, `cascade` from the small answer's log-probabilities (what it escalates on)."""
+    `learned` before answering, `cascade` from the small answer's log-probabilities and the probe's reading of the
+    question (what it escalates on)."""
     out = {name: np.array([router.score(o["question"], name)[0] for o in done]) for name in ("features", "learned")}
     if "probe" in (router.trained or {}):
         # a question too long for the probe is routed by learned: so it is scored here
         out["probe"] = np.array([router.routed_score(o["question"], "probe") for o in done])
     if router.trained is not None and all(o["mean_logprob"] is not None and o["min_logprob"] is not None
                                           for o in done):
-        model = router.trained["cascade"]
-        out["cascade"] = np.array([float(model.predict(np.array([o["mean_logprob"], o["min_logprob"]])))
+        out["cascade"] = np.array([router.cascade_score(o["mean_logprob"], o["min_logprob"], o["question"])
                                    for o in done])
     return out
 

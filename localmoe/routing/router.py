@@ -15,8 +15,11 @@ Strategies:
   (`probe`); a logistic model over those three, trained on the same labels, adds its log-odds to `learned`'s. It
   costs about one prefill of the question on the small model (p50 0.25 s on 2 cores), so it is for answering paths,
   where that is small beside the answer; questions too long to probe are routed by `learned`.
-- `cascade`: the small model answers first; if its confidence (token log-probabilities) is low, the large tier
-  answers again. Before answering it can only say "small first".
+- `cascade`: the small model answers first; the large tier answers again when the answer looks wrong. It judges
+  the answer by its confidence (mean and lowest token log-probability) together with what the probe knew before
+  answering (`learned`'s log-odds and the three signals of the question): one logistic model over the six
+  (`cascade_probe` in the router file). Where the probe cannot read the question, the answer's confidence alone
+  decides (`cascade`). It is never the default: an escalated question is answered twice.
 
 The trained models live in `assets/router/router.json` (shipped, trained on the project's own suites with labels
 from real runs of the embedded model) or in `<data dir>/router.json` after `localmoe router train`.
@@ -243,6 +246,17 @@ def combine_probe(p_learned: np.ndarray | float, p_probe: np.ndarray | float, pr
     return 1 / (1 + np.exp(-z))
 
 
+CASCADE_INPUTS = ("learned", *SIGNALS, "answer_mean_logprob", "answer_min_logprob")
+
+
+def cascade_inputs(p_learned: np.ndarray | float, signals: np.ndarray, mean_logprob: np.ndarray | float,
+                   min_logprob: np.ndarray | float) -> np.ndarray:
+    """The cascade's inputs after a small answer: learned's log-odds, the probe's signals of the question, and the
+    answer's mean and lowest token log-probability."""
+    return np.column_stack([np.atleast_1d(log_odds(p_learned)), np.atleast_2d(signals),
+                            np.atleast_1d(mean_logprob), np.atleast_1d(min_logprob)])
+
+
 def stack_inputs(p_features: np.ndarray | float, similar: np.ndarray | float) -> np.ndarray:
     """The learned strategy's inputs: the log-odds of the features estimate and of the neighbours' share."""
     return np.stack([log_odds(p_features), log_odds(similar)], axis=-1)
@@ -286,6 +300,13 @@ def _load_trained(path: Path) -> dict[str, Any]:
                 # the other strategies are still good: only the probe is dropped, and said so when it is wanted
                 del data["probe"]
                 data["probe_error"] = f"the router file's probe model is unreadable ({exc})"
+        if "cascade_probe" in data:
+            try:
+                data["cascade_probe"] = LogisticModel.from_dict(data["cascade_probe"])
+                if data["cascade_probe"].weights.size != len(CASCADE_INPUTS):
+                    raise ValueError("it does not match its inputs")
+            except (ValueError, KeyError, TypeError):
+                del data["cascade_probe"]  # the cascade then judges the answer by its confidence alone
         nb = data["neighbours"]
         nb["matrix"] = decode_matrix(nb["embeddings"])
         nb["y"] = np.array(nb["labels"], dtype=np.float64)
@@ -399,6 +420,12 @@ class Router:
         table = (self.trained or {}).get("thresholds", {}).get(strategy, DEFAULT_THRESHOLDS)
         return {name: float(table.get(name, default)) for name, default in DEFAULT_THRESHOLDS.items()}
 
+    def uses_probe(self, strategy: str | None = None) -> bool:
+        """Whether `strategy`'s decisions read the question on the small model: probe's, and the cascade's when the
+        router file can judge an answer with the probe's signals."""
+        strategy = strategy or self.strategy
+        return strategy == "probe" or (strategy == "cascade" and "cascade_probe" in (self.trained or {}))
+
     def _small_path(self) -> str | Path:
         if self.small_model_path is None:
             from localmoe.home import models
@@ -475,10 +502,17 @@ class Router:
         t0 = time.perf_counter()
         strategy = strategy or self.strategy
         told = list(self.notices)
-        # The cascade answers small first; its pre-answer score is the features estimate, for the record.
+        # The cascade answers small first; its pre-answer score is recorded, and the probe's reading of the question
+        # (memoised) is what it judges the answer with.
         chain = {"probe": ["probe", "learned", "features"], "learned": ["learned", "features"],
                  "cascade": ["features"]}.get(strategy, ["features"])
-        for i, candidate in enumerate(chain):
+        if strategy == "cascade" and "cascade_probe" in (self.trained or {}):
+            try:
+                p, pulls = self.score(prompt, "probe")
+                chain = []
+            except LocalmoeError as exc:
+                told = [*told, f"{exc}; the cascade judges the small answer by its confidence alone"]
+        for i, candidate in enumerate(chain):  # empty when the cascade's probe already scored it
             try:
                 p, pulls = self.score(prompt, candidate)
                 break
@@ -494,22 +528,36 @@ class Router:
         threshold = self.threshold(strategy)
         if strategy == "cascade":
             tier = "small"
-            reason = (f"cascade: the small model answers first and the large one takes over if its confidence is "
-                      f"low (features estimate {p:.0%} it would be wrong)")
+            reason = (f"cascade: the small model answers first and the large one takes over if its answer looks "
+                      f"wrong (estimated {p:.0%} before answering, by {'the probe' if not chain else 'features'})")
         else:
             tier = "large" if p >= threshold else "small"
             reason = _reason(tier, p, threshold, pulls, features(prompt))
         return Decision(tier, None, strategy, p, threshold, reason, (time.perf_counter() - t0) * 1000, notice,
                         signals=pulls)
 
-    def cascade_escalates(self, mean_logprob: float | None, min_logprob: float | None) -> tuple[bool, float, str]:
-        """After a small-tier answer: escalate? Returns (escalate, P(wrong), reason)."""
+    def cascade_score(self, mean_logprob: float, min_logprob: float, prompt: str | None = None) -> float:
+        """P(the small answer is wrong) from its confidence and, given the question and a router file with the
+        stacked model, what the probe knew before answering (its signals are memoised from the decision)."""
+        if self.trained is None:
+            return 1 / (1 + math.exp(-(-4.0 * mean_logprob - 1.5)))
+        if prompt is not None and "cascade_probe" in self.trained:
+            try:
+                p_learned = self.score(prompt, "learned")[0]
+                signals = self.prober.signals(prompt)
+            except LocalmoeError:
+                signals = None
+            if signals is not None:
+                x = cascade_inputs(p_learned, signals, mean_logprob, min_logprob)[0]
+                return float(self.trained["cascade_probe"].predict(x))
+        return float(self.trained["cascade"].predict(np.array([mean_logprob, min_logprob])))
+
+    def cascade_escalates(self, mean_logprob: float | None, min_logprob: float | None,
+                          prompt: str | None = None) -> tuple[bool, float, str]:
+        """After a small-tier answer to `prompt`: escalate? Returns (escalate, P(wrong), reason)."""
         if mean_logprob is None or min_logprob is None:
             return False, 0.0, "no token probabilities to judge the small answer by"
-        if self.trained is not None:
-            p = float(self.trained["cascade"].predict(np.array([mean_logprob, min_logprob])))
-        else:
-            p = 1 / (1 + math.exp(-(-4.0 * mean_logprob - 1.5)))
+        p = self.cascade_score(mean_logprob, min_logprob, prompt)
         threshold = self.threshold("cascade")
         confidence = math.exp(mean_logprob)
         if p >= threshold:

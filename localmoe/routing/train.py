@@ -22,9 +22,11 @@ from localmoe.record.recorder import Recorder
 from localmoe.routing import evaluate as router_eval
 from localmoe.routing.probe import SIGNALS, Prober
 from localmoe.routing.router import (
+    CASCADE_INPUTS,
     FEATURE_NAMES,
     ROUTER_VERSION,
     TokenEmbedder,
+    cascade_inputs,
     centred,
     combine_probe,
     encode_matrix,
@@ -158,8 +160,15 @@ def train(rows: list[dict[str, Any]], embedder: TokenEmbedder, *, seeds: tuple[i
                                                   if name in r["evaluation"]["curve"]])))
                           for i, (share, _) in enumerate(ev["curve"][name])] for name in ev["curve"]}
     ev["splits"] = len(runs)
-    out["default_strategy"] = max(ev["auc"], key=ev["auc"].get)
+    out["default_strategy"] = _default(ev["auc"])
     return out
+
+
+def _default(auc: dict[str, float]) -> str:
+    """The best strategy that decides before answering: the cascade answers every question on the small tier
+    first, and those it escalates twice, so it is chosen by name only."""
+    before = {name: v for name, v in auc.items() if name != "cascade"}
+    return max(before, key=before.get) if before else "features"
 
 
 def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx: np.ndarray, has_sig: np.ndarray,
@@ -216,12 +225,22 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
         models_["cascade"] = router_eval.fit_logistic(cx[lp_train], y[lp_train], l2=1.0)
     else:  # no confidence data: a fixed rule, flagged in the evaluation
         models_["cascade"] = router_eval.LogisticModel(np.array([-4.0, 0.0]), -1.5, np.zeros(2), np.ones(2))
+    # After answering, the cascade also knows what the probe knew before: learned's estimate (out-of-fold for a
+    # training row) and the question's signals, stacked with the answer's confidence.
+    both_train = lp_train[has_sig[lp_train]]
+    x_cascade = cascade_inputs(p_learned, sx, cx[:, 0], cx[:, 1])
+    cascade_probe = None
+    if "probe" in models_ and len(both_train) >= 20 and len(set(y[both_train])) == 2:
+        cascade_probe = router_eval.fit_logistic(x_cascade[both_train], y[both_train], l2=1.0)
 
     def scores_of(name: str, idx: np.ndarray) -> np.ndarray:
         if name == "probe":
             p = combine_probe(p_learned[idx], models_["probe"].predict(sx[idx]), probe_prior)
             # a question without signals (too long to probe) is routed by learned: so it is scored
             return np.where(has_sig[idx], p, p_learned[idx])
+        if name == "cascade" and cascade_probe is not None:
+            # as it runs: the stacked model where the probe read the question, the answer's confidence elsewhere
+            return np.where(has_sig[idx], cascade_probe.predict(x_cascade[idx]), models_["cascade"].predict(cx[idx]))
         return models_[name].predict({"features": fx, "learned": learned_x, "cascade": cx}[name][idx])
 
     subsets = {"cascade": (lp_train, lp_test)}
@@ -242,7 +261,7 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
             large = np.array([rows[i]["large_correct"] for i in te])
             evaluation["apgr"][name] = router_eval.apgr(scores, 1 - y[te], large)
             evaluation.setdefault("curve", {})[name] = curve(scores, 1 - y[te], large)
-    best = max(evaluation["auc"], key=evaluation["auc"].get) if evaluation["auc"] else "features"
+    best = _default(evaluation["auc"])
     return {
         "version": ROUTER_VERSION, "feature_names": FEATURE_NAMES, "default_strategy": best,
         "embedder": {"kind": "token-embedding-mean", "dim": int(emb.shape[1])},
@@ -250,6 +269,8 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
         "neighbours": {"k": k_best, "sharpness": sharp_best, "labels": y[train_idx].astype(int).tolist(),
                        "centre": centre.tolist(), "embeddings": encode_matrix(emb[train_idx])},
         **{name: m.to_dict() for name, m in models_.items()},
+        **({"cascade_probe": cascade_probe.to_dict(), "cascade_inputs": list(CASCADE_INPUTS)}
+           if cascade_probe is not None else {}),
         **({"probe_signals": list(SIGNALS), "probe_prior": probe_prior} if "probe" in models_ else {}),
         "thresholds": thresholds, "evaluation": evaluation,
         "sources": sorted({r["source"] for r in rows}), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
