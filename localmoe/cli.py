@@ -811,6 +811,10 @@ def _bench_router(args: argparse.Namespace) -> int:
     y = np.array([r["small_wrong"] for r in rows], dtype=float)
     small, large = 1 - y, np.array([r["large_correct"] for r in rows])
     router = Router()
+    if router.trained is not None and any(r["probe"] is not None for r in rows):
+        for r in rows:  # signals stored with the labels (router_probe_labels.py): what training fitted on
+            if r["probe"] is not None:
+                router.prober.remember(r["question"], np.array(r["probe"]))
     out: dict[str, Any] = {"suite": args.labels, "held_out": bool(args.held_out), "n": len(rows),
                            "small_accuracy": float(small.mean()), "large_accuracy": float(large.mean()),
                            "strategies": {}, "baselines": {},
@@ -1198,13 +1202,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "accuracy at each operating point, APGR and CPT(50%)/CPT(80%) (RouteLLM), beside "
                          "baselines that only count digits or characters. The file is JSONL with "
                          "`question`, `small_correct` and optionally `large_correct` (default 1), `mean_logprob`, "
-                         "`min_logprob` (for the cascade).")
+                         "`min_logprob` (for the cascade), `probe` (the small model's three signals of the question, "
+                         "as benchmarks/router_probe_labels.py stores them; read live where absent).")
     br.add_argument("--suite", dest="labels", required=True, help="labelled JSONL file")
     br.add_argument("--held-out", action="store_true",
                     help="only the rows `router train` holds out (its first stratified split): with the shipped "
                     "labels, the in-distribution test set of the shipped router")
     br.add_argument("--strategies", help="comma-separated strategies to evaluate (default: all of features, "
-                    "learned, probe, cascade; probe reads every question with the small model, ~0.2 s each)")
+                    "learned, probe, cascade; probe and cascade read every question with the small model, ~0.2 s "
+                    "each, unless the file stores its signals)")
     br.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     bl = bsub.add_parser("list", help="list benchmark runs")
     bl.add_argument("--json", action="store_true", help="print the runs as JSON")

@@ -229,9 +229,11 @@ def test_cascade_escalates_on_a_wrong_answer_and_not_on_a_right_one(home, tiny_m
 def test_bench_router_reports_auc_share_and_apgr(home, tmp_path):
     src = router_train.shipped_labels()[:80]
     suite = tmp_path / "labelled.jsonl"
+    # with the probe's stored signals, as the shipped labels have them: the cascade reads none live
     suite.write_text("".join(json.dumps({"question": r["question"], "small_correct": 1 - r["small_wrong"],
                                          "large_correct": 1, "mean_logprob": r["mean_logprob"],
-                                         "min_logprob": r["min_logprob"]}) + "\n" for r in src))
+                                         "min_logprob": r["min_logprob"], "probe": r["probe"]}) + "\n"
+                             for r in src))
     r = run_cli("bench", "router", "--suite", str(suite), "--json", "--strategies", "features,learned,cascade")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

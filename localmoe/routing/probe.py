@@ -51,6 +51,7 @@ class Prober:
         self._memo: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self._lock = threading.RLock()
         self._failed: LocalmoeError | None = None  # a model that cannot load is not tried again on every question
+        self._known: dict[str, np.ndarray] = {}  # signals read earlier by this model (a label file's), kept whole
 
     def load(self) -> Any:
         """The probe's engine, loaded on first use (callers that can wait early call it ahead of a question)."""
@@ -75,6 +76,8 @@ class Prober:
     def signals(self, question: str) -> np.ndarray | None:
         """The question's signals, or None when its prompt does not fit the probe's context."""
         with self._lock:
+            if question in self._known:
+                return self._known[question]
             if question in self._memo:
                 self._memo.move_to_end(question)
                 return self._memo[question]
@@ -85,6 +88,12 @@ class Prober:
             if len(self._memo) > _MEMO:
                 self._memo.popitem(last=False)
             return out
+
+    def remember(self, question: str, signals: np.ndarray) -> None:
+        """Signals this model gave `question` before (a label file stores them): used instead of reading it again,
+        so an evaluation scores exactly what training saw, without a prompt evaluation per question."""
+        with self._lock:
+            self._known[question] = np.asarray(signals, dtype=np.float64)
 
     def close(self) -> None:
         with self._lock:
