@@ -389,6 +389,11 @@ def test_select_meter_without_rapl_adds_the_cpu_estimate_to_a_gpu_meter(root: Pa
     busy[0] += 2.0  # two busy CPU seconds: 20 J at 10 W per core
     energy[0] += 3_000  # 3 J on the GPU
     assert meter.read() - start == pytest.approx(23.0)
+    from localmoe.bench.report import energy_note
+
+    note = energy_note({"meter": meter.name, "measured": meter.measured})
+    assert "PARTLY ESTIMATED" in note and "GPU's measured" in note
+    assert "ESTIMATED (no power sensor" in energy_note({"meter": EstimateMeter().name, "measured": False})
 
     amd_card(root, "card0", "power1_average", 45_000_000)
     monkeypatch.delitem(sys.modules, "pynvml")

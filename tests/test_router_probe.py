@@ -210,6 +210,41 @@ def test_the_assistant_probes_only_when_a_larger_tier_could_answer(home, tiny_mo
     assert both.router.prober._engine is None
 
 
+def test_the_cascade_reads_the_question_only_when_it_could_escalate(home, tiny_moe):
+    """With nothing larger installed the cascade's answer is never judged, so its decision does not load or run the
+    probe (features records its estimate, in well under a second); with a large tier it reads the question, and
+    the chat loads the probe's model ahead."""
+    from localmoe.chat.assistant import Assistant
+
+    alone = Assistant(strategy="cascade")
+    alone.warm_router()
+    d = alone.route(HARD)
+    assert d.strategy == "cascade" and d.tier == "small" and "by features" in d.reason
+    assert "prober" not in alone.router.__dict__ and d.notice is None
+    alone.close()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n[router]\nstrategy = "cascade"\n')
+    both = Assistant()
+    both.warm_router()
+    assert both.router.prober._engine is not None and both.router.prober._engine.loaded
+    d = both.route(HARD)
+    assert d.strategy == "cascade" and d.tier == "small" and "by the probe" in d.reason and d.joules > 0
+    both.close()
+
+
+def test_the_cascade_with_a_probe_that_cannot_load_judges_by_confidence_alone_once(smollm, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    r = Router("cascade", small_model_path=smollm.path, prober=Prober(bad))
+    d = r.route(HARD)
+    assert d.strategy == "cascade" and "broken.gguf" in d.notice and "confidence alone" in d.notice
+    assert "by features" in d.reason and r.route(EASY).notice is None
+    c = json.loads(trained_path().read_text())["cascade"]
+    z = float(np.array(c["weights"]) @ ((np.array([-0.5, -2.0]) - np.array(c["mean"])) / np.array(c["std"]))
+              + c["bias"])
+    assert r.cascade_score(-0.5, -2.0, HARD) == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["probe", "cascade"])
 def test_loading_the_probes_model_is_not_charged_to_the_first_decision(home, tiny_moe, monkeypatch, strategy):
     """As loading the answering model is not metered, neither is loading the probe's: it is loaded before the
@@ -273,10 +308,15 @@ def test_the_cascade_judges_an_answer_with_what_the_probe_knew(smollm, tmp_path)
     old = Router("cascade", router_file=tmp_path / "router.json", small_model_path=smollm.path)
     assert "by features" in old.route(HARD).reason and "prober" not in old.__dict__  # no probe loaded for it
     assert old.cascade_score(-0.5, -2.0, HARD) == pytest.approx(alone(-0.5, -2.0), abs=1e-6)
-    data["cascade_probe"] = {**m, "weights": [1.0, 2.0]}
-    (tmp_path / "router.json").write_text(json.dumps(data))
-    bad = Router("cascade", router_file=tmp_path / "router.json", small_model_path=smollm.path)
-    assert "cascade_probe" not in bad.trained and bad.route(HARD).strategy == "cascade"
+    good = json.loads(trained_path().read_text())
+    for broken in ({"cascade_probe": {**m, "weights": [1.0, 2.0]}},
+                   {"cascade_inputs": list(reversed(good["cascade_inputs"]))},  # a future order is not read as this
+                   {"probe": {**good["probe"], "weights": [1.0]}}):  # the probe dropped: the cascade cannot read
+        (tmp_path / "router.json").write_text(json.dumps({**good, **broken}))
+        bad = Router("cascade", router_file=tmp_path / "router.json", small_model_path=smollm.path)
+        assert "cascade_probe" not in bad.trained, broken
+        assert "by features" in bad.route(HARD).reason and "prober" not in bad.__dict__, broken
+        assert bad.cascade_score(-0.5, -2.0, HARD) == pytest.approx(alone(-0.5, -2.0), abs=1e-6)
 
 
 def test_training_stacks_the_cascade_and_never_makes_it_the_default(smollm):

@@ -31,7 +31,12 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
 
 
 def energy_note(res: dict[str, Any]) -> str:
-    kind = "measured" if res["measured"] else "ESTIMATED (no power sensor readable; figures from CPU time)"
+    if res["measured"]:
+        kind = "measured"
+    elif ")+" in res["meter"]:  # a composite: the CPU-time estimate beside a GPU meter (no RAPL)
+        kind = "PARTLY ESTIMATED (the CPU's share from CPU time, no RAPL readable; the GPU's measured)"
+    else:
+        kind = "ESTIMATED (no power sensor readable; figures from CPU time)"
     return f"energy: {res['meter']}, {kind}"
 
 

@@ -58,8 +58,8 @@ class RoutedReply:
             bigger = a.available("large") if d.strategy == "cascade" and self.reply.status == "complete" else None
             if bigger is not None and bigger != d.tier:
                 s = self.reply.stats
-                escalate, _p, why = a.router.cascade_escalates(s.mean_logprob, s.min_logprob, self.prompt)
-                d.reason = why
+                escalate, p, why = a.router.cascade_escalates(s.mean_logprob, s.min_logprob, self.prompt)
+                d.score, d.reason = p, why  # the score its threshold was compared with: after the answer
                 if escalate:
                     self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, bigger
                     a._record(self.small_reply, Decision(**{**vars(d), "tier": "small", "escalated": False}))
@@ -244,7 +244,8 @@ class Assistant:
                          f"{tier}: asked for with --tier {tier}", 0.0)
         else:
             # `route` (load=False) only names the tier: no meter is started for it
-            d = self._metered_decision(prompt) if load else self.router.route(prompt, self.routing_strategy())
+            d = self._metered_decision(prompt) if load else self.router.route(prompt, self.routing_strategy(),
+                                                                                 read=self._larger())
         actual = self.available(d.tier, load, fall_back=tier is None)
         if actual != d.tier:
             hint = self._add_tier_hint(d.tier)
@@ -271,7 +272,8 @@ class Assistant:
         on the small model, and an answer's cost includes choosing who gives it. Loading the probe's model is not
         metered, as loading the answering model is not."""
         strategy = self.routing_strategy()
-        if self.router.uses_probe(strategy):  # a pinned model never gets here (route returns first)
+        read = self._larger()
+        if self.router.uses_probe(strategy, read):  # a pinned model never gets here (route returns first)
             self._load_prober()
         sampler = None
         if self.tier_ref("small") is not None:
@@ -280,7 +282,7 @@ class Assistant:
             except LocalmoeError:
                 sampler = None
         try:
-            d = self.router.route(prompt, strategy)
+            d = self.router.route(prompt, strategy, read=read)
         finally:
             reading = sampler.stop() if sampler is not None else None
         # a meter whose reads all failed measured nothing: that is no reading, not zero joules
@@ -298,12 +300,18 @@ class Assistant:
         than the small one could answer. With nothing larger, the probe's second model and prefill would buy only
         a sharper "probably wrong" mark, so by default learned (a millisecond) gives it."""
         r = self.router
-        return r.strategy == "probe" and (r.chosen or self.available("large", load=False) != "small")
+        return r.strategy == "probe" and (r.chosen or self._larger())
+
+    def _larger(self) -> bool:
+        """Whether a tier larger than the small one could answer (the cascade reads the question only then: with
+        nothing to escalate to, its answer is never judged)."""
+        return self.available("large", load=False) != "small"
 
     def warm_router(self) -> None:
         """Load the probe's model ahead of the first question (the chat does, while the user types; the cascade reads
         the question with it too); a model it cannot load is left to the first decision, which says so once."""
-        if self.pinned is None and (self._probes() or self.router.strategy == "cascade" and self.router.uses_probe()):
+        if self.pinned is None and (self._probes() or self.router.strategy == "cascade" and self._larger()
+                                    and self.router.uses_probe()):
             self._load_prober()
 
     def _load_prober(self) -> None:

@@ -302,7 +302,11 @@ def _load_trained(path: Path) -> dict[str, Any]:
                 data["probe_error"] = f"the router file's probe model is unreadable ({exc})"
         if "cascade_probe" in data:
             try:
+                if "probe" not in data:  # it is fitted beside the probe and reads the same signals
+                    raise ValueError("no probe model beside it")
                 data["cascade_probe"] = LogisticModel.from_dict(data["cascade_probe"])
+                if data.get("cascade_inputs") != list(CASCADE_INPUTS):
+                    raise ValueError("its inputs are not these")
                 if data["cascade_probe"].weights.size != len(CASCADE_INPUTS):
                     raise ValueError("it does not match its inputs")
             except (ValueError, KeyError, TypeError):
@@ -420,11 +424,11 @@ class Router:
         table = (self.trained or {}).get("thresholds", {}).get(strategy, DEFAULT_THRESHOLDS)
         return {name: float(table.get(name, default)) for name, default in DEFAULT_THRESHOLDS.items()}
 
-    def uses_probe(self, strategy: str | None = None) -> bool:
+    def uses_probe(self, strategy: str | None = None, read: bool = True) -> bool:
         """Whether `strategy`'s decisions read the question on the small model: probe's, and the cascade's when the
-        router file can judge an answer with the probe's signals."""
+        router file can judge an answer with the probe's signals and `read` (a larger tier could take over)."""
         strategy = strategy or self.strategy
-        return strategy == "probe" or (strategy == "cascade" and "cascade_probe" in (self.trained or {}))
+        return strategy == "probe" or (strategy == "cascade" and read and "cascade_probe" in (self.trained or {}))
 
     def _small_path(self) -> str | Path:
         if self.small_model_path is None:
@@ -495,8 +499,9 @@ class Router:
         except ProbeUnavailable:
             return self.score(prompt, "learned")[0]
 
-    def route(self, prompt: str, strategy: str | None = None) -> Decision:
-        """`strategy`: this decision's, instead of the router's."""
+    def route(self, prompt: str, strategy: str | None = None, read: bool = True) -> Decision:
+        """`strategy`: this decision's, instead of the router's. `read=False`: the cascade does not have the probe
+        read the question (nothing larger could take over, so its answer would not be judged)."""
         if not prompt.strip():
             raise UsageError("the prompt is empty")
         t0 = time.perf_counter()
@@ -506,7 +511,7 @@ class Router:
         # (memoised) is what it judges the answer with.
         chain = {"probe": ["probe", "learned", "features"], "learned": ["learned", "features"],
                  "cascade": ["features"]}.get(strategy, ["features"])
-        if strategy == "cascade" and "cascade_probe" in (self.trained or {}):
+        if self.uses_probe(strategy, read) and strategy == "cascade":
             try:
                 p, pulls = self.score(prompt, "probe")
                 chain = []

@@ -225,8 +225,8 @@ def _train_split(rows: list[dict[str, Any]], fx: np.ndarray, raw: np.ndarray, sx
         models_["cascade"] = router_eval.fit_logistic(cx[lp_train], y[lp_train], l2=1.0)
     else:  # no confidence data: a fixed rule, flagged in the evaluation
         models_["cascade"] = router_eval.LogisticModel(np.array([-4.0, 0.0]), -1.5, np.zeros(2), np.ones(2))
-    # After answering, the cascade also knows what the probe knew before: learned's estimate (out-of-fold for a
-    # training row) and the question's signals, stacked with the answer's confidence.
+    # After answering, the cascade also knows what the probe knew before: learned's estimate (from out-of-fold
+    # inputs for a training row) and the question's signals, stacked with the answer's confidence.
     both_train = lp_train[has_sig[lp_train]]
     x_cascade = cascade_inputs(p_learned, sx, cx[:, 0], cx[:, 1])
     cascade_probe = None
