@@ -371,7 +371,8 @@ def test_cascade_escalation_is_announced_on_stderr_between_the_answers(home, tin
     q = "Which city is the capital of Japan?"
     r = run_cli("ask", q, "--strategy", "cascade", "--preference", "0.001", "--max-tokens", "8", "--temperature", "0")
     assert r.returncode == 0, r.stderr
-    assert re.search(r"localmoe: escalated: the small model was unsure \(.*\); the large model answers:", r.stderr)
+    assert re.search(r"localmoe: escalated: the small answer looks wrong \(.*; with the probe's reading of the "
+                     r"question\); the large model answers:", r.stderr)
     kept = run_cli("ask", q, "--strategy", "cascade", "--preference", "0.999", "--max-tokens", "8",
                    "--temperature", "0")
     assert kept.returncode == 0, kept.stderr

@@ -158,7 +158,7 @@ def test_an_escalated_cascade_answer_shows_the_break_between_the_two_answers(hom
             answer = screen.query(Answer)[0]
             assert answer.decision.tier == "large" and answer.model == "tiny-moe"
             small, brk, large = answer.text.partition(
-                "\n\n---\n*The small model was unsure; the large model answers:*\n\n")
+                "\n\n---\n*The small answer looks wrong; the large model answers:*\n\n")
             assert brk and small.strip() and large.strip()  # the small answer, the break, then the large one
 
     asyncio.run(run())

@@ -323,7 +323,7 @@ class ChatScreen(Screen):
 
             def escalated(_: Any) -> None:
                 flush(force=True)  # the rest of the small answer, then a visible break
-                self.post_message(self.Chunk(answer, "\n\n---\n*The small model was unsure; the large model "
+                self.post_message(self.Chunk(answer, "\n\n---\n*The small answer looks wrong; the large model "
                                                      "answers:*\n\n"))
                 state["sent"] = 0
                 self._tell_remote(routed)

@@ -544,8 +544,12 @@ class Router:
     def cascade_score(self, mean_logprob: float, min_logprob: float, prompt: str | None = None) -> float:
         """P(the small answer is wrong) from its confidence and, given the question and a router file with the
         stacked model, what the probe knew before answering (its signals are memoised from the decision)."""
+        return self._cascade(mean_logprob, min_logprob, prompt)[0]
+
+    def _cascade(self, mean_logprob: float, min_logprob: float, prompt: str | None) -> tuple[float, bool]:
+        """(the cascade's score, whether the probe's reading of the question entered it)."""
         if self.trained is None:
-            return 1 / (1 + math.exp(-(-4.0 * mean_logprob - 1.5)))
+            return 1 / (1 + math.exp(-(-4.0 * mean_logprob - 1.5))), False
         if prompt is not None and "cascade_probe" in self.trained:
             try:
                 p_learned = self.score(prompt, "learned")[0]
@@ -554,21 +558,22 @@ class Router:
                 signals = None
             if signals is not None:
                 x = cascade_inputs(p_learned, signals, mean_logprob, min_logprob)[0]
-                return float(self.trained["cascade_probe"].predict(x))
-        return float(self.trained["cascade"].predict(np.array([mean_logprob, min_logprob])))
+                return float(self.trained["cascade_probe"].predict(x)), True
+        return float(self.trained["cascade"].predict(np.array([mean_logprob, min_logprob]))), False
 
     def cascade_escalates(self, mean_logprob: float | None, min_logprob: float | None,
                           prompt: str | None = None) -> tuple[bool, float, str]:
         """After a small-tier answer to `prompt`: escalate? Returns (escalate, P(wrong), reason)."""
         if mean_logprob is None or min_logprob is None:
             return False, 0.0, "no token probabilities to judge the small answer by"
-        p = self.cascade_score(mean_logprob, min_logprob, prompt)
+        p, read = self._cascade(mean_logprob, min_logprob, prompt)
         threshold = self.threshold("cascade")
-        confidence = math.exp(mean_logprob)
+        seen = (f"token probabilities: mean {math.exp(mean_logprob):.2f}, lowest {math.exp(min_logprob):.2f}"
+                + ("; with the probe's reading of the question" if read else ""))
         if p >= threshold:
-            return True, p, (f"escalated: the small model was unsure (mean token probability {confidence:.2f}, "
-                             f"estimated {p:.0%} chance of a wrong answer ≥ {threshold:.0%})")
-        return False, p, f"kept the small answer (mean token probability {confidence:.2f}, {p:.0%} risk)"
+            return True, p, (f"escalated: the small answer looks wrong (estimated {p:.0%} chance of a wrong "
+                             f"answer ≥ {threshold:.0%}; {seen})")
+        return False, p, f"kept the small answer ({p:.0%} risk < {threshold:.0%}; {seen})"
 
 
 class ProbeUnavailable(LocalmoeError):
