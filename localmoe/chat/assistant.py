@@ -310,8 +310,7 @@ class Assistant:
     def warm_router(self) -> None:
         """Load the probe's model ahead of the first question (the chat does, while the user types; the cascade reads
         the question with it too); a model it cannot load is left to the first decision, which says so once."""
-        if self.pinned is None and (self._probes() or self.router.strategy == "cascade" and self._larger()
-                                    and self.router.uses_probe()):
+        if self.pinned is None and self.router.uses_probe(self.routing_strategy(), self._larger()):
             self._load_prober()
 
     def _load_prober(self) -> None:

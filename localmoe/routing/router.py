@@ -511,7 +511,7 @@ class Router:
         # (memoised) is what it judges the answer with.
         chain = {"probe": ["probe", "learned", "features"], "learned": ["learned", "features"],
                  "cascade": ["features"]}.get(strategy, ["features"])
-        if self.uses_probe(strategy, read) and strategy == "cascade":
+        if strategy == "cascade" and self.uses_probe(strategy, read):
             try:
                 p, pulls = self.score(prompt, "probe")
                 chain = []
