@@ -216,6 +216,13 @@ def cmd_route(args: argparse.Namespace) -> int:
         if decision.strategy in ("features", "learned", "probe", "cascade"):
             # what each named preference would set the threshold to, so a user can see what they choose between
             out["preferences"] = assistant.router.preferences(decision.strategy)
+            bought = assistant.router.preference_outcomes(decision.strategy)
+            # where the thresholds come from: a user reads "quality" differently when no large answer was graded
+            out["preferences_from"] = ("recorded outcomes of both tiers" if bought else
+                                       "the fixed table (no large tier's answers recorded; `localmoe router "
+                                       "calibrate` measures them)")
+            if bought:
+                out["preference_outcomes"] = bought
         _print_json(out)
         return 0
     print(f"{decision.tier} ({decision.model}) · {decision.strategy} · score {decision.score:.2f} vs threshold "

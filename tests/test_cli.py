@@ -359,8 +359,13 @@ def test_the_france_question_is_answered_in_english_and_ends_quickly_with_its_st
     assert out["answer"].startswith("The capital of France is Paris"), out["answer"]
     assert out["usage"]["completion_tokens"] < 80 and out["stop_reason"] in ("stop", "repetition")
     assert out["sampling"]["repeat_penalty"] > 1.0 and out["sampling"]["max_tokens"] <= 96  # a short question
-    [row] = db_rows(home, "select stop_reason, completion_tokens from generations")
+    [row] = db_rows(home, "select stop_reason, completion_tokens, system_prompt from generations")
     assert row["stop_reason"] == out["stop_reason"] and row["completion_tokens"] == out["usage"]["completion_tokens"]
+    # the system message the model was given is recorded with the answer (the conversation itself has none)
+    from localmoe.home import models
+
+    assert row["system_prompt"] == models.system_prompt(models.default_model().path)
+    assert [r["role"] for r in db_rows(home, "select role from messages")] == ["user", "assistant"]
 
 
 def test_cascade_escalation_is_announced_on_stderr_between_the_answers(home, tiny_moe):

@@ -63,6 +63,12 @@ def test_a_catalog_system_prompt_goes_first_where_the_conversation_has_none(engi
         assert probe.load().prompt_tokens(question) == made.prompt_tokens(question)  # the probe reads what answers
         mine = [{"role": "system", "content": "Be terse."}, *question]
         assert made.prompt_tokens(mine) == engine.prompt_tokens(mine)  # the conversation's own system message
+        # the answer's stats say which system message the engine added, if any
+        few = GenerationConfig(max_tokens=2, temperature=0.0)
+        list(made.stream(question, few))
+        assert made.stats.system_prompt == own
+        list(made.stream(mine, few))
+        assert made.stats.system_prompt is None
         late = [*question, {"role": "system", "content": "Be terse."}]  # not first: the template would add its own
         rendered = made._llm.detokenize(made.prompt_tokens(late), special=True).decode()
         assert rendered.startswith(f"<|im_start|>system\n{own}<|im_end|>")

@@ -46,3 +46,12 @@ def test_stored_preferences_set_the_threshold_and_route_json_shows_them(home) ->
     out = json.loads(r.stdout)
     assert out["threshold"] == 0.65 and out["preferences"] == {"quality": 0.65, "balanced": prefs["balanced"][
         "threshold"], "energy": 0.85}
+    # what each buys, from the same hand computation; a strategy with no outcomes says its table is fixed
+    assert out["preferences_from"] == "recorded outcomes of both tiers"
+    bought = out["preference_outcomes"]
+    assert (bought["quality"]["large_share"], bought["quality"]["accuracy"]) == (0.4, 1.0)
+    assert np.isclose(bought["quality"]["joules"], 5.4) and bought["energy"]["large_share"] == 0.2
+    assert bought["balanced"] == {"large_share": 0.0, "accuracy": 0.7, "joules": 3.0}
+    r = run_cli("route", "Which city is the capital of Japan?", "--json", "--strategy", "learned")
+    out = json.loads(r.stdout)
+    assert out["preferences_from"].startswith("the fixed table") and "preference_outcomes" not in out

@@ -71,6 +71,9 @@ class GenerationStats:
     repetition: str | None = None
     mean_logprob: float | None = None  # with GenerationConfig.logprobs: over the answer's tokens
     min_logprob: float | None = None
+    # the model's own system message the engine put first (the conversation had none), stored with the answer so a
+    # recorded exchange says everything the model was given
+    system_prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

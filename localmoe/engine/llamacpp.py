@@ -191,10 +191,13 @@ class LlamaCppEngine(Engine):
     def _token_text(self, token: int) -> str:
         return token_text(self._llm, token)
 
+    def _adds_system(self, messages: list[Message]) -> bool:
+        # a template adds its own system prompt unless the first message is one, so ours goes first likewise
+        return bool(self.system_prompt) and (not messages or messages[0].get("role") != "system")
+
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         self.load()
-        # a template adds its own system prompt unless the first message is one, so ours goes first likewise
-        if self.system_prompt and (not messages or messages[0].get("role") != "system"):
+        if self._adds_system(messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return encode_chat(self._llm, self.layout.chat_template, messages, self._bos, self._eos, self._add_bos)
 
@@ -205,7 +208,8 @@ class LlamaCppEngine(Engine):
 
         clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
         tokens = self.prompt_tokens(messages)
-        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
+        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length",
+                                              system_prompt=self.system_prompt if self._adds_system(messages) else None)
         budget, guard = limits(stats, self.n_ctx, self.model_id, config)
         llm = self._llm
         vocab = llm._model.vocab

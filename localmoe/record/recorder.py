@@ -189,6 +189,13 @@ def m009_decision_energy(db: sqlite_utils.Database) -> None:
     db.execute("alter table routing_decisions add column joules real")
 
 
+@migration
+def m010_generation_system_prompt(db: sqlite_utils.Database) -> None:
+    # the system message the engine put first when the conversation had none (a catalog model's own): NULL when
+    # the conversation's own system message, stored among its messages, was used, and for answers before this
+    db.execute("alter table generations add column system_prompt text")
+
+
 def fts_query(text: str) -> str:
     """What a person types, as an FTS5 query: every word must occur, each as a prefix (search as you type), and
     no character of theirs is FTS5 syntax (quotes, `-`, `:`, `*`, AND/OR/NOT are words here)."""

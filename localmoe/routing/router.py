@@ -424,6 +424,15 @@ class Router:
         table = (self.trained or {}).get("thresholds", {}).get(strategy, DEFAULT_THRESHOLDS)
         return {name: float(table.get(name, default)) for name, default in DEFAULT_THRESHOLDS.items()}
 
+    def preference_outcomes(self, strategy: str) -> dict[str, dict[str, float]] | None:
+        """What each named preference buys for `strategy` on the recorded outcomes (large share, accuracy, joules per
+        question), or None where the thresholds come from the fixed table (no large tier's outcomes recorded)."""
+        outcomes = (self.trained or {}).get("outcome_preferences", {}).get(strategy)
+        if not outcomes:
+            return None
+        return {name: {k: float(outcomes[name][k]) for k in ("large_share", "accuracy", "joules")}
+                for name in DEFAULT_THRESHOLDS}
+
     def uses_probe(self, strategy: str | None = None, read: bool = True) -> bool:
         """Whether `strategy`'s decisions read the question on the small model: probe's, and the cascade's when the
         router file can judge an answer with the probe's signals and `read` (a larger tier could take over)."""
