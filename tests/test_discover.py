@@ -112,6 +112,17 @@ def test_import_refuses_what_is_not_a_model_and_a_name_taken(home, tmp_path, tin
     assert cli.main(["import", str(tiny_moe[1])]) == 0
     assert cli.main(["import", str(tiny_moe[1])]) == 2
     assert "already installed" in capsys.readouterr().err
+    # a name is a file name inside models/: nothing outside it, nothing hidden, not the embedded model's
+    for bad in ("../../escaped", "a/b", ".hidden", "-x", "..", "smollm2-135m-instruct"):
+        for how in ([], ["--copy"]):
+            assert cli.main(["import", str(tiny_moe[1]), f"--name={bad}", *how]) == 2, bad
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and ("cannot name a model" in err or "embedded model's name" in err), err
+    assert not (home / "escaped.gguf").exists() and not list(tmp_path.glob("escaped*"))
+    assert sorted(p.name for p in paths.models_dir().iterdir() if not p.name.startswith(".")) == [
+        f"{tiny_moe[1].stem.lower()}.gguf"]
+    assert cli.main(["import", str(tiny_moe[1]), "--name", "Tiny_MoE-v1.q8"]) == 0
+    assert (paths.models_dir() / "tiny_moe-v1.q8.gguf").is_symlink()
 
 
 def test_rm_never_deletes_a_file_localmoe_did_not_put_there(home, tiny_moe, capsys):

@@ -237,6 +237,10 @@ def test_models_available_for_a_bad_hub_spec_is_one_line(hub, home, capsys, monk
     for spec, words in cases.items():
         assert cli.main(["models", "--available", spec]) != 0
         assert words in one_line(capsys.readouterr().err), spec
+    for spec in ("hf:test-org/..", "hf:../x", "hf:test-org/.hidden"):  # a checkpoint's folder stays in models/
+        for argv in (["models", "--available", spec], ["pull", spec]):
+            assert cli.main(argv) == 2, argv
+            assert "OWNER and REPO are letters" in one_line(capsys.readouterr().err), argv
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

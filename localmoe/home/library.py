@@ -4,12 +4,27 @@ one rule: localmoe deletes only files it downloaded or copied itself; anything e
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import discover, models, paths, pull
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9._+-]{0,99}")
+
+
+def _model_name(name: str) -> str:
+    """A model's name as a file name inside models/: letters, digits and `._+-`, not starting with a dot, so that
+    no name can reach outside the folder (`../x`, `a/b`) or hide in it (`.x`), nor take the embedded model's."""
+    low = name.lower()
+    if not _NAME.fullmatch(low) or ".." in low:
+        raise UsageError(f"cannot name a model {name!r}: use letters, digits, '.', '_', '+' or '-' (at most 100, "
+                         "not starting with '.' or '-')")
+    if low in {m.id for m in models.embedded_models()}:
+        raise UsageError(f"{low} is the embedded model's name: choose another with --name")
+    return low
 
 
 def import_model(src: str, *, copy: bool = False, name: str | None = None) -> models.ModelRef:
@@ -21,12 +36,12 @@ def import_model(src: str, *, copy: bool = False, name: str | None = None) -> mo
     if p.is_dir():
         if not models.is_checkpoint_dir(p):
             raise UsageError(f"{p} is a folder without config.json: not a Hugging Face checkpoint")
-        dest_name = (name or p.name).lower()
+        dest_name = _model_name(name or p.name)
     else:
         from localmoe.placement.layout import read_layout
 
         read_layout(p)  # refuses a file that is not a readable GGUF, in its own words
-        dest_name = f"{(name or p.stem).lower()}.gguf"
+        dest_name = f"{_model_name(name or p.stem)}.gguf"
     d = paths.models_dir()
     d.mkdir(parents=True, exist_ok=True)
     dest = d / dest_name

@@ -154,6 +154,9 @@ def parse(spec: str) -> Target:
         parts = spec[3:].strip("/").split("/", 2)
         if len(parts) < 2 or not all(parts[:2]):
             raise UsageError(f"{spec!r}: write hf:OWNER/REPO or hf:OWNER/REPO/FILE.gguf")
+        # the hub's own rule for names; it also keeps a checkpoint's folder (models/<REPO>) inside models/
+        if not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p) and ".." not in p for p in parts[:2]):
+            raise UsageError(f"{spec!r}: OWNER and REPO are letters, digits, '.', '_' and '-'")
         filename = parts[2] if len(parts) == 3 else ""
         if filename and not filename.lower().endswith(".gguf"):
             raise UsageError(f"{spec!r}: name a .gguf file, or write hf:{parts[0]}/{parts[1]} for the repository's "
