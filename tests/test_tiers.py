@@ -52,3 +52,23 @@ def test_no_model_for_any_tier_names_the_command_that_installs_one(home, monkeyp
         Assistant().available("small")
     assert f"`{install.install_command()}`" in str(caught.value) and "\n" not in str(caught.value)
     assert install.install_command() == "make setup"
+
+
+@pytest.mark.parametrize("small", ["nosuch-model", "broken"])
+def test_a_broken_small_tier_in_settings_is_named_as_the_cause(home, tmp_path, small, capsys):
+    """With the embedded model installed, a small tier settings.toml names that does not exist or does not load is
+    the reason no model can answer: the one-line error says so (it said "install the embedded model")."""
+    if small == "broken":
+        bad = tmp_path / "x.gguf"
+        bad.write_bytes(b"\x00" * 4096)
+        small = str(bad)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nsmall = "{small}"\n')
+    (home / "settings.toml").chmod(0o600)  # else a notice says it was made private
+    # route does not load models: a file that is there but broken is found out by ask
+    for argv in (["ask", "hi"], ["route", "hi"]) if small == "nosuch-model" else (["ask", "hi"],):
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("localmoe: error: no model can answer: the small tier"), err
+        assert "install the embedded model" not in err[0]
+        assert ("unknown model 'nosuch-model'" if small == "nosuch-model" else "not a GGUF model file") in err[0]

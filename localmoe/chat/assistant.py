@@ -110,6 +110,7 @@ class Assistant:
         self.session_options = session_options or {}
         self.notices: list[str] = []
         self._refs: dict[str, models.ModelRef | None] = {}
+        self._why: dict[str, str] = {}  # why a configured tier cannot answer: said when no tier can
         self._sessions: dict[str, Session] = {}
         self.conversation = Conversation()  # shared by every tier's session
         self.pinned = models.resolve(pinned_model) if pinned_model else None
@@ -146,7 +147,8 @@ class Assistant:
             return models.tier_model("large")
         except LocalmoeError as exc:
             if configured:
-                self.notices.append(f"the {tier} tier ({configured}) is unavailable: {exc}")
+                self._why[tier] = f"the {tier} tier ({configured}) is unavailable: {exc}"
+                self.notices.append(self._why[tier])
             return None
 
     def has_tier(self, tier: str) -> bool:
@@ -169,12 +171,16 @@ class Assistant:
             except LocalmoeError as exc:
                 if not fall_back:  # the user named this tier: say why it cannot answer, not that it is missing
                     raise UsageError(f"the {tier} tier cannot be used: {exc}") from None
-                self.notices.append(f"the {candidate} tier cannot be used: {exc}")
+                self._why[candidate] = f"the {candidate} tier cannot be used: {exc}"
+                self.notices.append(self._why[candidate])
                 self._refs[candidate] = None
                 self._sessions.pop(candidate, None)
         if not fall_back:
             missing, how = self._add_tier_hint(tier)
             raise UsageError(f"no {tier} model {missing}: {how}")
+        why = [self._why[t] for t in FALLBACK[tier] if t in self._why]
+        if why:  # a tier settings.toml names is broken: that is the cause, not a missing embedded model
+            raise LocalmoeError(f"no model can answer: {'; '.join(why)} (settings.toml, [tiers])")
         raise LocalmoeError("no model available for any tier: install the embedded model "
                             f"(`{install.install_command()}`) or configure [tiers] in settings.toml")
 
