@@ -147,6 +147,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                               recorder=recorder, user_settings=user_settings)
         target, closer = assistant, assistant.close
         notices = list(assistant.notices)
+    reply = None
     try:
         if args.cont or args.conversation is not None:
             _resume(target, args.conversation)
@@ -186,6 +187,24 @@ def cmd_ask(args: argparse.Namespace) -> int:
             if sys.stderr.isatty():
                 line = stats_line(final.model, final.stats, final.status, final.energy, final.experts, route)
                 print(f"\x1b[2m{line}\x1b[0m", file=sys.stderr)
+    except KeyboardInterrupt:
+        # say what was kept: nothing off the record, the question alone before the answer began
+        if args.no_log:
+            kept = "nothing is recorded: recording is off"
+        elif reply is None:
+            kept = "before the answer began"
+        else:
+            kept = "the question and the partial answer are recorded"
+        print(f"\nlocalmoe: interrupted ({kept})", file=sys.stderr)
+        if args.json and reply is not None:
+            try:
+                out = {**reply.to_dict(), "status": "interrupted", "recorded": not args.no_log}
+            except Exception:  # noqa: BLE001 - a reply cut short before its stats: the status alone
+                out = {"status": "interrupted", "recorded": not args.no_log}
+            if args.no_log:
+                out.update(conversation_id=None, message_id=None)
+            _print_json(out)
+        return 130
     finally:
         closer()
     return 0
@@ -1303,7 +1322,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, js
         _report_error(str(exc), json_out)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("\nlocalmoe: interrupted (the question and the partial answer are recorded)", file=sys.stderr)
+        print("\nlocalmoe: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -150,12 +150,33 @@ def test_ctrl_c_keeps_the_question_and_the_partial_answer(home):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "Traceback" not in err and "interrupted" in err
+    assert "Traceback" not in err and "interrupted (the question and the partial answer are recorded)" in err
     q, a = db_rows(home, "select role, content, status from messages order by id")
     assert q["content"].startswith("Write a very long story") and q["status"] == "complete"
     assert a["status"] == "interrupted" and len(a["content"]) >= 20
     [g] = db_rows(home, "select * from generations")
     assert 0 < g["completion_tokens"] < 2000 and g["stop_reason"] == "interrupted"
+
+
+def test_ctrl_c_off_the_record_says_nothing_was_kept_and_json_still_answers(home):
+    """`ask --json --no-log` interrupted mid-answer: stdout still carries one JSON object (status interrupted,
+    recorded false, the partial answer), stderr does not claim a record, and the database holds no message."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localmoe", "ask", "Write a very long story about a dragon who bakes bread.",
+         "--max-tokens", "2000", "--temperature", "0", "--json", "--no-log"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as at a terminal (see above)
+    )
+    # nothing streams to stdout under --json: the routing notice comes just before the answer starts
+    assert "no large model is available" in proc.stderr.readline()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (nothing is recorded: recording is off)" in err, err
+    d = json.loads(out)
+    assert d["status"] == "interrupted" and d["recorded"] is False and d["message_id"] is None
+    assert not (home / "localmoe.db").exists() or not db_rows(home, "select id from messages")
 
 
 def test_a_crash_mid_answer_never_corrupts_the_file(home):
