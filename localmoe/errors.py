@@ -11,3 +11,7 @@ class UsageError(LocalmoeError):
     """Bad input on the command line (empty prompt, unknown model id)."""
 
     exit_code = 2
+
+
+class PromptTooLong(UsageError):
+    """A question over the length any model here could read (the server answers it as context_length_exceeded)."""

@@ -299,7 +299,11 @@ def test_errors_have_openai_shapes_and_the_server_keeps_serving(server):
     # a prompt longer than the model's context, and one over the character limit
     check(server.post({**ok, "messages": [{"role": "user", "content": "word " * 6000}]}), 400,
           code="context_length_exceeded", param="messages")
-    check(server.post({**ok, "messages": [{"role": "user", "content": "x" * 200_001}]}), 400, param="messages")
+    check(server.post({**ok, "messages": [{"role": "user", "content": "x" * 200_001}]}), 400,
+          code="context_length_exceeded", param="messages")
+    check(server.post({**ok, "response_format": {"type": "json_object"}}), 400, param="response_format")
+    status, body = server.post({**ok, "response_format": {"type": "text"}})  # the default, sent explicitly
+    assert status == 200 and body["choices"][0]["message"]["content"], body
     check(server.declare_huge_body(), 413, code="request_too_large")
 
     client = server.client()

@@ -11,7 +11,7 @@ from typing import Any
 
 from localmoe.chat.conversation import Conversation
 from localmoe.engine import Engine, GenerationConfig, GenerationStats, Message, create_engine
-from localmoe.errors import LocalmoeError, UsageError
+from localmoe.errors import LocalmoeError, PromptTooLong, UsageError
 from localmoe.home import models
 from localmoe.record.recorder import Recorder
 
@@ -181,7 +181,7 @@ class Session:
         if not prompt:
             raise UsageError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
-            raise UsageError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+            raise PromptTooLong(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
         _ = self.meter  # chosen now: a named meter that cannot be read refuses the question before it is recorded
         rec, conv = self.recorder, self.conversation
         with self._lock:

