@@ -302,7 +302,11 @@ def test_errors_have_openai_shapes_and_the_server_keeps_serving(server):
     check(server.post({**ok, "messages": [{"role": "user", "content": "x" * 200_001}]}), 400,
           code="context_length_exceeded", param="messages")
     check(server.post({**ok, "response_format": {"type": "json_object"}}), 400, param="response_format")
-    status, body = server.post({**ok, "response_format": {"type": "text"}})  # the default, sent explicitly
+    for name, value in (("logprobs", True), ("frequency_penalty", 0.5), ("presence_penalty", -1)):
+        check(server.post({**ok, name: value}), 400, param=name)
+    # the defaults, sent explicitly (many clients do)
+    status, body = server.post({**ok, "response_format": {"type": "text"}, "logprobs": False,
+                                "frequency_penalty": 0, "presence_penalty": 0.0})
     assert status == 200 and body["choices"][0]["message"]["content"], body
     check(server.declare_huge_body(), 413, code="request_too_large")
 

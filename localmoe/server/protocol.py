@@ -84,7 +84,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         turns.append({"role": ROLES[m["role"]], "content": _text(m.get("content"), where)})
     if turns[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's question", param="messages")
-    for name in ("tools", "functions", "stop", "response_format", "logit_bias"):
+    for name in ("tools", "functions", "stop", "response_format", "logit_bias", "logprobs", "top_logprobs",
+                 "frequency_penalty", "presence_penalty"):
         if name == "response_format" and body.get(name) == {"type": "text"}:
             continue  # plain text is what every answer is (some clients send the default explicitly)
         if body.get(name):  # silently ignoring them would return answers the client did not ask for
