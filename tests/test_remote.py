@@ -113,6 +113,24 @@ def test_an_unreachable_remote_falls_back_to_the_small_model(home):
     assert "cannot reach the remote tier" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_model_the_remote_does_not_serve_falls_back_to_the_small_model(home, server):
+    """A remote_model the endpoint does not list is found out when the tier loads (GET /models), so a routed
+    question falls back to the small model with the reason, as for an unreachable server (it failed the question)."""
+    with pytest.raises(LocalmoeError, match=r"has no model 'nosuch' \(it serves fake-model; remote_model"):
+        RemoteEngine(server, "nosuch", timeout=5).load()
+    RemoteEngine(server, "fake-model", timeout=5).load()
+    RemoteEngine(server, "default", timeout=5).load()  # no model named: whatever the server serves
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text(f'[tiers]\nremote = "{server}"\nremote_model = "nosuch"\n'
+                                        '[router]\nstrategy = "features"\npreference = 0.01\n')
+    r = run_cli("ask", HARD_Q, "--json", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"] == "smollm2-135m-instruct" and out["route"]["tier"] == "small"
+    assert "has no model 'nosuch'" in r.stderr and "Traceback" not in r.stderr
+    assert FakeOpenAI.requests == []  # no question was sent
+
+
 def test_remote_must_be_a_url(home):
     home.mkdir(parents=True, exist_ok=True)
     (home / "settings.toml").write_text('[tiers]\nremote = "file:///etc/passwd"\n')
@@ -233,6 +251,15 @@ class Misbehaving(BaseHTTPRequestHandler):
         if Misbehaving.mode.startswith("500"):
             self.send_error(500)
             return
+        if Misbehaving.mode == "404-openai":  # an OpenAI-shaped error: its message is what the user needs
+            data = json.dumps({"error": {"message": "The model `nosuch` does not exist.", "type": "x",
+                                         "code": "model_not_found"}}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()  # no length: HTTP/1.0, the body ends when the connection does
@@ -264,7 +291,8 @@ def bad_server():
 ASK = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize(("mode", "status"), [("401", "HTTP 401"), ("500", "HTTP 500")])
+@pytest.mark.parametrize(("mode", "status"), [("401", "HTTP 401"), ("500", "HTTP 500"),
+                                            ("404-openai", "HTTP 404: Not Found: The model `nosuch` does not exist.")])
 def test_http_errors_are_one_line_errors_naming_the_status(bad_server, mode, status):
     Misbehaving.mode = mode
     e = RemoteEngine(bad_server, "fake-model", timeout=5)

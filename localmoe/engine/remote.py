@@ -24,6 +24,21 @@ from localmoe.errors import LocalmoeError
 TIMEOUT_S = 30.0
 
 
+def _said(exc: urllib.error.HTTPError) -> str:
+    """What the server said with its error status: an OpenAI-shaped error's message, else the start of its body."""
+    try:
+        body = exc.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        body = ""
+    try:
+        err = json.loads(body).get("error")
+        message = err.get("message") if isinstance(err, dict) else err
+    except (ValueError, AttributeError):
+        message = body
+    text = " ".join(str(message or "").split())[:200]
+    return f"{exc.reason}: {text}" if text else str(exc.reason)
+
+
 class RemoteEngine(Engine):
     backend = "remote"
 
@@ -56,15 +71,28 @@ class RemoteEngine(Engine):
         try:
             return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            raise LocalmoeError(f"remote tier {self.url} answered HTTP {exc.code}: {exc.reason}") from None
+            raise LocalmoeError(f"remote tier {self.url} answered HTTP {exc.code}: {_said(exc)}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise LocalmoeError(f"cannot reach the remote tier {self.url}: {reason}") from None
 
     def load(self) -> None:
-        """Check the endpoint answers (`GET /models`), so an unreachable server falls back before a question."""
+        """Check the endpoint answers (`GET /models`) and serves the model asked for, so an unreachable server or a
+        wrong model name falls back before a question rather than failing it."""
         if not self._loaded:
-            self._request("/models").close()
+            resp = self._request("/models")
+            try:
+                listed = json.loads(resp.read(1 << 20) or b"null")
+            except (ValueError, OSError):
+                listed = None  # a server that does not list its models: the question will tell
+            finally:
+                resp.close()
+            ids = [m.get("id") for m in listed.get("data", []) if isinstance(m, dict)] if isinstance(listed, dict) \
+                else []
+            if self.model != "default" and ids and self.model not in ids:
+                shown = ", ".join(str(i) for i in ids[:5]) + (" …" if len(ids) > 5 else "")
+                raise LocalmoeError(f"the remote tier {self.url} has no model {self.model!r} (it serves {shown}; "
+                                    "remote_model in settings.toml)")
             self._loaded = True
 
     def stream(self, messages: list[Message], config: GenerationConfig,
