@@ -156,12 +156,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
             notices = list(target.notices)  # tiers resolve while routing: their notices exist only now
         route = getattr(reply, "decision", None)
         if route is not None and route.notice:
-            notices.append(route.notice)
+            notices.append(_unsaid(route.notice, notices))
         if route is not None:
             reply.on_escalate = lambda r: print(f"\nlocalmoe: {r.decision.reason}; the large model answers:"
                                                 + (f"\nlocalmoe: notice: {r.remote_notice}" if r.remote_notice
                                                    else ""), file=sys.stderr, flush=True)
-        for notice in dict.fromkeys(notices):
+        for notice in dict.fromkeys(n for n in notices if n):
             print(f"localmoe: notice: {notice}", file=sys.stderr)
         if args.json:
             reply.run()
@@ -208,6 +208,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
     finally:
         closer()
     return 0
+
+
+def _unsaid(notice: str, said: list[str]) -> str:
+    """A decision's notice (its parts joined by "; ") without the parts already said: the router's own notices
+    are both the assistant's and its first decision's."""
+    for done in said:
+        notice = notice.replace(done, "\0")
+    return "; ".join(p for p in (x.strip().strip(";").strip() for x in notice.split("\0")) if p)
 
 
 def _resume(target: Any, conversation_id: int | None) -> None:

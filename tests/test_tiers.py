@@ -72,3 +72,25 @@ def test_a_broken_small_tier_in_settings_is_named_as_the_cause(home, tmp_path, s
         assert len(err) == 1 and err[0].startswith("localmoe: error: no model can answer: the small tier"), err
         assert "install the embedded model" not in err[0]
         assert ("unknown model 'nosuch-model'" if small == "nosuch-model" else "not a GGUF model file") in err[0]
+
+
+def test_each_notice_is_said_once_by_ask(home):
+    """The router's own notice (no calibration with the configured large tier) is both the assistant's and its
+    first decision's: `ask` says it once, then the fallback, as separate lines."""
+    from helpers import run_cli
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
+    (home / "settings.toml").chmod(0o600)
+    r = run_cli("ask", "What is 17 * 23?", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("localmoe: notice: ")]
+    assert r.stderr.count("has not been calibrated with your large tier (nosuch-model)") == 1, r.stderr
+    assert "localmoe: notice: no large model is available; the small model answers instead" in notes, notes
+    assert len(notes) == len(set(notes)) == 3, notes
+
+
+def test_unsaid_drops_the_parts_already_said():
+    said = ["a (x); b", "c"]
+    assert cli._unsaid("a (x); b; c; d", said) == "d"
+    assert cli._unsaid("c", said) == "" and cli._unsaid("e; f", said) == "e; f"
