@@ -363,8 +363,17 @@ def test_ask_continue_carries_the_conversation_and_its_history(home):
     # the model saw the first exchange: the prompt grew by it (the answer text is the model's business)
     alone = json.loads(run_cli("ask", "What is my name?", "--json", "--max-tokens", "1").stdout)
     assert again["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"] + 10
+    # a `serve` client's request since then is that program's conversation: -c continues the user's own
+    from localmoe.record.recorder import Recorder
+
+    rec = Recorder()
+    api = rec.new_conversation("smollm2-135m-instruct", title="from a client")
+    rec.add_message(api, "user", "What is the capital of Peru?")
+    rec.record_api_request(rec.add_message(api, "assistant", "Lima."), client="127.0.0.1", user_agent="curl",
+                           endpoint="/v1/chat/completions", model="localmoe/auto", stream=False, http_status=200)
+    rec.close()
     latest = json.loads(run_cli("ask", "Thanks!", "-c", "--json", "--max-tokens", "4").stdout)
-    assert latest["conversation_id"] == alone["conversation_id"]
+    assert latest["conversation_id"] == alone["conversation_id"] and api > alone["conversation_id"]
     rows = db_rows(home, f"select role from messages where conversation_id = {first['conversation_id']} order by id")
     assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"]
     one_line_refusal(run_cli("ask", "hi", "--conversation", "999"), 2, "no conversation 999")

@@ -511,8 +511,11 @@ class Recorder:
                 )
 
     def latest_conversation_id(self) -> int | None:
-        """The most recent chat conversation (benchmark ones are not chats), or None before the first question."""
-        rows = self._rows("select id from conversations where kind = 'chat' order by id desc limit 1")
+        """The most recent chat conversation of this user's own (benchmark ones are not chats; one a `serve`
+        client's request made is that program's), or None before the first question."""
+        rows = self._rows(
+            "select c.id from conversations c where c.kind = 'chat' and not exists (select 1 from messages m join "
+            "api_requests r on r.message_id = m.id where m.conversation_id = c.id) order by c.id desc limit 1")
         return rows[0]["id"] if rows else None
 
     def conversation_messages(self, conversation_id: int) -> list[dict[str, Any]]:
