@@ -4,6 +4,7 @@ online policy, a definition-by-definition reference simulator, SCH, capacity spe
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -308,6 +309,19 @@ def test_saved_and_loaded_trace_simulates_identically(tmp_path: Path) -> None:
             b = simulate(loaded, policy, 6, prefetch=pre)
             assert (a.layer_hits, a.layer_misses) == (b.layer_hits, b.layer_misses)
     assert sch(trace, 16, 6) == sch(loaded, 16, 6)
+
+
+@pytest.mark.parametrize("experts", [[[0, 16], [1], [2]], [[0], [1]], [[0], [1], ["x"]], "0,1"])
+def test_a_trace_with_impossible_routing_is_refused(tmp_path: Path, experts) -> None:
+    """An expert id past the header's count, or the wrong number of layers, would replay routing no model has."""
+    trace = synthetic_trace(4, 3, 16, 2, seed=1)
+    trace.save(tmp_path / "t.jsonl")
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), "experts": experts})
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(LocalmoeError, match=r"bad.jsonl:3: bad trace line \(experts must be 3 lists of expert ids "
+                                            r"below 16"):
+        Trace.load(tmp_path / "bad.jsonl")
 
 
 # --- SCH, capacity specs, report ---------------------------------------------------------------------------------

@@ -69,10 +69,22 @@ class Trace:
             raise LocalmoeError(f"{p} is not a localmoe routing trace")
         if head.get("version", 0) > VERSION:
             raise LocalmoeError(f"{p} was written by a newer localmoe (trace version {head['version']})")
-        trace = cls(head["model"], head["backend"], head["n_layers"], head["n_experts"], head["top_k"])
+        try:
+            trace = cls(str(head["model"]), str(head["backend"]), int(head["n_layers"]), int(head["n_experts"]),
+                        int(head["top_k"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LocalmoeError(f"{p}: bad trace header ({exc})") from None
         for n, line in enumerate(lines[1:], start=2):
             try:
-                trace.tokens.append(TraceToken(**json.loads(line)))
+                token = TraceToken(**json.loads(line))
             except (ValueError, TypeError) as exc:
                 raise LocalmoeError(f"{p}:{n}: bad trace line ({exc})") from None
+            # a replay of impossible routing would report cache figures for a model that does not exist
+            layers = token.experts if isinstance(token.experts, list) else None
+            if layers is None or len(layers) != trace.n_layers or not all(
+                    isinstance(ids, list) and all(isinstance(e, int) and 0 <= e < trace.n_experts for e in ids)
+                    for ids in layers):
+                raise LocalmoeError(f"{p}:{n}: bad trace line (experts must be {trace.n_layers} lists of expert ids "
+                                    f"below {trace.n_experts}, as the header says)")
+            trace.tokens.append(token)
         return trace
