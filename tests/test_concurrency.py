@@ -211,3 +211,31 @@ def test_cli_names_the_process_holding_the_database_in_one_line(home):
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
     assert errors[0].startswith(f"localmoe: error: database {home / 'localmoe.db'} is busy: still locked after 0.5 s")
     assert f"by process {holder.pid} (" in errors[0]
+
+
+def test_opening_a_second_recorder_keeps_the_first_ones_locks(tmp_path):
+    """The chat keeps one recorder open while F2, F6 or a resume open others on the same file. Opening one must not
+    release the first connection's POSIX locks (closing any descriptor of the file does, process-wide): another
+    process would then take itself for the last connection, checkpoint and delete the WAL under the chat, whose
+    next answers went into a deleted file and were lost (and once the database was corrupted)."""
+    from localmoe.record.recorder import Recorder
+
+    db = tmp_path / "localmoe.db"
+    chat = Recorder(db)
+    first = chat.new_conversation("m", title="first")
+    chat.add_message(first, "user", "kept?")
+    Recorder(db).close()  # what opening F2 does
+    # another process reads and closes: it must see the chat's connection as still open
+    reader = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+              "c.execute('select count(*) from messages').fetchall(); c.close()")
+    subprocess.run([sys.executable, "-c", reader, str(db)], check=True, timeout=60)
+    assert db.with_name("localmoe.db-wal").exists(), "the WAL was checkpointed and deleted under an open connection"
+    second = chat.new_conversation("m", title="second")
+    chat.add_message(second, "user", "and this one?")
+    subprocess.run([sys.executable, "-c", reader, str(db)], check=True, timeout=60)
+    chat.close()
+    conn = sqlite3.connect(db)
+    got = [r[0] for r in conn.execute("select content from messages order by id")]
+    conn.close()
+    assert got == ["kept?", "and this one?"]
+    assert (db.stat().st_mode & 0o777) == 0o600  # created owner-only, as before

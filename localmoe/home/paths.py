@@ -53,14 +53,15 @@ def _tighten(path: Path, own_dir: bool) -> None:
             continue  # missing, or not ours to change: nothing to tighten
 
 
-def private_file(path: Path) -> Path:
-    """Create `path` (if missing) readable by its owner only, before a library such as sqlite3 opens it: SQLite
-    gives its WAL and shared-memory files the database file's mode."""
+def private_file(path: Path) -> None:
+    """Make a file this process just created (empty still) readable by its owner only, by name: SQLite gives its
+    WAL and shared-memory files the database file's mode. Never by opening the file: closing any descriptor of a
+    file drops every POSIX lock this process holds on it, an open SQLite connection's included, and another
+    process would then checkpoint and delete the WAL under that connection."""
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE))
+        os.chmod(path, FILE_MODE)
     except OSError:
-        pass  # the caller's own open reports the problem in its words
-    return path
+        pass  # the caller's own use of the file reports the problem in its words
 
 
 def write_private(path: Path, text: str) -> None:

@@ -398,13 +398,14 @@ class Recorder:
         self.persistent = str(path) != MEMORY  # False: kept in this process only, gone at close
         self.path = Path(path) if path else paths.db_path()
         self.timeout = busy_timeout() if timeout is None else timeout
-        if self.persistent:
-            # Created owner-only before SQLite opens it: its WAL and shared-memory files copy the database's mode.
-            paths.private_file(self.path)
+        created = self.persistent and not self.path.exists()
         with _db_errors(self.path):
             # Shared by the UI thread and generation workers; sqlite serialises calls, the lock our transactions.
             conn = sqlite3.connect(self.path if self.persistent else MEMORY, check_same_thread=False,
                                    timeout=self.timeout, isolation_level=None)
+            if created:
+                # owner-only while still empty, before the WAL and shared-memory files copy its mode
+                paths.private_file(self.path)
             self._db = sqlite_utils.Database(conn)
             self._lock = threading.RLock()
             try:
