@@ -263,6 +263,11 @@ def test_off_the_record_in_the_chat(home):
             assert screen.query(Question)[1].render().plain == "Name a fruit."
             stats = str(off.query_one(".stats", Static).render())
             assert off.energy is not None and f"{off.energy.joules:.1f} J" in stats  # the energy is still shown
+            # rating it is shown, and said not to be stored (it said "recorded for router train")
+            notes: list[str] = []
+            screen.notify = lambda message, *a, **k: notes.append(str(message))
+            await pilot.press("ctrl+g")
+            assert off.rating is True and notes and "off the record" in notes[-1] and "recorded" not in notes[-1]
             assert every_row(db) == recorded
 
             await pilot.press("ctrl+o")

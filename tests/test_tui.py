@@ -80,6 +80,11 @@ def test_stop_key_ends_a_long_answer_early(home):
             await type_and_send(pilot, "Write a very long story about a dragon who bakes bread.")
             answer = screen.query_one(Answer)
             await wait_for(pilot, lambda: len(answer.text) > 20)
+            # a question sent while it answers is refused and stays in the prompt, to send afterwards
+            prompt = screen.query_one("#prompt", Input)
+            prompt.value = "And then?"  # set, not typed: typing nine keys under a stream can outlast the answer
+            await pilot.press("enter")
+            assert screen.generating and prompt.value == "And then?" and len(screen.query(Answer)) == 1
             # the UI stays responsive while tokens stream: it takes the stop key
             await pilot.press("escape")
             await wait_for(pilot, lambda: answer.done, timeout=10)
@@ -195,8 +200,7 @@ def test_the_prompt_keeps_the_keyboard_recalls_questions_and_rates_once(home):
             assert app.focused is prompt
             await pilot.press("x")
             assert prompt.value == "x"
-            prompt.value = ""
-            # Up/Down walk back and forth through this session's questions
+            # Up/Down walk back and forth through this session's questions, and back to what was being typed
             await pilot.press("up")
             assert prompt.value == "Name an animal."
             await pilot.press("up", "up", "up")
@@ -204,7 +208,8 @@ def test_the_prompt_keeps_the_keyboard_recalls_questions_and_rates_once(home):
             await pilot.press("down")
             assert prompt.value == "Name a fruit."
             await pilot.press("down", "down")
-            assert prompt.value == ""
+            assert prompt.value == "x"
+            prompt.value = ""
             # PgUp scrolls the answers while the prompt keeps focus
             conversation = screen.query_one("#conversation")
             await pilot.pause()

@@ -181,6 +181,7 @@ class ChatScreen(Screen):
         self.assistant: Assistant | None = None
         # (prompt, RoutedReply, its Answer widget) of the latest finished answer, for retry and ratings
         self.last: tuple[str, Any, Answer] | None = None
+        self.last_recorded = True  # whether that answer went into the database (not off the record)
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._cancel: threading.Event | None = None
@@ -188,6 +189,7 @@ class ChatScreen(Screen):
         self._shown_notices: set[str] = set()
         self.asked: list[str] = []  # this screen's questions, for Up/Down recall
         self._recall: int | None = None  # index into `asked` while recalling
+        self._draft = ""  # what was typed before Up recalled an earlier question
         # routing telemetry on MoE engines, for the hardware screen's heat map; off by default: observing costs speed
         self.telemetry = False
         # the engine and statistics of the latest finished answer, for the hardware screen (see _last_run)
@@ -263,20 +265,26 @@ class ChatScreen(Screen):
         prompt = event.value.strip()
         if not prompt:
             return
+        if self.generating:  # refused for now: the question stays in the prompt, to send once the answer ends
+            self.notify("Still answering: press Esc to stop it first (your question stays in the prompt).",
+                        severity="warning")
+            return
         event.input.clear()
         if not self.asked or self.asked[-1] != prompt:
             self.asked.append(prompt)
-        self._recall = None
+        self._recall, self._draft = None, ""
         await self._ask(prompt)
 
     def action_recall(self, step: int) -> None:
         """Up/Down in the prompt: earlier and later questions of this session, then back to an empty prompt."""
         if not self.asked or (self._recall is None and step > 0):
             return  # Down with nothing recalled keeps what is being typed
-        i = (len(self.asked) if self._recall is None else self._recall) + step
         prompt = self.query_one("#prompt", Input)
+        if self._recall is None:
+            self._draft = prompt.value  # what was being typed comes back below the newest question
+        i = (len(self.asked) if self._recall is None else self._recall) + step
         if i >= len(self.asked):
-            self._recall, prompt.value = None, ""
+            self._recall, prompt.value = None, self._draft
         else:
             self._recall = max(0, i)
             prompt.value = self.asked[self._recall]
@@ -335,6 +343,7 @@ class ChatScreen(Screen):
             flush(force=True)
             reply = routed.reply
             self.last = (prompt, routed, answer)
+            self.last_recorded = self.assistant.recording  # recording cannot change while an answer is produced
             self.last_run = self._last_run(reply)
             self.post_message(self.Done(answer, None, reply.stats, reply.status, energy=reply.energy,
                                         decision=routed.decision, model=reply.model, experts=reply.experts))
@@ -425,12 +434,15 @@ class ChatScreen(Screen):
         prompt, routed, answer = self.last  # the answer that finished last, even while another streams
         rating = None if answer.rating is good else good
         small = routed.decision.tier == "small" and self.assistant.pinned is None
-        self.assistant.rate(routed.reply.message_id, prompt, rating, small=small)
+        stored = self.assistant.rate(routed.reply.message_id, prompt, rating, small=small,
+                                     recorded=self.last_recorded)
         answer.show_rating(rating)
         if rating is None:
             self.notify("Rating removed.")
         elif not small:
             self.notify("Thanks. (Only small-model answers teach the router.)")
+        elif not stored:
+            self.notify("Thanks. (The answer was off the record: its rating is not stored either.)")
         else:
             self.notify("Thanks: recorded for `localmoe router train`.")
 

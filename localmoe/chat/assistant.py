@@ -386,11 +386,20 @@ class Assistant:
         """A user signal about the small tier (retry on large, thumbs up/down) for `router train`."""
         self.recorder.add_label(message_id, prompt, small_wrong, source)
 
-    def rate(self, message_id: int, prompt: str, good: bool | None, small: bool = True) -> None:
+    def rate(self, message_id: int, prompt: str, good: bool | None, small: bool = True,
+             recorded: bool | None = None) -> bool:
         """The user's rating of one answer (None takes it back): one rating per answer is kept. Only small-tier
-        answers are labels for `router train`: a rating of a large answer says nothing about the small model."""
-        if small:
-            self.recorder.set_label(message_id, prompt, None if good is None else not good, "thumbs")
+        answers are labels for `router train`: a rating of a large answer says nothing about the small model.
+        `recorded`: whether the answer was (default: whether recording is on now); an answer given off the record
+        has no row to rate, and a recorded one keeps its rating in the database even when recording is now off.
+        Returns whether the rating was stored."""
+        if not small:
+            return False
+        rec = self.recorder if recorded is None else (self._log if recorded else None)
+        if rec is None or not rec.persistent:
+            return False
+        rec.set_label(message_id, prompt, None if good is None else not good, "thumbs")
+        return True
 
     def close(self) -> None:
         self.router.close()
