@@ -287,7 +287,7 @@ def test_options_are_validated_up_front_in_one_line(home):
     # empty prompts: the same exit code wherever they come from
     one_line_refusal(run_cli("ask", "  "), 2, "empty")
     one_line_refusal(run_cli("route", "  "), 2, "empty")
-    one_line_refusal(run_cli("ask", "hi", "--preference", "2"), 2, "between 0 and 1")
+    one_line_refusal(run_cli("ask", "hi", "--preference", "0"), 2, "must be in (0, 1)")
     one_line_refusal(run_cli("route", "hi", "--preference", "foo"), 2, "unknown router preference")
     one_line_refusal(run_cli("plan", "qwen3-30b-a3b"), 2, "in the catalog but not installed", "localmoe pull")
     assert not (home / "localmoe.db").exists() or db_rows(home, "select * from messages") == []

@@ -42,7 +42,7 @@ def test_a_tier_change_is_written_and_used_by_the_next_question(home, tiny_moe):
             screen.query_one("#router-preference", Input).value = "2"  # out of range: a one-line error, no write
             await pilot.press("ctrl+s")
             error = str(screen.query_one("#settings-error", Static).render())
-            assert "between 0 and 1" in error and "\n" not in error and app.screen is screen
+            assert "must be in (0, 1)" in error and "\n" not in error and app.screen is screen
             assert "0.99" in (home / "settings.toml").read_text()
             screen.query_one("#tiers-large", Input).value = str(tiny_moe[1])
             screen.query_one("#router-preference", Input).value = "0.001"  # everything goes to the large tier

@@ -150,7 +150,8 @@ def test_every_screen_matches_its_snapshot(fixed_home):
         async with app.run_test(size=SIZE) as pilot:
             chat = app.screen
             assert isinstance(chat, ChatScreen)
-            await wait_for(pilot, lambda: chat.sub_title == MODEL)
+            # loaded, and the router warmed (until then a resume says the model is still loading)
+            await wait_for(pilot, lambda: chat.sub_title == MODEL and chat._ready.is_set())
 
             # the chat: a recorded exchange, then an answer as it looks once finished, with fixed figures
             await chat.resume(resumed)

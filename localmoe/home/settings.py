@@ -55,7 +55,7 @@ class Settings:
 def parse_preference(value: str | float) -> str | float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not 0 < float(value) < 1:
-            raise UsageError(f"router preference {value} must be between 0 and 1 (or quality/balanced/energy)")
+            raise UsageError(f"router preference {value} must be in (0, 1) or quality/balanced/energy")
         return float(value)
     text = str(value).strip().lower()
     if text in PREFERENCES:
