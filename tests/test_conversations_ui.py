@@ -24,6 +24,8 @@ def test_search_finds_an_old_answer_and_resume_continues_with_its_history(home):
             await wait_for(pilot, lambda: chat.query(Answer) and chat.query(Answer)[0].done)
             old_answer, old_id = chat.query(Answer)[0].text, chat.assistant.conversation_id
             assert "Tokyo" in old_answer
+            tokens = chat.query(Answer)[0].stats.completion_tokens
+            await pilot.press("ctrl+b")  # rated bad, then taken back after the resume
             await pilot.press("ctrl+n")
             await type_and_send(pilot, "Say hello.")
             await wait_for(pilot, lambda: chat.query(Answer) and chat.query(Answer)[0].done)
@@ -42,6 +44,19 @@ def test_search_finds_an_old_answer_and_resume_continues_with_its_history(home):
             assert chat.assistant.conversation_id == old_id
             assert [q.render().plain for q in chat.query(Question)] == ["Which city is the capital of Japan?"]
             assert chat.query(Answer)[0].text == old_answer
+            # the recorded answer keeps its figures and its rating, and the rating keys act on it
+            resumed = chat.query(Answer)[0]
+            note = str(resumed.query_one(".stats", Static).render())
+            assert f"{tokens} tokens" in note and " J · recorded" in note, note
+            assert resumed.rating is False
+            await pilot.press("ctrl+b")  # the same key again takes it back
+            assert resumed.rating is None
+            with Recorder() as rec:
+                assert rec.route_labels() == []
+            await pilot.press("ctrl+g")
+            with Recorder() as rec:
+                assert [(r["prompt"], r["small_wrong"]) for r in rec.route_labels()] == [
+                    ("Which city is the capital of Japan?", 0)]
 
             await type_and_send(pilot, "And of Italy?")
             await wait_for(pilot, lambda: len(chat.query(Answer)) == 2 and chat.query(Answer)[1].done)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from rich.text import Text
@@ -64,6 +65,19 @@ class Figures(Static):
         if self.parts is None:
             return super().get_content_height(container, viewport, width)
         return len(self._lines(width))
+
+
+def recorded_note(message: dict[str, Any], facts: dict[str, Any]) -> str:
+    """A recorded answer's stats line: model, when, status, tokens and joules (`~` an estimate), `recorded`."""
+    when = (message["completed_at"] or message["created_at"] or "")[:16].replace("T", " ")
+    parts = [message["model"] or "", f"{when} UTC"]
+    if message["status"] != "complete":
+        parts.append(message["status"])
+    if facts.get("completion_tokens"):
+        parts.append(f"{facts['completion_tokens']} tokens")
+    if facts.get("joules") is not None:
+        parts.append(f"{'' if facts.get('measured') else '~'}{facts['joules']:.1f} J")
+    return " · ".join([*parts, "recorded"])
 
 
 class Answer(VerticalScroll, can_focus=False):
@@ -533,6 +547,7 @@ class ChatScreen(Screen):
         try:
             with Recorder() as rec:  # the real database, also when this chat is off the record
                 row, messages = rec.conversation(conversation_id), rec.conversation_messages(conversation_id)
+                facts = rec.answer_facts(conversation_id)
         except LocalmoeError as exc:
             self.notify(str(exc), severity="error", markup=False)
             return
@@ -540,20 +555,29 @@ class ChatScreen(Screen):
             self.notify(f"There is no conversation {conversation_id}.", severity="error")
             return
         self.assistant.conversation.resume(conversation_id, messages)
-        self.last, self._recall = None, None
+        self._recall = None
         view = self.query_one("#conversation", Conversation)
         await view.query("Question, Answer").remove()
         questions = {m["id"]: m for m in messages if m["role"] == "user"}
         self.asked = [m["content"] for m in questions.values()]
+        last = None
         for m in messages:
             if m["role"] == "user":
                 await view.mount(Question(m["content"], markup=False))
             elif m["role"] == "assistant":
                 answer = Answer(m["model"] or "model")
                 await view.mount(answer)
-                when = (m["completed_at"] or m["created_at"] or "")[:16].replace("T", " ")
-                status = "" if m["status"] == "complete" else f" · {m['status']}"
-                await answer.show_recorded(m["content"] or "", f"{m['model'] or ''} · {when} UTC{status} · recorded")
+                f = facts.get(m["id"], {})
+                await answer.show_recorded(m["content"] or "", recorded_note(m, f))
+                if f.get("rating") is not None:
+                    answer.show_rating(f["rating"])
+                asked = questions.get(m["reply_to"])
+                if asked is not None and m["status"] == "complete":
+                    # Ctrl+G / Ctrl+B / Ctrl+L act on the last recorded answer, as on one just given
+                    tier = SimpleNamespace(tier=f.get("tier") or "large")  # no decision: a model named by the user
+                    last = (asked["content"], SimpleNamespace(decision=tier, reply=SimpleNamespace(
+                        message_id=m["id"])), answer)
+        self.last, self.last_recorded = last, self.assistant.recording
         title = row["title"] or f"conversation {conversation_id}"
         self.query_one("#notice", Static).update(Text(f"Resumed {title!r}: the next question continues it."))
         view.scroll_end(animate=False)

@@ -764,6 +764,19 @@ class Recorder:
                 self._insert("route_labels", {"message_id": message_id, "prompt": prompt,
                                               "small_wrong": int(small_wrong), "source": source, "created_at": now()})
 
+    def answer_facts(self, conversation_id: int) -> dict[int, dict[str, Any]]:
+        """Per answer of a conversation, what its stats line showed: completion_tokens, joules, measured, the tier
+        that answered, and the user's rating (True good, False bad, None) — for a resumed chat."""
+        rows = self._rows(
+            "select m.id, g.completion_tokens, e.joules, e.measured, d.tier, "
+            "(select l.small_wrong from route_labels l where l.message_id = m.id and l.source = 'thumbs' "
+            "order by l.id desc limit 1) as small_wrong "
+            "from messages m left join generations g on g.message_id = m.id left join energy e on e.message_id = m.id "
+            "left join routing_decisions d on d.message_id = m.id "
+            "where m.conversation_id = ? and m.role = 'assistant'", [conversation_id])
+        return {r.pop("id"): {**r, "rating": None if r["small_wrong"] is None else not r["small_wrong"]}
+                for r in rows}
+
     def route_labels(self) -> list[dict[str, Any]]:
         """Every label that carries its question: prompt, small_wrong (0/1), source; oldest first."""
         return self._rows("select prompt, small_wrong, source from route_labels where prompt is not null order by id")
