@@ -191,6 +191,8 @@ def test_d_downloads_a_catalog_file_with_a_progress_bar_and_lists_it_installed(h
                 "Pull failed"))
             bar = screen.query_one("#pull-bar", ProgressBar)
             status = str(screen.query_one("#pull-status", Static).render())
+            # a failed pull leaves no bar that still looks busy; a finished one shows it full
+            assert bar.display == (not status.startswith("Pull failed")), status
             return screen, status, bar.percentage, screen_lines(app)
 
     with StandinHub({repo: {name: data}}) as h:

@@ -243,12 +243,14 @@ class ModelsScreen(Screen[bool]):
         self.query_one("#pull-status", Static).update(
             Text(f"Pulling {label}: {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)"))
 
-    def pull_done(self, message: str) -> None:
+    def pull_done(self, message: str, ok: bool = True) -> None:
         self.pulling = None
         if not self.is_attached:
             self.app.notify(message, title="Pull", markup=False)
             return
         self.query_one("#pull-status", Static).update(Text(message))
+        if not ok:  # an indeterminate bar left moving would say a download is still under way
+            self.query_one("#pull-bar", ProgressBar).display = False
         self.load_rows()
 
     @work(thread=True, exclusive=True, group="pull")
@@ -261,6 +263,6 @@ class ModelsScreen(Screen[bool]):
                                    self.show_progress, spec, done, total))
         except Exception as exc:  # noqa: BLE001 (one line on the screen, never a traceback)
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.app.call_from_thread(self.pull_done, f"Pull failed: {text}")
+            self.app.call_from_thread(self.pull_done, f"Pull failed: {text}", False)
             return
         self.app.call_from_thread(self.pull_done, f"Pulled {result.target.id} into {result.path}")
