@@ -94,3 +94,18 @@ def test_unsaid_drops_the_parts_already_said():
     said = ["a (x); b", "c"]
     assert cli._unsaid("a (x); b; c; d", said) == "d"
     assert cli._unsaid("c", said) == "" and cli._unsaid("e; f", said) == "e; f"
+
+
+def test_the_cascade_with_nothing_larger_says_its_answer_stands_and_warns(home):
+    """With no larger tier the cascade's small answer is never judged: its reason says nothing can take over
+    (it said the large model would), and a likely-wrong question is marked as under the other strategies."""
+    import json
+
+    from helpers import run_cli
+
+    hard = json.loads(run_cli("route", "What is 4821 * 317?", "--json", "--strategy", "cascade").stdout)
+    assert hard["tier"] == "small" and "no larger model is installed to take over" in hard["reason"]
+    assert hard["score"] >= hard["threshold"] and hard["probably_wrong"] and "likely wrong" in hard["warning"]
+    easy = json.loads(run_cli("route", "What is 4821 * 317?", "--json", "--strategy", "cascade",
+                              "--preference", "0.99").stdout)
+    assert easy["score"] < 0.99 and not easy["probably_wrong"] and easy["warning"] is None

@@ -269,6 +269,16 @@ class Assistant:
                 # each such answer is still marked, but the way to add the tier is said once
                 d.warning = f"the small model answered; estimated {d.score:.0%} likely wrong" + (
                     f" — {hint[1]}" if tell_hint else "")
+        if d.strategy == "cascade" and tier is None and not self._larger():
+            # nothing to take over: say so, and mark a likely-wrong answer as every other strategy does
+            by = d.reason.rsplit(", by ", 1)[-1].rstrip(")") if ", by " in d.reason else d.strategy
+            d.reason = (f"cascade: the small model answers; no larger model is installed to take over (estimated "
+                        f"{d.score:.0%} likely wrong before answering, by {by})")
+            if d.score >= d.threshold:
+                hint = self._add_tier_hint("large")
+                tell = self._first_time("hint:large")
+                d.warning = f"the small model answered; estimated {d.score:.0%} likely wrong" + (
+                    f" — {hint[1]}" if tell else "")
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None
         return d
