@@ -114,9 +114,16 @@ def test_rename_delete_undo_and_export_from_the_screen(home):
             md, js = screen.last_export
             assert json.loads(js.read_text())["messages"] == stored
             assert "The parrot, a chatterbox." in md.read_text() and md.parent == home / "exports"
+            with Recorder() as rec:
+                assert rec.conversation(cid)["title"] == "talking birds"
+            # deleted for good on leaving: the toast that offered Ctrl+Z leaves with the screen
+            await pilot.press("ctrl+d")
+            await pilot.pause()
+            assert any("Ctrl+Z brings it back" in n.message for n in app._notifications)
             await pilot.press("escape")
             await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+            assert not any("Ctrl+Z" in n.message for n in app._notifications)
 
     asyncio.run(run())
     with Recorder() as rec:
-        assert rec.conversation(cid)["title"] == "talking birds"
+        assert rec.conversation(cid) is None

@@ -74,6 +74,8 @@ class ConversationsScreen(Screen[dict[str, Any]]):
         self.query_one("#search", Input).focus()
 
     def on_unmount(self) -> None:
+        if self.undo:  # "Ctrl+Z brings it back" ends with this screen: its toast must not outlive it
+            self.app.clear_notifications()
         if self.rec is not None:
             if self.deleted:
                 try:
