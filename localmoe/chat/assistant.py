@@ -247,7 +247,7 @@ class Assistant:
             if tier == "remote" and not self.settings.allow_remote:
                 raise UsageError(f"--tier remote: {FORBIDDEN}")
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
-                         f"{tier}: asked for with --tier {tier}", 0.0)
+                         f"{tier}: the {tier} tier was asked for (--tier, Ctrl+L, or a model id in a request)", 0.0)
         else:
             # `route` (load=False) only names the tier: no meter is started for it
             d = self._metered_decision(prompt) if load else self.router.route(prompt, self.routing_strategy(),
