@@ -123,6 +123,10 @@ def test_import_refuses_what_is_not_a_model_and_a_name_taken(home, tmp_path, tin
         f"{tiny_moe[1].stem.lower()}.gguf"]
     assert cli.main(["import", str(tiny_moe[1]), "--name", "Tiny_MoE-v1.q8"]) == 0
     assert (paths.models_dir() / "tiny_moe-v1.q8.gguf").is_symlink()
+    odd = tmp_path / "My Model (1).gguf"  # a file's own name is made into one a model may have
+    shutil.copy(tiny_moe[1], odd)
+    assert cli.main(["import", str(odd)]) == 0
+    assert (paths.models_dir() / "my-model-1.gguf").is_symlink()
 
 
 def test_rm_never_deletes_a_file_localmoe_did_not_put_there(home, tiny_moe, capsys):

@@ -27,6 +27,11 @@ def _model_name(name: str) -> str:
     return low
 
 
+def _slug(stem: str) -> str:
+    """A file's own name as a model name: what a name may not hold becomes '-' ("my model (1)" → "my-model-1")."""
+    return re.sub(r"[^a-z0-9._+-]+", "-", stem.lower()).strip("-.") or stem
+
+
 def import_model(src: str, *, copy: bool = False, name: str | None = None) -> models.ModelRef:
     """A GGUF file or a Hugging Face checkpoint folder into models/: a symbolic link (the file stays where it is),
     or with `copy` a copy of its own. Checked to be readable first."""
@@ -36,12 +41,12 @@ def import_model(src: str, *, copy: bool = False, name: str | None = None) -> mo
     if p.is_dir():
         if not models.is_checkpoint_dir(p):
             raise UsageError(f"{p} is a folder without config.json: not a Hugging Face checkpoint")
-        dest_name = _model_name(name or p.name)
+        dest_name = _model_name(name or _slug(p.name))
     else:
         from localmoe.placement.layout import read_layout
 
         read_layout(p)  # refuses a file that is not a readable GGUF, in its own words
-        dest_name = f"{_model_name(name or p.stem)}.gguf"
+        dest_name = f"{_model_name(name or _slug(p.stem))}.gguf"
     d = paths.models_dir()
     d.mkdir(parents=True, exist_ok=True)
     dest = d / dest_name
