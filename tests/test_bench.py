@@ -234,3 +234,18 @@ def test_cascade_policy_charges_an_escalated_item_both_answers_joules(home, tmp_
     # the decision's metered interval (not stored on its own): the probe's reading of the question, one prompt
     # evaluation on the small model (loading it is not metered: test_router_probe)
     assert 0 <= item["seconds"] - (small["seconds"] + large["seconds"]) < 3
+
+
+def test_plot_labels_stay_inside_the_plot():
+    """The costliest point sits near the right edge: its label runs leftwards from it, not past the edge."""
+    import re
+
+    from localmoe.bench.report import _svg_plot
+
+    svg = _svg_plot([("smollm2-135m-instruct · small", 1.0, 0.2), ("qwen3-30b-a3b · large", 20.0, 0.9)])
+    labels = re.findall(r'<text x="([\d.]+)" y="[\d.]+"( text-anchor="end")?>([^<]+)</text>', svg)
+    placed = {text: (float(x), bool(end)) for x, end, text in labels}
+    x, end = placed["qwen3-30b-a3b · large"]
+    assert end and x < 560  # right half: anchored at its end, left of the point
+    x, end = placed["smollm2-135m-instruct · small"]
+    assert not end and x < 280

@@ -60,7 +60,11 @@ def _svg_plot(points: list[tuple[str, float, float]], width: int = 560, height: 
         x = pad + joules / xmax * (width - 10 - pad)
         y = height - pad - acc * (height - pad - 10)
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="#3465a4"/>')
-        parts.append(f'<text x="{x + 8:.1f}" y="{y - 6:.1f}">{html.escape(label)}</text>')
+        # a point in the right half is labelled on its left: a label running past the plot's edge is cut off
+        left = x > width / 2
+        anchor = ' text-anchor="end"' if left else ""
+        parts.append(f'<text x="{x - 8 if left else x + 8:.1f}" y="{max(y - 6, 12):.1f}"{anchor}>'
+                     f'{html.escape(label)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
