@@ -113,8 +113,9 @@ def test_bad_inputs_fail_cleanly_and_keep_the_database(home, tmp_path, smollm):
     assert_clean_failure(run_cli("ask", "hi", "--model", str(renamed)), "not a GGUF")
     assert_clean_failure(run_cli("ask", "   "), "empty")
     assert_clean_failure(run_cli("ask", "hi", "--model", "no-such-model"), "unknown model")
-    assert_clean_failure(run_cli("ask", "hi", home=blocker / "home"), "cannot create data directory")
-    assert_clean_failure(run_cli("logs", home=blocker / "home"), "cannot create data directory")
+    assert_clean_failure(run_cli("ask", "hi", home=blocker / "home"), "cannot use data directory")
+    assert_clean_failure(run_cli("logs", home=blocker / "home"), "cannot use data directory")
+    assert_clean_failure(run_cli("logs", home=blocker), "it is a file, not a directory")
 
     # the earlier exchange is intact and nothing half-written was added
     rows = db_rows(home, "select role, status from messages order by id")

@@ -128,7 +128,7 @@ def test_unwritable_home(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     monkeypatch.setenv("LOCALMOE_HOME", str(blocker / "home"))
-    with pytest.raises(LocalmoeError, match="cannot create data directory"):
+    with pytest.raises(LocalmoeError, match="cannot use data directory"):
         Recorder()
 
 

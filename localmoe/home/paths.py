@@ -31,7 +31,9 @@ def data_dir(create: bool = True) -> Path:
         try:
             path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         except OSError as exc:
-            raise LocalmoeError(f"cannot create data directory {path}: {exc.strerror or exc}") from None
+            what = "it is a file, not a directory" if path.is_file() else exc.strerror or exc
+            raise LocalmoeError(f"cannot use data directory {path}: {what} (set {HOME_ENV} to another "
+                                "directory)") from None
         if not os.access(path, os.W_OK | os.X_OK):
             raise LocalmoeError(f"data directory {path} is not writable (set {HOME_ENV} to another directory)")
         if path not in _checked:
