@@ -213,7 +213,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def _unsaid(notice: str, said: list[str]) -> str:
     """A decision's notice (its parts joined by "; ") without the parts already said: the router's own notices
     are both the assistant's and its first decision's."""
-    for done in said:
+    for done in filter(None, said):
         notice = notice.replace(done, "\0")
     return "; ".join(p for p in (x.strip().strip(";").strip() for x in notice.split("\0")) if p)
 

@@ -324,6 +324,14 @@ def test_a_trace_with_impossible_routing_is_refused(tmp_path: Path, experts) -> 
         Trace.load(tmp_path / "bad.jsonl")
 
 
+@pytest.mark.parametrize("head", ['["not", "a", "header"]', '{"format": "localmoe-trace", "version": "1"}',
+                                  '{"format": "localmoe-trace", "version": 1, "model": "m"}'])
+def test_a_bad_trace_header_is_one_line(tmp_path: Path, head: str) -> None:
+    (tmp_path / "t.jsonl").write_text(head + "\n")
+    with pytest.raises(LocalmoeError, match=r"t.jsonl(: bad trace header| is not a localmoe routing trace)"):
+        Trace.load(tmp_path / "t.jsonl")
+
+
 # --- SCH, capacity specs, report ---------------------------------------------------------------------------------
 
 

@@ -123,7 +123,46 @@ def test_rename_delete_undo_and_export_from_the_screen(home):
             await pilot.press("escape")
             await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
             assert not any("Ctrl+Z" in n.message for n in app._notifications)
+            assert any(n.message.startswith("Exported to ") for n in app._notifications)  # that one may stay
 
     asyncio.run(run())
     with Recorder() as rec:
         assert rec.conversation(cid) is None
+
+
+def test_resumed_answers_are_rated_in_the_database_and_a_pinned_models_teach_nothing(home):
+    """A resumed answer comes from the database, so its rating goes there even in a chat that is off the record
+    (it said "off the record: not stored"); an answer of a model the user pinned is no small-tier label."""
+    with Recorder() as rec:
+        rows = {}
+        for strategy in ("features", "pinned"):
+            cid = rec.new_conversation("smollm2-135m-instruct", title=strategy)
+            q = rec.add_message(cid, "user", f"question {strategy}")
+            a = rec.add_message(cid, "assistant", "an answer", model="smollm2-135m-instruct", reply_to=q)
+            rec.record_decision(a, tier="small", model="smollm2-135m-instruct", strategy=strategy, score=0.9,
+                                threshold=0.5, reason="r", latency_ms=1.0)
+            rows[strategy] = (cid, a)
+        assert rec.answer_facts(rows["features"][0])[rows["features"][1]]["tier"] == "small"
+        assert rec.answer_facts(rows["pinned"][0])[rows["pinned"][1]]["tier"] == "pinned"
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(100, 30)) as pilot:
+            chat = app.screen
+            await wait_for(pilot, lambda: chat.assistant is not None and chat._ready.is_set())
+            await pilot.press("ctrl+o")  # off the record
+            await pilot.pause()
+            assert not chat.assistant.recording
+            notes: list[str] = []
+            chat.notify = lambda message, *a, **k: notes.append(str(message))
+            for strategy in ("features", "pinned"):
+                await chat.resume(rows[strategy][0])
+                await pilot.press("ctrl+b")
+                assert chat.query(Answer)[-1].rating is False
+                assert notes and "off the record" not in notes[-1], notes
+                if strategy == "pinned":
+                    assert "Only small-model answers teach the router" in notes[-1]
+
+    asyncio.run(run())
+    with Recorder() as rec:
+        assert [(r["prompt"], r["small_wrong"]) for r in rec.route_labels()] == [("question features", 1)]

@@ -481,3 +481,17 @@ def test_a_checkpoint_folder_is_pulled_resumed_and_answers_on_the_native_engine(
     answer = json.loads(r.stdout)
     assert answer["model"] == "tiny-moe" and answer["backend"] == "torch"
     assert cli.main(["rm", "tiny-moe", "--yes"]) == 0 and not folder.exists()
+
+
+def test_a_hub_checkpoint_under_the_embedded_models_name_is_refused(ckpt_files, home, capsys, monkeypatch):
+    """Installed as smollm2-135m-instruct it could be neither used nor removed (the embedded model answers to that
+    name): the pull says so in one line and fetches no weights."""
+    repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with StandinHub({repo: ckpt_files}) as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        assert cli.main(["pull", f"hf:{repo}"]) == 2
+        assert "the embedded model's name" in one_line(capsys.readouterr().err)
+        # the plan read the shards' headers (ranges), nothing was downloaded whole
+        assert all(r["range"] for r in h.log if r["method"] == "GET" and r["path"].endswith(".safetensors"))
+    assert not (paths.models_dir() / "SmolLM2-135M-Instruct").exists()

@@ -26,12 +26,15 @@ from localmoe.ui.chat import Answer
 
 class FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
+    listed = ["fake-model", "other-model:latest"]  # what /v1/models lists
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:  # /v1/models
-        self._send(200, "application/json", json.dumps({"data": [{"id": "fake-model"}]}).encode())
+        listed = FakeOpenAI.listed
+        data = None if listed is None else [{"id": i} for i in listed]
+        self._send(200, "application/json", json.dumps({"data": data}).encode())
 
     def do_POST(self) -> None:  # /v1/chat/completions
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -116,10 +119,19 @@ def test_an_unreachable_remote_falls_back_to_the_small_model(home):
 def test_a_model_the_remote_does_not_serve_falls_back_to_the_small_model(home, server):
     """A remote_model the endpoint does not list is found out when the tier loads (GET /models), so a routed
     question falls back to the small model with the reason, as for an unreachable server (it failed the question)."""
-    with pytest.raises(LocalmoeError, match=r"has no model 'nosuch' \(it serves fake-model; remote_model"):
+    with pytest.raises(LocalmoeError, match=r"has no model 'nosuch' \(it serves fake-model, other-model:latest; "
+                                            r"remote_model"):
         RemoteEngine(server, "nosuch", timeout=5).load()
     RemoteEngine(server, "fake-model", timeout=5).load()
+    RemoteEngine(server, "other-model", timeout=5).load()  # Ollama lists name:latest and answers to name
     RemoteEngine(server, "default", timeout=5).load()  # no model named: whatever the server serves
+    try:
+        FakeOpenAI.listed = ["/models/the-one.gguf"]  # llama.cpp's server: one model, whatever name is asked
+        RemoteEngine(server, "nosuch", timeout=5).load()
+        FakeOpenAI.listed = None  # {"data": null}: a listing that says nothing refuses nothing
+        RemoteEngine(server, "nosuch", timeout=5).load()
+    finally:
+        FakeOpenAI.listed = ["fake-model", "other-model:latest"]
     home.mkdir(parents=True, exist_ok=True)
     (home / "settings.toml").write_text(f'[tiers]\nremote = "{server}"\nremote_model = "nosuch"\n'
                                         '[router]\nstrategy = "features"\npreference = 0.01\n')

@@ -94,6 +94,21 @@ def test_unsaid_drops_the_parts_already_said():
     said = ["a (x); b", "c"]
     assert cli._unsaid("a (x); b; c; d", said) == "d"
     assert cli._unsaid("c", said) == "" and cli._unsaid("e; f", said) == "e; f"
+    assert cli._unsaid("e; f", ["", "f"]) == "e"  # an empty notice said removes nothing
+
+
+def test_a_broken_large_tier_without_the_embedded_model_names_both_causes(home, monkeypatch):
+    from localmoe.chat.assistant import Assistant
+    from localmoe.home import install
+
+    monkeypatch.setattr(models, "default_model", lambda: (_ for _ in ()).throw(LocalmoeError("no embedded model")))
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
+    with pytest.raises(LocalmoeError) as caught:
+        Assistant().available("large")
+    message = str(caught.value)
+    assert "the large tier (nosuch-model) is unavailable" in message and "\n" not in message
+    assert f"install the embedded model (`{install.install_command()}`)" in message
 
 
 def test_the_cascade_with_nothing_larger_says_its_answer_stands_and_warns(home):

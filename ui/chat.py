@@ -356,8 +356,8 @@ class ChatScreen(Screen):
                 flush()
             flush(force=True)
             reply = routed.reply
-            self.last = (prompt, routed, answer)
             self.last_recorded = self.assistant.recording  # recording cannot change while an answer is produced
+            self.last = (prompt, routed, answer)
             self.last_run = self._last_run(reply)
             self.post_message(self.Done(answer, None, reply.stats, reply.status, energy=reply.energy,
                                         decision=routed.decision, model=reply.model, experts=reply.experts))
@@ -572,12 +572,12 @@ class ChatScreen(Screen):
                 if f.get("rating") is not None:
                     answer.show_rating(f["rating"])
                 asked = questions.get(m["reply_to"])
-                if asked is not None and m["status"] == "complete":
+                if asked is not None and m["status"] != "pending" and m["content"]:
                     # Ctrl+G / Ctrl+B / Ctrl+L act on the last recorded answer, as on one just given
                     tier = SimpleNamespace(tier=f.get("tier") or "large")  # no decision: a model named by the user
                     last = (asked["content"], SimpleNamespace(decision=tier, reply=SimpleNamespace(
                         message_id=m["id"])), answer)
-        self.last, self.last_recorded = last, self.assistant.recording
+        self.last_recorded, self.last = True, last  # from the database, also when this chat is off the record
         title = row["title"] or f"conversation {conversation_id}"
         self.query_one("#notice", Static).update(Text(f"Resumed {title!r}: the next question continues it."))
         view.scroll_end(animate=False)

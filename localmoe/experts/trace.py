@@ -65,8 +65,10 @@ class Trace:
             head = json.loads(lines[0]) if lines else {}
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise LocalmoeError(f"cannot read trace {p}: {exc}") from None
-        if head.get("format") != FORMAT:
+        if not isinstance(head, dict) or head.get("format") != FORMAT:
             raise LocalmoeError(f"{p} is not a localmoe routing trace")
+        if not isinstance(head.get("version", 0), int):
+            raise LocalmoeError(f"{p}: bad trace header (version {head['version']!r})")
         if head.get("version", 0) > VERSION:
             raise LocalmoeError(f"{p} was written by a newer localmoe (trace version {head['version']})")
         try:
@@ -82,7 +84,7 @@ class Trace:
             # a replay of impossible routing would report cache figures for a model that does not exist
             layers = token.experts if isinstance(token.experts, list) else None
             if layers is None or len(layers) != trace.n_layers or not all(
-                    isinstance(ids, list) and all(isinstance(e, int) and 0 <= e < trace.n_experts for e in ids)
+                    isinstance(ids, list) and all(type(e) is int and 0 <= e < trace.n_experts for e in ids)
                     for ids in layers):
                 raise LocalmoeError(f"{p}:{n}: bad trace line (experts must be {trace.n_layers} lists of expert ids "
                                     f"below {trace.n_experts}, as the header says)")

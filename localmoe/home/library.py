@@ -29,7 +29,8 @@ def _model_name(name: str) -> str:
 
 def _slug(stem: str) -> str:
     """A file's own name as a model name: what a name may not hold becomes '-' ("my model (1)" → "my-model-1")."""
-    return re.sub(r"[^a-z0-9._+-]+", "-", stem.lower()).strip("-.") or stem
+    slug = re.sub(r"\.{2,}", ".", re.sub(r"[^a-z0-9._+-]+", "-", stem.lower()))
+    return slug.lstrip("-._+").rstrip("-.")[:100] or stem
 
 
 def import_model(src: str, *, copy: bool = False, name: str | None = None) -> models.ModelRef:
@@ -42,6 +43,8 @@ def import_model(src: str, *, copy: bool = False, name: str | None = None) -> mo
         if not models.is_checkpoint_dir(p):
             raise UsageError(f"{p} is a folder without config.json: not a Hugging Face checkpoint")
         dest_name = _model_name(name or _slug(p.name))
+        if dest_name.endswith(".gguf"):  # a folder under a GGUF's name would be listed as one
+            raise UsageError(f"cannot name a checkpoint folder {dest_name!r}: a name ending in .gguf is a GGUF file's")
     else:
         from localmoe.placement.layout import read_layout
 

@@ -56,14 +56,15 @@ def _tighten(path: Path, own_dir: bool) -> None:
 
 
 def private_file(path: Path) -> None:
-    """Make a file this process just created (empty still) readable by its owner only, by name: SQLite gives its
-    WAL and shared-memory files the database file's mode. Never by opening the file: closing any descriptor of a
-    file drops every POSIX lock this process holds on it, an open SQLite connection's included, and another
-    process would then checkpoint and delete the WAL under that connection."""
+    """Create `path` readable by its owner only when it does not exist yet, before a library such as sqlite3 opens
+    it (SQLite gives its WAL and shared-memory files the database file's mode). An existing file is never opened
+    here: closing any descriptor of a file drops every POSIX lock this process holds on it, an open SQLite
+    connection's included, and another process would then checkpoint and delete the WAL under that connection. A
+    file made here with O_EXCL is new, so this process holds no lock on it yet."""
     try:
-        os.chmod(path, FILE_MODE)
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
     except OSError:
-        pass  # the caller's own use of the file reports the problem in its words
+        pass  # there already (someone else made it), or the caller's own open reports the problem in its words
 
 
 def write_private(path: Path, text: str) -> None:

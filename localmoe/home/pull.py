@@ -638,6 +638,12 @@ def pull(spec: str, plan: Callable[[Target], tuple[bool, Verdict]], *, dry_run: 
                             "(--force pulls it anyway)")
     if t.kind == "checkpoint" and t.dest.exists():
         raise LocalmoeError(f"{t.dest} is in the way (not a checkpoint folder); move it away to pull hf:{t.repo}")
+    from localmoe.home import models
+
+    if t.entry is None and t.id in {m.id for m in models.embedded_models()}:
+        # under the embedded model's name it could be neither used nor removed: the embedded one answers to it
+        raise UsageError(f"hf:{t.repo} would be installed as {t.id}, the embedded model's name; `localmoe import` "
+                         "a downloaded copy with --name instead")
     paths.models_dir().mkdir(parents=True, exist_ok=True)
     have = sum(_have(f) for f in t.files)
     _check_space(t, have)

@@ -97,6 +97,10 @@ def load(path: Path | None = None) -> Settings:
         raise LocalmoeError(f"settings {p}: [tiers] allow_remote must be true or false, not {allow_remote!r}")
     if strategy is not None and strategy not in STRATEGIES:
         raise LocalmoeError(f"settings {p}: unknown router strategy {strategy!r} ({', '.join(STRATEGIES)})")
+    try:
+        preference = parse_preference(router.get("preference", "balanced"))
+    except LocalmoeError as exc:  # the file is at fault, not the command line: exit 1, naming the file
+        raise LocalmoeError(f"settings {p}: [router] {exc}") from None
     return Settings(
         small=tiers.get("small") or None,
         large=tiers.get("large") or None,
@@ -105,7 +109,7 @@ def load(path: Path | None = None) -> Settings:
         remote_api_key_env=tiers.get("remote_api_key_env") or None,
         allow_remote=allow_remote,
         strategy=strategy,
-        preference=parse_preference(router.get("preference", "balanced")),
+        preference=preference,
         record=record,
         meter=meter,
         path=p,

@@ -398,14 +398,13 @@ class Recorder:
         self.persistent = str(path) != MEMORY  # False: kept in this process only, gone at close
         self.path = Path(path) if path else paths.db_path()
         self.timeout = busy_timeout() if timeout is None else timeout
-        created = self.persistent and not self.path.exists()
+        if self.persistent:
+            # Created owner-only before SQLite opens it: its WAL and shared-memory files copy the database's mode.
+            paths.private_file(self.path)
         with _db_errors(self.path):
             # Shared by the UI thread and generation workers; sqlite serialises calls, the lock our transactions.
             conn = sqlite3.connect(self.path if self.persistent else MEMORY, check_same_thread=False,
                                    timeout=self.timeout, isolation_level=None)
-            if created:
-                # owner-only while still empty, before the WAL and shared-memory files copy its mode
-                paths.private_file(self.path)
             self._db = sqlite_utils.Database(conn)
             self._lock = threading.RLock()
             try:
@@ -766,9 +765,12 @@ class Recorder:
 
     def answer_facts(self, conversation_id: int) -> dict[int, dict[str, Any]]:
         """Per answer of a conversation, what its stats line showed: completion_tokens, joules, measured, the tier
-        that answered, and the user's rating (True good, False bad, None) — for a resumed chat."""
+        that answered ('pinned' for a model the user chose), and the user's rating (True good, False bad, None) —
+        for a resumed chat."""
         rows = self._rows(
-            "select m.id, g.completion_tokens, e.joules, e.measured, d.tier, "
+            "select m.id, g.completion_tokens, e.joules, e.measured, "
+            # a model the user pinned is recorded as the small tier, but its answers say nothing about the router's
+            "case when d.strategy = 'pinned' then 'pinned' else d.tier end as tier, "
             "(select l.small_wrong from route_labels l where l.message_id = m.id and l.source = 'thumbs' "
             "order by l.id desc limit 1) as small_wrong "
             "from messages m left join generations g on g.message_id = m.id left join energy e on e.message_id = m.id "
