@@ -419,6 +419,15 @@ def test_cascade_escalation_is_announced_on_stderr_between_the_answers(home, tin
     tiers = [t for (t,) in sqlite3.connect(home / "localmoe.db").execute(
         "select tier from routing_decisions order by message_id")]
     assert tiers == ["small", "large", "small"]
+    # the large model answered the question afresh: the prompt it read is the question alone, as asked directly
+    # (it read the small answer and the question twice), and the record holds one question with both answers
+    conn = sqlite3.connect(home / "localmoe.db")
+    first = conn.execute("select min(conversation_id) from messages").fetchone()[0]
+    rows = conn.execute("select m.role, m.reply_to, m.id, g.prompt_tokens from messages m left join generations g "
+                        "on g.message_id = m.id where m.conversation_id = ? order by m.id", (first,)).fetchall()
+    assert [r[0] for r in rows] == ["user", "assistant", "assistant"] and rows[1][1] == rows[2][1] == rows[0][2]
+    direct = json.loads(run_cli("ask", q, "--tier", "large", "--max-tokens", "1", "--json", "--no-log").stdout)
+    assert rows[2][3] == direct["usage"]["prompt_tokens"]
 
 
 def test_ctrl_c_interrupts_a_bench_run_and_resume_finishes_it(home, tmp_path):

@@ -140,12 +140,19 @@ def test_retry_on_the_large_tier_and_thumbs_become_labels(home, tiny_moe):
             second = screen.query(Answer)[1]
             assert second.decision.tier == "large" and second.model == "tiny-moe"
             assert "large tier" in str(second.query_one(".route", Static).render())
+            # the same question answered anew: the small answer is not in the large model's context
+            sent = screen.last[1].reply._history
+            assert [m["content"] for m in sent if m["role"] != "system"] == ["Which city is the capital of Japan?"]
+            assert screen.assistant.conversation.history[-1] == {"role": "assistant", "content": second.text}
 
     asyncio.run(run())
     conn = sqlite3.connect(home / "localmoe.db")
     labels = conn.execute("select prompt, small_wrong, source from route_labels order by id").fetchall()
     assert labels == [("Which city is the capital of Japan?", 0, "thumbs"),
                       ("Which city is the capital of Japan?", 1, "retry")]
+    # recorded as one question with two answers, both kept
+    rows = conn.execute("select id, role, reply_to from messages order by id").fetchall()
+    assert [r[1] for r in rows] == ["user", "assistant", "assistant"] and rows[1][2] == rows[2][2] == rows[0][0]
 
 
 def test_an_escalated_cascade_answer_shows_the_break_between_the_two_answers(home, tiny_moe):

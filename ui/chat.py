@@ -308,7 +308,7 @@ class ChatScreen(Screen):
         conversation = self.query_one("#conversation", Conversation)
         (conversation.scroll_page_down if pages > 0 else conversation.scroll_page_up)(animate=False)
 
-    async def _ask(self, prompt: str, tier: str | None = None) -> None:
+    async def _ask(self, prompt: str, tier: str | None = None, again: int | None = None) -> None:
         if self.generating:
             self.notify("Still answering: press Esc to stop it first.", severity="warning")
             return
@@ -319,17 +319,18 @@ class ChatScreen(Screen):
         conversation.scroll_end(animate=False)
         self.generating = True
         self._cancel = threading.Event()
-        self.generate(prompt, answer, self._cancel, tier)
+        self.generate(prompt, answer, self._cancel, tier, again)
 
     @work(thread=True, group="generate")
-    def generate(self, prompt: str, answer: Answer, cancel: threading.Event, tier: str | None = None) -> None:
+    def generate(self, prompt: str, answer: Answer, cancel: threading.Event, tier: str | None = None,
+                 again: int | None = None) -> None:
         self._ready.wait()
         if self.assistant is None:
             self.post_message(self.Done(answer, "", None, "error", self.load_error or "no model"))
             return
         routed = None
         try:
-            routed = self.assistant.ask(prompt, cancel=cancel, tier=tier)
+            routed = self.assistant.ask(prompt, cancel=cancel, tier=tier, again=again)
             self._apply_telemetry(self.assistant.session_for(routed.decision.tier).engine)
             self.answering = routed
             self._tell_remote(routed)
@@ -437,7 +438,8 @@ class ChatScreen(Screen):
         prompt, routed, _ = self.last
         if routed.decision.tier == "small" and self.assistant.pinned is None:
             self.assistant.label(routed.reply.message_id, prompt, True, "retry")
-        await self._ask(prompt, tier="large")
+        # the same question answered anew: the small answer leaves the model's context, not the record
+        await self._ask(prompt, tier="large", again=getattr(routed.reply, "question_id", None))
 
     def _thumbs(self, good: bool) -> None:
         """Rate the latest answer; the same key again takes the rating back, the other key changes it. One rating
@@ -576,7 +578,7 @@ class ChatScreen(Screen):
                     # Ctrl+G / Ctrl+B / Ctrl+L act on the last recorded answer, as on one just given
                     tier = SimpleNamespace(tier=f.get("tier") or "large")  # no decision: a model named by the user
                     last = (asked["content"], SimpleNamespace(decision=tier, reply=SimpleNamespace(
-                        message_id=m["id"])), answer)
+                        message_id=m["id"], question_id=asked["id"])), answer)
         self.last_recorded, self.last = True, last  # from the database, also when this chat is off the record
         title = row["title"] or f"conversation {conversation_id}"
         self.query_one("#notice", Static).update(Text(f"Resumed {title!r}: the next question continues it."))

@@ -36,8 +36,10 @@ class RoutedReply:
     the two, so a UI can say so. `remote_notice` is set when this answer is the first to go to a remote endpoint
     (before it is sent, escalation included): the UI must show it."""
 
-    def __init__(self, assistant: Assistant, prompt: str, decision: Decision, cancel: threading.Event | None) -> None:
+    def __init__(self, assistant: Assistant, prompt: str, decision: Decision, cancel: threading.Event | None,
+                 again: int | None = None) -> None:
         self.assistant, self.prompt, self.decision, self.cancel = assistant, prompt, decision, cancel
+        self.again = again  # the recorded question this answers anew (Session.ask)
         self.reply: Reply | None = None
         self.small_reply: Reply | None = None
         self.escalated = False
@@ -52,7 +54,7 @@ class RoutedReply:
             config = replace(config, logprobs=True)
         if d.tier == "small" and a.pinned is None and "max_tokens" not in a.overrides:
             config = replace(config, max_tokens=answer_budget(self.prompt, config.max_tokens))
-        self.reply = session.ask(self.prompt, self.cancel, config)
+        self.reply = session.ask(self.prompt, self.cancel, config, again=self.again)
         try:
             yield from self.reply
             bigger = a.available("large") if d.strategy == "cascade" and self.reply.status == "complete" else None
@@ -68,7 +70,8 @@ class RoutedReply:
                         self.on_escalate(self)
                     large = a.session_for(bigger)
                     d.model = large.model.id
-                    self.reply = large.ask(self.prompt, self.cancel)
+                    # the large model answers the question afresh: the small answer it replaces is not its context
+                    self.reply = large.ask(self.prompt, self.cancel, again=self.small_reply.question_id)
                     yield from self.reply
         finally:
             # recorded even when the answer was stopped or interrupted: the decision was still made
@@ -356,8 +359,11 @@ class Assistant:
         return "is installed", (f"put a MoE .gguf in {models.paths.models_dir()} or set [tiers] {tier} in "
                                 "settings.toml")
 
-    def ask(self, prompt: str, cancel: threading.Event | None = None, tier: str | None = None) -> RoutedReply:
-        routed = RoutedReply(self, prompt, self.route(prompt, tier), cancel)
+    def ask(self, prompt: str, cancel: threading.Event | None = None, tier: str | None = None,
+            again: int | None = None) -> RoutedReply:
+        """`again`: the id of the recorded question to answer anew (Ctrl+L's retry on the large tier): its earlier
+        answer leaves the context, and the new one replies to it."""
+        routed = RoutedReply(self, prompt, self.route(prompt, tier), cancel, again)
         routed.remote_notice = self.first_remote_notice(routed.decision.tier)
         return routed
 

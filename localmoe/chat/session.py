@@ -174,9 +174,12 @@ class Session:
     def new_conversation(self) -> None:
         self.conversation.restart()
 
-    def ask(self, prompt: str, cancel: threading.Event | None = None, config: GenerationConfig | None = None) -> Reply:
+    def ask(self, prompt: str, cancel: threading.Event | None = None, config: GenerationConfig | None = None,
+            again: int | None = None) -> Reply:
         """Record the question now (so it survives anything that happens next) and return the Reply to stream;
-        `config` replaces the session's for this answer only."""
+        `config` replaces the session's for this answer only. `again`: the id of the recorded question this one
+        answers anew (a cascade's escalation, a retry on the large tier): its earlier answer leaves the model's
+        context (it stays recorded), and the new answer replies to that question instead of a copy of it."""
         prompt = prompt.strip()
         if not prompt:
             raise UsageError("the prompt is empty")
@@ -190,7 +193,11 @@ class Session:
                 if self.system_prompt:
                     rec.add_message(conv.id, "system", self.system_prompt)
                     conv.history = [{"role": "system", "content": self.system_prompt}]
-            question_id = rec.add_message(conv.id, "user", prompt)
+            if again is not None:
+                conv.take_back(prompt)
+                question_id = again
+            else:
+                question_id = rec.add_message(conv.id, "user", prompt)
             answer_id = rec.add_message(
                 conv.id, "assistant", "", model=self.model.id, status="pending", reply_to=question_id
             )
