@@ -48,7 +48,7 @@ def start(home: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def hand_thresholds(scores, small_ok, large_ok, small_j, large_j) -> dict[str, tuple[float, float]]:
+def hand_thresholds(scores, small_ok, large_ok, small_j, large_j, cascade=False) -> dict[str, tuple[float, float]]:
     """(large share, accuracy) each preference buys, by brute force over every set of top-scored questions
     sent large: quality and energy the smallest share keeping 98% / 90% of large-only accuracy, balanced the
     highest accuracy per joule (the smaller share on a tie)."""
@@ -56,7 +56,7 @@ def hand_thresholds(scores, small_ok, large_ok, small_j, large_j) -> dict[str, t
     for cut in [np.inf, *sorted(set(scores), reverse=True)]:
         large = scores >= cut
         acc = float(np.where(large, large_ok, small_ok).mean())
-        joules = float(np.where(large, large_j, small_j).mean())
+        joules = float(np.where(large, large_j + (small_j if cascade else 0), small_j).mean())
         options.append((float(large.mean()), acc, joules))
     best = float(np.mean(large_ok))
     keep = {name: min((o for o in options if o[1] >= share * best - 1e-12), key=lambda o: o[0])
@@ -167,10 +167,15 @@ def test_the_calibrated_router_is_loaded_and_its_thresholds_are_the_outcomes(cal
     for name, s in scores.items():
         stored = data["outcome_preferences"][name]
         assert stored["large_only_accuracy"] == pytest.approx(large_ok.mean())
-        for pref, (share, acc) in hand_thresholds(s, small_ok, large_ok, small_j, large_j).items():
+        bought = hand_thresholds(s, small_ok, large_ok, small_j, large_j, cascade=name == "cascade")
+        for pref, (share, acc) in bought.items():
             t = stored[pref]["threshold"]
             assert (stored[pref]["large_share"], stored[pref]["accuracy"]) == pytest.approx((share, acc)), (name, pref)
             assert float(np.mean(s >= t)) == pytest.approx(share), (name, pref)  # the threshold buys that share
+            # joules as the strategy spends them: an escalated cascade question pays for both answers
+            sent = s >= t
+            spent = np.where(sent, large_j + (small_j if name == "cascade" else 0), small_j).mean()
+            assert stored[pref]["joules"] == pytest.approx(spent), (name, pref)
 
     # `route` loads the calibrated router: its score and the balanced threshold from the outcomes
     q = "What is 12 * 13?"

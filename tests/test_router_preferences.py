@@ -31,6 +31,14 @@ def test_thresholds_match_a_hand_computation() -> None:
     assert p["large_only_accuracy"] == 1.0 and p["n"] == 10
 
 
+def test_the_cascade_pays_for_both_answers_of_an_escalated_question() -> None:
+    # By hand, the cascade (3 J for every small answer, 9 J more for each escalation): share .4 costs 3 + .4 * 9
+    p = outcome_preferences(SCORES, SMALL_OK, LARGE_OK, SMALL_J, LARGE_J, cascade=True)
+    assert p["quality"]["large_share"] == 0.4 and np.isclose(p["quality"]["joules"], 6.6)
+    assert np.isclose(p["energy"]["joules"], 3 + 0.2 * 9)
+    assert p["balanced"]["large_share"] == 0.0 and np.isclose(p["balanced"]["joules"], 3.0)
+
+
 def test_stored_preferences_set_the_threshold_and_route_json_shows_them(home) -> None:
     prefs = outcome_preferences(SCORES, SMALL_OK, LARGE_OK, SMALL_J, LARGE_J)
     data = json.loads(trained_path().read_text())

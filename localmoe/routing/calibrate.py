@@ -271,9 +271,10 @@ def finish(rec: Recorder, run_id: int, tiers: Tiers, ids: list[str], *, router_o
     large_ok = np.array([o["large_correct"] for o in done], dtype=np.float64)
     small_j = np.array([o["small_joules"] for o in done], dtype=np.float64)
     large_j = np.array([o["large_joules"] for o in done], dtype=np.float64)
-    prefs = {name: preferences.outcome_preferences(s, small_ok, large_ok, small_j, large_j)
+    # the cascade answers small first: an escalated question costs both answers
+    prefs = {name: preferences.outcome_preferences(s, small_ok, large_ok, small_j, large_j, name == "cascade")
              for name, s in scores.items()}
-    curves = {name: preferences.operating_points(s, small_ok, large_ok, small_j, large_j)
+    curves = {name: preferences.operating_points(s, small_ok, large_ok, small_j, large_j, name == "cascade")
               for name, s in scores.items()}
     bench_row = rec.bench_run(run_id) or {}
     summary = {

@@ -19,23 +19,24 @@ QUALITY_KEEP, ENERGY_KEEP = 0.98, 0.90
 
 
 def operating_points(scores: np.ndarray, small_ok: np.ndarray, large_ok: np.ndarray, small_j: np.ndarray,
-                     large_j: np.ndarray) -> list[dict[str, float]]:
-    """Per candidate threshold (from none large to all large): large share, accuracy, mean joules per question."""
+                     large_j: np.ndarray, cascade: bool = False) -> list[dict[str, float]]:
+    """Per candidate threshold (from none large to all large): large share, accuracy, mean joules per question.
+    `cascade`: the small model answers every question first, so one sent large costs both answers."""
     scores = np.asarray(scores, dtype=np.float64)
     cands = [float(np.nextafter(scores.max(), np.inf)), *sorted(set(scores.tolist()), reverse=True)]
     points = []
     for t in cands:
         large = scores >= t
         acc = float(np.where(large, large_ok, small_ok).mean())
-        joules = float(np.where(large, large_j, small_j).mean())
+        joules = float(np.where(large, large_j + small_j if cascade else large_j, small_j).mean())
         points.append({"threshold": t, "large_share": float(large.mean()), "accuracy": acc, "joules": joules})
     return points
 
 
 def outcome_preferences(scores: np.ndarray, small_ok: np.ndarray, large_ok: np.ndarray, small_j: np.ndarray,
-                        large_j: np.ndarray) -> dict[str, Any]:
+                        large_j: np.ndarray, cascade: bool = False) -> dict[str, Any]:
     """The three preferences' thresholds with what each buys (large share, accuracy, joules per question)."""
-    points = operating_points(scores, small_ok, large_ok, small_j, large_j)
+    points = operating_points(scores, small_ok, large_ok, small_j, large_j, cascade)
     large_only = float(np.mean(large_ok))
 
     def smallest_share(keep: float) -> dict[str, float]:
