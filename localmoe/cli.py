@@ -636,14 +636,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from localmoe.home import library
+    from localmoe.home import library, paths
 
     ref = library.import_model(args.path, copy=args.copy, name=args.name)
     if args.json:
         _print_json({"status": "ok", "copied": args.copy, **ref.to_dict()})
         return 0
     how = "copied into" if args.copy else "linked from its place into"
-    print(f"imported {ref.id} ({how} {ref.path.parent}); try: localmoe ask --model {ref.id} \"QUESTION\"")
+    # models/, where the link or copy is (a checkpoint's ref names the folder the link resolves to)
+    print(f"imported {ref.id} ({how} {paths.models_dir()}); try: localmoe ask --model {ref.id} \"QUESTION\"")
     return 0
 
 

@@ -91,6 +91,10 @@ def test_import_links_by_default_and_rm_keeps_the_original(home, tiny_moe, tmp_p
     assert cli.main(["rm", "my-moe", "--yes"]) == 0
     assert "link removed, the file kept" in capsys.readouterr().out
     assert src.exists() and not dest.exists() and not dest.is_symlink()
+    # a checkpoint folder: the message names models/, where the link is, not the folder's own parent
+    assert cli.main(["import", str(tiny_moe[0]), "--name", "my-ckpt"]) == 0
+    assert f"imported my-ckpt (linked from its place into {paths.models_dir()})" in capsys.readouterr().out
+    assert (paths.models_dir() / "my-ckpt").is_symlink()
 
 
 def test_import_copy_then_rm_deletes_the_copy_and_says_what_it_frees(home, tiny_moe, capsys):

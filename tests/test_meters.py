@@ -301,6 +301,7 @@ def test_estimate_integrates_busy_cpu_time_with_env_overrides(monkeypatch: pytes
     monkeypatch.setenv(meters.WATTS_PER_CORE_ENV, "3.5")
     now = Times(100.0, 1.0, 20.0, 500.0, 3.0, 0.5, 0.5, 0.2, 4.0, 0.0)
     monkeypatch.setattr(psutil, "cpu_times", lambda: now)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 10**9)  # room for 2.6 busy seconds in 20 ms
 
     before = time.perf_counter()
     m = EstimateMeter()
@@ -314,6 +315,17 @@ def test_estimate_integrates_busy_cpu_time_with_env_overrides(monkeypatch: pytes
     joules = m.read()
     after = time.perf_counter()
     assert 7 * (before_read - after_start) + 3.5 * 2.6 <= joules <= 7 * (after - before) + 3.5 * 2.6 + 1e-9
+
+    # on 2 cores, 2.6 busy seconds counted within 20 ms are tick rounding: never more than both cores all along
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2)
+    now = Times(100.0, 1.0, 20.0, 500.0, 3.0, 0.5, 0.5, 0.2, 4.0, 0.0)
+    before = time.perf_counter()
+    m = EstimateMeter()
+    now = Times(102.0, 1.0, 20.5, 510.0, 4.0, 0.6, 0.5, 1.2, 5.0, 0.0)
+    time.sleep(0.02)
+    joules = m.read()
+    wall = time.perf_counter() - before
+    assert joules <= (7 + 3.5 * 2) * wall + 1e-9
 
     assert EstimateMeter(base_watts=2, watts_per_core=1).name == "estimate(cpu-time: 2 W + 1 W/core)"
     monkeypatch.setenv(meters.BASE_WATTS_ENV, "lots")
@@ -381,6 +393,7 @@ def test_select_meter_without_rapl_adds_the_cpu_estimate_to_a_gpu_meter(root: Pa
     monkeypatch.setenv("LOCALMOE_WATTS_PER_CORE", "10")
     busy = [100.0]
     monkeypatch.setattr(meters, "busy_cpu_seconds", lambda: busy[0])
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 10**9)  # 2 busy seconds fit in the instant
     meter, notes = select_meter()
     assert "CPU energy is estimated from CPU time (no RAPL); the GPU's is measured" in notes
     assert isinstance(meter, CompositeMeter) and meter.kind == "counter" and meter.measured is False

@@ -456,10 +456,14 @@ class EstimateMeter(Meter):
         self.name = f"estimate(cpu-time: {self.base_watts:g} W + {self.watts_per_core:g} W/core)"
         self._t0 = time.perf_counter()
         self._cpu0 = busy_cpu_seconds()
+        self._cores = psutil.cpu_count() or 1
 
     def read(self) -> float:
         wall = time.perf_counter() - self._t0
-        return self.base_watts * wall + self.watts_per_core * max(0.0, busy_cpu_seconds() - self._cpu0)
+        # the kernel counts CPU time in ticks (10 ms): over a short answer the count can run ahead of the clock,
+        # which would price more cores than the machine has; no more than every core busy all the time
+        busy = min(max(0.0, busy_cpu_seconds() - self._cpu0), wall * self._cores)
+        return self.base_watts * wall + self.watts_per_core * busy
 
     @classmethod
     def probe(cls, notes: list[str] | None = None) -> EstimateMeter:
