@@ -101,8 +101,9 @@ def token_budget(stats: GenerationStats, n_ctx: int, model_id: str, max_tokens: 
     room = n_ctx - stats.prompt_tokens
     if room <= 0:
         stats.stop_reason = "error"
-        raise LocalmoeError(f"the conversation is {stats.prompt_tokens} tokens but {model_id} holds {n_ctx}: "
-                            "start a new conversation")
+        # a single long question fills it as well as a long conversation: say what to do for both
+        raise LocalmoeError(f"the prompt is {stats.prompt_tokens} tokens but {model_id} holds {n_ctx} here: "
+                            "shorten the question, or start a new conversation if earlier turns fill it")
     return min(max_tokens, room)
 
 
