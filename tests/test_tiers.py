@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,16 @@ def test_the_default_large_tier_is_the_largest_installed_moe_that_fits(home, tin
     shutil.copy(smollm.path, d / "dense.gguf")  # larger than both, but dense: never the large tier
     assert (d / "dense.gguf").stat().st_size > (d / "big-moe.gguf").stat().st_size
     assert models.tier_model("large").id == "big-moe"
+    # the most parameters win over the most bytes (a 4-bit file of a bigger model is the smaller file)
+    from dataclasses import replace
+
+    from localmoe.placement import layout as layout_mod
+
+    real = layout_mod.read_model_layout
+    monkeypatch.setattr(layout_mod, "read_model_layout", lambda p: replace(
+        real(p), n_params=real(p).n_params // 2) if Path(p).name == "big-moe.gguf" else real(p))
+    assert models.tier_model("large").id == "small-moe"
+    monkeypatch.setattr(layout_mod, "read_model_layout", real)
     # nothing fits a tiny budget: a clear error, not a model that cannot run
     monkeypatch.setattr(plan.Budget, "detect", classmethod(lambda cls, vram=None, ram=None: cls(0, 64 * 2**20)))
     with pytest.raises(LocalmoeError, match="fits here"):

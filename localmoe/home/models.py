@@ -219,14 +219,14 @@ def check_loadable(ref: ModelRef) -> None:
 
 
 def tier_model(tier: str) -> ModelRef:
-    """small: the default model; large: the largest installed MoE whose plan fits this machine."""
+    """small: the default model; large: the installed MoE with the most parameters whose plan fits this machine."""
     if tier == "small":
         return default_model()
     from localmoe.placement.layout import read_model_layout
     from localmoe.placement.plan import Budget, choose_engine
 
     budget = Budget.detect()
-    best: tuple[int, ModelRef] | None = None
+    best: tuple[tuple[int, int], ModelRef] | None = None
     for ref in list_models():
         if ref.backend != "llama.cpp":
             continue
@@ -235,8 +235,10 @@ def tier_model(tier: str) -> ModelRef:
         except LocalmoeError:
             continue
         # fits on either engine: a MoE whose experts do not fit in RAM runs from the native expert cache
-        if layout.is_moe and choose_engine(layout, budget).fits and (best is None or layout.file_bytes > best[0]):
-            best = (layout.file_bytes, ref)
+        # largest by parameters, not bytes: a 4-bit file of a bigger model is smaller than an f32 of a lesser one
+        size = (layout.n_params, layout.file_bytes)
+        if layout.is_moe and choose_engine(layout, budget).fits and (best is None or size > best[0]):
+            best = (size, ref)
     if best is None:
         raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "
                             "pass --models instead")
