@@ -377,6 +377,7 @@ def test_report_rows() -> None:
             assert 0.0 < row["vs_belady"] <= 1.0
             assert row["hit_rate"] == simulate(trace, row["policy"], row["capacity"], prefetch=row["prefetch"]).hit_rate
     assert rows[-1]["hit_rate"] == sch(trace, 16, 4)
+    assert report(trace, [3, "2x", 4, 3]) == rows  # one capacity asked twice (4 is 2x here) is listed once
 
 
 # --- synthetic traces --------------------------------------------------------------------------------------------

@@ -218,3 +218,13 @@ def test_a_refusal_under_an_override_names_the_budget_and_its_reserve():
     assert r.returncode == 3
     assert "both given; 512.0 MiB of it held back" in r.stdout and "this budget" in r.stdout
     assert "(mixed)" not in run_cli("plan", "smollm2", "--ram", "800MiB").stdout
+
+
+def test_a_gpu_that_holds_every_expert_says_so():
+    budget = Budget(vram_bytes=80 * GiB, ram_bytes=32 * GiB)
+    plan = make_plan(QWEN3_30B, budget)
+    assert plan.fits and plan.cpu_expert_layers == []
+    text = plan_mod.describe(plan, QWEN3_30B)
+    assert "every layer's experts on the GPU too" in text and "layers none" not in text
+    partial = plan_mod.describe(make_plan(QWEN3_30B, Budget(vram_bytes=8 * GiB, ram_bytes=32 * GiB)), QWEN3_30B)
+    assert "kept in RAM" in partial

@@ -265,8 +265,9 @@ def report(trace: Trace, capacities: Iterable[int | str], policies: Sequence[str
     vs_belady is the hit rate over Belady's at that capacity (1.0 = optimal)."""
     steps = _layer_steps(trace)  # regrouped once for every simulation below
     rows: list[dict[str, Any]] = []
-    for cap_spec in capacities:
-        cap = capacity_from_spec(str(cap_spec), trace.top_k)
+    # `2x` and `4` on a top-2 model are one capacity: simulated and listed once
+    caps = list(dict.fromkeys(capacity_from_spec(str(c), trace.top_k) for c in capacities))
+    for cap in caps:
         best = _simulate(steps, "belady", cap, None, lfru_decay)
 
         def ratio(rate: float, best: SimResult = best) -> float | None:

@@ -174,7 +174,8 @@ def describe(plan: Plan, layout: ModelLayout) -> str:
         where = f"{n_off} of {plan.n_layers} layers on the GPU"
         where += " with the output head" if plan.n_gpu_layers > plan.n_layers else ""
         if layout.is_moe:
-            where += f"; experts of layers {_layer_ranges(plan.cpu_expert_layers)} kept in RAM"
+            where += (f"; experts of layers {_layer_ranges(plan.cpu_expert_layers)} kept in RAM"
+                      if plan.cpu_expert_layers else "; every layer's experts on the GPU too")
     lines.append(f"plan     {where}")
     kv = human_bytes(plan.kv_bytes)
     lines.append(f"context  {plan.ctx} tokens (largest that fits: {plan.max_ctx}); KV cache {kv}")
