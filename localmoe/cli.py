@@ -386,8 +386,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
         session.close()
     counts = Counter(e for t in trace.tokens for layer in t.experts for e in layer)
     hot = ", ".join(f"{e}×{n}" for e, n in counts.most_common(5))
-    print(f"traced {len(trace.tokens)} tokens × {trace.n_layers} layers "
-          f"({reply.stats.prompt_tokens} prompt, {reply.stats.completion_tokens} generated) → {args.out}")
+    # the last generated token is sampled but never evaluated: it routes nothing and has no record
+    phases = Counter(t.phase for t in trace.tokens)
+    print(f"traced {len(trace.tokens)} tokens × {trace.n_layers} layers ({phases['prompt']} prompt, "
+          f"{phases['decode']} generated and evaluated of {reply.stats.completion_tokens}) → {args.out}")
     print(f"most used experts (all layers): {hot}")
     return 0
 

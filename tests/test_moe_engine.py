@@ -72,6 +72,18 @@ def test_telemetry_during_generation_covers_every_evaluated_token(tiny_moe):
     engine.close()
 
 
+def test_a_dense_block_keeps_its_place_in_the_routing_rows():
+    """DeepSeek-V2's first block is dense: the tap sees layers 1.. only. Given the model's block count, entry i
+    is layer i (an empty entry for the dense one), as a trace's header counts blocks; the last layer computed for
+    the batch's last token only is empty for the others, as before."""
+    tap = llama_hooks.RoutingTap(2)
+    batch = {1: np.array([[3, 4], [5, 6]], dtype=np.int32), 2: np.array([[1, 2]], dtype=np.int32)}
+    tap.steps = [dict(batch)]
+    assert tap.take(3) == [[[], [3, 4], []], [[], [5, 6], [1, 2]]]
+    tap.steps = [dict(batch)]
+    assert tap.take() == [[[3, 4], []], [[5, 6], [1, 2]]]
+
+
 def test_plan_with_experts_on_the_cpu_buffer_type_loads_and_generates(tiny_moe):
     layout = read_layout(tiny_moe[1])
     plan = make_plan(layout, Budget(vram_bytes=0, ram_bytes=8 * 1024**3))
@@ -116,6 +128,9 @@ def test_trace_and_plan_commands(tiny_moe, tmp_path):
     assert (trace.n_layers, trace.n_experts, trace.top_k, trace.backend) == (3, 8, 2, "llama.cpp")
     assert len(trace.tokens) > 8 and trace.tokens[-1].phase == "decode"
     assert f"→ {out}" in r.stdout
+    # the summary counts the records the file holds
+    n_prompt = sum(t.phase == "prompt" for t in trace.tokens)
+    assert f"({n_prompt} prompt, {len(trace.tokens) - n_prompt} generated and evaluated of 8)" in r.stdout, r.stdout
 
     # the same trace feeds the cache simulator (the format is shared with the native engine)
     sim = run_cli("cache-sim", str(out), "--capacity", "2x", "--capacity", "3", "--json")

@@ -161,14 +161,17 @@ class RoutingTap:
 
         return llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(on_eval)
 
-    def take(self) -> list[list[list[int]]]:
+    def take(self, n_layers: int | None = None) -> list[list[list[int]]]:
         """Per evaluated token (in order), per layer, the chosen experts; clears what was collected.
 
         llama.cpp computes the last layer only for the tokens whose logits are wanted (the last one of a prompt
-        batch), so a prompt token can lack that layer: its entry is then an empty list."""
+        batch), so a prompt token can lack that layer: its entry is then an empty list. With `n_layers` (the
+        model's blocks), every block has its entry, an empty one for a dense block (DeepSeek-V2's first), so that
+        entry i is layer i; without it, the layers that routed, in order."""
         tokens: list[list[list[int]]] = []
         for step in self.steps:
-            layers = sorted(step)
+            layers = list(range(n_layers)) if n_layers is not None else sorted(step)
+            step = {i: step.get(i, np.empty((0, 0), dtype=np.int32)) for i in layers}
             n = max(step[i].shape[0] for i in layers)
             for t in range(n):
                 # a layer with fewer rows kept the batch's last rows

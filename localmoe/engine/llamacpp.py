@@ -182,7 +182,7 @@ class LlamaCppEngine(Engine):
         """Trace rows for the last tokens evaluated before position `end` (those from n_prompt on are decoded)."""
         if self._tap is None:
             return []
-        rows = self._tap.take()
+        rows = self._tap.take(self.layout.n_layers)
         # The tap saw exactly the tokens evaluated since it was last emptied, in order.
         first = end - len(rows)
         return [TraceToken(pos, int(ids[pos]), "prompt" if pos < n_prompt else "decode", experts)
