@@ -154,6 +154,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         reply = target.ask(prompt, tier=args.tier) if not args.model else target.ask(prompt)
         if not args.model:
             notices = list(target.notices)  # tiers resolve while routing: their notices exist only now
+            if args.tier:  # a tier named: the router was not asked, so what it has to say does not apply
+                notices = [n for n in notices if n not in target.router.notices]
         route = getattr(reply, "decision", None)
         if route is not None and route.notice:
             notices.append(_unsaid(route.notice, notices))

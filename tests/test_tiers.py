@@ -99,6 +99,9 @@ def test_each_notice_is_said_once_by_ask(home):
     assert r.stderr.count("has not been calibrated with your large tier (nosuch-model)") == 1, r.stderr
     assert "localmoe: notice: no large model is available; the small model answers instead" in notes, notes
     assert len(notes) == len(set(notes)) == 3, notes
+    # a tier named: the router is not asked, and its calibration notice does not apply
+    named = run_cli("ask", "What is 17 * 23?", "--max-tokens", "4", "--tier", "small")
+    assert named.returncode == 0 and "has not been calibrated" not in named.stderr, named.stderr
 
 
 def test_unsaid_drops_the_parts_already_said():
