@@ -21,7 +21,7 @@ from textual.screen import Screen
 from textual.widgets import Header, Input, Markdown, Static
 
 from localmoe.chat.assistant import Assistant
-from localmoe.chat.display import SEPARATOR, stats_parts, wrap_figures
+from localmoe.chat.display import SEPARATOR, joules_text, stats_parts, wrap_figures
 from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths, settings
@@ -68,7 +68,7 @@ class Figures(Static):
 
 
 def recorded_note(message: dict[str, Any], facts: dict[str, Any]) -> str:
-    """A recorded answer's stats line: model, when, status, tokens and joules (`~` an estimate), `recorded`."""
+    """A recorded answer's stats line: model, when, status, tokens and joules (as live), `recorded`."""
     when = (message["completed_at"] or message["created_at"] or "")[:16].replace("T", " ")
     parts = [message["model"] or "", f"{when} UTC"]
     if message["status"] != "complete":
@@ -76,7 +76,7 @@ def recorded_note(message: dict[str, Any], facts: dict[str, Any]) -> str:
     if facts.get("completion_tokens"):
         parts.append(f"{facts['completion_tokens']} tokens")
     if facts.get("joules") is not None:
-        parts.append(f"{'' if facts.get('measured') else '~'}{facts['joules']:.1f} J")
+        parts.append(joules_text(SimpleNamespace(joules=facts["joules"], measured=bool(facts.get("measured")))))
     return " · ".join([*parts, "recorded"])
 
 

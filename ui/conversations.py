@@ -33,6 +33,7 @@ def export_dir() -> Any:
 
 UNDO_NOTE = "Ctrl+Z brings it back (until you leave this screen)."
 
+
 class ConversationsScreen(Screen[dict[str, Any]]):
     """Dismissed with {"resume": id or None, "deleted": ids still deleted}: the chat acts on both."""
 

@@ -246,6 +246,7 @@ class Assistant:
             if not prompt.strip():
                 raise UsageError("the prompt is empty")
             return Decision("small", self.pinned.id, "pinned", 0.0, 0.5, "model chosen by the user", 0.0)
+        larger = None  # whether a larger tier could take over: asked only when the router decides
         if tier is not None:
             if tier not in TIERS:
                 raise UsageError(f"unknown tier {tier!r} (small, large or remote)")
@@ -254,9 +255,10 @@ class Assistant:
             d = Decision(tier, None, "override", 1.0 if tier == "large" else 0.0, 0.5,
                          f"{tier}: the {tier} tier was asked for (--tier, Ctrl+L, or a model id in a request)", 0.0)
         else:
+            larger = self._larger()
             # `route` (load=False) only names the tier: no meter is started for it
-            d = self._metered_decision(prompt) if load else self.router.route(prompt, self.routing_strategy(),
-                                                                                 read=self._larger())
+            d = self._metered_decision(prompt, larger) if load else self.router.route(
+                prompt, self.routing_strategy(), read=larger)
         actual = self.available(d.tier, load, fall_back=tier is None)
         if actual != d.tier:
             hint = self._add_tier_hint(d.tier)
@@ -272,28 +274,24 @@ class Assistant:
                 d.notice = "; ".join(x for x in (d.notice, fallback) if x)
             if actual == "small":
                 # each such answer is still marked, but the way to add the tier is said once
-                d.warning = f"the small model answered; estimated {d.score:.0%} likely wrong" + (
-                    f" — {hint[1]}" if tell_hint else "")
-        if d.strategy == "cascade" and tier is None and not self._larger():
-            # nothing to take over: say so, and mark a likely-wrong answer as every other strategy does
-            by = d.reason.rsplit(", by ", 1)[-1].rstrip(")") if ", by " in d.reason else d.strategy
-            d.reason = (f"cascade: the small model answers; no larger model is installed to take over (estimated "
-                        f"{d.score:.0%} likely wrong before answering, by {by})")
-            if d.score >= d.threshold:
-                hint = self._add_tier_hint("large")
-                tell = self._first_time("hint:large")
-                d.warning = f"the small model answered; estimated {d.score:.0%} likely wrong" + (
-                    f" — {hint[1]}" if tell else "")
+                self._mark_likely_wrong(d, tell_hint, hint[1])
+        if d.strategy == "cascade" and larger is False and d.score >= d.threshold:
+            # nothing to take over (the router's reason says so): a likely-wrong answer is marked as elsewhere
+            self._mark_likely_wrong(d, self._first_time("hint:large"), self._add_tier_hint("large")[1])
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None
         return d
 
-    def _metered_decision(self, prompt: str) -> Decision:
+    @staticmethod
+    def _mark_likely_wrong(d: Decision, tell_hint: bool, how: str) -> None:
+        d.warning = f"the small model answered; estimated {d.score:.0%} likely wrong" + (
+            f" — {how}" if tell_hint else "")
+
+    def _metered_decision(self, prompt: str, read: bool) -> Decision:
         """The router's decision, with the joules it cost on the small tier's meter: the probe evaluates the question
         on the small model, and an answer's cost includes choosing who gives it. Loading the probe's model is not
-        metered, as loading the answering model is not."""
+        metered, as loading the answering model is not. `read`: a larger tier could take over (Router.route)."""
         strategy = self.routing_strategy()
-        read = self._larger()
         if self.router.uses_probe(strategy, read):  # a pinned model never gets here (route returns first)
             self._load_prober()
         sampler = None

@@ -22,7 +22,7 @@ def _model_name(name: str) -> str:
     if not _NAME.fullmatch(low) or ".." in low:
         raise UsageError(f"cannot name a model {name!r}: use letters, digits, '.', '_', '+' or '-' (at most 100, "
                          "not starting with '.' or '-'; --name NAME gives it another)")
-    if low in {m.id for m in models.embedded_models()}:
+    if models.is_embedded_id(low):
         raise UsageError(f"{low} is the embedded model's name: choose another with --name")
     return low
 

@@ -83,6 +83,12 @@ def embedded_models() -> list[ModelRef]:
     return found
 
 
+def is_embedded_id(model_id: str) -> bool:
+    """Whether `model_id` names an embedded model: another model under that name could be neither used nor removed
+    (the embedded one answers to it), so `import` and `pull` refuse it."""
+    return model_id in {m.id for m in embedded_models()}
+
+
 def installed_models() -> list[ModelRef]:
     """GGUF files the user put (or `pull`ed) into `<data dir>/models`, then Hugging Face checkpoint directories
     there (a folder with a config.json), which the torch engine runs."""

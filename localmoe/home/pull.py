@@ -640,8 +640,7 @@ def pull(spec: str, plan: Callable[[Target], tuple[bool, Verdict]], *, dry_run: 
         raise LocalmoeError(f"{t.dest} is in the way (not a checkpoint folder); move it away to pull hf:{t.repo}")
     from localmoe.home import models
 
-    if t.entry is None and t.id in {m.id for m in models.embedded_models()}:
-        # under the embedded model's name it could be neither used nor removed: the embedded one answers to it
+    if t.entry is None and models.is_embedded_id(t.id):
         raise UsageError(f"hf:{t.repo} would be installed as {t.id}, the embedded model's name; `localmoe import` "
                          "a downloaded copy with --name instead")
     paths.models_dir().mkdir(parents=True, exist_ok=True)

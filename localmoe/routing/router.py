@@ -542,8 +542,12 @@ class Router:
         threshold = self.threshold(strategy)
         if strategy == "cascade":
             tier = "small"
+            by = "the probe" if not chain else "features"
+            # `read` is False when nothing larger could take over: the small answer then stands
             reason = (f"cascade: the small model answers first and the large one takes over if its answer looks "
-                      f"wrong (estimated {p:.0%} before answering, by {'the probe' if not chain else 'features'})")
+                      f"wrong (estimated {p:.0%} before answering, by {by})" if read else
+                      f"cascade: the small model answers; no larger model is installed to take over (estimated "
+                      f"{p:.0%} likely wrong before answering, by {by})")
         else:
             tier = "large" if p >= threshold else "small"
             reason = _reason(tier, p, threshold, pulls, features(prompt))
