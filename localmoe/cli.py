@@ -157,8 +157,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             if args.tier:  # a tier named: the router was not asked, so what it has to say does not apply
                 notices = [n for n in notices if n not in target.router.notices]
         route = getattr(reply, "decision", None)
-        if route is not None and route.notice:
-            notices.append(_unsaid(route.notice, notices))
+        if route is not None:  # the router's own notices are the assistant's too: each is said once
+            notices += route.notices
         if route is not None:
             reply.on_escalate = lambda r: print(f"\nlocalmoe: {r.decision.reason}; the large model answers:"
                                                 + (f"\nlocalmoe: notice: {r.remote_notice}" if r.remote_notice
@@ -210,14 +210,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     finally:
         closer()
     return 0
-
-
-def _unsaid(notice: str, said: list[str]) -> str:
-    """A decision's notice (its parts joined by "; ") without the parts already said: the router's own notices
-    are both the assistant's and its first decision's."""
-    for done in filter(None, said):
-        notice = notice.replace(done, "\0")
-    return "; ".join(p for p in (x.strip().strip(";").strip() for x in notice.split("\0")) if p)
 
 
 def _resume(target: Any, conversation_id: int | None) -> None:

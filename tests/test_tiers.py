@@ -104,11 +104,37 @@ def test_each_notice_is_said_once_by_ask(home):
     assert named.returncode == 0 and "has not been calibrated" not in named.stderr, named.stderr
 
 
-def test_unsaid_drops_the_parts_already_said():
-    said = ["a (x); b", "c"]
-    assert cli._unsaid("a (x); b; c; d", said) == "d"
-    assert cli._unsaid("c", said) == "" and cli._unsaid("e; f", said) == "e; f"
-    assert cli._unsaid("e; f", ["", "f"]) == "e"  # an empty notice said removes nothing
+def test_the_chat_tells_the_routers_notice_once(home):
+    """The chat shows the router's notice when the model is ready; the first decision carries it again (its JSON
+    and the routing log keep it), and the chat does not show it a second time."""
+    import asyncio
+
+    from test_tui import type_and_send, wait_for
+
+    from localmoe.engine import GenerationConfig
+    from localmoe.ui.app import LocalmoeApp
+    from localmoe.ui.chat import Answer
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
+    (home / "settings.toml").chmod(0o600)
+    uncalibrated = "has not been calibrated with your large tier (nosuch-model)"
+
+    async def run() -> list[str]:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=4, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.assistant is not None
+                           and any(uncalibrated in n.message for n in app._notifications))
+            await type_and_send(pilot, "What is 17 * 23?")
+            await wait_for(pilot, lambda: len(screen.query(Answer)) == 1 and screen.query(Answer)[0].done)
+            decision = screen.query(Answer)[0].decision
+            assert decision is not None and uncalibrated in decision.notice  # still carried by the decision
+            return [n.message for n in app._notifications]
+
+    shown = asyncio.run(run())
+    assert sum(uncalibrated in n for n in shown) == 1, shown
+    assert any("no large model is available; the small model answers instead" in n for n in shown), shown
 
 
 def test_a_broken_large_tier_without_the_embedded_model_names_both_causes(home, monkeypatch):

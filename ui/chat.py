@@ -271,7 +271,8 @@ class ChatScreen(Screen):
             self.notify(f"Made {', '.join(dict.fromkeys(paths.tightened))} readable by you only.", title="Privacy",
                         markup=False)
             paths.tightened.clear()
-        for warning in (a.session_for("small").warnings + a.notices) if a else []:
+        for warning in dict.fromkeys(a.session_for("small").warnings + a.notices) if a else []:
+            self._shown_notices.add(warning)  # the first decision carries the router's again: said once
             self.notify(warning, title="Note", severity="warning", timeout=15, markup=False)
 
     @on(Input.Submitted, "#prompt")
@@ -379,10 +380,12 @@ class ChatScreen(Screen):
         message.answer.finish(message.stats, message.status, message.error, message.energy, message.decision,
                               message.experts)
         self.generating, self.answering = False, None
-        notice = message.decision.notice if message.decision is not None else None
-        if notice and notice not in self._shown_notices:  # once per session: the stats line keeps the tier
-            self._shown_notices.add(notice)
-            self.notify(notice, title="Router", severity="warning", timeout=10, markup=False)
+        # once per session: the stats line keeps the tier
+        fresh = [n for n in (message.decision.notices if message.decision is not None else [])
+                 if n not in self._shown_notices]
+        if fresh:
+            self._shown_notices.update(fresh)
+            self.notify("; ".join(fresh), title="Router", severity="warning", timeout=10, markup=False)
         self.query_one("#conversation", Conversation).scroll_end(animate=False)
         if self.app.screen is not self:
             self.app.screen.post_message(self.AnswerFinished())

@@ -64,7 +64,8 @@ class RoutedReply:
                 d.score, d.reason = p, why  # the score its threshold was compared with: after the answer
                 if escalate:
                     self.small_reply, self.escalated, d.escalated, d.tier = self.reply, True, True, bigger
-                    a._record(self.small_reply, Decision(**{**vars(d), "tier": "small", "escalated": False}))
+                    a._record(self.small_reply, Decision(**{**vars(d), "tier": "small", "escalated": False,
+                                                             "notices": list(d.notices)}))
                     self.remote_notice = a.first_remote_notice(bigger) or self.remote_notice
                     if self.on_escalate:
                         self.on_escalate(self)
@@ -271,7 +272,7 @@ class Assistant:
             if not self.settings.allow_remote and chain.index("remote") < chain.index(actual):
                 fallback += f"; {FORBIDDEN}: nothing is sent off this machine"
             if self._first_time(f"fallback:{d.wanted}>{actual}"):
-                d.notice = "; ".join(x for x in (d.notice, fallback) if x)
+                d.notices.append(fallback)
             if actual == "small":
                 # each such answer is still marked, but the way to add the tier is said once
                 self._mark_likely_wrong(d, tell_hint, hint[1])

@@ -116,7 +116,9 @@ class Decision:
     threshold: float
     reason: str
     latency_ms: float
-    notice: str | None = None  # a fallback the user should see (missing tier, unreadable router file)
+    # what the user should be told with this decision (a missing tier, an unreadable router file), each part
+    # apart, so a caller that has already said one (the assistant tells the router's at load) can leave it out
+    notices: list[str] = field(default_factory=list)
     escalated: bool = False
     wanted: str | None = None  # the tier the router chose, when another one had to answer
     # set when the router wanted a larger tier that could not answer: the answer is probably wrong, and why
@@ -126,8 +128,15 @@ class Decision:
     joules: float | None = None
     energy_s: float | None = None  # the interval those joules were measured over
 
+    @property
+    def notice(self) -> str | None:
+        """The notices as one line, as the JSON outputs and the routing log carry them."""
+        return "; ".join(self.notices) or None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["notice"] = self.notice
+        del d["notices"]
         d["probably_wrong"] = self.warning is not None
         d["signals"] = {k: round(v, 3) for k, v in self.signals.items()}
         return d
@@ -537,7 +546,7 @@ class Router:
                     chain[i + 1] = "features"  # learned's own part failed (its embedder): learned would too
                 told = [*told, f"{exc}; routing with the {chain[i + 1]} strategy"]
                 strategy = chain[i + 1]
-        notice = "; ".join(n for n in told if n not in self._told) or None
+        notices = [n for n in dict.fromkeys(told) if n not in self._told]
         self._told.update(told)
         threshold = self.threshold(strategy)
         if strategy == "cascade":
@@ -551,7 +560,7 @@ class Router:
         else:
             tier = "large" if p >= threshold else "small"
             reason = _reason(tier, p, threshold, pulls, features(prompt))
-        return Decision(tier, None, strategy, p, threshold, reason, (time.perf_counter() - t0) * 1000, notice,
+        return Decision(tier, None, strategy, p, threshold, reason, (time.perf_counter() - t0) * 1000, notices,
                         signals=pulls)
 
     def cascade_score(self, mean_logprob: float, min_logprob: float, prompt: str | None = None) -> float:
