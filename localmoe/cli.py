@@ -183,6 +183,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
             if final is not None and final.stats is not None and final.stats.stop_reason == "repetition":
                 print(f"localmoe: note: stopped a loop ({final.stats.repetition}); the answer keeps its first "
                       "round", file=sys.stderr)
+            if final is not None and final.stats is not None and final.stats.dropped_exchanges:
+                n = final.stats.dropped_exchanges
+                print(f"localmoe: note: the conversation outgrew {final.model}'s context: its {n} oldest "
+                      f"exchange{'s' if n > 1 else ''} left the prompt (still recorded)", file=sys.stderr)
             if final is not None and final.stats is not None and final.stats.stop_reason == "length":
                 print(f"localmoe: note: cut off at {final.stats.completion_tokens} tokens (--max-tokens N allows "
                       "more)", file=sys.stderr)

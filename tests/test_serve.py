@@ -301,6 +301,10 @@ def test_errors_have_openai_shapes_and_the_server_keeps_serving(server):
           code="context_length_exceeded", param="messages")
     check(server.post({**ok, "messages": [{"role": "user", "content": "x" * 200_001}]}), 400,
           code="context_length_exceeded", param="messages")
+    # a client's own history too long: refused as OpenAI does, not cut short as the chat's is
+    history = [{"role": "user", "content": "word " * 6000}, {"role": "assistant", "content": "ok"}]
+    check(server.post({**ok, "messages": [*history, {"role": "user", "content": "Hi"}]}), 400,
+          code="context_length_exceeded", param="messages")
     check(server.post({**ok, "response_format": {"type": "json_object"}}), 400, param="response_format")
     for name, value in (("logprobs", True), ("frequency_penalty", 0.5), ("presence_penalty", -1)):
         check(server.post({**ok, name: value}), 400, param=name)

@@ -201,6 +201,7 @@ class ChatScreen(Screen):
         self._cancel: threading.Event | None = None
         self.generating = False
         self._shown_notices: set[str] = set()
+        self._outgrown: set[int | None] = set()  # conversations told that their oldest exchanges leave the prompt
         self.asked: list[str] = []  # this screen's questions, for Up/Down recall
         self._recall: int | None = None  # index into `asked` while recalling
         self._draft = ""  # what was typed before Up recalled an earlier question
@@ -386,6 +387,12 @@ class ChatScreen(Screen):
         if fresh:
             self._shown_notices.update(fresh)
             self.notify("; ".join(fresh), title="Router", severity="warning", timeout=10, markup=False)
+        cid = self.assistant.conversation_id if self.assistant is not None else None
+        if s is not None and s.dropped_exchanges and cid not in self._outgrown:  # once per conversation
+            self._outgrown.add(cid)
+            self.notify(f"This conversation outgrew {message.answer.model}'s context: its oldest exchanges are left "
+                        "out of what the model reads (they stay recorded). Ctrl+N starts a new conversation.",
+                        title="Context", severity="warning", timeout=15, markup=False)
         self.query_one("#conversation", Conversation).scroll_end(animate=False)
         if self.app.screen is not self:
             self.app.screen.post_message(self.AnswerFinished())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +44,9 @@ class GenerationConfig:
     min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one
     repeat_penalty: float = 1.0  # llama.cpp's classic penalty on the last REPEAT_LAST_N tokens (1.0: off)
     loop_guard: bool = False  # stop a degenerate loop (localmoe.engine.loopguard) with stop_reason "repetition"
+    # a conversation longer than the context loses its oldest exchanges (as Ollama's chat does) instead of being
+    # refused; an API client, which sends its own history, is told instead
+    fit_context: bool = False
 
     def sampling(self) -> dict[str, Any]:
         """The settings an answer was decoded with, as `ask --json` and the stats line report them."""
@@ -74,6 +77,9 @@ class GenerationStats:
     # the model's own system message the engine put first (the conversation had none), stored with the answer so a
     # recorded exchange says everything the model was given
     system_prompt: str | None = None
+    # with GenerationConfig.fit_context: the oldest exchanges (a question and its answer) left out of this prompt
+    # because the conversation no longer fit the context; they stay recorded
+    dropped_exchanges: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +94,26 @@ def reusable_prefix(held: Sequence[int], tokens: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def fit_context(messages: list[Message], encode: Callable[[list[Message]], list[int]], n_ctx: int,
+                max_tokens: int) -> tuple[list[Message], list[int], int]:
+    """(the messages, their tokens, how many exchanges were dropped): while the prompt leaves no room for an answer
+    (its budget, at most a quarter of the context), the oldest exchange leaves it. A leading system message and the
+    latest question always stay: a question that does not fit alone is refused by `token_budget`."""
+    tokens = encode(messages)
+    room = min(max_tokens, n_ctx // 4)
+    dropped = 0
+    while len(tokens) + room > n_ctx:
+        first = 1 if messages and messages[0].get("role") == "system" else 0
+        rest = messages[first + 1:]
+        while rest and rest[0].get("role") != "user":  # the dropped question's answer goes with it
+            rest = rest[1:]
+        if not rest:
+            break
+        messages, dropped = [*messages[:first], *rest], dropped + 1
+        tokens = encode(messages)
+    return messages, tokens, dropped
 
 
 def limits(stats: GenerationStats, n_ctx: int, model_id: str, config: GenerationConfig) -> tuple[int, LoopGuard | None]:

@@ -22,6 +22,7 @@ from localmoe.engine.base import (
     GenerationStats,
     Message,
     default_threads,
+    fit_context,
     limits,
     reusable_prefix,
     stop_after,
@@ -207,9 +208,14 @@ class LlamaCppEngine(Engine):
         import llama_cpp
 
         clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
-        tokens = self.prompt_tokens(messages)
+        dropped = 0
+        if config.fit_context:
+            messages, tokens, dropped = fit_context(messages, self.prompt_tokens, self.n_ctx, config.max_tokens)
+        else:
+            tokens = self.prompt_tokens(messages)
         stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length",
-                                              system_prompt=self.system_prompt if self._adds_system(messages) else None)
+                                              system_prompt=self.system_prompt if self._adds_system(messages) else None,
+                                              dropped_exchanges=dropped)
         budget, guard = limits(stats, self.n_ctx, self.model_id, config)
         llm = self._llm
         vocab = llm._model.vocab

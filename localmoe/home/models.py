@@ -34,9 +34,10 @@ def catalog() -> list[dict[str, Any]]:
 
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
 # What a model runs with when neither its catalog entry nor its file says otherwise: llama.cpp's classic repeat
-# penalty and min-p, which end the loops small models fall into when decoded near-greedily, and the loop guard.
+# penalty and min-p, which end the loops small models fall into when decoded near-greedily, and the loop guard; a
+# chat that outgrows the context drops its oldest exchanges.
 SANE_DEFAULTS: dict[str, Any] = {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
-                                 "repeat_penalty": 1.1, "loop_guard": True}
+                                 "repeat_penalty": 1.1, "loop_guard": True, "fit_context": True}
 
 
 def _sampling(entry: dict[str, Any]) -> dict[str, Any]:

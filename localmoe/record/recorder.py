@@ -196,6 +196,13 @@ def m010_generation_system_prompt(db: sqlite_utils.Database) -> None:
     db.execute("alter table generations add column system_prompt text")
 
 
+@migration
+def m011_generation_dropped_exchanges(db: sqlite_utils.Database) -> None:
+    # how many of the conversation's oldest exchanges were left out of the prompt because it no longer fit the
+    # model's context: the record of what the model was given; 0 for answers before this
+    db.execute("alter table generations add column dropped_exchanges integer not null default 0")
+
+
 def fts_query(text: str) -> str:
     """What a person types, as an FTS5 query: every word must occur, each as a prefix (search as you type), and
     no character of theirs is FTS5 syntax (quotes, `-`, `:`, `*`, AND/OR/NOT are words here)."""

@@ -196,7 +196,9 @@ class Backend:
             ref = session.model
             if ref.id not in self._defaults:
                 self._defaults[ref.id] = models.generation_defaults(ref)
-            session.config = GenerationConfig(**{**self._defaults[ref.id], **a.overrides})
+            # a client sends its own history: one too long for the context is refused (context_length_exceeded),
+            # not cut short behind its back
+            session.config = GenerationConfig(**{**self._defaults[ref.id], **a.overrides, "fit_context": False})
 
     def generate(self, job: Job) -> None:
         """Answer one request (on the generation thread): events `start` (the model), `piece`s when streaming, then

@@ -30,6 +30,7 @@ from localmoe.engine.base import (
     GenerationStats,
     Message,
     default_threads,
+    fit_context,
     limits,
     reusable_prefix,
     stop_after,
@@ -483,9 +484,15 @@ class TorchMoEEngine(Engine):
     ) -> Iterator[str]:
         clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
         chat = self.chat_tokenizer()
-        tokens = chat.encode_chat(messages)
-        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
         model = self._model()
+        dropped = 0
+        if config.fit_context:
+            messages, tokens, dropped = fit_context(messages, chat.encode_chat, model.args.max_seq_length,
+                                                    config.max_tokens)
+        else:
+            tokens = chat.encode_chat(messages)
+        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length",
+                                              dropped_exchanges=dropped)
         if not tokens:
             stats.stop_reason = "error"
             raise LocalmoeError("the chat template rendered an empty prompt")
