@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import sqlite_utils
 
@@ -70,6 +71,21 @@ def test_rename_delete_undo_and_export_round_trip(home, tmp_path):
         assert exported["messages"] == before and exported["conversation"]["title"] == "sums"
         md = rec.export_conversation(cid, tmp_path, "md").read_text()
         assert md.startswith("# sums") and "## You\n\nAnd 3+3?" in md
+
+
+def test_an_export_never_overwrites_another_conversations(home, tmp_path):
+    """SQLite gives a new conversation the id of a deleted last one: its export must not replace the old file."""
+    with Recorder() as rec:
+        cid = exchange(rec, "Hello there", "Hi!")
+        first = rec.export_conversation(cid, tmp_path, "md")
+        again = rec.export_conversation(cid, tmp_path, "md")
+        rec.delete_conversations([cid])
+        time.sleep(1.1)  # a later start, to the second, as any two chats a person starts
+        reused = exchange(rec, "Hello there", "Hello again.")
+        assert reused == cid  # the id came back
+        second = rec.export_conversation(reused, tmp_path, "md")
+    assert again == first and second != first
+    assert "Hi!" in first.read_text() and "Hello again." in second.read_text()
 
 
 def test_logs_q_finds_an_old_answer_from_the_cli(home):

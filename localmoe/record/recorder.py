@@ -687,7 +687,10 @@ class Recorder:
             raise LocalmoeError(f"unknown export format {fmt!r} (md or json)")
         messages = self.conversation_messages(conversation_id)
         slug = "-".join("".join(c if c.isalnum() else " " for c in (conv["title"] or "")).lower().split()[:6])
-        path = Path(directory) / f"conversation-{conversation_id}{'-' + slug if slug else ''}.{fmt}"
+        # the start time tells apart conversations that had the same id (SQLite reuses a deleted last row's id): an
+        # export of one never overwrites another's, while exporting the same one again updates its files
+        started = "".join(c for c in (conv["created_at"] or "")[:19] if c.isdigit())
+        path = Path(directory) / f"conversation-{conversation_id}-{started}{'-' + slug if slug else ''}.{fmt}"
         if fmt == "json":
             text = json.dumps({"conversation": conv, "messages": messages}, indent=2, ensure_ascii=False) + "\n"
         else:
