@@ -60,7 +60,7 @@ def test_search_finds_an_old_answer_and_resume_continues_with_its_history(home):
 
             await type_and_send(pilot, "And of Italy?")
             await wait_for(pilot, lambda: len(chat.query(Answer)) == 2 and chat.query(Answer)[1].done)
-            sent = chat.last[1].reply._history  # what the model was given for the new answer
+            sent = chat.last.reply._history  # what the model was given for the new answer
             assert [m["content"] for m in sent if m["role"] != "system"] == [
                 "Which city is the capital of Japan?", old_answer, "And of Italy?"]
 

@@ -576,7 +576,8 @@ def test_the_stats_line_marks_estimated_joules_and_only_those(root: Path) -> Non
     estimate = _reading_from_the_selected_meter()  # the empty tree: no sensor
     assert estimate.measured is False and estimate.meter.startswith("estimate") and estimate.joules > 0
     line = stats_line("m", stats, energy=estimate)
-    assert line.endswith(f" · ~{estimate.joules:.1f} J") and joules_text(estimate).startswith("~")
+    assert line.endswith(f" · ~{estimate.joules:.1f} J")
+    assert joules_text(estimate.joules, estimate.measured).startswith("~")
 
     pkg = rapl(root, "0", "package-0", 0)
     measured = _reading_from_the_selected_meter(pkg)

@@ -141,7 +141,7 @@ def test_retry_on_the_large_tier_and_thumbs_become_labels(home, tiny_moe):
             assert second.decision.tier == "large" and second.model == "tiny-moe"
             assert "large tier" in str(second.query_one(".route", Static).render())
             # the same question answered anew: the small answer is not in the large model's context
-            sent = screen.last[1].reply._history
+            sent = screen.last.reply._history
             assert [m["content"] for m in sent if m["role"] != "system"] == ["Which city is the capital of Japan?"]
             assert screen.assistant.conversation.history[-1] == {"role": "assistant", "content": second.text}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
@@ -76,8 +76,20 @@ def recorded_note(message: dict[str, Any], facts: dict[str, Any]) -> str:
     if facts.get("completion_tokens"):
         parts.append(f"{facts['completion_tokens']} tokens")
     if facts.get("joules") is not None:
-        parts.append(joules_text(SimpleNamespace(joules=facts["joules"], measured=bool(facts.get("measured")))))
+        parts.append(joules_text(facts["joules"], bool(facts.get("measured"))))
     return " · ".join([*parts, "recorded"])
+
+
+@dataclass
+class LastAnswer:
+    """The answer Ctrl+G / Ctrl+B / Ctrl+L act on: the one that finished last, or a resumed conversation's last."""
+
+    prompt: str
+    tier: str  # the tier that answered ("small" for a model the user pinned: see `Assistant.pinned`)
+    message_id: int
+    question_id: int | None
+    answer: Answer
+    reply: Any = None  # the live reply (what the model was given), None for a recorded one
 
 
 class Answer(VerticalScroll, can_focus=False):
@@ -193,8 +205,7 @@ class ChatScreen(Screen):
         self.model_name = model
         self.config = config
         self.assistant: Assistant | None = None
-        # (prompt, RoutedReply, its Answer widget) of the latest finished answer, for retry and ratings
-        self.last: tuple[str, Any, Answer] | None = None
+        self.last: LastAnswer | None = None  # for retry and ratings
         self.last_recorded = True  # whether that answer went into the database (not off the record)
         self.load_error: str | None = None
         self._ready = threading.Event()
@@ -360,7 +371,7 @@ class ChatScreen(Screen):
             flush(force=True)
             reply = routed.reply
             self.last_recorded = self.assistant.recording  # recording cannot change while an answer is produced
-            self.last = (prompt, routed, answer)
+            self.last = LastAnswer(prompt, routed.decision.tier, reply.message_id, reply.question_id, answer, reply)
             self.last_run = self._last_run(reply)
             self.post_message(self.Done(answer, None, reply.stats, reply.status, energy=reply.energy,
                                         decision=routed.decision, model=reply.model, experts=reply.experts))
@@ -445,11 +456,11 @@ class ChatScreen(Screen):
         except LocalmoeError as exc:
             self.notify(str(exc), title="No large model", severity="warning", timeout=15, markup=False)
             return
-        prompt, routed, _ = self.last
-        if routed.decision.tier == "small" and self.assistant.pinned is None:
-            self.assistant.label(routed.reply.message_id, prompt, True, "retry")
+        last = self.last
+        if last.tier == "small" and self.assistant.pinned is None:
+            self.assistant.label(last.message_id, last.prompt, True, "retry")
         # the same question answered anew: the small answer leaves the model's context, not the record
-        await self._ask(prompt, tier="large", again=getattr(routed.reply, "question_id", None))
+        await self._ask(last.prompt, tier="large", again=last.question_id)
 
     def _thumbs(self, good: bool) -> None:
         """Rate the latest answer; the same key again takes the rating back, the other key changes it. One rating
@@ -457,12 +468,11 @@ class ChatScreen(Screen):
         if self.last is None or self.assistant is None:
             self.notify("No answer to rate yet.")
             return
-        prompt, routed, answer = self.last  # the answer that finished last, even while another streams
-        rating = None if answer.rating is good else good
-        small = routed.decision.tier == "small" and self.assistant.pinned is None
-        stored = self.assistant.rate(routed.reply.message_id, prompt, rating, small=small,
-                                     recorded=self.last_recorded)
-        answer.show_rating(rating)
+        last = self.last  # the answer that finished last, even while another streams
+        rating = None if last.answer.rating is good else good
+        small = last.tier == "small" and self.assistant.pinned is None
+        stored = self.assistant.rate(last.message_id, last.prompt, rating, small=small, recorded=self.last_recorded)
+        last.answer.show_rating(rating)
         if rating is None:
             self.notify("Rating removed.")
         elif not small:
@@ -586,9 +596,8 @@ class ChatScreen(Screen):
                 asked = questions.get(m["reply_to"])
                 if asked is not None and m["status"] != "pending" and m["content"]:
                     # Ctrl+G / Ctrl+B / Ctrl+L act on the last recorded answer, as on one just given
-                    tier = SimpleNamespace(tier=f.get("tier") or "large")  # no decision: a model named by the user
-                    last = (asked["content"], SimpleNamespace(decision=tier, reply=SimpleNamespace(
-                        message_id=m["id"], question_id=asked["id"])), answer)
+                    # no decision recorded: a model named by the user, not a small-tier answer
+                    last = LastAnswer(asked["content"], f.get("tier") or "large", m["id"], asked["id"], answer)
         self.last_recorded, self.last = True, last  # from the database, also when this chat is off the record
         title = row["title"] or f"conversation {conversation_id}"
         self.query_one("#notice", Static).update(Text(f"Resumed {title!r}: the next question continues it."))

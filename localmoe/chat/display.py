@@ -39,9 +39,9 @@ def model_label(model: str) -> str:
     return f"{model} @ {host_of(url)}" if url else model
 
 
-def joules_text(energy: Any) -> str:
+def joules_text(joules: float, measured: bool) -> str:
     """`~` marks an estimate: no power sensor was readable, so the figure comes from CPU time."""
-    return f"{'' if energy.measured else '~'}{energy.joules:.1f} J"
+    return f"{'' if measured else '~'}{joules:.1f} J"
 
 
 def experts_text(experts: dict[str, Any]) -> str:
@@ -76,7 +76,7 @@ def stats_parts(model: str, stats: GenerationStats | None, status: str = "comple
     if experts:
         parts.append(experts_text(experts))
     if energy is not None:
-        parts.append(joules_text(energy))
+        parts.append(joules_text(energy.joules, energy.measured))
     if status != "complete":
         parts.append({"cancelled": "stopped"}.get(status, status))
     elif stats.stop_reason == "length":
