@@ -512,6 +512,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(_table(rows, ["ID", "SOURCE", "ARCH", "LAYERS", "EXPERTS", "QUANT", "SIZE", "CONTEXT"]))
     for line in problems:
         print(f"unreadable: {line}")
+    from localmoe.home import models
+
+    for ref in models.shadowed_models():  # a model that can be neither used nor removed by its name
+        print(f"hidden: {ref.path} has the id {ref.id!r} of a model listed above: rename it to use it")
     return 0
 
 

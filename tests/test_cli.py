@@ -73,6 +73,24 @@ def test_models_json(home):
     assert m["layout"]["architecture"] == "llama" and m["layout"]["is_moe"] is False
 
 
+def test_a_file_under_an_id_already_taken_is_named_not_listed_twice(home, smollm, tmp_path):
+    """A copy of the embedded model put in models/ under its name, and two files whose names differ only in case:
+    one row per id (the one `-m ID` reaches), and a line naming each file no id reaches."""
+    d = home / "models"
+    d.mkdir(parents=True)
+    (d / "smollm2-135m-instruct.gguf").symlink_to(smollm.path)
+    (d / "Tiny.gguf").symlink_to(smollm.path)
+    (d / "tiny.gguf").symlink_to(smollm.path)
+    r = run_cli("models")
+    assert r.returncode == 0, r.stderr
+    ids = [line.split()[0] for line in r.stdout.splitlines()[1:] if line and not line.startswith("hidden:")]
+    assert ids.count("smollm2-135m-instruct") == 1 and ids.count("tiny") == 1, r.stdout
+    hidden = [line for line in r.stdout.splitlines() if line.startswith("hidden: ")]
+    assert len(hidden) == 2 and any("models/smollm2-135m-instruct.gguf has the id 'smollm2-135m-instruct'" in h
+                                    for h in hidden) and any("tiny.gguf has the id 'tiny'" in h for h in hidden), hidden
+    assert len(json.loads(run_cli("models", "--json").stdout)) == 2
+
+
 def test_hw_json_has_documented_keys_and_caches_bandwidth(home):
     first = json.loads(run_cli("hw", "--json").stdout)
     assert HW_KEYS <= set(first)

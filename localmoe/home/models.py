@@ -130,10 +130,24 @@ def discovered_models() -> list[ModelRef]:
 
 
 def list_models() -> list[ModelRef]:
-    """Embedded, installed (pulled, imported or put in models/), then discovered models; the first of an id wins."""
-    found = embedded_models() + installed_models()
+    """Embedded, installed (pulled, imported or put in models/), then discovered models; the first of an id wins
+    (`shadowed_models` lists the installed ones that lose)."""
+    return _by_id()[0]
+
+
+def shadowed_models() -> list[ModelRef]:
+    """Installed models no id reaches, because an earlier model has theirs: a file put in models/ under the embedded
+    model's name, or two files whose names differ only in case. `localmoe models` names them, to be renamed."""
+    return _by_id()[1]
+
+
+def _by_id() -> tuple[list[ModelRef], list[ModelRef]]:
+    found: list[ModelRef] = []
+    hidden: list[ModelRef] = []
+    for ref in embedded_models() + installed_models():
+        (hidden if any(ref.id == f.id for f in found) else found).append(ref)
     ids = {ref.id for ref in found}
-    return found + [ref for ref in discovered_models() if ref.id not in ids]
+    return found + [ref for ref in discovered_models() if ref.id not in ids], hidden
 
 
 def default_model() -> ModelRef:
