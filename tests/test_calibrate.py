@@ -254,3 +254,21 @@ def test_router_train_keeps_the_calibration_and_adds_new_ratings(calibrated: Pat
     assert r.returncode == 2 and "calibrated on other tiers" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert json.loads((home / "router.json").read_text()) == after  # untouched
+
+
+def test_stopped_after_its_last_answer_it_resumes_to_the_router(calibrated: Path, tmp_path: Path):
+    """Ctrl-C in the retrain step (every answer in, the run complete, no router written): `--resume` writes the
+    router from the recorded answers, asking nothing again; once written there is nothing left to resume."""
+    home = tmp_path / "home"
+    shutil.copytree(calibrated, home)
+    (home / "router.json").unlink()  # what the interrupt leaves: the answers, not their router
+    answers = db(home).execute("select count(*) from bench_items").fetchone()[0]
+    r = run_cli("router", "calibrate", "--resume", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    run_id = db(home).execute("select id from bench_runs").fetchone()[0]
+    assert out["n"] == LIMIT and out["run_id"] == run_id and f"/{2 * LIMIT}" not in r.stderr
+    assert json.loads((home / "router.json").read_text())["calibration"]["run_id"] == run_id
+    assert db(home).execute("select count(*) from bench_items").fetchone()[0] == answers
+    again = run_cli("router", "calibrate", "--resume", home=home)
+    assert again.returncode == 2 and "is complete: nothing to resume" in again.stderr, again.stderr

@@ -124,12 +124,15 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
         row = rec.latest_calibration_run()
         if row is None:
             raise UsageError("there is no calibration to resume: run `localmoe router calibrate`")
-        if row["status"] == "complete":
+        written = calibration_of(router_out or paths.data_dir() / ROUTER_FILE) == row["id"]
+        if row["status"] == "complete" and written:
             raise UsageError(f"calibration run {row['id']} is complete: nothing to resume "
                              "(`localmoe router calibrate` starts a new one)")
         if row["models"] != keys:
             raise UsageError(f"the tiers changed since calibration run {row['id']} started ({', '.join(row['models'])}"
                              f" then, {', '.join(keys)} now): start a new one without --resume")
+        if row["status"] == "complete":  # every answer is in, but it stopped before its router was written
+            return finish(rec, row["id"], tiers, ids, router_out=router_out, progress=progress)
         run_kwargs: dict[str, Any] = {"resume": row["id"]}
     else:
         source, size, errors = suite_source(suite or DEFAULT_SUITE)
