@@ -231,9 +231,10 @@ def _resume(target: Any, conversation_id: int | None) -> None:
 def cmd_route(args: argparse.Namespace) -> int:
     from localmoe.chat.assistant import Assistant
 
+    prompt = _prompt_arg(args)
     assistant = Assistant(strategy=args.strategy, preference=args.preference)
     try:
-        decision = assistant.route(args.prompt, tier=None, load=False)
+        decision = assistant.route(prompt, tier=None, load=False)
     finally:
         assistant.close()
     if args.json:
@@ -402,12 +403,20 @@ def _prompt_arg(args: argparse.Namespace) -> str:
         except (OSError, UnicodeDecodeError) as exc:
             raise LocalmoeError(f"cannot read prompt file {args.prompt_file}: {exc}") from None
     elif args.prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"standard input is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start})") from None
     else:
         prompt = args.prompt or ""
+    try:
+        prompt.encode("utf-8")  # an argument in another encoding arrives with surrogates for its odd bytes
+    except UnicodeEncodeError:
+        raise UsageError("the prompt is not UTF-8 text") from None
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    return prompt
+    return prompt.strip()  # the newline `echo` ends a piped question with is not part of it
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -1095,7 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rt = sub.add_parser("route", help="show where the router would send a prompt, without answering",
                         description="Print the router's decision: tier, model, strategy, score, threshold, reason.")
-    rt.add_argument("prompt", help="the question to route")
+    rt.add_argument("prompt", help="the question to route ('-': read it from standard input)")
     rt.add_argument("--strategy", choices=STRATEGIES,
                     help="router strategy (default: settings.toml [router] strategy)")
     rt.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
@@ -1214,7 +1223,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="plan this engine instead of the one the planner chooses")
     pl.add_argument("--vram", type=_size, help="free VRAM to plan for, e.g. 8GiB (0 = CPU only); default: detected")
     pl.add_argument("--ram", type=_size, help="available RAM to plan for, e.g. 16GiB; default: detected")
-    pl.add_argument("--ctx", type=int, help="context length in tokens (default: 4096 or what fits)")
+    pl.add_argument("--ctx", type=_positive_int, help="context length in tokens (default: 4096 or what fits)")
     pl.add_argument("--expert-dtype", choices=["float32", "bfloat16", "int8"],
                     help="checkpoints: how the engine holds experts (default float32)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -492,3 +492,23 @@ def test_ctrl_c_interrupts_a_bench_run_and_resume_finishes_it(home, tmp_path):
     assert len(items) == 4 and len({i["item_id"] for i in items}) == 4 and len({i["message_id"] for i in items}) == 4
     assert {i["item_id"] for i in kept} <= {i["item_id"] for i in items}
     assert db_rows(home, f"select status from bench_runs where id = {run_id}") == [{"status": "complete"}]
+
+
+def test_route_reads_standard_input_and_says_what_would_happen(home):
+    """`route -` routes the question piped in (not the text "-"), and, answering nothing, says what would happen."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[router]\nstrategy = "learned"\npreference = "quality"\n')
+    piped = run_cli("route", "--json", "-", input=HARD_Q + "\n")
+    given = run_cli("route", "--json", HARD_Q)
+    assert piped.returncode == 0 and given.returncode == 0, piped.stderr + given.stderr
+    a, b = json.loads(piped.stdout), json.loads(given.stdout)
+    assert a["score"] == b["score"] and a["tier"] == "small" and a["wanted"] == "large"
+    assert "→ small would answer (" in a["reason"] and a["warning"].startswith("the small model would answer;"), a
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(home):
+    for argv in (["ask", "-", "--max-tokens", "4"], ["route", "-"]):
+        r = subprocess.run([sys.executable, "-m", "localmoe", *argv], input=b"What is the capital of \xff\xfe Japan?",
+                           capture_output=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count(b"\n") == 1, r.stderr
+        assert b"standard input is not UTF-8 text (byte 0xff at offset 23)" in r.stderr, r.stderr

@@ -228,3 +228,11 @@ def test_a_gpu_that_holds_every_expert_says_so():
     assert "every layer's experts on the GPU too" in text and "layers none" not in text
     partial = plan_mod.describe(make_plan(QWEN3_30B, Budget(vram_bytes=8 * GiB, ram_bytes=32 * GiB)), QWEN3_30B)
     assert "kept in RAM" in partial
+
+
+@pytest.mark.parametrize("ctx", ["0", "-100"])
+def test_plan_refuses_a_context_that_is_not_positive(home, ctx):
+    from helpers import run_cli
+
+    r = run_cli("plan", "smollm2-135m-instruct", "--ctx", ctx)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ctx" in r.stderr, r.stderr

@@ -293,6 +293,12 @@ def test_unknown_suite_lists_the_builtin_names():
     assert all(name in message for name in builtin_suites()) and "hf:gsm8k" in message
 
 
+def test_a_suite_file_that_does_not_exist_is_named_as_such(tmp_path):
+    for name in (str(tmp_path / "mine.jsonl"), "mine.jsonl", str(tmp_path / "suites" / "x")):
+        with pytest.raises(LocalmoeError, match=r"^suite file .* does not exist$"):
+            load_suite(name)
+
+
 def test_limit():
     full = load_suite("mixed").items
     assert load_suite("mixed", limit=7).items == full[:7]

@@ -675,6 +675,8 @@ def load_suite(name_or_path: str, *, limit: int | None = None) -> Suite:
         suite = _load_hf(name_or_path)
     else:
         path = Path(name_or_path).expanduser()
+        if not path.exists() and (path.suffix.lower() in (".jsonl", ".json") or "/" in name_or_path):
+            raise LocalmoeError(f"suite file {path} does not exist")
         if not path.exists():
             raise LocalmoeError(
                 f"unknown suite {name_or_path!r}: built-in suites are {', '.join(builtin_suites())}; "

@@ -264,7 +264,9 @@ class Assistant:
         if actual != d.tier:
             hint = self._add_tier_hint(d.tier)
             d.wanted, d.tier = d.tier, actual
-            d.reason = f"wanted {d.wanted} → no {d.wanted} model {hint[0]} → {actual} answered ({d.reason})"
+            # `route` answers nothing: what would happen, not what did
+            verb = "answered" if load else "would answer"
+            d.reason = f"wanted {d.wanted} → no {d.wanted} model {hint[0]} → {actual} {verb} ({d.reason})"
             tell_hint = self._first_time(f"hint:{d.wanted}")
             how = "" if actual == "small" or not tell_hint else f" — {hint[1]}"  # else the small answer's warning
             fallback = f"no {d.wanted} model is available; the {actual} model answers instead{how}"
@@ -275,17 +277,18 @@ class Assistant:
                 d.notices.append(fallback)
             if actual == "small":
                 # each such answer is still marked, but the way to add the tier is said once
-                self._mark_likely_wrong(d, tell_hint, hint[1])
+                self._mark_likely_wrong(d, tell_hint, hint[1], load)
         if d.strategy == "cascade" and larger is False and d.score >= d.threshold:
             # nothing to take over (the router's reason says so): a likely-wrong answer is marked as elsewhere
-            self._mark_likely_wrong(d, self._first_time("hint:large"), self._add_tier_hint("large")[1])
+            self._mark_likely_wrong(d, self._first_time("hint:large"), self._add_tier_hint("large")[1], load)
         ref = self.tier_ref(d.tier)
         d.model = ref.id if ref else None
         return d
 
     @staticmethod
-    def _mark_likely_wrong(d: Decision, tell_hint: bool, how: str) -> None:
-        d.warning = f"the small model answered; estimated {d.score:.0%} likely wrong" + (
+    def _mark_likely_wrong(d: Decision, tell_hint: bool, how: str, answered: bool = True) -> None:
+        d.warning = (f"the small model {'answered' if answered else 'would answer'}; estimated {d.score:.0%} likely "
+                     "wrong") + (
             f" — {how}" if tell_hint else "")
 
     def _metered_decision(self, prompt: str, read: bool) -> Decision:
