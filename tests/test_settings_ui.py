@@ -168,6 +168,10 @@ def test_ask_follows_the_recording_setting_and_log_overrides_it(home):
     ("[privacy]\nrecord = \"no\"\n", "[privacy] record must be true or false"),
     ("[energy]\nmeter = \"wattmeter\"\n", "unknown energy meter 'wattmeter'"),
     ("energy = 3\n", "energy must be a table"),
+    ("[tiers]\nsmall = 3\n", "[tiers] small must be a string, not 3"),
+    ("[tiers]\nlarge = [\"a\"]\n", "[tiers] large must be a string, not ['a']"),
+    ("[tiers]\nremote = \"http://127.0.0.1:9/v1\"\nremote_api_key_env = 3\n",
+     "[tiers] remote_api_key_env must be a string"),
 ])
 def test_bad_privacy_and_energy_settings_are_refused_in_one_line(home, text, words):
     write_settings(home, text)
@@ -279,3 +283,51 @@ def test_off_the_record_across_a_settings_change_never_joins_another_conversatio
     rows = conn.execute("select conversation_id, content from messages where role = 'user' order by id").fetchall()
     assert [c for _, c in rows] == ["Name a colour.", "Name an animal."]
     assert rows[0][0] != rows[1][0], rows
+
+
+@pytest.mark.parametrize("broken", ["[router\n", "[router]\npreference = [1]\n"])
+def test_saving_never_replaces_a_file_it_could_not_read(home, broken):
+    """F3 on a settings.toml that is not TOML: Ctrl+S refuses and the file stays as it was (it held a remote tier
+    and a comment); one whose value has the wrong type shows its other values, and mending the value keeps them."""
+    home.mkdir(parents=True, exist_ok=True)
+    text = ('# my remote box\n[tiers]\nremote = "http://127.0.0.1:9/v1"\nremote_api_key_env = "MY_KEY"\n' + broken)
+    (home / "settings.toml").write_text(text)
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            screen = app.screen
+            await pilot.press("ctrl+s")
+            error = str(screen.query_one("#settings-error", Static).render())
+            assert app.screen is screen and (home / "settings.toml").read_text() == text, error
+            if broken.startswith("[router\n"):
+                assert "not valid TOML" in error and "mend it in an editor first" in error, error
+                return
+            assert screen.query_one("#tiers-remote", Input).value == "http://127.0.0.1:9/v1"
+            assert "preference" in error, error
+            screen.query_one("#router-preference", Input).value = "quality"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+    asyncio.run(run())
+    if not broken.startswith("[router\n"):
+        mended = tomllib.loads((home / "settings.toml").read_text())
+        assert mended["tiers"] == {"remote": "http://127.0.0.1:9/v1", "remote_api_key_env": "MY_KEY"}
+        assert mended["router"]["preference"] == "quality"
+
+
+def test_a_model_file_ask_would_refuse_is_refused_as_a_tier(home, tmp_path):
+    """F3 and F4 write through settings.save: a file that is not a GGUF model is refused there, as `ask` refuses
+    it, by id and by path, and settings.toml stays as it was."""
+    (home / "models").mkdir(parents=True)
+    junk = home / "models" / "junk.gguf"
+    junk.write_bytes(bytes(range(256)) * 64)
+    for value in ("junk", str(junk)):
+        with pytest.raises(LocalmoeError, match=r"^large tier: .*junk\.gguf") as err:
+            settings.update("tiers", {"large": value})
+        assert "\n" not in str(err.value)
+    assert not (home / "settings.toml").exists()
+    r = run_cli("ask", "hi", "--max-tokens", "2", "--model", "junk")
+    assert r.returncode != 0 and "junk.gguf" in r.stderr

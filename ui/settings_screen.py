@@ -32,6 +32,7 @@ class SettingsScreen(Screen[bool]):
         super().__init__()
         self.path = paths.data_dir() / settings.FILENAME
         self.raw: dict[str, Any] = {}
+        self.unreadable: str | None = None  # why the file could not be read at all (then it is never saved over)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -54,11 +55,18 @@ class SettingsScreen(Screen[bool]):
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "settings"
         self.query_one("#settings-file", Static).update(Text(f"{self.path} (Ctrl+S saves, Esc goes back)"))
+        problem = ""
         try:
             settings.load(self.path)  # a broken file is shown, not half-read
+        except LocalmoeError as exc:
+            problem = str(exc)
+            self.error(problem)
+        try:  # a value of the wrong type still shows, to be mended here; a file that is not TOML cannot be
             self.raw = tomllib.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
-        except (LocalmoeError, OSError) as exc:
-            self.error(str(exc))
+            if any(not isinstance(self.raw.get(t, {}), dict) for t in settings.TABLES):
+                raise ValueError("a table is not a table")
+        except (OSError, UnicodeDecodeError, ValueError):  # TOMLDecodeError is a ValueError
+            self.raw, self.unreadable = {}, problem or f"cannot read {self.path}"
         for table, key, _ in FIELDS:
             value = self.raw.get(table, {}).get(key)
             self.query_one(f"#{table}-{key}", Input).value = "" if value is None else str(value)
@@ -84,6 +92,10 @@ class SettingsScreen(Screen[bool]):
             return None  # the error line already says what is wrong with the file
 
     def action_save(self) -> None:
+        if self.unreadable:  # saving would replace whatever the file holds with this empty form
+            self.error(f"{self.unreadable}: mend it in an editor first (saving here would replace everything in "
+                       "it)")
+            return
         data: dict[str, dict[str, Any]] = {t: dict(self.raw.get(t, {})) for t in settings.TABLES}
         for table, key, _ in FIELDS:
             value = self.query_one(f"#{table}-{key}", Input).value.strip()

@@ -88,6 +88,9 @@ def load(path: Path | None = None) -> Settings:
         meter = parse_meter(energy.get("meter"))
     except LocalmoeError as exc:
         raise LocalmoeError(f"settings {p}: [energy] {exc}") from None
+    for key in ("small", "large", "remote", "remote_model", "remote_api_key_env"):
+        if not isinstance(tiers.get(key, ""), str):  # a number or a list would fail later, inside a command
+            raise LocalmoeError(f"settings {p}: [tiers] {key} must be a string, not {tiers[key]!r}")
     strategy = router.get("strategy")
     remote = tiers.get("remote")
     if remote and not str(remote).startswith(("http://", "https://")):
@@ -169,7 +172,11 @@ def save(data: dict[str, Any], path: Path | None = None) -> Settings:
     for tier in ("small", "large"):
         if tiers.get(tier):
             try:
-                models.resolve(tiers[tier])
+                ref = models.resolve(tiers[tier])
+                if ref.path.suffix.lower() == ".gguf" and ref.path.is_file():
+                    from localmoe.placement.layout import read_model_layout
+
+                    read_model_layout(ref.path)  # its header: a file `ask` would refuse is refused here too
             except LocalmoeError as exc:
                 raise LocalmoeError(f"{tier} tier: {exc}") from None
     if router.get("preference") is not None:
