@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sqlite3
 import sys
 import threading
@@ -368,9 +369,19 @@ def _db_errors(path: Path) -> Iterator[None]:
         yield
     except sqlite3.DatabaseError as exc:
         msg = str(exc)
-        if "full" in msg:
+        if "full" in msg or ("disk I/O error" in msg and _disk_full(path)):
+            # SQLite says "disk I/O error" when a full disk stops it creating the WAL's shared-memory file
+            msg = "the disk is full" if "full" not in msg else msg
             msg += " (free some disk space; nothing already recorded was lost)"
         raise LocalmoeError(f"database {path}: {msg}") from None
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding `path` has (almost) no room left: under a page of SQLite's default size."""
+    try:
+        return shutil.disk_usage(Path(path).parent).free < 64 * 1024
+    except OSError:
+        return False
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
