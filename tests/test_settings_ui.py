@@ -305,7 +305,7 @@ def test_saving_never_replaces_a_file_it_could_not_read(home, broken):
             if broken.startswith("[router\n"):
                 assert "not valid TOML" in error and "mend it in an editor first" in error, error
                 return
-            assert screen.query_one("#tiers-remote", Input).value == "http://127.0.0.1:9/v1"
+            assert screen.query_one("#router-preference", Input).value == "[1]"  # shown, to be mended
             assert "preference" in error, error
             screen.query_one("#router-preference", Input).value = "quality"
             await pilot.press("ctrl+s")
