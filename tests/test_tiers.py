@@ -164,3 +164,15 @@ def test_the_cascade_with_nothing_larger_says_its_answer_stands_and_warns(home):
     easy = json.loads(run_cli("route", "What is 4821 * 317?", "--json", "--strategy", "cascade",
                               "--preference", "0.99").stdout)
     assert easy["score"] < 0.99 and not easy["probably_wrong"] and easy["warning"] is None
+
+
+def test_a_question_over_the_limit_is_refused_before_any_notice(home):
+    """A pasted 300 KB question is refused in one line; what the router would say of the tiers does not come first."""
+    from helpers import run_cli
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
+    (home / "settings.toml").chmod(0o600)
+    r = run_cli("ask", "-", input="word " * 60_000)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "localmoe: error: the prompt is 299,999 characters; the limit is 200,000"], r.stderr

@@ -12,7 +12,7 @@ from typing import Any
 
 from localmoe.chat import display
 from localmoe.chat.conversation import Conversation
-from localmoe.chat.session import Reply, Session
+from localmoe.chat.session import Reply, Session, checked_prompt
 from localmoe.engine import GenerationConfig
 from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import install, models, paths, settings
@@ -365,6 +365,7 @@ class Assistant:
             again: int | None = None) -> RoutedReply:
         """`again`: the id of the recorded question to answer anew (Ctrl+L's retry on the large tier): its earlier
         answer leaves the context, and the new one replies to it."""
+        checked_prompt(prompt)  # refused before routing, so no notice about tiers comes before the refusal
         routed = RoutedReply(self, prompt, self.route(prompt, tier), cancel, again)
         routed.remote_notice = self.first_remote_notice(routed.decision.tier)
         return routed

@@ -18,6 +18,17 @@ from localmoe.record.recorder import Recorder
 MAX_PROMPT_CHARS = 200_000
 
 
+def checked_prompt(prompt: str) -> str:
+    """The question without surrounding whitespace, or a one-line refusal: empty, or longer than any model here
+    could read (the limit keeps a pasted file from being tokenised before it is refused)."""
+    prompt = prompt.strip()
+    if not prompt:
+        raise UsageError("the prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptTooLong(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+    return prompt
+
+
 class Reply:
     """One answer being produced. Iterate it for text pieces; when iteration ends (or is abandoned, or
     interrupted) the answer and its stats are in the database."""
@@ -180,11 +191,7 @@ class Session:
         `config` replaces the session's for this answer only. `again`: the id of the recorded question this one
         answers anew (a cascade's escalation, a retry on the large tier): its earlier answer leaves the model's
         context (it stays recorded), and the new answer replies to that question instead of a copy of it."""
-        prompt = prompt.strip()
-        if not prompt:
-            raise UsageError("the prompt is empty")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise PromptTooLong(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        prompt = checked_prompt(prompt)
         _ = self.meter  # chosen now: a named meter that cannot be read refuses the question before it is recorded
         rec, conv = self.recorder, self.conversation
         with self._lock:
