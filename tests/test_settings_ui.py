@@ -331,3 +331,15 @@ def test_a_model_file_ask_would_refuse_is_refused_as_a_tier(home, tmp_path):
     assert not (home / "settings.toml").exists()
     r = run_cli("ask", "hi", "--max-tokens", "2", "--model", "junk")
     assert r.returncode != 0 and "junk.gguf" in r.stderr
+
+
+def test_a_misspelt_setting_is_named_not_silently_ignored(home):
+    write_settings(home, '[router]\nprefrence = "quality"\n[privacy]\nrecord = true\n[tierz]\nsmall = "x"\n')
+    st = settings.load()
+    assert st.unknown == ("[router] prefrence", "tierz") and st.preference == "balanced"
+    r = run_cli("ask", "Say hi.", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    [note] = [line for line in r.stderr.splitlines() if "not settings" in line]
+    assert note.endswith("settings.toml: [router] prefrence, tierz are not settings (ignored; a typo?)"), note
+    write_settings(home, '[router]\npreference = "quality"\n')
+    assert settings.load().unknown == () and "not a setting" not in run_cli("ask", "Hi.", "--max-tokens", "2").stderr

@@ -124,6 +124,8 @@ class Assistant:
                              else self.settings.preference,
                              small_model_path=small.path if small else None)
         self.notices += self.router.notices
+        if unknown := self.settings.unknown_notice():
+            self.notices.append(unknown)
 
     # -- tiers ---------------------------------------------------------------------------------------------
     def tier_ref(self, tier: str) -> models.ModelRef | None:

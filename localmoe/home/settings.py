@@ -35,6 +35,8 @@ STRATEGIES = ("features", "learned", "probe", "cascade")
 PREFERENCES = ("quality", "balanced", "energy")
 AUTO_METER = "auto"
 TABLES = ("tiers", "router", "privacy", "energy")
+KEYS = {"tiers": ("small", "large", "remote", "remote_model", "remote_api_key_env", "allow_remote"),
+        "router": ("strategy", "preference"), "privacy": ("record",), "energy": ("meter",)}
 
 
 @dataclass
@@ -50,6 +52,14 @@ class Settings:
     record: bool = True  # False: new chats and `ask` answers are off the record unless asked otherwise
     meter: str | None = None  # an energy meter's name (localmoe.record.meters.METER_NAMES); None: the best available
     path: Path | None = None
+    unknown: tuple[str, ...] = ()  # keys no setting reads ("[router] prefrence"): a typo's default would go unseen
+
+    def unknown_notice(self) -> str | None:
+        """One line naming the keys this file has that localmoe does not read, or None."""
+        if not self.unknown:
+            return None
+        return (f"settings {self.path}: {', '.join(self.unknown)} "
+                f"{'is not a setting' if len(self.unknown) == 1 else 'are not settings'} (ignored; a typo?)")
 
 
 def parse_preference(value: str | float) -> str | float:
@@ -116,6 +126,8 @@ def load(path: Path | None = None) -> Settings:
         record=record,
         meter=meter,
         path=p,
+        unknown=tuple([*(f"[{t}] {k}" for t in TABLES for k in data.get(t, {}) if k not in KEYS[t]),
+                       *(f"{k}" for k in data if k not in TABLES)]),
     )
 
 
