@@ -256,11 +256,13 @@ def test_router_train_keeps_the_calibration_and_adds_new_ratings(calibrated: Pat
     assert json.loads((home / "router.json").read_text()) == after  # untouched
 
 
-def test_stopped_after_its_last_answer_it_resumes_to_the_router(calibrated: Path, tmp_path: Path):
+def test_stopped_after_its_last_answer_it_resumes_to_the_router(calibrated: Path, tmp_path: Path, tiny_moe):
     """Ctrl-C in the retrain step (every answer in, the run complete, no router written): `--resume` writes the
     router from the recorded answers, asking nothing again; once written there is nothing left to resume."""
     home = tmp_path / "home"
     shutil.copytree(calibrated, home)
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')  # the calibration's (another test
+    # changes the shared data dir's)
     (home / "router.json").unlink()  # what the interrupt leaves: the answers, not their router
     answers = db(home).execute("select count(*) from bench_items").fetchone()[0]
     r = run_cli("router", "calibrate", "--resume", "--json", home=home)
