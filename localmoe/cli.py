@@ -139,7 +139,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         session = Session(ref, engine_options=options, recorder=recorder, meter=user_settings.meter)
         session.config = GenerationConfig(**{**models.generation_defaults(ref), **overrides})
         target, closer, route = session, session.close, None
-        notices = session.warnings
+        notices = [*session.warnings, *filter(None, [user_settings.unknown_notice()])]
     else:
         from localmoe.chat.assistant import Assistant
 
@@ -400,11 +400,14 @@ def _prompt_arg(args: argparse.Namespace) -> str:
             raise LocalmoeError("give the prompt as an argument or with --prompt-file, not both")
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             raise LocalmoeError(f"cannot read prompt file {args.prompt_file}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"prompt file {args.prompt_file} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                             f"at offset {exc.start})") from None
     elif args.prompt == "-":
         try:
-            prompt = sys.stdin.buffer.read().decode("utf-8")
+            prompt = sys.stdin.buffer.read().decode("utf-8-sig")  # a byte-order mark is not part of the question
         except UnicodeDecodeError as exc:
             raise UsageError(f"standard input is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
                              f"{exc.start})") from None

@@ -274,3 +274,9 @@ def test_stopped_after_its_last_answer_it_resumes_to_the_router(calibrated: Path
     assert db(home).execute("select count(*) from bench_items").fetchone()[0] == answers
     again = run_cli("router", "calibrate", "--resume", home=home)
     assert again.returncode == 2 and "is complete: nothing to resume" in again.stderr, again.stderr
+    # a router the user chose after the calibration (the shipped one) is not replaced by a resume
+    assert run_cli("router", "train", "--shipped", home=home).returncode == 0
+    chosen = (home / "router.json").read_text()
+    later = run_cli("router", "calibrate", "--resume", home=home)
+    assert later.returncode == 2 and "nothing to resume" in later.stderr, later.stderr
+    assert (home / "router.json").read_text() == chosen

@@ -31,6 +31,25 @@ def test_the_oldest_exchanges_leave_first_and_the_system_message_and_question_st
     # 2 + 60 + 10 words and room for min(8, 56 // 4) = 8: two exchanges go (52 + 8 > 56, 32 + 8 <= 56)
     assert dropped == 2 and kept == [system, *turns[4:], question] and len(tokens) == 32
     assert fit_context([system, *turns, question], words, n_ctx=200, max_tokens=8)[2] == 0
+    # a long chat: found by bisection, not one tokenisation per exchange; dropped in blocks, so the first kept
+    # message stays the same over the next turns (the engine's cached prefix with it)
+    calls = []
+
+    def counted(ms: list[dict[str, str]]) -> list[int]:
+        calls.append(1)
+        return words(ms)
+
+    long = [m for i in range(200) for m in ({"role": "user", "content": f"q{i} " * 10},
+                                            {"role": "assistant", "content": f"a{i} " * 10})]
+    firsts = []
+    for turn in range(6):
+        calls.clear()
+        chat = [system, *long[: 2 * (150 + turn)], question]
+        kept, tokens, dropped = fit_context(chat, counted, n_ctx=2048, max_tokens=64)
+        assert len(tokens) + 64 <= 2048 and dropped % 4 == 0 and kept[0] == system and kept[-1] == question
+        assert len(calls) <= 12, len(calls)
+        firsts.append(kept[1]["content"])
+    assert len(set(firsts)) <= 3, firsts  # six turns, the kept history started anew at most twice more
     # a question too long alone is left as it is, for token_budget to refuse in one line
     alone = [{"role": "user", "content": "x " * 100}]
     assert fit_context(alone, words, n_ctx=56, max_tokens=8) == (alone, [0] * 100, 0)

@@ -343,3 +343,28 @@ def test_a_misspelt_setting_is_named_not_silently_ignored(home):
     assert note.endswith("settings.toml: [router] prefrence, tierz are not settings (ignored; a typo?)"), note
     write_settings(home, '[router]\npreference = "quality"\n')
     assert settings.load().unknown == () and "not a setting" not in run_cli("ask", "Hi.", "--max-tokens", "2").stderr
+
+
+@pytest.mark.parametrize(("bad", "words"), [('[router]\nstrategy = "cascde"\n', "unknown router strategy 'cascde'"),
+                                           ('[privacy]\nrecord = "false"\n', "record must be true or false")])
+def test_a_bad_strategy_or_record_value_shows_in_f3_without_harm(home, bad, words):
+    """F3 opens on a strategy it does not know (the Select crashed the app) and shows a record value written as the
+    string "false" as off: saving must not turn recording on."""
+    write_settings(home, bad)
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            screen = app.screen
+            assert words in str(screen.query_one("#settings-error", Static).render())
+            assert screen.query_one("#router-strategy", Select).value == ""
+            assert screen.query_one("#privacy-record", Switch).value is ("record" not in bad)
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+    asyncio.run(run())
+    saved = tomllib.loads((home / "settings.toml").read_text())
+    assert "strategy" not in saved.get("router", {}) and saved.get("privacy", {}).get("record", True) is (
+        "record" not in bad)

@@ -70,8 +70,11 @@ class SettingsScreen(Screen[bool]):
         for table, key, _ in FIELDS:
             value = self.raw.get(table, {}).get(key)
             self.query_one(f"#{table}-{key}", Input).value = "" if value is None else str(value)
-        self.query_one("#router-strategy", Select).value = self.raw.get("router", {}).get("strategy") or ""
-        self.query_one("#privacy-record", Switch).value = self.raw.get("privacy", {}).get("record", True) is not False
+        strategy = self.raw.get("router", {}).get("strategy")
+        # a strategy the file misspells shows as the default (the error line names it), not as a crash of the Select
+        self.query_one("#router-strategy", Select).value = strategy if strategy in settings.STRATEGIES else ""
+        # only a real `true` shows recording on: "false" as a string meant off, and saving must not turn it on
+        self.query_one("#privacy-record", Switch).value = self.raw.get("privacy", {}).get("record", True) is True
         self.query_one("#energy-meter", Select).value = self._meter_in_file() or settings.AUTO_METER
         # the form is taller than 24 lines: it opens at its top (the file's path first), not scrolled to the field
         self.query_one("#tiers-small", Input).focus(scroll_visible=False)

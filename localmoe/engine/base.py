@@ -96,24 +96,42 @@ def reusable_prefix(held: Sequence[int], tokens: Sequence[int]) -> int:
     return n
 
 
+DROP_BLOCK = 4  # exchanges leave in blocks: the kept history starts at the same message for several turns
+
+
 def fit_context(messages: list[Message], encode: Callable[[list[Message]], list[int]], n_ctx: int,
                 max_tokens: int) -> tuple[list[Message], list[int], int]:
-    """(the messages, their tokens, how many exchanges were dropped): while the prompt leaves no room for an answer
-    (its budget, at most a quarter of the context), the oldest exchange leaves it. A leading system message and the
-    latest question always stay: a question that does not fit alone is refused by `token_budget`."""
+    """(the messages, their tokens, how many exchanges were dropped): when the prompt leaves no room for an answer
+    (its budget, at most a quarter of the context), the oldest exchanges leave it. A leading system message and the
+    latest question always stay: a question that does not fit alone is refused by `token_budget`.
+
+    The fewest exchanges that fit are found by bisection (a long chat is not tokenised once per exchange), then
+    rounded up to a multiple of DROP_BLOCK, so the next turns keep the same first message and the engine reuses
+    its cached prefix instead of evaluating most of the context again on every turn."""
     tokens = encode(messages)
     room = min(max_tokens, n_ctx // 4)
-    dropped = 0
-    while len(tokens) + room > n_ctx:
-        first = 1 if messages and messages[0].get("role") == "system" else 0
-        rest = messages[first + 1:]
-        while rest and rest[0].get("role") != "user":  # the dropped question's answer goes with it
-            rest = rest[1:]
-        if not rest:
-            break
-        messages, dropped = [*messages[:first], *rest], dropped + 1
-        tokens = encode(messages)
-    return messages, tokens, dropped
+    if len(tokens) + room <= n_ctx:
+        return messages, tokens, 0
+    first = 1 if messages and messages[0].get("role") == "system" else 0
+    # dropping k exchanges keeps the head and messages[cuts[k - 1]:]; the last cut is the question itself
+    cuts = [i for i in range(first + 1, len(messages)) if messages[i].get("role") == "user"]
+    if not cuts:
+        return messages, tokens, 0
+
+    def kept(k: int) -> list[Message]:
+        return [*messages[:first], *messages[cuts[k - 1]:]]
+
+    lo, hi = 1, len(cuts)  # the smallest k that fits is in [lo, hi] (hi: all of the history gone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(encode(kept(mid))) + room <= n_ctx:
+            hi = mid
+        else:
+            lo = mid + 1
+    blocked = -(-lo // DROP_BLOCK) * DROP_BLOCK
+    k = blocked if blocked < len(cuts) else lo  # a short history loses no more than it must
+    out = kept(k)
+    return out, encode(out), k
 
 
 def limits(stats: GenerationStats, n_ctx: int, model_id: str, config: GenerationConfig) -> tuple[int, LoopGuard | None]:

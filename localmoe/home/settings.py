@@ -185,7 +185,7 @@ def save(data: dict[str, Any], path: Path | None = None) -> Settings:
         if tiers.get(tier):
             try:
                 ref = models.resolve(tiers[tier])
-                if ref.path.suffix.lower() == ".gguf" and ref.path.is_file():
+                if ref.path.is_file():  # a GGUF whatever its name (an Ollama blob has none); not a checkpoint dir
                     from localmoe.placement.layout import read_model_layout
 
                     read_model_layout(ref.path)  # its header: a file `ask` would refuse is refused here too

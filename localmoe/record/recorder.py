@@ -377,7 +377,8 @@ def _db_errors(path: Path) -> Iterator[None]:
 
 
 def _disk_full(path: Path) -> bool:
-    """Whether the file system holding `path` has (almost) no room left: under a page of SQLite's default size."""
+    """Whether the file system holding `path` has (almost) no room left: under 64 KiB, less than a WAL's
+    shared-memory file and a few pages need."""
     try:
         return shutil.disk_usage(Path(path).parent).free < 64 * 1024
     except OSError:

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,7 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
         row = rec.latest_calibration_run()
         if row is None:
             raise UsageError("there is no calibration to resume: run `localmoe router calibrate`")
-        written = calibration_of(router_out or paths.data_dir() / ROUTER_FILE) == row["id"]
-        if row["status"] == "complete" and written:
+        if row["status"] == "complete" and _router_written_since(router_out or paths.data_dir() / ROUTER_FILE, row):
             raise UsageError(f"calibration run {row['id']} is complete: nothing to resume "
                              "(`localmoe router calibrate` starts a new one)")
         if row["models"] != keys:
@@ -154,6 +154,18 @@ def run(rec: Recorder, *, suite: str | None = None, limit: int | None = None, re
 
     run_id = runner.run(rec, max_tokens=max_tokens, meter=meter, progress=tick, on_start=begin, **run_kwargs)
     return finish(rec, run_id, tiers, ids, router_out=router_out, progress=progress)
+
+
+def _router_written_since(path: Path, run: dict[str, Any]) -> bool:
+    """Whether a router file was written once `run` had finished: its own, or one the user chose after it (`router
+    train --shipped`), which a resume must not replace. False when the run stopped before writing its router."""
+    if calibration_of(path) == run["id"]:
+        return True
+    try:
+        finished = datetime.fromisoformat(run["finished_at"]).timestamp() if run.get("finished_at") else None
+        return finished is not None and path.stat().st_mtime >= finished
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def calibration_of(path: Path) -> int | None:

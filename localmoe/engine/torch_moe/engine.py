@@ -484,15 +484,14 @@ class TorchMoEEngine(Engine):
     ) -> Iterator[str]:
         clock = DecodeClock()  # from here: template rendering and tokenising count towards the first token
         chat = self.chat_tokenizer()
+        stats = self._stats = GenerationStats(stop_reason="length")  # this answer's, also if loading fails
         model = self._model()
-        dropped = 0
         if config.fit_context:
-            messages, tokens, dropped = fit_context(messages, chat.encode_chat, model.args.max_seq_length,
-                                                    config.max_tokens)
+            messages, tokens, stats.dropped_exchanges = fit_context(messages, chat.encode_chat,
+                                                                    model.args.max_seq_length, config.max_tokens)
         else:
             tokens = chat.encode_chat(messages)
-        stats = self._stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length",
-                                              dropped_exchanges=dropped)
+        stats.prompt_tokens = len(tokens)
         if not tokens:
             stats.stop_reason = "error"
             raise LocalmoeError("the chat template rendered an empty prompt")
