@@ -4,6 +4,7 @@ once; the record keeps every message and how many the model did not read; an API
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 
 import pytest
@@ -119,6 +120,8 @@ def test_ask_continuing_a_long_conversation_says_what_left_the_prompt(home, monk
     err = capsys.readouterr().err
     assert "localmoe: note: the conversation outgrew smollm2-135m-instruct's context: its 1 oldest exchange left " \
            "the prompt (still recorded)" in err, err
+    assert cli.main(["ask", "-c", "--json", f"{LONG}Note 2. Reply with just the word OK."]) == 0
+    assert json.loads(capsys.readouterr().out)["usage"]["dropped_exchanges"] >= 1
 
 
 def test_the_native_engine_fits_a_long_conversation_too(tiny_moe):

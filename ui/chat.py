@@ -536,6 +536,7 @@ class ChatScreen(Screen):
         if self.assistant is not None:
             self.assistant.new_conversation()
         self.last = None
+        self._outgrown.clear()  # a new conversation may get a deleted one's id: it is told afresh
         conversation = self.query_one("#conversation", Conversation)
         await conversation.query("Question, Answer").remove()
         self.query_one("#notice", Static).update("New conversation.")

@@ -99,8 +99,9 @@ class Reply:
             "conversation_id": self.conversation_id,
             "message_id": self.message_id,
             # prompt_eval_tokens: evaluated now; the rest of the prompt was in the engine's KV cache
+            # dropped_exchanges: the conversation's oldest exchanges the model did not read (its context was full)
             "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                      "prompt_eval_tokens": s.prompt_eval_tokens},
+                      "prompt_eval_tokens": s.prompt_eval_tokens, "dropped_exchanges": s.dropped_exchanges},
             "timing": {"ttft_s": s.ttft_s, "prefill_tokens_per_s": s.prefill_tokens_per_s,
                        "tokens_per_s": s.tokens_per_s, "wall_s": s.wall_s},
             "stop_reason": s.stop_reason,
