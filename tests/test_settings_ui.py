@@ -296,9 +296,7 @@ def test_saving_never_replaces_a_file_it_could_not_read(home, broken):
     async def run() -> None:
         app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
         async with app.run_test(size=(100, 40)) as pilot:
-            await pilot.press("f3")
-            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
-            screen = app.screen
+            screen = await open_settings(pilot, app)
             await pilot.press("ctrl+s")
             error = str(screen.query_one("#settings-error", Static).render())
             assert app.screen is screen and (home / "settings.toml").read_text() == text, error
@@ -355,9 +353,7 @@ def test_a_bad_strategy_or_record_value_shows_in_f3_without_harm(home, bad, word
     async def run() -> None:
         app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
         async with app.run_test(size=(100, 40)) as pilot:
-            await pilot.press("f3")
-            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
-            screen = app.screen
+            screen = await open_settings(pilot, app)
             assert words in str(screen.query_one("#settings-error", Static).render())
             assert screen.query_one("#router-strategy", Select).value == ""
             assert screen.query_one("#privacy-record", Switch).value is ("record" not in bad)

@@ -132,7 +132,9 @@ def discovered_models() -> list[ModelRef]:
 def list_models() -> list[ModelRef]:
     """Embedded, installed (pulled, imported or put in models/), then discovered models; the first of an id wins
     (`shadowed_models` lists the installed ones that lose)."""
-    return _by_id()[0]
+    found = _by_id()[0]
+    ids = {ref.id for ref in found}
+    return found + [ref for ref in discovered_models() if ref.id not in ids]
 
 
 def shadowed_models() -> list[ModelRef]:
@@ -142,12 +144,13 @@ def shadowed_models() -> list[ModelRef]:
 
 
 def _by_id() -> tuple[list[ModelRef], list[ModelRef]]:
+    """Embedded and installed models, the first of an id kept, and those whose id was taken (no discovery: other
+    tools' stores are scanned only by list_models)."""
     found: list[ModelRef] = []
     hidden: list[ModelRef] = []
     for ref in embedded_models() + installed_models():
         (hidden if any(ref.id == f.id for f in found) else found).append(ref)
-    ids = {ref.id for ref in found}
-    return found + [ref for ref in discovered_models() if ref.id not in ids], hidden
+    return found, hidden
 
 
 def default_model() -> ModelRef:
