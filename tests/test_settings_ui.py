@@ -364,3 +364,47 @@ def test_a_bad_strategy_or_record_value_shows_in_f3_without_harm(home, bad, word
     saved = tomllib.loads((home / "settings.toml").read_text())
     assert "strategy" not in saved.get("router", {}) and saved.get("privacy", {}).get("record", True) is (
         "record" not in bad)
+
+
+COMMENTED = '''# my box: the remote is the office server
+[tiers]
+remote = "http://127.0.0.1:9/v1#frag"   # a "#" in a string is not a comment
+remote_api_key_env = "MY_KEY"
+
+[router]
+# quality: I would rather wait than be wrong
+preference = "quality"
+'''
+
+
+def test_a_change_rewrites_only_its_own_lines_and_keeps_the_comments():
+    data = tomllib.loads(COMMENTED)
+    assert settings.edited_text(COMMENTED, data) == COMMENTED
+    data["router"]["preference"] = 0.3
+    data["router"]["strategy"] = "learned"
+    data["privacy"] = {"record": False}
+    del data["tiers"]["remote_api_key_env"]
+    text = settings.edited_text(COMMENTED, data)
+    assert tomllib.loads(text) == data
+    assert text.splitlines()[:3] == COMMENTED.splitlines()[:3]
+    assert "# quality: I would rather wait than be wrong\npreference = 0.3\nstrategy = \"learned\"\n" in text
+    assert text.endswith("[privacy]\nrecord = false\n") and "MY_KEY" not in text
+    # shapes a line editor cannot follow are written afresh by the caller
+    assert settings.edited_text("[[tiers]]\nsmall = 'x'\n", {"tiers": {"small": "y"}}) is None
+    assert settings.edited_text("[tiers]\nsmall = [\n 1]\n", {"tiers": {"small": "y"}}) is None
+
+
+def test_saving_in_f3_keeps_the_users_comments(home):
+    write_settings(home, COMMENTED)
+
+    async def run() -> None:
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = await open_settings(pilot, app)
+            screen.query_one("#router-strategy", Select).value = "learned"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+    asyncio.run(run())
+    text = (home / "settings.toml").read_text()
+    assert text == COMMENTED + 'strategy = "learned"\n', text

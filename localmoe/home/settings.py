@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,8 @@ def parse_meter(value: Any) -> str | None:
 
 
 def toml_text(data: dict[str, dict[str, Any]]) -> str:
-    """Tables as TOML. JSON's string escapes are valid in TOML basic strings; comments are not kept."""
+    """Tables as TOML, written afresh (`edited_text` keeps an existing file's comments). JSON's string escapes are
+    valid in TOML basic strings."""
     # keys outside any table must come before the first one
     out = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict)]
     out += [""] if out else []
@@ -162,6 +164,84 @@ def toml_text(data: dict[str, dict[str, Any]]) -> str:
             out += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
             out.append("")
     return "\n".join(out)
+
+
+_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def _split_comment(line: str) -> tuple[dict[str, Any], str] | None:
+    """A `key = value  # comment` line as its parsed key and value, and its comment ("" if none); None if the line is
+    not a whole key-value pair by itself (a value running on over several lines). A "#" inside a string is not a
+    comment: the first cut TOML reads is the value's end."""
+    cuts = [i for i, ch in enumerate(line) if ch == "#"] + [len(line)]
+    for cut in cuts:
+        try:
+            return tomllib.loads(line[:cut]), line[cut:]
+        except tomllib.TOMLDecodeError:
+            continue
+    return None
+
+
+def _pruned(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if not (isinstance(v, dict) and not v)}
+
+
+def edited_text(text: str, data: dict[str, Any]) -> str | None:
+    """`text` (a TOML file) made to hold `data` by rewriting only the lines of keys whose value changed, removing
+    those of keys `data` lacks, and adding new keys under their table: the user's comments, blank lines and order
+    stay. None when the file is shaped beyond this (arrays of tables, dotted keys, a value over several lines), or
+    when the result would not read back as `data`; the caller then writes the file afresh."""
+    lines = text.splitlines()
+    table = ""
+    at: dict[tuple[str, str], int] = {}
+    end: dict[str, int] = {"": -1}  # the line after which a new key of the table goes
+    for i, line in enumerate(lines):
+        if header := _HEADER.match(line):
+            table = header.group(1)
+            if table in end:
+                return None  # a table opened twice: not valid TOML anyway
+            end[table] = i
+        elif line.lstrip().startswith("["):
+            return None
+        elif key := _KEY.match(line):
+            at[(table, key.group(1))] = i
+            end[table] = i
+    wanted = {("", k): v for k, v in data.items() if not isinstance(v, dict)}
+    wanted |= {(t, k): v for t, values in data.items() if isinstance(values, dict) for k, v in values.items()}
+    out: list[str | None] = list(lines)
+    after: dict[int, list[str]] = {}
+    new_tables: dict[str, list[str]] = {}
+    for (t, k), value in wanted.items():
+        line = f"{k} = {json.dumps(value)}"
+        if (t, k) in at:
+            parsed = _split_comment(lines[at[(t, k)]])
+            if parsed is None:
+                return None
+            if parsed[0].get(k) == value and type(parsed[0].get(k)) is type(value):
+                continue
+            out[at[(t, k)]] = line + (f"  {parsed[1]}" if parsed[1] else "")
+        elif t in end:
+            after.setdefault(end[t], []).append(line)
+        else:
+            new_tables.setdefault(t, []).append(line)
+    for spot, i in at.items():
+        if spot not in wanted:
+            out[i] = None
+    result: list[str] = after.get(-1, [])
+    for i, line in enumerate(out):
+        if line is not None:
+            result.append(line)
+        result += after.get(i, [])
+    for t, added in new_tables.items():
+        result += (["", f"[{t}]"] if result and result[-1].strip() else [f"[{t}]"]) + added
+    new = "\n".join(result) + "\n"
+    try:
+        if _pruned(tomllib.loads(new)) != _pruned(data):
+            return None
+    except tomllib.TOMLDecodeError:
+        return None
+    return new
 
 
 def read_raw(path: Path | None = None) -> dict[str, Any]:
@@ -175,7 +255,8 @@ def save(data: dict[str, Any], path: Path | None = None) -> Settings:
     """Replace settings.toml with `data` (tables of values) after the checks every command makes: each tier names a
     model `models.resolve` finds, the preference parses, and `load` reads the written file back before it replaces
     the old one. What the UI's screens write through, so none can save a file the CLI would refuse. A one-line
-    LocalmoeError otherwise, and the old file stays."""
+    LocalmoeError otherwise, and the old file stays. Only the lines of changed keys are rewritten: the user's
+    comments stay (`edited_text`)."""
     from localmoe.home import models  # models reads the catalog: only a write needs it
 
     p = path or paths.data_dir() / FILENAME
@@ -193,9 +274,14 @@ def save(data: dict[str, Any], path: Path | None = None) -> Settings:
                 raise LocalmoeError(f"{tier} tier: {exc}") from None
     if router.get("preference") is not None:
         router["preference"] = parse_preference(router["preference"])  # "0.3" is stored as a number
+    try:
+        before = p.read_text(encoding="utf-8") if p.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        before = None
+    text = edited_text(before, data) if before is not None else None
     scratch = p.with_name(p.name + ".new")
     try:
-        paths.write_private(scratch, toml_text(data))
+        paths.write_private(scratch, toml_text(data) if text is None else text)
         try:
             saved = load(scratch)  # the reader every command uses has the last word
         except LocalmoeError as exc:
