@@ -85,23 +85,50 @@ def test_a_broken_small_tier_in_settings_is_named_as_the_cause(home, tmp_path, s
         assert ("unknown model 'nosuch-model'" if small == "nosuch-model" else "not a GGUF model file") in err[0]
 
 
-def test_each_notice_is_said_once_by_ask(home):
-    """The router's own notice (no calibration with the configured large tier) is both the assistant's and its
-    first decision's: `ask` says it once, then the fallback, as separate lines."""
-    from helpers import run_cli
+UNREADABLE_ROUTER = "router.json is unreadable"
 
+
+def broken_router_and_missing_large_tier(home) -> None:
+    """A router file that does not parse (the router's own notice, made when it is built) and a large tier that
+    does not exist (the assistant's)."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
-    (home / "settings.toml").chmod(0o600)
+    (home / "router.json").write_text("{not json")
+    for name in ("settings.toml", "router.json"):
+        (home / name).chmod(0o600)
+
+
+def test_each_notice_is_said_once_by_ask(home):
+    """The router's own notice (an unreadable router file) is both the assistant's and its first decision's: `ask`
+    says it once, then the fallback, as separate lines. Calibrating with a large tier that does not exist is not
+    offered."""
+    from helpers import run_cli
+
+    broken_router_and_missing_large_tier(home)
     r = run_cli("ask", "What is 17 * 23?", "--max-tokens", "4")
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if line.startswith("localmoe: notice: ")]
-    assert r.stderr.count("has not been calibrated with your large tier (nosuch-model)") == 1, r.stderr
+    assert r.stderr.count(UNREADABLE_ROUTER) == 1, r.stderr
     assert "localmoe: notice: no large model is available; the small model answers instead" in notes, notes
+    assert "the large tier (nosuch-model) is unavailable" in r.stderr and "calibrat" not in r.stderr, r.stderr
     assert len(notes) == len(set(notes)) == 3, notes
-    # a tier named: the router is not asked, and its calibration notice does not apply
+    # a tier named: the router is not asked, and its notice does not apply
     named = run_cli("ask", "What is 17 * 23?", "--max-tokens", "4", "--tier", "small")
-    assert named.returncode == 0 and "has not been calibrated" not in named.stderr, named.stderr
+    assert named.returncode == 0 and UNREADABLE_ROUTER not in named.stderr, named.stderr
+
+
+def test_calibration_is_offered_for_a_named_large_tier_only_when_it_exists(home, tiny_moe):
+    """The shipped router was never calibrated: a large tier named in settings.toml gets the offer; one that does not
+    exist gets its own notice instead, not an offer to calibrate with it."""
+    from localmoe.chat.assistant import Assistant
+
+    home.mkdir(parents=True, exist_ok=True)
+    offer = f"has not been calibrated with your large tier ({tiny_moe[1]})"
+    (home / "settings.toml").write_text(f'[tiers]\nlarge = "{tiny_moe[1]}"\n')
+    assert sum(offer in n for n in Assistant().notices) == 1
+    (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
+    notices = Assistant().notices
+    assert not any("calibrat" in n for n in notices) and any("(nosuch-model) is unavailable" in n for n in notices)
 
 
 def test_the_chat_tells_the_routers_notice_once(home):
@@ -115,25 +142,23 @@ def test_the_chat_tells_the_routers_notice_once(home):
     from localmoe.ui.app import LocalmoeApp
     from localmoe.ui.chat import Answer
 
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
-    (home / "settings.toml").chmod(0o600)
-    uncalibrated = "has not been calibrated with your large tier (nosuch-model)"
+    broken_router_and_missing_large_tier(home)
+    router_notice = UNREADABLE_ROUTER
 
     async def run() -> list[str]:
         app = LocalmoeApp(config=GenerationConfig(max_tokens=4, temperature=0.0))
         async with app.run_test(size=(100, 40)) as pilot:
             screen = app.screen
             await wait_for(pilot, lambda: screen.assistant is not None
-                           and any(uncalibrated in n.message for n in app._notifications))
+                           and any(router_notice in n.message for n in app._notifications))
             await type_and_send(pilot, "What is 17 * 23?")
             await wait_for(pilot, lambda: len(screen.query(Answer)) == 1 and screen.query(Answer)[0].done)
             decision = screen.query(Answer)[0].decision
-            assert decision is not None and uncalibrated in decision.notice  # still carried by the decision
+            assert decision is not None and router_notice in decision.notice  # still carried by the decision
             return [n.message for n in app._notifications]
 
     shown = asyncio.run(run())
-    assert sum(uncalibrated in n for n in shown) == 1, shown
+    assert sum(router_notice in n for n in shown) == 1, shown
     assert any("no large model is available; the small model answers instead" in n for n in shown), shown
 
 
