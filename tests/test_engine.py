@@ -209,3 +209,18 @@ def test_localmoe_threads_sets_both_engines_thread_count_and_a_bad_value_is_one_
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "localmoe: error: LOCALMOE_THREADS must be a whole number of threads, 1 or more (got 'many')"]
+
+
+def test_a_seed_fixes_its_own_answer_and_no_later_unseeded_one(engine):
+    """llama-cpp-python keeps the last seed it was given: a server's unseeded requests after one client's seed all
+    drew the same "random" answer. A seed repeats its answer; answers without one differ again."""
+    messages = [{"role": "user", "content": "Tell me a one-line joke about dogs."}]
+    hot = GenerationConfig(max_tokens=20, temperature=1.5, top_p=1.0, min_p=0.0)
+
+    def answer(seed: int | None) -> str:
+        return "".join(engine.stream(messages, GenerationConfig(**{**vars(hot), "seed": seed})))
+
+    seeded = answer(7)
+    assert answer(7) == seeded
+    unseeded = [answer(None) for _ in range(3)]
+    assert len({seeded, *unseeded}) >= 3, unseeded

@@ -221,8 +221,9 @@ class LlamaCppEngine(Engine):
         vocab = llm._model.vocab
         if self._tap is not None:
             self._tap.take()
-        if config.seed is not None:
-            llm.set_seed(config.seed)
+        # llama-cpp-python keeps a seed for good: without this, one request's seed would fix every later answer's
+        # draws (the default seed asks llama.cpp for a fresh random one each time)
+        llm.set_seed(config.seed if config.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
         # llama-cpp-python's generate keeps the KV cache of the longest common prefix with the last sequence (and
         # evaluates the last prompt token at least): what it will evaluate, for the statistics
         stats.prompt_eval_tokens = len(tokens) - reusable_prefix(llm.input_ids[: llm.n_tokens], tokens)
