@@ -792,9 +792,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 a, b, d = r["a"] or {}, r["b"] or {}, r["delta"] or {}
                 rows.append([r["model"], r["policy"]] + [
                     f"{report.fmt(k, a.get(k))} → {report.fmt(k, b.get(k))}"
-                    + (f" ({d[k]:+.3g})" if k in d else "")
+                    + ((f" ({d[k] * 100:+.1f} pts)" if k == "accuracy" else f" ({d[k]:+.3g})") if k in d else "")
                     for k in ("accuracy", "joules_per_query", "avg_watts", "ipw")])
             print(_table(rows, ["MODEL", "POLICY", "ACCURACY", "J/QUERY", "AVG W", "IPW"]))
+            for note in cmp["notes"]:
+                print(f"localmoe: warning: not like for like: {note}", file=sys.stderr)
             return 0
 
         progress = None
@@ -813,6 +815,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         models_arg = [m for m in (args.models or "").split(",") if m]
         policies = [p for p in (args.policies or "").split(",") if p] or None
+        if args.resume is not None:
+            given = [flag for flag, value in (("--suite", args.suite), ("--models", args.models),
+                                              ("--policies", args.policies), ("--limit", args.limit),
+                                              ("--max-tokens", args.max_tokens), ("--idle", args.idle))
+                     if value is not None]
+            if given:  # a run answered half one way and half another would compare nothing
+                raise UsageError(f"--resume {args.resume} asks the rest as the run was started; drop "
+                                 f"{', '.join(given)}")
+        if args.idle is not None and args.idle < 0:
+            raise UsageError(f"--idle must be 0 or more seconds, not {args.idle:g}")
+        if args.report:
+            report.check_report_path(args.report)
         try:
             run_id = bench.run(rec, suite=args.suite, model_names=models_arg, policies=policies, limit=args.limit,
                                max_tokens=args.max_tokens, resume=args.resume, idle_seconds=args.idle,
@@ -821,6 +835,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if "run" in started:
                 print(f"\nlocalmoe: benchmark run {started['run']} interrupted; finished items are kept. "
                       f"Continue with `localmoe bench --resume {started['run']}`.", file=sys.stderr)
+                if args.json:  # what was finished, marked interrupted: a script still has something to read
+                    _print_json(bench.results(rec, started["run"]))
                 return 130
             raise
         if progress:
@@ -1235,15 +1251,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark accuracy and energy (intelligence per watt)",
                        description="Run a suite of questions with verifiable answers on models/policies and "
                        "report accuracy, joules, watts and IPW. Also: `bench list`, `bench compare RUN RUN`.")
-    b.add_argument("--suite", default="quick", help="built-in suite name, a JSONL file, or hf:gsm8k|hf:mmlu|hf:arc")
+    b.add_argument("--suite", help="built-in suite name, a JSONL file, or hf:gsm8k|hf:mmlu|hf:arc (default: quick)")
     b.add_argument("--models", help="comma-separated model ids or .gguf paths (default: the default model)")
     b.add_argument("--policies", help="comma-separated: direct (default: each model answers), small, large "
                    "(one tier), routed (the router picks per question), cascade (small first, large when unsure)")
     b.add_argument("--limit", type=_positive_int, help="at most N items of the suite")
-    b.add_argument("--max-tokens", type=_positive_int, default=128, help="answer length limit (default 128)")
-    b.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+    b.add_argument("--max-tokens", type=_positive_int, help="answer length limit (default 128)")
+    b.add_argument("--idle", type=float, metavar="SECONDS",
                    help="measure idle power this long first and also record idle-subtracted joules")
-    b.add_argument("--resume", type=int, metavar="RUN", help="continue an interrupted run")
+    b.add_argument("--resume", type=int, metavar="RUN",
+                   help="continue an interrupted run, as it was started (suite, models, policies, limit, length)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.add_argument("--report", metavar="FILE.html", help="also write an HTML report with an accuracy/energy plot")
     b.set_defaults(func=cmd_bench)

@@ -46,7 +46,9 @@ def test_bench_quick_suite_end_to_end(home, tmp_path):
     assert "<svg" in report.read_text() and "accuracy" in report.read_text()
 
 
-def test_interrupted_run_keeps_items_and_resumes(home, tmp_path):
+def test_interrupted_run_keeps_items_and_resumes(home, tmp_path, monkeypatch):
+    """Resumed from another directory, a run started on a relative suite path asks the rest as it was started (the
+    same answer length), and refuses flags that would ask them otherwise."""
     suite = tmp_path / "mine.jsonl"
     suite.write_text(
         '{"question": "What is 2 + 2? Answer with a number only.", "answer": "4"}\n'
@@ -59,34 +61,54 @@ def test_interrupted_run_keeps_items_and_resumes(home, tmp_path):
         if done == 2:
             raise KeyboardInterrupt
 
+    monkeypatch.chdir(tmp_path)
     with Recorder() as rec:
         started = {}
         with pytest.raises(KeyboardInterrupt):
-            bench.run(rec, suite=str(suite), max_tokens=16, progress=stop_after_two,
+            bench.run(rec, suite="mine.jsonl", max_tokens=16, progress=stop_after_two,
                       on_start=lambda run_id, s: started.update(run=run_id, errors=s.errors))
         run_id = started["run"]
         assert started["errors"] and "line 2" in started["errors"][0]
         assert rec.bench_run(run_id)["status"] == "interrupted"
         assert len(rec.done_bench_items(run_id)) == 2
 
-    r = run_cli("bench", "--resume", str(run_id), "--json", timeout=300)
+    refused = run_cli("bench", "--resume", str(run_id), "--max-tokens", "200", "--limit", "1", cwd="/")
+    assert refused.returncode == 2 and "drop --limit, --max-tokens" in refused.stderr, refused.stderr
+    r = run_cli("bench", "--resume", str(run_id), "--json", timeout=300, cwd="/")
     assert r.returncode == 0, r.stderr
     [res] = json.loads(r.stdout)["results"]
     assert res["n"] == 3
     assert "line 2" in r.stderr  # the malformed line is reported, not fatal
     conn = db(home)
     assert conn.execute("select status from bench_runs where id = ?", [run_id]).fetchone()[0] == "complete"
+    budgets = [row[0] for row in conn.execute("select completion_tokens from bench_items where run_id = ?", [run_id])]
+    assert len(budgets) == 3 and max(budgets) <= 16, budgets
 
     other = json.loads(run_cli("bench", "--suite", str(suite), "--json", "--max-tokens", "16", timeout=300).stdout)
     cmp = run_cli("bench", "compare", str(run_id), str(other["run_id"]))
     assert cmp.returncode == 0 and "smollm2-135m-instruct" in cmp.stdout and "→" in cmp.stdout
+    assert " pts)" in cmp.stdout and "not like for like" not in cmp.stderr, cmp.stdout + cmp.stderr
+    quick = json.loads(run_cli("bench", "--suite", "quick", "--limit", "1", "--max-tokens", "8", "--json",
+                               timeout=300).stdout)
+    unlike = run_cli("bench", "compare", str(run_id), str(quick["run_id"]))
+    assert unlike.returncode == 0 and "not like for like: the runs asked different suites" in unlike.stderr
+    assert "different numbers of questions (smollm2-135m-instruct/direct 3 → 1)" in unlike.stderr, unlike.stderr
     listed = json.loads(run_cli("bench", "list", "--json").stdout)
-    assert {x["id"] for x in listed} == {run_id, other["run_id"]}
+    assert {x["id"] for x in listed} == {run_id, other["run_id"], quick["run_id"]}
 
 
 def test_bench_bad_input(home, tmp_path):
     r = run_cli("bench", "--suite", "no-such-suite")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-suite" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no-such-suite" in r.stderr
+    r = run_cli("bench", "--suite", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+    r = run_cli("bench", "--idle", "-1")
+    assert r.returncode == 2 and "--idle must be 0 or more seconds" in r.stderr, r.stderr
+    # refused before any question is asked, not after the whole run
+    r = run_cli("bench", "--report", str(tmp_path / "no" / "such" / "r.html"), "--json")
+    assert r.returncode == 2 and "no folder" in r.stderr and json.loads(r.stdout)["status"] == "error", r.stderr
+    assert not (home / "localmoe.db").exists() or not sqlite3.connect(home / "localmoe.db").execute(
+        "select count(*) from bench_runs").fetchone()[0]
     r = run_cli("bench", "--policies", "sometimes")
     assert r.returncode == 2 and "unknown policy" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("bench", "compare", "998", "999")
@@ -249,3 +271,20 @@ def test_plot_labels_stay_inside_the_plot():
     assert end and x < 560  # right half: anchored at its end, left of the point
     x, end = placed["smollm2-135m-instruct · small"]
     assert not end and x < 280
+
+
+def test_a_model_named_twice_is_one_column_and_a_second_writer_is_told(home, smollm):
+    """By id and by path, one model: one column (its items were written twice and the run died on SQLite's
+    UNIQUE constraint). Two processes resuming one run: the second writer of an item gets one clear line."""
+    from localmoe.errors import LocalmoeError
+
+    plan = bench.targets(["smollm2-135m-instruct", str(smollm.path), "smollm2-135m-instruct"], ["direct"])
+    assert [(t.model.id, t.policy) for t in plan] == [("smollm2-135m-instruct", "direct")]
+    with Recorder() as rec:
+        run_id = rec.start_bench_run(suite="quick", source="builtin", models=[], policies=["direct"], item_limit=1,
+                                     hardware={}, fingerprint="x", meter="estimate", measured=False, version="t")
+        item = {"model": "m", "policy": "direct", "item_id": "q1", "correct": 1}
+        rec.add_bench_item(run_id, item)
+        with pytest.raises(LocalmoeError, match=f"^benchmark run {run_id} is being run by another process"):
+            rec.add_bench_item(run_id, item)
+        assert rec.done_bench_items(run_id) == {("m", "direct", "q1")}

@@ -4,10 +4,11 @@ accuracy-vs-energy plot (inline SVG, so it opens offline with nothing installed)
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import Any
 
-from localmoe.errors import LocalmoeError
+from localmoe.errors import LocalmoeError, UsageError
 
 COLUMNS = [("model", "model"), ("policy", "policy"), ("n", "n"), ("accuracy", "accuracy"),
            ("joules_per_query", "J/query"), ("avg_watts", "avg W"), ("ipw", "IPW (acc/W)"),
@@ -69,10 +70,21 @@ def _svg_plot(points: list[tuple[str, float, float]], width: int = 560, height: 
     return "\n".join(parts)
 
 
-def write_html(res: dict[str, Any], path: str | Path) -> None:
-    p = Path(path)
+def check_report_path(path: str | Path) -> Path:
+    """The report's path if it can be written there: checked before a run, so a typo does not wait for its end."""
+    p = Path(path).expanduser()
     if p.suffix.lower() not in (".html", ".htm"):
-        raise LocalmoeError(f"reports are written as HTML; use a .html name instead of {p.name}")
+        raise UsageError(f"reports are written as HTML; use a .html name instead of {p.name}")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write report {p}: no folder {folder}")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"cannot write report {p}: permission denied")
+    return p
+
+
+def write_html(res: dict[str, Any], path: str | Path) -> None:
+    p = check_report_path(path)
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(res))
     points = [(f"{r['model']}/{r['policy']}", r["joules_per_query"] or 0.0, r["accuracy"] or 0.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from localmoe import __version__
@@ -35,6 +36,7 @@ class Target:
 
 
 def targets(model_names: list[str], policies: list[str]) -> list[Target]:
+    """Each (model, policy) column once: a model named twice (by id and by path, say) is one column."""
     out: list[Target] = []
     for policy in policies:
         if policy not in POLICIES:
@@ -47,26 +49,34 @@ def targets(model_names: list[str], policies: list[str]) -> list[Target]:
             out += [Target(models.resolve(name), "direct") for name in names]
         else:
             out.append(Target(models.tier_model(policy), policy))
-    return out
+    unique: dict[tuple[str, str], Target] = {}
+    for t in out:
+        unique.setdefault((str(t.model.path.resolve()) if t.model.path else t.model.id, t.policy), t)
+    return list(unique.values())
+
+
+DEFAULT_MAX_TOKENS = 128
 
 
 def run(
     recorder: Recorder,
     *,
-    suite: str = "quick",
+    suite: str | None = None,
     model_names: list[str] | None = None,
     policies: list[str] | None = None,
     limit: int | None = None,
-    max_tokens: int = 128,
+    max_tokens: int | None = None,
     resume: int | None = None,
     meter: Any = None,
-    idle_seconds: float = 0.0,
+    idle_seconds: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     on_start: Callable[[int, suites.Suite], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> int:
     """Run (or resume) a benchmark and return its run id. Ctrl-C leaves the run `interrupted` and resumable, and so
-    does setting `cancel` (a UI's stop): the answer under way is stopped and not graded, as after Ctrl-C."""
+    does setting `cancel` (a UI's stop): the answer under way is stopped and not graded, as after Ctrl-C. A resumed
+    run asks the rest of its questions as it was started (suite, models, policies, limit, answer length, idle
+    measurement), whatever else is passed."""
     from localmoe.chat.assistant import Assistant, RoutedReply
     from localmoe.chat.session import Session
     from localmoe.placement import hardware
@@ -77,9 +87,20 @@ def run(
         if row is None:
             raise UsageError(f"no benchmark run {resume} (see `localmoe bench list`)")
         suite, limit = row["suite"], row["item_limit"]
+        if row["source"] and Path(row["source"]).is_absolute():
+            suite = row["source"]
         model_names, policies = row["models"], row["policies"]
+        max_tokens, idle_seconds = row.get("max_tokens"), row.get("idle_seconds")
+    suite = suite or "quick"
+    max_tokens = max_tokens or DEFAULT_MAX_TOKENS
+    idle_seconds = idle_seconds or 0.0
+    if idle_seconds < 0:
+        raise UsageError(f"--idle must be 0 or more seconds, not {idle_seconds:g}")
     policies = policies or ["direct"]
     loaded = suites.load_suite(suite, limit=limit)
+    source = loaded.source
+    if suite not in suites.builtin_suites() and not suite.startswith("hf:"):
+        source = str(Path(source).resolve())  # what a resume reads, from whatever directory it starts in
     plan = targets(model_names or [], policies)
     if meter is None:
         from localmoe.home import settings
@@ -90,9 +111,9 @@ def run(
     if resume is None:
         hw = hardware.detect(measure=False)
         run_id = recorder.start_bench_run(
-            suite=suite, source=loaded.source, models=model_names or [], policies=policies, item_limit=limit,
+            suite=suite, source=source, models=model_names or [], policies=policies, item_limit=limit,
             hardware=hw.to_dict(), fingerprint=hw.fingerprint, meter=meter.name, measured=meter.measured,
-            version=__version__,
+            version=__version__, max_tokens=max_tokens, idle_seconds=idle_seconds,
         )
     else:
         run_id = resume
@@ -183,7 +204,8 @@ def results(recorder: Recorder, run_id: int) -> dict[str, Any]:
         d["measured"] = bool(d["measured"])
         out.append(d)
     hw = row["hardware"]
-    return {"run_id": run_id, "suite": row["suite"], "status": row["status"], "started_at": row["started_at"],
+    return {"run_id": run_id, "suite": row["suite"], "source": row["source"], "status": row["status"],
+            "started_at": row["started_at"],
             "machine": f"{hw.get('cpu_model', '?')}, {hw.get('physical_cores', '?')} cores",
             "meter": row["meter"], "measured": row["measured"], "results": out}
 
@@ -204,7 +226,25 @@ def compare(recorder: Recorder, a: int, b: int) -> dict[str, Any]:
     rows += [{"model": r["model"], "policy": r["policy"], "a": None, "b": r, "delta": None}
              for r in index_b.values()]
     return {"a": {k: v for k, v in ra.items() if k != "results"},
-            "b": {k: v for k, v in rb.items() if k != "results"}, "rows": rows}
+            "b": {k: v for k, v in rb.items() if k != "results"}, "rows": rows, "notes": _unlike(ra, rb, rows)}
+
+
+def _unlike(ra: dict[str, Any], rb: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What makes two runs' figures other than like for like: their differences would measure that too."""
+    notes = []
+    def asked(r: dict[str, Any]) -> str:  # a file by its absolute path, however it was named
+        return r["source"] if r["source"] and Path(r["source"]).is_absolute() else r["suite"]
+
+    if asked(ra) != asked(rb):
+        notes.append(f"the runs asked different suites ({ra['suite']}, {rb['suite']})")
+    counts = [f"{r['model']}/{r['policy']} {r['a']['n']} → {r['b']['n']}" for r in rows
+              if r["a"] and r["b"] and r["a"]["n"] != r["b"]["n"]]
+    if counts:
+        notes.append(f"different numbers of questions ({', '.join(counts)})")
+    for side in ("meter", "machine"):
+        if ra[side] != rb[side]:
+            notes.append(f"different {side}s ({ra[side]}; {rb[side]})")
+    return notes
 
 
 def _delta(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, float] | None:

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localmoe.bench.scoring import LETTERS, normalize, parse_number
-from localmoe.errors import LocalmoeError
+from localmoe.errors import LocalmoeError, UsageError
 from localmoe.home import install, paths
 
 KINDS = ("numeric", "exact", "choice")
@@ -668,7 +668,7 @@ def load_suite(name_or_path: str, *, limit: int | None = None) -> Suite:
     `limit` keeps the first items; built-in mixes are ordered so that those still span categories and difficulties.
     """
     if limit is not None and limit < 1:
-        raise LocalmoeError(f"limit must be at least 1, not {limit}")
+        raise UsageError(f"limit must be at least 1, not {limit}")
     if name_or_path in builtin_suites():
         suite = _builtin(name_or_path)
     elif name_or_path.startswith("hf:"):
@@ -676,9 +676,9 @@ def load_suite(name_or_path: str, *, limit: int | None = None) -> Suite:
     else:
         path = Path(name_or_path).expanduser()
         if not path.exists() and (path.suffix.lower() in (".jsonl", ".json") or "/" in name_or_path):
-            raise LocalmoeError(f"suite file {path} does not exist")
+            raise UsageError(f"suite file {path} does not exist")
         if not path.exists():
-            raise LocalmoeError(
+            raise UsageError(
                 f"unknown suite {name_or_path!r}: built-in suites are {', '.join(builtin_suites())}; "
                 f"or give a path to a .jsonl file, or one of {', '.join(HF_NAMES)}"
             )

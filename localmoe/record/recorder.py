@@ -204,6 +204,14 @@ def m011_generation_dropped_exchanges(db: sqlite_utils.Database) -> None:
     db.execute("alter table generations add column dropped_exchanges integer not null default 0")
 
 
+@migration
+def m012_bench_run_settings(db: sqlite_utils.Database) -> None:
+    # what every answer of a run was given, so `bench --resume` asks the rest the same way (it used its own flags'
+    # defaults: one run mixed 24- and 128-token answers); NULL for runs before this (the defaults then: 128, 0)
+    db.execute("alter table bench_runs add column max_tokens integer")
+    db.execute("alter table bench_runs add column idle_seconds real")
+
+
 def fts_query(text: str) -> str:
     """What a person types, as an FTS5 query: every word must occur, each as a prefix (search as you type), and
     no character of theirs is FTS5 syntax (quotes, `-`, `:`, `*`, AND/OR/NOT are words here)."""
@@ -827,6 +835,8 @@ class Recorder:
         meter: str,
         measured: bool,
         version: str,
+        max_tokens: int | None = None,
+        idle_seconds: float | None = None,
     ) -> int:
         """A new run, status `running`; returns its id."""
         with self._write():
@@ -834,7 +844,7 @@ class Recorder:
                 "suite": suite, "source": source, "models": json.dumps(models), "policies": json.dumps(policies),
                 "item_limit": item_limit, "hardware": json.dumps(hardware), "fingerprint": fingerprint,
                 "meter": meter, "measured": int(measured), "status": "running", "started_at": now(),
-                "localmoe_version": version,
+                "localmoe_version": version, "max_tokens": max_tokens, "idle_seconds": idle_seconds,
             })
 
     def bench_run(self, run_id: int) -> dict[str, Any] | None:
@@ -864,6 +874,13 @@ class Recorder:
         if unknown:
             raise ValueError(f"unknown benchmark item fields: {', '.join(sorted(unknown))}")
         with self._write():
+            key = [run_id, item["model"], item["policy"], item["item_id"]]
+            if self._db.execute("select 1 from bench_items where run_id = ? and model = ? and policy = ? and "
+                                "item_id = ?", key).fetchone():
+                # only another process writing the same run gets here: this one skipped what was done when it began
+                raise LocalmoeError(f"benchmark run {run_id} is being run by another process as well (item "
+                                    f"{item['item_id']} of {item['model']}/{item['policy']} is already recorded); "
+                                    "let one finish")
             self._insert("bench_items", {"run_id": run_id, **item, "created_at": now()})
 
     def done_bench_items(self, run_id: int) -> set[tuple[str, str, str]]:
