@@ -288,3 +288,30 @@ def test_a_model_named_twice_is_one_column_and_a_second_writer_is_told(home, smo
         with pytest.raises(LocalmoeError, match=f"^benchmark run {run_id} is being run by another process"):
             rec.add_bench_item(run_id, item)
         assert rec.done_bench_items(run_id) == {("m", "direct", "q1")}
+
+
+def test_ctrl_c_under_json_prints_what_was_finished(home):
+    """A script reading `bench --json` gets the finished items, marked interrupted, after Ctrl-C (it got nothing)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "localmoe", "bench", "--suite", "mixed", "--limit", "30",
+                             "--max-tokens", "16", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "LOCALMOE_HOME": str(home)})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            if sqlite3.connect(home / "localmoe.db").execute("select count(*) from bench_items").fetchone()[0] >= 2:
+                break
+        except sqlite3.OperationalError:
+            continue  # not made yet
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    res = json.loads(out)
+    assert res["status"] == "interrupted" and 2 <= res["results"][0]["n"] < 30, res
+    assert f"bench --resume {res['run_id']}" in err
