@@ -99,3 +99,19 @@ def test_logs_q_finds_an_old_answer_from_the_cli(home):
     assert r.returncode == 0 and "[parrot]" in r.stdout and f"conversation {cid}" in r.stdout
     r = run_cli("logs", "-q", "--", "-*-")
     assert r.returncode == 2 and r.stderr.startswith("localmoe: error:") and "Traceback" not in r.stderr
+
+
+def test_a_word_inside_unspaced_text_is_found(home):
+    """Japanese and Chinese are written without spaces: the index held "日本の首都はどこですか" as one token, so
+    searching 首都 found nothing. Such a query is matched as substrings, in `logs -q` and F2's search alike."""
+    with Recorder() as rec:
+        ja = exchange(rec, "日本の首都はどこですか？", "東京です。Tokyo is the capital.")
+        en = exchange(rec, "What is the capital of France?", "Paris.")
+        assert [(r["conversation_id"], r["snippet"]) for r in rec.search_messages("首都")] == [
+            (ja, "日本の[首都]はどこですか？")]
+        assert [r["snippet"] for r in rec.search_messages("東京 tokyo")] == ["[東京]です。[Tokyo] is the capital."]
+        assert rec.search_messages("首都 Paris") == []  # every word must occur in the message
+        assert [c["id"] for c in rec.conversation_list("首都")] == [ja]
+        assert {c["id"] for c in rec.conversation_list("capital")} == {ja, en}  # spaced words: the index
+    r = run_cli("logs", "-q", "首都")
+    assert r.returncode == 0 and "[首都]" in r.stdout, r.stdout + r.stderr

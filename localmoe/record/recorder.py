@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import sys
@@ -210,6 +211,36 @@ def m012_bench_run_settings(db: sqlite_utils.Database) -> None:
     # defaults: one run mixed 24- and 128-token answers); NULL for runs before this (the defaults then: 128, 0)
     db.execute("alter table bench_runs add column max_tokens integer")
     db.execute("alter table bench_runs add column idle_seconds real")
+
+
+def _unspaced(ch: str) -> bool:
+    """A character of a script written without spaces between words (CJK, kana, Thai...): the FTS index holds a
+    whole run of them as one token, so a word inside it cannot be found there."""
+    o = ord(ch)
+    return (0x2E80 <= o <= 0x9FFF or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF or 0x0E00 <= o <= 0x0EFF
+            or 0x20000 <= o <= 0x3FFFF)
+
+
+def substring_words(text: str) -> list[str] | None:
+    """The query's words when it has any character of an unspaced script (searched as substrings instead of
+    index tokens), else None."""
+    words = [w for w in "".join(c if c.isalnum() else " " for c in text).split() if w]
+    return words if any(_unspaced(c) for w in words for c in w) else None
+
+
+def _like(word: str) -> str:
+    return "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _substring_snippet(content: str, words: list[str], width: int = 30) -> str:
+    """A stretch of `content` around its first match, each word in [brackets], as FTS5's snippet() shows them."""
+    low = content.lower()
+    at = min((i for i in (low.find(w.lower()) for w in words) if i >= 0), default=0)
+    start, end = max(0, at - width), min(len(content), at + width * 2)
+    piece = content[start:end]
+    for w in words:
+        piece = re.sub(re.escape(w), lambda m: f"[{m.group(0)}]", piece, flags=re.IGNORECASE)
+    return ("…" if start else "") + piece + ("…" if end < len(content) else "")
 
 
 def fts_query(text: str) -> str:
@@ -664,6 +695,10 @@ class Recorder:
         only those with a message matching it (see `search_messages`), each with `snippet`, its best match."""
         params: list[Any] = []
         match = ""
+        if query is not None and substring_words(query) is not None:
+            rows = self.conversation_list(None, limit=1_000_000)
+            hits = {r["conversation_id"]: r["snippet"] for r in reversed(self.search_messages(query, 1_000_000))}
+            return [{**r, "snippet": hits[r["id"]]} for r in rows if r["id"] in hits][:limit]
         if query is not None:
             q = fts_query(query)
             if not q:
@@ -687,6 +722,13 @@ class Recorder:
     def search_messages(self, query: str, limit: int = 50) -> list[dict[str, Any]]:
         """Messages of chat conversations matching `query` (every word, each as a prefix), best first: message_id,
         conversation_id, title, role, content, created_at, and `snippet` with the matches in [brackets]."""
+        if (words := substring_words(query)) is not None:
+            rows = self._rows(
+                "select m.id as message_id, m.conversation_id, c.title, m.role, m.content, m.created_at "
+                "from messages m join conversations c on c.id = m.conversation_id and c.kind = 'chat' where "
+                + " and ".join(["m.content like ? escape '\\'"] * len(words))
+                + " order by m.id desc limit ?", [*map(_like, words), limit])
+            return [{**r, "snippet": _substring_snippet(r["content"], words)} for r in rows]
         q = fts_query(query)
         if not q:
             return []
