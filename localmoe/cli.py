@@ -848,7 +848,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_json(res)
         return 0
     print(f"run {run_id}: suite {res['suite']}, {res['machine']}")
-    print(_table(report.table_rows(res), [label.upper() for _, label in report.COLUMNS]))
+    print(_table(report.table_rows(res), [label.upper() for _, label in report.columns(res)]))
     print(report.energy_note(res))
     if args.report:
         print(f"report written to {args.report}")

@@ -187,6 +187,15 @@ def test_bench_idle_records_net_joules_below_the_gross(home):
         assert row["net_joules"] is not None and 0 <= row["net_joules"] <= row["joules"]
         assert row["net_joules"] == pytest.approx(max(0.0, row["joules"] - row["idle_watts"] * row["seconds"]))
         assert row["net_joules"] < row["joules"]  # an idle baseline over a real interval always subtracts
+    # the results show them: per item as stored, per query in the JSON and the table (they were stored only)
+    [res] = json.loads(r.stdout)["results"]
+    items = [dict(x) for x in db(home).execute("select net_joules, seconds, joules from bench_items where run_id = ?",
+                                               [run_id])]
+    assert all(i["net_joules"] == pytest.approx(max(0.0, i["joules"] - idle * i["seconds"])) for i in items)
+    assert res["net_joules_per_query"] == pytest.approx(sum(i["net_joules"] for i in items) / 2)
+    assert 0 < res["net_joules_per_query"] < res["joules_per_query"]
+    table = run_cli("bench", "--resume", str(run_id))
+    assert table.returncode == 0 and "NET J/QUERY" in table.stdout, table.stdout + table.stderr
 
 
 def test_routed_policy_with_a_large_tier_sends_exactly_the_hard_question_to_it(home, tmp_path, tiny_moe):

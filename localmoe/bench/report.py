@@ -20,15 +20,24 @@ def fmt(key: str, value: Any) -> str:
         return "-"
     if key == "accuracy":
         return f"{value:.1%}"
-    if key in ("ipw", "accuracy_per_joule"):
+    if key in ("ipw", "accuracy_per_joule", "net_accuracy_per_joule"):
         return f"{value:.4f}"
     if isinstance(value, float):
         return f"{value:.2f}"
     return str(value)
 
 
+NET_COLUMNS = [("net_joules_per_query", "net J/query"), ("net_accuracy_per_joule", "net acc/J")]
+
+
+def columns(res: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's columns: with the idle-subtracted figures when the run measured idle power (`bench --idle`)."""
+    net = any("net_joules_per_query" in r for r in res["results"])
+    return COLUMNS + NET_COLUMNS if net else COLUMNS
+
+
 def table_rows(res: dict[str, Any]) -> list[list[str]]:
-    return [[fmt(k, r.get(k)) for k, _ in COLUMNS] for r in res["results"]]
+    return [[fmt(k, r.get(k)) for k, _ in columns(res)] for r in res["results"]]
 
 
 def energy_note(res: dict[str, Any]) -> str:
@@ -85,7 +94,7 @@ def check_report_path(path: str | Path) -> Path:
 
 def write_html(res: dict[str, Any], path: str | Path) -> None:
     p = check_report_path(path)
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns(res))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(res))
     points = [(f"{r['model']}/{r['policy']}", r["joules_per_query"] or 0.0, r["accuracy"] or 0.0)
               for r in res["results"]]

@@ -174,6 +174,8 @@ def run(
                         "tier": tier, "message_id": final.message_id,
                         # an escalated cascade answer costs both answers
                         "joules": joules,
+                        "net_joules": max(0.0, joules - idle * seconds) if idle is not None and joules is not None
+                        else None,
                         "avg_watts": joules / seconds if joules is not None and seconds > 0 else None,
                         "seconds": seconds,
                         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
@@ -198,10 +200,15 @@ def results(recorder: Recorder, run_id: int) -> dict[str, Any]:
     if row is None:
         raise UsageError(f"no benchmark run {run_id} (see `localmoe bench list`)")
     rows = recorder.bench_results(run_id)
+    net = recorder.bench_net_joules(run_id)
     out = []
     for r in rows:
         d = {k: r[k] for k in RESULT_KEYS}
         d["measured"] = bool(d["measured"])
+        if (n_net := net.get((r["model"], r["policy"]))) is not None and n_net[0] == r["n"]:
+            # every item measured against idle (a run resumed without --idle would mix): what answering added
+            d["net_joules_per_query"] = n_net[1] / r["n"]
+            d["net_accuracy_per_joule"] = r["accuracy"] / d["net_joules_per_query"] if n_net[1] > 0 else None
         out.append(d)
     hw = row["hardware"]
     return {"run_id": run_id, "suite": row["suite"], "source": row["source"], "status": row["status"],

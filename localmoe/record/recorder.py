@@ -211,6 +211,8 @@ def m012_bench_run_settings(db: sqlite_utils.Database) -> None:
     # defaults: one run mixed 24- and 128-token answers); NULL for runs before this (the defaults then: 128, 0)
     db.execute("alter table bench_runs add column max_tokens integer")
     db.execute("alter table bench_runs add column idle_seconds real")
+    # with --idle: the item's joules less the idle power over its seconds (what answering added), else NULL
+    db.execute("alter table bench_items add column net_joules real")
 
 
 def _unspaced(ch: str) -> bool:
@@ -438,7 +440,7 @@ MEMORY = ":memory:"
 BENCH_ITEM_FIELDS = frozenset({
     "model", "policy", "item_id", "question", "expected", "kind", "category", "difficulty", "output", "extracted",
     "correct", "method", "tier", "message_id", "joules", "avg_watts", "seconds", "prompt_tokens",
-    "completion_tokens", "ttft_s", "tokens_per_s", "prompt_eval_tokens",
+    "completion_tokens", "ttft_s", "tokens_per_s", "prompt_eval_tokens", "net_joules",
 })
 
 
@@ -924,6 +926,12 @@ class Recorder:
                                     f"{item['item_id']} of {item['model']}/{item['policy']} is already recorded); "
                                     "let one finish")
             self._insert("bench_items", {"run_id": run_id, **item, "created_at": now()})
+
+    def bench_net_joules(self, run_id: int) -> dict[tuple[str, str], tuple[int, float]]:
+        """Per (model, policy) of a run: how many items have idle-subtracted joules, and their sum."""
+        rows = self._rows("select model, policy, count(net_joules) as n, sum(net_joules) as net from bench_items "
+                          "where run_id = ? group by model, policy", [run_id])
+        return {(r["model"], r["policy"]): (r["n"], r["net"] or 0.0) for r in rows}
 
     def done_bench_items(self, run_id: int) -> set[tuple[str, str, str]]:
         """(model, policy, item_id) of every item the run already has."""
