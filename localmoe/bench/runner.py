@@ -90,7 +90,9 @@ def run(
         if row["source"] and Path(row["source"]).is_absolute():
             suite = row["source"]
         model_names, policies = row["models"], row["policies"]
-        max_tokens, idle_seconds = row.get("max_tokens"), row.get("idle_seconds")
+        # a run recorded before these were stored keeps what the caller asks (calibrate's own length)
+        max_tokens = row.get("max_tokens") or max_tokens
+        idle_seconds = row["idle_seconds"] if row.get("idle_seconds") is not None else idle_seconds
     suite = suite or "quick"
     max_tokens = max_tokens or DEFAULT_MAX_TOKENS
     idle_seconds = idle_seconds or 0.0
