@@ -1071,7 +1071,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from localmoe.server.app import serve
 
     return serve(host=args.host, port=args.port, api_key_env=args.api_key_env, queue=args.queue,
-                 strategy=args.strategy, preference=args.preference)
+                 strategy=args.strategy, preference=args.preference, cors_origins=args.cors_origins)
 
 
 def _queue_size(text: str) -> int:
@@ -1317,6 +1317,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--strategy", choices=STRATEGIES, help="router strategy for "
                     "localmoe/auto")
     sv.add_argument("--preference", help="quality | balanced | energy, or a threshold in (0, 1)")
+    sv.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
+                    help="also let web pages from ORIGIN (scheme://host[:port], or * for any) call the API; pages "
+                    "on this machine (localhost, 127.0.0.1, [::1]) may by default; repeatable")
     sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("chat", help="start the chat UI (the default)", description="Start the terminal chat UI.")

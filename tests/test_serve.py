@@ -32,6 +32,8 @@ QUESTION = "What is the capital of France?"
 class Server:
     def __init__(self, url: str, home: Path, proc: subprocess.Popen) -> None:
         self.url, self.home, self.proc = url, home, proc
+        self.host, port = url.split("//")[1].split("/")[0].split(":")
+        self.port = int(port)
 
     def client(self, **kw: Any) -> OpenAI:
         return OpenAI(base_url=self.url, api_key=kw.pop("api_key", KEY), max_retries=kw.pop("max_retries", 0), **kw)
@@ -55,6 +57,16 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
+    def raw(self, method: str, path: str, headers: dict[str, str],
+            body: dict | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """(status, headers, body) of one request sent as a browser would (its own headers, no key unless given)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
 
     def declare_huge_body(self) -> tuple[int, Any]:
         """Headers announcing a 9 MiB body, then nothing: the server must refuse it without reading it."""
@@ -78,15 +90,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("serve-home")
+def spawn(home: Path, *args: str, python: str | None = None) -> Server:
+    """A `localmoe serve --api-key-env` process on a free port, its data in `home`, its output in home/server.log,
+    once it answers /health. `python`: code to run instead of the command (`{port}` in it is the port), for what
+    `serve()` takes and the command line does not."""
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    argv = (["-c", python.format(port=port)] if python is not None else
+            ["-m", "localmoe", "serve", "--port", str(port), "--api-key-env", KEY_ENV, *args])
     env = {**os.environ, "LOCALMOE_HOME": str(home), KEY_ENV: KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "localmoe", "serve", "--port", str(port), "--queue", str(QUEUE),
-                             "--api-key-env", KEY_ENV], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -99,15 +113,29 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             proc.kill()
             pytest.fail(f"the server did not start: {(home / 'server.log').read_text()}")
         time.sleep(0.1)
-    yield Server(url, home, proc)
-    proc.send_signal(signal.SIGTERM)  # a graceful stop: uvicorn finishes, the models close, exit 0
+    return Server(f"http://127.0.0.1:{port}/v1", home, proc)
+
+
+def stop(server: Server, sig: int | None = signal.SIGTERM) -> str:
+    """Stop the server as a user does (SIGTERM, or SIGINT: Ctrl-C; None: it was sent already); it must exit 0.
+    Returns what it printed."""
+    if sig is not None:
+        server.proc.send_signal(sig)
     try:
-        code = proc.wait(timeout=30)
+        code = server.proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    assert code == 0, (home / "server.log").read_text()
+        if server.proc.poll() is None:
+            server.proc.kill()
+    log = (server.home / "server.log").read_text()
+    assert code == 0, log
+    return log
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    s = spawn(tmp_path_factory.mktemp("serve-home"), "--queue", str(QUEUE))
+    yield s
+    stop(s)  # a graceful stop: uvicorn finishes, the models close, exit 0
 
 
 def stream_answer(client: OpenAI, **kw: Any) -> tuple[str, Any, Any]:
@@ -399,3 +427,261 @@ def test_beyond_loopback_with_a_key(tmp_path):
         proc.send_signal(signal.SIGINT)  # Ctrl-C: a normal stop
         assert proc.wait(timeout=30) == 0
     assert "key required" in proc.stderr.read()
+
+
+def read_events(resp: http.client.HTTPResponse, until: Any = None) -> list[Any]:
+    """The `data:` payloads of a server-sent event stream (JSON, or the string `[DONE]`), up to the one for which
+    `until(events so far)` is true, or to the end of the stream."""
+    events: list[Any] = []
+    while True:
+        line = resp.readline()
+        if not line:
+            return events
+        line = line.decode().strip()
+        if line.startswith("data:"):
+            payload = line[5:].strip()
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+            if until is not None and until(events):
+                return events
+
+
+def texts(events: list[Any]) -> int:
+    """How many of `events` carry answer text."""
+    return sum(1 for e in events if isinstance(e, dict) and e.get("choices")
+               and e["choices"][0]["delta"].get("content"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_the_server_mid_stream_tells_the_clients_and_records_each_request_once(tmp_path, sig):
+    server = spawn(tmp_path / "home")
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "model": "smollm2-135m-instruct", "max_tokens": 1000, "temperature": 0.8, "seed": 7, "stream": True,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]}),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = read_events(resp, until=lambda ev: texts(ev) >= 3)
+    # a second request waits for the model behind the stream
+    queued: dict[str, Any] = {}
+
+    def wait_in_queue() -> None:
+        queued["status"], queued["body"] = server.post(
+            {"model": "smollm2-135m-instruct", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+
+    waiting = threading.Thread(target=wait_in_queue)
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while json.loads(urllib.request.urlopen(f"http://{server.host}:{server.port}/health").read())[
+            "queue"]["waiting"] < 1:
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.02)
+
+    t0 = time.monotonic()
+    server.proc.send_signal(sig)
+    events += read_events(resp)  # the rest of the stream, to its end
+    assert time.monotonic() - t0 < 3  # stopped at once, not after the answer or uvicorn's 5 s of grace
+    conn.close()
+    waiting.join(timeout=30)
+    log = stop(server, None)
+    for trace in ("Traceback", "CancelledError", "Event loop is closed", "ERROR"):
+        assert trace not in log, log
+    # the stream ends with OpenAI's error shape, not [DONE] or a cut connection
+    assert events[-1]["error"]["code"] == "server_shutting_down" and "[DONE]" not in events, events[-3:]
+    assert events[-1]["error"]["type"] == "server_error"
+    assert queued["status"] == 503 and queued["body"]["error"]["code"] == "server_shutting_down"
+    rows = server.rows("select r.stream, r.http_status, r.error, m.status, g.completion_tokens from api_requests r "
+                       "left join messages m on m.id = r.message_id left join generations g on g.message_id = m.id "
+                       "order by r.id")
+    assert len(rows) == 2, rows  # one row a request: not "client disconnected" and "internal error" too
+    streamed, waited = sorted(rows, key=lambda r: -r["stream"])
+    assert streamed["http_status"] == 200 and streamed["status"] == "cancelled"
+    assert streamed["error"].startswith("the server is shutting down: the answer was stopped")
+    assert 3 <= streamed["completion_tokens"] < 100
+    assert waited["http_status"] == 503 and waited["status"] is None
+    assert waited["error"].startswith("the server is shutting down: the request was not answered")
+
+
+def test_the_clients_system_message_and_earlier_turns_are_recorded(server):
+    messages = [{"role": "system", "content": "You are a pirate. Answer in one short sentence."},
+                {"role": "user", "content": "My name is Zed."},
+                {"role": "assistant", "content": "Nice to meet you Zed."},
+                {"role": "user", "content": "What is my name?"}]
+    answer = server.client().chat.completions.create(model="localmoe/auto", max_tokens=8, temperature=0,
+                                                     messages=messages)
+    ext = answer.model_extra["localmoe"]
+    rows = server.rows("select id, role, content, reply_to, status from messages where conversation_id = ? "
+                       "order by id", (ext["conversation_id"],))
+    # the conversation as the model read it, then its answer
+    assert [(r["role"], r["content"]) for r in rows] == [(m["role"], m["content"]) for m in messages] + [
+        ("assistant", answer.choices[0].message.content)]
+    assert rows[-1]["id"] == ext["message_id"] and rows[-1]["reply_to"] == rows[3]["id"]
+    assert rows[2]["reply_to"] == rows[1]["id"] and all(r["status"] == "complete" for r in rows)
+    # the model read the client's system message (above), so no model default is stored beside the answer
+    assert server.rows("select system_prompt from generations where message_id = ?",
+                       (ext["message_id"],)) == [{"system_prompt": None}]
+    # a conversation of the server's: its request row ties it to the client
+    [req] = server.rows("select r.model, r.client from api_requests r join messages m on m.id = r.message_id "
+                        "where m.conversation_id = ?", (ext["conversation_id"],))
+    assert req["model"] == "localmoe/auto" and req["client"].startswith("127.0.0.1:")
+    r = run_cli("logs", "-q", "Zed", "--json", home=server.home)
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    assert {(f["conversation_id"], f["role"]) for f in found} >= {(ext["conversation_id"], "user"),
+                                                                 (ext["conversation_id"], "assistant")}
+    r = run_cli("logs", "-q", "pirate", "--json", home=server.home)
+    assert [(f["conversation_id"], f["role"]) for f in json.loads(r.stdout)] == [(ext["conversation_id"], "system")]
+
+
+def test_llama_cpp_sampling_fields_are_applied_checked_or_refused(server):
+    client = server.client()
+    ask = {"model": "smollm2-135m-instruct", "max_tokens": 24, "messages": [{"role": "user", "content": QUESTION}]}
+    greedy = client.chat.completions.create(temperature=0, **ask)
+    # top_k 1 keeps only the likeliest token: a hot temperature and any seed then give the greedy answer
+    for seed in (1, 2):
+        one = client.chat.completions.create(temperature=1.5, seed=seed, extra_body={"top_k": 1}, **ask)
+        assert one.choices[0].message.content == greedy.choices[0].message.content
+    sampled = client.chat.completions.create(
+        temperature=0.7, extra_body={"top_k": 20, "min_p": 0.05, "repeat_penalty": 1.3}, **ask)
+    sampling = sampled.model_extra["localmoe"]["sampling"]
+    assert (sampling["top_k"], sampling["min_p"], sampling["repeat_penalty"]) == (20, 0.05, 1.3)
+    streamed = stream_answer(client, temperature=0.7, extra_body={"top_k": 20, "min_p": 0.05, "repeat_penalty": 1.3},
+                             **ask)[2]["sampling"]
+    assert streamed == sampling
+
+    def refused(field: str, value: Any, words: str) -> None:
+        status, body = server.post({**ask, field: value})
+        assert status == 400, body
+        assert body["error"]["param"] == field and body["error"]["type"] == "invalid_request_error", body
+        assert words in body["error"]["message"], body
+
+    for field, value, words in (("top_k", -1, "at least 0"), ("top_k", 2.5, "an integer"),
+                                ("min_p", 1.5, "at most 1"), ("min_p", "0.1", "a number"),
+                                ("repeat_penalty", 0, "above 0"), ("repeat_penalty", 11, "at most 10"),
+                                ("mirostat", 2, "not supported"), ("typical_p", 0.5, "not supported"),
+                                ("grammar", 'root ::= "yes"', "not supported"),
+                                ("repeat_last_n", 128, "not supported"), ("n_predict", 50, "max_tokens")):
+        refused(field, value, words)
+    # what llama.cpp's web UI sends on every request, its values neutral: answered
+    status, body = server.post({**ask, "max_tokens": 2, "cache_prompt": True, "samplers": "edkypmxt",
+                                "mirostat": 0, "typical_p": 1.0, "xtc_probability": 0, "dry_multiplier": 0,
+                                "dynatemp_range": 0, "repeat_last_n": 64, "timings_per_token": False})
+    assert status == 200, body
+    refusals = server.rows("select error from api_requests where http_status = 400 order by id desc limit 11")
+    assert len({r["error"] for r in refusals}) == 11
+
+
+def test_browser_front_ends_on_this_machine_may_call_it_others_may_not(server):
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    body = {"model": "smollm2-135m-instruct", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    for origin in ("http://localhost:3000", "http://127.0.0.1:5173", "https://[::1]:8443", "http://localhost"):
+        status, headers, _ = server.raw("OPTIONS", "/v1/chat/completions", {"Origin": origin, **preflight})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == origin
+        assert "POST" in headers["Access-Control-Allow-Methods"]
+        assert "authorization" in headers["Access-Control-Allow-Headers"].lower()
+        status, headers, data = server.raw("POST", "/v1/chat/completions", {
+            "Origin": origin, "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}, body)
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == origin
+        assert json.loads(data)["choices"][0]["message"]["content"]
+    status, headers, _ = server.raw("GET", "/v1/models", {"Origin": "http://localhost:3000",
+                                                          "Authorization": f"Bearer {KEY}"})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    # errors too, so a page can show them; Retry-After readable for its retries
+    status, headers, _ = server.raw("POST", "/v1/chat/completions", {"Origin": "http://localhost:3000",
+                                                                     "Content-Type": "application/json"}, body)
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "retry-after" in headers["Access-Control-Expose-Headers"].lower()
+    for origin in ("https://evil.example", "http://localhost.evil.example", "http://127.0.0.1.evil.example:80",
+                   "null"):
+        status, headers, _ = server.raw("OPTIONS", "/v1/chat/completions", {"Origin": origin, **preflight})
+        assert status == 400 and "Access-Control-Allow-Origin" not in headers, origin
+        status, headers, data = server.raw("GET", "/v1/models", {"Origin": origin,
+                                                                 "Authorization": f"Bearer {KEY}"})
+        assert status == 403 and "Access-Control-Allow-Origin" not in headers, origin
+        assert json.loads(data)["error"]["code"] == "origin_not_allowed"
+        # the POST a page may send without asking first (text/plain) is refused too: no answer is made for it
+        status, _, data = server.raw("POST", "/v1/chat/completions", {
+            "Origin": origin, "Content-Type": "text/plain", "Authorization": f"Bearer {KEY}"}, body)
+        assert status == 403 and "--cors-origin" in json.loads(data)["error"]["message"], origin
+
+
+def test_an_origin_the_user_names_may_call_it_too(tmp_path):
+    server = spawn(tmp_path / "home", python=(
+        "import sys; from localmoe.server.app import serve; sys.exit(serve(port={port}, api_key_env="
+        f"{KEY_ENV!r}, cors_origins=['https://chat.example.com']))"))
+    try:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        for origin, allowed in (("https://chat.example.com", True), ("http://localhost:8080", True),
+                                ("https://other.example.com", False)):
+            status, headers, _ = server.raw("OPTIONS", "/v1/chat/completions", {"Origin": origin, **preflight})
+            assert (status, headers.get("Access-Control-Allow-Origin")) == ((200, origin) if allowed else (400, None))
+        answer = server.client().chat.completions.create(
+            model="smollm2-135m-instruct", max_tokens=2, messages=[{"role": "user", "content": "Hi"}],
+            extra_headers={"Origin": "https://chat.example.com"})
+        assert answer.choices[0].message.content
+    finally:
+        stop(server)
+    from localmoe.errors import UsageError
+    from localmoe.server.app import cors_origin
+
+    assert cors_origin("https://chat.example.com:8443") == "https://chat.example.com:8443" and cors_origin("*") == "*"
+    r = run_cli("serve", "--port", "0", "--cors-origin", "chat.example.com", home=tmp_path / "home")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "scheme://host" in r.stderr, r.stderr
+    for wrong in ("chat.example.com", "https://chat.example.com/", "https://chat.example.com/app"):
+        with pytest.raises(UsageError, match="scheme://host"):
+            cors_origin(wrong)
+
+
+def test_a_model_that_does_not_let_go_still_ends_the_stream_before_uvicorn_gives_up(caplog):
+    """A unit test (the real-model stop is above): a generation stuck where it cannot see the stop (a long prefill)
+    must not leave its client to uvicorn's cancellation, which cuts the connection and prints tracebacks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from localmoe.server.app import STOP_GRACE_S, Api, _uvicorn_server, listen
+
+    release = threading.Event()
+    recorded: list[str] = []
+
+    class StuckBackend:
+        thread = ThreadPoolExecutor(max_workers=1)
+
+        def model_ids(self) -> list[str]:
+            return ["stuck"]
+
+        def generate(self, job: Any) -> None:
+            job.emit("start", "stuck")
+            job.emit_piece("Once")
+            release.wait(30)  # blind to job.cancel
+            recorded.append("stopped" if job.stopped else "not stopped")
+
+    api = Api(StuckBackend())  # type: ignore[arg-type]
+    sock = listen("127.0.0.1", 0)
+    server = _uvicorn_server(uvicorn.Config(api.app(), log_level="warning", lifespan="off",
+                                            timeout_graceful_shutdown=5), api.stop)
+    serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    serving.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "stuck", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}))
+        resp = conn.getresponse()
+        events = read_events(resp, until=lambda ev: texts(ev) >= 1)
+        t0 = time.monotonic()
+        server.should_exit = True
+        events += read_events(resp)
+        waited = time.monotonic() - t0
+        serving.join(timeout=10)
+        assert not serving.is_alive()
+    finally:
+        release.set()
+        StuckBackend.thread.shutdown(wait=True)
+        sock.close()
+    assert STOP_GRACE_S <= waited < 5
+    assert events[-1]["error"]["code"] == "server_shutting_down"
+    assert recorded == ["stopped"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -25,18 +26,21 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from localmoe.chat.assistant import Assistant
+from localmoe.chat.session import checked_prompt
 from localmoe.engine import GenerationConfig
 from localmoe.errors import LocalmoeError, PromptTooLong, UsageError
 from localmoe.home import models
@@ -59,12 +63,30 @@ MAX_BODY_BYTES = 8 * 2**20  # a prompt is capped at 200,000 characters; this lea
 POLL_S = 0.2  # how often a request waiting for the model checks whether its client is still there
 FLUSH_S = 0.02  # how often streamed text is sent: about two tokens an event at 100 tokens/s, unnoticeable to a reader
 CLOSED = 499  # recorded (never sent) for a client that left before its answer began: nginx's "client closed request"
+GRACEFUL_S = 5  # how long a stopping server waits for the responses in flight
+# An answer still making its first token when the server stops (a long prompt's prefill) is told so after this, so
+# its client hears why before uvicorn gives up waiting and cuts the connection
+STOP_GRACE_S = 3.0
+# Browser front ends served from this machine (a dev server on any port) may call the API, as Ollama allows; a web
+# page from anywhere else may not read its answers unless the user names its origin
+LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?"
 
 T = TypeVar("T")
 
 
 class ClientGone(Exception):
     pass
+
+
+class ServerStopping(Exception):
+    pass
+
+
+def stopping_error(begun: bool) -> ApiError:
+    """What a request the server's shutdown cut short is told (and recorded with)."""
+    what = "the answer was stopped" if begun else "the request was not answered"
+    return ApiError(503, f"the server is shutting down: {what}; send it again once the server is back",
+                    type="server_error", code="server_shutting_down")
 
 
 class Lane:
@@ -92,8 +114,10 @@ class Lane:
             self.count -= 1
             raise
 
-    def release(self, seconds: float) -> None:
-        self.mean_s = seconds if self.mean_s is None else 0.8 * self.mean_s + 0.2 * seconds
+    def release(self, seconds: float | None) -> None:
+        """`seconds`: how long the answer took (None: no answer was made, the pace is unchanged)."""
+        if seconds is not None:
+            self.mean_s = seconds if self.mean_s is None else 0.8 * self.mean_s + 0.2 * seconds
         self.count -= 1
         self._lock.release()
 
@@ -109,7 +133,7 @@ class Lane:
         return max(0.1, (self.mean_s or 1.0) * ahead)
 
 
-@dataclass
+@dataclass(eq=False)  # compared, and kept in a set, by identity
 class Job:
     """One request on its way through the generation thread; events come back on `queue` in the loop's thread."""
 
@@ -123,9 +147,17 @@ class Job:
     # for every token would take CPU time and the GIL from the decode, which needs every core.
     pieces: deque[str] = field(default_factory=deque)
     begun: bool = False
+    stopped: bool = False  # cancelled by the server's shutdown, not by its client
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn` on the event loop; nothing when the loop has closed (the server has stopped: no one is left)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
 
     def emit(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        self.call(self.queue.put_nowait, (kind, value))
 
     def emit_piece(self, piece: str) -> None:
         """Queue streamed text; only the first piece wakes the loop (the answer has begun: send the headers)."""
@@ -203,7 +235,7 @@ class Backend:
     def generate(self, job: Job) -> None:
         """Answer one request (on the generation thread): events `start` (the model), `piece`s when streaming, then
         `done` (the answer as `ask --json` has it, and its text) or `error` (an ApiError). The request is recorded
-        before its last event, so a client that has its answer also finds it in the database."""
+        once, before its last event, so a client that has its answer also finds it in the database."""
         req = job.request
         routed = None
         sent = False
@@ -214,21 +246,40 @@ class Backend:
             a.conversation.history = [dict(m) for m in req.history]
             routed = a.ask(req.prompt, job.cancel, tier=tier)
             self._configure(a, routed.decision.tier, routed.decision.strategy == "cascade")
+            self._record_history(a, routed.decision.model or req.model, req)
             job.emit("start", routed.decision.model or req.model)
             for piece in routed:
                 if req.stream:
                     job.emit_piece(piece)
                     sent = True
             out = routed.to_dict()
-            self._record(job, out.get("message_id"), 200,
-                         "client disconnected" if job.cancel.is_set() else None)
-            job.emit("done", (out, routed.text))
         except Exception as exc:  # every failure becomes an answer: the server must keep serving
             api = self._api_error(exc, routed)
             reply = routed.reply if routed is not None else None
             self._record(job, reply.message_id if reply is not None else None, 200 if sent else api.status,
                          api.message)
             job.emit("error", api)
+            return
+        if job.stopped and out.get("status") == "cancelled":  # one that ended before the stop is still delivered
+            api = stopping_error(begun=True)
+            self._record(job, out.get("message_id"), 200 if sent else api.status, api.message)
+            job.emit("error", api)
+            return
+        self._record(job, out.get("message_id"), 200, "client disconnected" if job.cancel.is_set() else None)
+        job.emit("done", (out, routed.text))
+
+    def _record_history(self, a: Assistant, model: str, req: ChatRequest) -> None:
+        """The client's messages before its question, recorded first in the request's conversation: the record says
+        everything the model was given (the client's system message, the earlier turns), and `logs -q` finds
+        them. The session then adds the question and the answer to the same conversation."""
+        rec, conv = a.recorder, a.conversation
+        conv.id = rec.new_conversation(model, title=checked_prompt(req.prompt)[:80], kind=conv.kind)
+        asked = None
+        for m in req.history:
+            # a client's assistant turn replies to the question before it, as a recorded answer does
+            reply_to = asked if m["role"] == "assistant" else None
+            added = rec.add_message(conv.id, m["role"], m["content"], reply_to=reply_to)
+            asked = added if m["role"] == "user" else None
 
     def _record(self, job: Job, message_id: int | None, status: int, error: str | None) -> None:
         """The request's row: the model it asked for (the answer's own row names the model that answered)."""
@@ -265,21 +316,6 @@ class Backend:
         self.recorder.close()
 
 
-async def _until_disconnect(aw: Awaitable[T], request: Request) -> T:
-    """`aw`'s result, unless the client goes away first (ClientGone); `aw` is then cancelled."""
-    task = asyncio.ensure_future(aw)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone
-    finally:
-        if not task.done():
-            task.cancel()
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, default=str)}\n\n"
 
@@ -287,10 +323,14 @@ def _sse(obj: Any) -> str:
 class Api:
     """The routes, around one Backend."""
 
-    def __init__(self, backend: Backend, *, api_key: str | None = None, queue: int = DEFAULT_QUEUE) -> None:
+    def __init__(self, backend: Backend, *, api_key: str | None = None, queue: int = DEFAULT_QUEUE,
+                 cors_origins: list[str] | None = None) -> None:
         self.backend = backend
         self.api_key = api_key
         self.lane = Lane(queue)
+        self.cors_origins = list(cors_origins or [])
+        self.stopping_since: float | None = None  # when the server began to shut down
+        self._jobs: set[Job] = set()  # those on the generation thread, or waiting for it
 
     def app(self) -> Starlette:
         return Starlette(
@@ -298,7 +338,40 @@ class Api:
                     Route("/v1/models", self.list_models, methods=["GET"]),
                     Route("/health", self.health, methods=["GET"])],
             exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},
+            # no cookies: a browser sends the key itself, in the Authorization header
+            middleware=[Middleware(CORSMiddleware, allow_origin_regex=LOOPBACK_ORIGINS,
+                                   allow_origins=self.cors_origins, allow_methods=["GET", "POST"],
+                                   allow_headers=["*"], expose_headers=["Retry-After", "retry-after-ms"])],
         )
+
+    def stop(self) -> None:
+        """The server is shutting down (called on the event loop before uvicorn waits for the responses in flight):
+        the answers being made stop before their next token and end with a `server_shutting_down` error, and the
+        requests waiting for the model are refused with it, so every response ends in time and says why."""
+        self.stopping_since = time.monotonic()
+        for job in self._jobs:
+            job.stopped = True
+            job.cancel.set()
+
+    def _stop_due(self, grace: float) -> bool:
+        return self.stopping_since is not None and time.monotonic() - self.stopping_since >= grace
+
+    async def _until_disconnect(self, aw: Awaitable[T], request: Request, stop_grace: float = STOP_GRACE_S) -> T:
+        """`aw`'s result, unless the client goes away first (ClientGone) or the server has been stopping for
+        `stop_grace` seconds (ServerStopping); `aw` is then cancelled."""
+        task = asyncio.ensure_future(aw)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise ClientGone
+                if self._stop_due(stop_grace):
+                    raise ServerStopping
+        finally:
+            if not task.done():
+                task.cancel()
 
     # -- helpers -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -313,7 +386,19 @@ class Api:
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         return self._error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
+    def _check_origin(self, request: Request) -> None:
+        """A browser names the page's origin on every cross-site request, also on the plain `text/plain` POST it
+        makes without asking first (CORS only hides the answer from the page): refused here, as Ollama refuses it,
+        so no web page the user visits can spend this machine's power on questions of its own."""
+        origin = request.headers.get("origin")
+        if origin is None or re.fullmatch(LOOPBACK_ORIGINS, origin) or "*" in self.cors_origins \
+                or origin in self.cors_origins:
+            return
+        raise ApiError(403, f"web pages from {origin} may not call this server (pages on this machine may; "
+                       "`localmoe serve --cors-origin ORIGIN` allows another)", code="origin_not_allowed")
+
     def _check_key(self, request: Request) -> None:
+        self._check_origin(request)
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -377,24 +462,34 @@ class Api:
     async def _answer(self, request: Request, req: ChatRequest) -> Response:
         loop = asyncio.get_running_loop()
         job = Job(req, _client(request), request.headers.get("user-agent"), loop)
+        if self.stopping_since is not None:
+            raise stopping_error(begun=False)
         try:
-            await _until_disconnect(self.lane.acquire(), request)
+            await self._until_disconnect(self.lane.acquire(), request, stop_grace=0)
         except ClientGone:
             await self._record(request, req.model, req.stream, CLOSED, "client disconnected while queued")
             return Response(status_code=CLOSED)
+        except ServerStopping:
+            raise stopping_error(begun=False) from None
+        if self.stopping_since is not None:  # its turn came as the server began to stop
+            self.lane.release(None)
+            raise stopping_error(begun=False)
         t0 = time.monotonic()
-        running = loop.run_in_executor(self.backend.thread, self.backend.generate, job)
-        running.add_done_callback(lambda _: self.lane.release(time.monotonic() - t0))
+        self._jobs.add(job)
+        running = self.backend.thread.submit(self.backend.generate, job)
+        running.add_done_callback(lambda _: job.call(self._finished, job, time.monotonic() - t0))
         model = req.model
         try:
             while True:  # until the answer has begun: an error before it still gets its own status code
-                kind, value = await _until_disconnect(job.queue.get(), request)
+                kind, value = await self._until_disconnect(job.queue.get(), request)
                 if kind != "start":
                     break
                 model = value
         except ClientGone:
             job.cancel.set()  # the generation thread records the request and its partial answer
             return Response(status_code=CLOSED)
+        except ServerStopping:  # the generation thread records it when its model lets go
+            return self._error(stopping_error(begun=True))
         if kind == "error":
             return self._error(value)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -405,6 +500,10 @@ class Api:
             job.queue.put_nowait((kind, value))
         return StreamingResponse(self._events(job, request_id, model), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _finished(self, job: Job, seconds: float) -> None:
+        self._jobs.discard(job)
+        self.lane.release(seconds)
 
     async def _events(self, job: Job, request_id: str, model: str) -> AsyncIterator[str]:
         created = int(time.time())
@@ -417,6 +516,9 @@ class Api:
                 try:
                     kind, value = job.queue.get_nowait()
                 except asyncio.QueueEmpty:
+                    if self._stop_due(STOP_GRACE_S):  # the model has not let go: the client still hears why
+                        yield _sse(stopping_error(begun=True).body())
+                        return
                     await asyncio.sleep(FLUSH_S)
                     continue
                 if kind == "piece":  # the wake-up of the first piece, already sent
@@ -473,10 +575,15 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(config: Any) -> Any:
+def _uvicorn_server(config: Any, on_shutdown: Callable[[], None]) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # before uvicorn waits for the responses in flight: they end sooner, and each says why
+            on_shutdown()
+            await super().shutdown(sockets)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             # uvicorn re-raises a captured signal once it has shut down; here Ctrl-C or SIGTERM is the normal way to
             # stop (exit 0, not "interrupted"). A second Ctrl-C still forces the exit.
@@ -487,11 +594,22 @@ def _uvicorn_server(config: Any) -> Any:
     return Server(config)
 
 
+def cors_origin(text: str) -> str:
+    """An origin a browser sends (`scheme://host[:port]`, no path), or `*` for any; a UsageError otherwise."""
+    if text == "*" or re.fullmatch(r"https?://[^/?#\s]+", text):
+        return text
+    raise UsageError(f"--cors-origin {text}: an origin is scheme://host[:port] with no path (such as "
+                     "https://chat.example.com), or * for any")
+
+
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key_env: str | None = None,
-          queue: int = DEFAULT_QUEUE, strategy: str | None = None, preference: str | None = None) -> int:
-    """Serve until Ctrl-C / SIGTERM. Refuses to listen beyond loopback without an API key."""
+          queue: int = DEFAULT_QUEUE, strategy: str | None = None, preference: str | None = None,
+          cors_origins: list[str] | None = None) -> int:
+    """Serve until Ctrl-C / SIGTERM. Refuses to listen beyond loopback without an API key. Browser pages from
+    localhost, 127.0.0.1 and [::1] may call it (CORS); `cors_origins` adds others (`*`: any)."""
     import uvicorn
 
+    origins = [cors_origin(o) for o in cors_origins or []]
     key = None
     if api_key_env:
         key = os.environ.get(api_key_env) or None
@@ -511,10 +629,11 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key_env: str
         print(f"localmoe: serving an OpenAI-compatible API at http://{shown}:{bound}/v1 "
               f"(models: {', '.join(backend.model_ids())}; key {'required' if key else 'not required'}); "
               "Ctrl-C stops", file=sys.stderr, flush=True)
-        config = uvicorn.Config(Api(backend, api_key=key, queue=queue).app(), log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=5)
+        api = Api(backend, api_key=key, queue=queue, cors_origins=origins)
+        config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=GRACEFUL_S)
         gc.freeze()  # the loaded model, web stack and their imports are permanent: keep the collector off them
-        _uvicorn_server(config).run(sockets=[sock])
+        _uvicorn_server(config, api.stop).run(sockets=[sock])
     finally:
         sock.close()
         backend.close()

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from localmoe.engine.base import Message
+from localmoe.engine.base import REPEAT_LAST_N, Message
 
 AUTO_MODEL = "localmoe/auto"  # the router as a model: each request goes to the tier `localmoe route` names
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -65,6 +65,25 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float, *, integer: b
     return value
 
 
+# llama.cpp's server takes these beside OpenAI's fields, and its clients send them (its web UI sends most of them at
+# their neutral values on every request): a neutral value changes nothing, any other would be ignored here, so it is
+# refused. Fields in neither this table nor OpenAI's API are left alone, as OpenAI's own server does; so are those
+# that act only through a refused one (dry_sequence_breakers) or only order the samplers (samplers).
+LLAMA_CPP_NEUTRAL: dict[str, Any] = {
+    "mirostat": 0, "mirostat_tau": 5, "mirostat_eta": 0.1, "typical_p": 1, "tfs_z": 1,
+    "top_n_sigma": -1, "dynatemp_range": 0, "dynatemp_exponent": 1, "xtc_probability": 0,
+    "xtc_threshold": 0.1, "dry_multiplier": 0, "dry_base": 1.75, "dry_allowed_length": 2,
+    "dry_penalty_last_n": -1, "repeat_last_n": REPEAT_LAST_N, "penalty_last_n": REPEAT_LAST_N,
+    "penalize_nl": False, "ignore_eos": False, "n_probs": 0, "min_keep": 0, "n_predict": -1,
+    "n_keep": 0, "grammar": "", "json_schema": {}, "lora": [], "n_indent": 0,
+    "t_max_predict_ms": 0, "post_sampling_probs": False,
+}
+SUPPORTED_INSTEAD = {"n_predict": "max_tokens"}
+# (name, lowest, highest, integer, lowest excluded): llama.cpp's sampling fields that GenerationConfig has
+LLAMA_CPP_SAMPLING = (("top_k", 0, 1_000_000, True, False), ("min_p", 0, 1, False, False),
+                      ("repeat_penalty", 0, 10, False, True))
+
+
 def parse_chat_request(body: Any) -> ChatRequest:
     """Check a decoded JSON body; an ApiError (400) names the first thing wrong with it. Whether the model exists
     is the server's question (404), not this function's."""
@@ -90,6 +109,11 @@ def parse_chat_request(body: Any) -> ChatRequest:
             continue  # plain text is what every answer is (some clients send the default explicitly)
         if body.get(name):  # silently ignoring them would return answers the client did not ask for
             raise ApiError(400, f"{name} is not supported by localmoe", param=name)
+    for name, neutral in LLAMA_CPP_NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and value != neutral:
+            instead = f": send {SUPPORTED_INSTEAD[name]}" if name in SUPPORTED_INSTEAD else ""
+            raise ApiError(400, f"{name} is not supported by localmoe{instead}", param=name)
     n = _number(body, "n", 1, 1, integer=True)
     del n  # only 1 is accepted: one answer per request
     stream = body.get("stream", False)
@@ -108,6 +132,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
         value = _number(body, name, lo, hi, lo_open=lo_open)
         if value is not None:
             overrides[name] = float(value)
+    for name, lo, hi, integer, lo_open in LLAMA_CPP_SAMPLING:
+        value = _number(body, name, lo, hi, integer=integer, lo_open=lo_open)
+        if value is not None:
+            overrides[name] = value if integer else float(value)
     seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
     if seed is not None:
         overrides["seed"] = seed
