@@ -82,6 +82,9 @@ def test_remote_engine_streams_and_reports_usage(server, monkeypatch):
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
     assert req["body"]["model"] == "fake-model" and req["body"]["stream"] is True
     assert req["body"]["messages"][-1] == {"role": "user", "content": "Capital of France?"}
+    assert "seed" not in req["body"]
+    list(e.stream([{"role": "user", "content": "Again?"}], GenerationConfig(max_tokens=32, seed=7)))
+    assert FakeOpenAI.requests[-1]["body"]["seed"] == 7  # a client's seed reaches the remote tier
 
 
 def test_unreachable_remote_is_a_clear_error():

@@ -105,6 +105,8 @@ class RemoteEngine(Engine):
         body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": config.max_tokens,
                 "temperature": config.temperature, "top_p": config.top_p,
                 "stream_options": {"include_usage": True}}
+        if config.seed is not None:  # OpenAI's own field; llama.cpp's top_k / min_p / repeat_penalty are not, and an
+            body["seed"] = config.seed  # OpenAI server refuses what it does not know
         t_first = t_last = None
         pieces = 0
         # the loop guard runs here too, on the streamed pieces (about a token each; their checksum stands for the
