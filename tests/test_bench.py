@@ -307,20 +307,24 @@ def test_ctrl_c_under_json_prints_what_was_finished(home):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "localmoe", "bench", "--suite", "mixed", "--limit", "30",
-                             "--max-tokens", "16", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # long enough (120 questions of up to 96 tokens, about a minute) that the signal always finds it running
+    proc = subprocess.Popen([sys.executable, "-m", "localmoe", "bench", "--suite", "mixed", "--max-tokens", "96",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "LOCALMOE_HOME": str(home)})
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if not (home / "localmoe.db").exists():
+            continue
         try:
-            if sqlite3.connect(home / "localmoe.db").execute("select count(*) from bench_items").fetchone()[0] >= 2:
+            conn = sqlite3.connect(f"file:{home / 'localmoe.db'}?mode=ro", uri=True)
+            if conn.execute("select count(*) from bench_items").fetchone()[0] >= 2:
                 break
         except sqlite3.OperationalError:
-            continue  # not made yet
+            continue  # not migrated yet
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     res = json.loads(out)
-    assert res["status"] == "interrupted" and 2 <= res["results"][0]["n"] < 30, res
+    assert res["status"] == "interrupted" and 2 <= res["results"][0]["n"] < 120, res
     assert f"bench --resume {res['run_id']}" in err
