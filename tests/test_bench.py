@@ -9,6 +9,7 @@ import pytest
 
 from helpers import advancing_rapl, run_cli
 from localmoe.bench import runner as bench
+from localmoe.errors import UsageError
 from localmoe.record.recorder import Recorder
 
 
@@ -92,6 +93,7 @@ def test_interrupted_run_keeps_items_and_resumes(home, tmp_path, monkeypatch):
                                timeout=300).stdout)
     unlike = run_cli("bench", "compare", str(run_id), str(quick["run_id"]))
     assert unlike.returncode == 0 and "not like for like: the runs asked different suites" in unlike.stderr
+    assert "different answer lengths (--max-tokens 16; 8)" in unlike.stderr, unlike.stderr
     assert "different numbers of questions (smollm2-135m-instruct/direct 3 → 1)" in unlike.stderr, unlike.stderr
     listed = json.loads(run_cli("bench", "list", "--json").stdout)
     assert {x["id"] for x in listed} == {run_id, other["run_id"], quick["run_id"]}
@@ -289,6 +291,14 @@ def test_a_model_named_twice_is_one_column_and_a_second_writer_is_told(home, smo
 
     plan = bench.targets(["smollm2-135m-instruct", str(smollm.path), "smollm2-135m-instruct"], ["direct"])
     assert [(t.model.id, t.policy) for t in plan] == [("smollm2-135m-instruct", "direct")]
+    # two files that would share one id (their stem): refused before any question, not mixed in one column
+    import shutil
+
+    for folder in ("a", "b"):
+        (home / folder).mkdir(parents=True)
+        shutil.copy(smollm.path, home / folder / "Same.gguf")
+    with pytest.raises(UsageError, match="would both be 'same'"):
+        bench.targets([str(home / "a" / "Same.gguf"), str(home / "b" / "Same.gguf")], ["direct"])
     with Recorder() as rec:
         run_id = rec.start_bench_run(suite="quick", source="builtin", models=[], policies=["direct"], item_limit=1,
                                      hardware={}, fingerprint="x", meter="estimate", measured=False, version="t")

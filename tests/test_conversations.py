@@ -10,7 +10,7 @@ import time
 import sqlite_utils
 
 from helpers import run_cli
-from localmoe.record.recorder import MIGRATIONS, Recorder, migrate
+from localmoe.record.recorder import MIGRATIONS, Recorder, migrate, substring_words
 
 
 def exchange(rec: Recorder, question: str, answer: str, title: str | None = None, cid: int | None = None) -> int:
@@ -115,3 +115,9 @@ def test_a_word_inside_unspaced_text_is_found(home):
         assert {c["id"] for c in rec.conversation_list("capital")} == {ja, en}  # spaced words: the index
     r = run_cli("logs", "-q", "首都")
     assert r.returncode == 0 and "[首都]" in r.stdout, r.stdout + r.stderr
+    # Thai's vowel and tone marks belong to their word (split there, a word became letters matching anything)
+    with Recorder() as rec:
+        th = exchange(rec, "ที่นี่ที่ไหน", "กรุงเทพ")
+        exchange(rec, "ไปไหนมา", "ตลาด")
+        assert substring_words("ที่นี่") == ["ที่นี่"]
+        assert [r["conversation_id"] for r in rec.search_messages("ที่นี่")] == [th]

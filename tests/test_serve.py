@@ -516,7 +516,11 @@ def test_the_clients_system_message_and_earlier_turns_are_recorded(server):
     assert [(r["role"], r["content"]) for r in rows] == [(m["role"], m["content"]) for m in messages] + [
         ("assistant", answer.choices[0].message.content)]
     assert rows[-1]["id"] == ext["message_id"] and rows[-1]["reply_to"] == rows[3]["id"]
-    assert rows[2]["reply_to"] == rows[1]["id"] and all(r["status"] == "complete" for r in rows)
+    assert rows[2]["reply_to"] == rows[1]["id"]
+    # what the client sent is context, not exchanges of this user's: `logs` lists the question asked, once
+    assert [r["status"] for r in rows] == ["context"] * 3 + ["complete"] * 2
+    listed = json.loads(run_cli("logs", "--json", home=server.home).stdout)
+    assert [x["prompt"] for x in listed if x["conversation_id"] == ext["conversation_id"]] == ["What is my name?"]
     # the model read the client's system message (above), so no model default is stored beside the answer
     assert server.rows("select system_prompt from generations where message_id = ?",
                        (ext["message_id"],)) == [{"system_prompt": None}]
@@ -555,18 +559,20 @@ def test_llama_cpp_sampling_fields_are_applied_checked_or_refused(server):
         assert body["error"]["param"] == field and body["error"]["type"] == "invalid_request_error", body
         assert words in body["error"]["message"], body
 
-    for field, value, words in (("top_k", -1, "at least 0"), ("top_k", 2.5, "an integer"),
+    for field, value, words in (("top_k", -2, "at least -1"), ("top_k", 2.5, "an integer"),
                                 ("min_p", 1.5, "at most 1"), ("min_p", "0.1", "a number"),
                                 ("repeat_penalty", 0, "above 0"), ("repeat_penalty", 11, "at most 10"),
                                 ("mirostat", 2, "not supported"), ("typical_p", 0.5, "not supported"),
                                 ("grammar", 'root ::= "yes"', "not supported"),
                                 ("repeat_last_n", 128, "not supported"), ("n_predict", 50, "max_tokens")):
         refused(field, value, words)
-    # what llama.cpp's web UI sends on every request, its values neutral: answered
-    status, body = server.post({**ask, "max_tokens": 2, "cache_prompt": True, "samplers": "edkypmxt",
+    # what llama.cpp's web UI sends on every request, its values neutral and max_tokens -1 ("no limit": the
+    # model's own budget): answered; top_k -1 is off, as in vLLM
+    status, body = server.post({**ask, "max_tokens": -1, "top_k": -1, "cache_prompt": True, "samplers": "edkypmxt",
                                 "mirostat": 0, "typical_p": 1.0, "xtc_probability": 0, "dry_multiplier": 0,
                                 "dynatemp_range": 0, "repeat_last_n": 64, "timings_per_token": False})
-    assert status == 200, body
+    assert status == 200 and body["localmoe"]["sampling"]["top_k"] == 0, body
+    assert body["localmoe"]["sampling"]["max_tokens"] > 2, body
     refusals = server.rows("select error from api_requests where http_status = 400 order by id desc limit 11")
     assert len({r["error"] for r in refusals}) == 11
 
@@ -685,3 +691,24 @@ def test_a_model_that_does_not_let_go_still_ends_the_stream_before_uvicorn_gives
     assert events[-1]["error"]["code"] == "server_shutting_down"
     assert recorded == ["stopped"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_a_keyless_server_answers_for_this_machines_names_only(tmp_path):
+    """DNS rebinding: a page whose own name was made to point at 127.0.0.1 is same-origin to itself and sends no
+    Origin on a GET; it names itself in Host, and a server without a key refuses that."""
+    server = spawn(tmp_path / "home", python="import sys; from localmoe.server.app import serve; "
+                                             "sys.exit(serve(port={port}))")
+    try:
+        port = server.url.split(":")[-1].split("/")[0]
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+            status, _, _ = server.raw("GET", "/v1/models", {"Host": host})
+            assert status == 200, host
+        for host in (f"rebind.example:{port}", "localhost.rebind.example", f"127.0.0.1.rebind.example:{port}"):
+            status, _, data = server.raw("GET", "/v1/models", {"Host": host})
+            assert status == 403 and json.loads(data)["error"]["code"] == "host_not_allowed", host
+            status, _, data = server.raw("POST", "/v1/chat/completions", {"Host": host}, {
+                "model": "smollm2-135m-instruct", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+            assert status == 403, host
+        assert not server.rows("select id from messages")  # nothing was answered for them
+    finally:
+        stop(server)

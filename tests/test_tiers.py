@@ -129,6 +129,19 @@ def test_calibration_is_offered_for_a_named_large_tier_only_when_it_exists(home,
     (home / "settings.toml").write_text('[tiers]\nlarge = "nosuch-model"\n')
     notices = Assistant().notices
     assert not any("calibrat" in n for n in notices) and any("(nosuch-model) is unavailable" in n for n in notices)
+    # a router calibrated with a large tier that is gone since, or named anew and missing: no offer either (it read
+    # the missing tier as "the default" and offered to calibrate for that)
+    import json
+    from importlib.resources import files
+
+    router = json.loads(files("localmoe.assets").joinpath("router", "router.json").read_text())
+    router["tiers"] = {"small": None, "small_id": "smollm2-135m-instruct", "large": "gone-model",
+                       "large_id": "gone-model", "large_path": "/nowhere/gone-model.gguf"}
+    (home / "router.json").write_text(json.dumps(router))
+    for large in ("gone-model", "nosuch-model"):
+        (home / "settings.toml").write_text(f'[tiers]\nlarge = "{large}"\n')
+        notices = Assistant().notices
+        assert not any("calibrat" in n for n in notices) and any(f"({large}) is unavailable" in n for n in notices)
 
 
 def test_the_chat_tells_the_routers_notice_once(home):

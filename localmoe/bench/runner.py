@@ -50,8 +50,18 @@ def targets(model_names: list[str], policies: list[str]) -> list[Target]:
         else:
             out.append(Target(models.tier_model(policy), policy))
     unique: dict[tuple[str, str], Target] = {}
+    files: set[tuple[Path, str]] = set()
     for t in out:
-        unique.setdefault((str(t.model.path.resolve()) if t.model.path else t.model.id, t.policy), t)
+        file = (t.model.path.resolve(), t.policy) if t.model.path and t.policy == "direct" else None
+        if file is not None:
+            if file in files and (t.model.id, t.policy) not in unique:
+                continue  # one file named twice (by id and by path): one column
+            files.add(file)
+        # items are keyed by the model's id: one id for two files would mix their answers in one column
+        first = unique.setdefault((t.model.id, t.policy), t)
+        if first.model.path and t.model.path and first.model.path.resolve() != t.model.path.resolve():
+            raise UsageError(f"{first.model.path} and {t.model.path} would both be {t.model.id!r} in the results: "
+                             "rename one, or import it under another name (`localmoe import FILE --name NAME`)")
     return list(unique.values())
 
 
@@ -214,7 +224,8 @@ def results(recorder: Recorder, run_id: int) -> dict[str, Any]:
         out.append(d)
     hw = row["hardware"]
     return {"run_id": run_id, "suite": row["suite"], "source": row["source"], "status": row["status"],
-            "started_at": row["started_at"],
+            "started_at": row["started_at"], "max_tokens": row.get("max_tokens"),
+            "idle_seconds": row.get("idle_seconds"),
             "machine": f"{hw.get('cpu_model', '?')}, {hw.get('physical_cores', '?')} cores",
             "meter": row["meter"], "measured": row["measured"], "results": out}
 
@@ -253,6 +264,11 @@ def _unlike(ra: dict[str, Any], rb: dict[str, Any], rows: list[dict[str, Any]]) 
     for side in ("meter", "machine"):
         if ra[side] != rb[side]:
             notes.append(f"different {side}s ({ra[side]}; {rb[side]})")
+    # a run from before they were stored says nothing of them
+    if None not in (ra["max_tokens"], rb["max_tokens"]) and ra["max_tokens"] != rb["max_tokens"]:
+        notes.append(f"different answer lengths (--max-tokens {ra['max_tokens']}; {rb['max_tokens']})")
+    if None not in (ra["idle_seconds"], rb["idle_seconds"]) and bool(ra["idle_seconds"]) != bool(rb["idle_seconds"]):
+        notes.append("idle power measured in one run only (--idle)")
     return notes
 
 

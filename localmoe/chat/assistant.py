@@ -120,11 +120,12 @@ class Assistant:
         self.pinned = models.resolve(pinned_model) if pinned_model else None
         small = self.tier_ref("small")
         # a named large tier that cannot answer is said as such (tier_ref's notice); calibrating with it is no offer
-        large = self.settings.large if self.settings.large and self.tier_ref("large") is not None else None
+        missing = bool(self.settings.large) and self.tier_ref("large") is None
         self.router = Router(strategy or self.settings.strategy,
                              settings.parse_preference(preference) if preference is not None
                              else self.settings.preference,
-                             small_model_path=small.path if small else None, tiers=(self.settings.small, large))
+                             small_model_path=small.path if small else None,
+                             tiers=(self.settings.small, self.settings.large), offer=not missing)
         self.notices += self.router.notices
         if unknown := self.settings.unknown_notice():
             self.notices.append(unknown)

@@ -20,6 +20,7 @@ import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -226,7 +227,10 @@ def _unspaced(ch: str) -> bool:
 def substring_words(text: str) -> list[str] | None:
     """The query's words when it has any character of an unspaced script (searched as substrings instead of
     index tokens), else None."""
-    words = [w for w in "".join(c if c.isalnum() else " " for c in text).split() if w]
+    # a combining mark (Thai vowels and tone marks, Devanagari's) belongs to its word: split there, one Thai word
+    # became single letters that match almost anything
+    words = [w for w in "".join(c if c.isalnum() or unicodedata.category(c).startswith("M") else " "
+                                for c in text).split() if w]
     return words if any(_unspaced(c) for w in words for c in w) else None
 
 
@@ -545,6 +549,20 @@ class Recorder:
         with self._write():
             return self._insert("messages", row)
 
+    def add_context(self, model: str, title: str, kind: str, messages: list[dict[str, Any]]) -> int:
+        """A new conversation holding `messages` (role, content) as status `context`: the history an API client
+        sent with its question, recorded in one transaction; returns the conversation's id. A client's assistant
+        turn replies to the user turn before it, as a recorded answer does."""
+        with self._write():
+            cid = self._insert("conversations", {"title": title, "model": model, "created_at": now(), "kind": kind})
+            asked = None
+            for m in messages:
+                added = self._insert("messages", {
+                    "conversation_id": cid, "role": m["role"], "content": m["content"], "created_at": now(),
+                    "status": "context", "reply_to": asked if m["role"] == "assistant" else None})
+                asked = added if m["role"] == "user" else None
+        return cid
+
     def finish_message(
         self,
         message_id: int,
@@ -575,7 +593,8 @@ class Recorder:
         client's request made is that program's), or None before the first question."""
         rows = self._rows(
             "select c.id from conversations c where c.kind = 'chat' and not exists (select 1 from messages m join "
-            "api_requests r on r.message_id = m.id where m.conversation_id = c.id) order by c.id desc limit 1")
+            "api_requests r on r.message_id = m.id where m.conversation_id = c.id) and not exists (select 1 from "
+            "messages m where m.conversation_id = c.id and m.status = 'context') order by c.id desc limit 1")
         return rows[0]["id"] if rows else None
 
     def conversation_messages(self, conversation_id: int) -> list[dict[str, Any]]:
@@ -593,7 +612,7 @@ class Recorder:
             left join messages a on a.reply_to = q.id and a.role = 'assistant'
             left join generations g on g.message_id = a.id
             left join energy e on e.message_id = a.id
-            where q.role = 'user'
+            where q.role = 'user' and q.status != 'context'
             order by q.id desc
             limit ?
         """

@@ -381,10 +381,12 @@ def tiers_notice(trained: dict[str, Any] | None, small: str | None, large: str |
 class Router:
     def __init__(self, strategy: str | None = None, preference: str | float = "balanced",
                  small_model_path: str | Path | None = None, router_file: Path | None = None,
-                 tiers: tuple[str | None, str | None] | None = None, prober: Prober | None = None) -> None:
+                 tiers: tuple[str | None, str | None] | None = None, prober: Prober | None = None,
+                 offer: bool = True) -> None:
         """`tiers`: settings' (small, large), to offer calibration when they are not the router's; default: read
-        from settings.toml (an unreadable one is the caller's to report). `prober`: the small model's probe, when
-        the caller already has one (else made on the probe strategy's first decision)."""
+        from settings.toml (an unreadable one is the caller's to report). `offer=False`: no such offer (a tier
+        named there does not exist: calibrating with it is no help). `prober`: the small model's probe, when the
+        caller already has one (else made on the probe strategy's first decision)."""
         self.notices: list[str] = []
         self._told: set[str] = set()  # notices already carried by a decision: each is said once per router
         self.trained: dict[str, Any] | None = None
@@ -400,7 +402,7 @@ class Router:
                 tiers = (st.small, st.large)
             except LocalmoeError:
                 tiers = (None, None)
-        note = tiers_notice(self.trained, *tiers)
+        note = tiers_notice(self.trained, *tiers) if offer else None
         if note:
             self.notices.append(note)
         default = self.trained.get("default_strategy", "features") if self.trained else "features"

@@ -70,6 +70,9 @@ STOP_GRACE_S = 3.0
 # Browser front ends served from this machine (a dev server on any port) may call the API, as Ollama allows; a web
 # page from anywhere else may not read its answers unless the user names its origin
 LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?"
+# The names a browser may put in Host for a keyless server on loopback: a page whose own name was made to point at
+# 127.0.0.1 (DNS rebinding) sends its own name, is same-origin to itself, and sends no Origin on a GET
+LOOPBACK_HOSTS = r"(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?"
 
 T = TypeVar("T")
 
@@ -265,21 +268,21 @@ class Backend:
             self._record(job, out.get("message_id"), 200 if sent else api.status, api.message)
             job.emit("error", api)
             return
-        self._record(job, out.get("message_id"), 200, "client disconnected" if job.cancel.is_set() else None)
+        gone = job.cancel.is_set() and not job.stopped and out.get("status") == "cancelled"
+        self._record(job, out.get("message_id"), 200, "client disconnected" if gone else None)
         job.emit("done", (out, routed.text))
 
     def _record_history(self, a: Assistant, model: str, req: ChatRequest) -> None:
         """The client's messages before its question, recorded first in the request's conversation: the record says
         everything the model was given (the client's system message, the earlier turns), and `logs -q` finds
         them. The session then adds the question and the answer to the same conversation."""
-        rec, conv = a.recorder, a.conversation
-        conv.id = rec.new_conversation(model, title=checked_prompt(req.prompt)[:80], kind=conv.kind)
-        asked = None
-        for m in req.history:
-            # a client's assistant turn replies to the question before it, as a recorded answer does
-            reply_to = asked if m["role"] == "assistant" else None
-            added = rec.add_message(conv.id, m["role"], m["content"], reply_to=reply_to)
-            asked = added if m["role"] == "user" else None
+        if not req.history:
+            return  # the session makes the conversation with the question, as for `ask`
+        conv = a.conversation
+        # one transaction (a long history is not one disk sync per message before the first token), stored as
+        # `context`: what the client sent, not exchanges of this user's, so `logs` does not list each turn again
+        # for every later request of the same chat
+        conv.id = a.recorder.add_context(model, checked_prompt(req.prompt)[:80], conv.kind, req.history)
 
     def _record(self, job: Job, message_id: int | None, status: int, error: str | None) -> None:
         """The request's row: the model it asked for (the answer's own row names the model that answered)."""
@@ -324,7 +327,10 @@ class Api:
     """The routes, around one Backend."""
 
     def __init__(self, backend: Backend, *, api_key: str | None = None, queue: int = DEFAULT_QUEUE,
-                 cors_origins: list[str] | None = None) -> None:
+                 cors_origins: list[str] | None = None, host: str | None = None) -> None:
+        """`host`: the loopback name the server was started on, when it needs no key (requests must name a
+        loopback host then); None: any Host."""
+        self.host = host
         self.backend = backend
         self.api_key = api_key
         self.lane = Lane(queue)
@@ -356,9 +362,11 @@ class Api:
     def _stop_due(self, grace: float) -> bool:
         return self.stopping_since is not None and time.monotonic() - self.stopping_since >= grace
 
-    async def _until_disconnect(self, aw: Awaitable[T], request: Request, stop_grace: float = STOP_GRACE_S) -> T:
+    async def _until_disconnect(self, aw: Awaitable[T], request: Request, stop_grace: float = STOP_GRACE_S,
+                                dropped: Callable[[T], None] | None = None) -> T:
         """`aw`'s result, unless the client goes away first (ClientGone) or the server has been stopping for
-        `stop_grace` seconds (ServerStopping); `aw` is then cancelled."""
+        `stop_grace` seconds (ServerStopping); `aw` is then cancelled, and a result it had just made (while the
+        client was being checked) goes to `dropped`, so a lane it acquired is not held for good."""
         task = asyncio.ensure_future(aw)
         try:
             while True:
@@ -369,6 +377,10 @@ class Api:
                     raise ClientGone
                 if self._stop_due(stop_grace):
                     raise ServerStopping
+        except (ClientGone, ServerStopping):
+            if task.done() and not task.cancelled() and task.exception() is None and dropped is not None:
+                dropped(task.result())
+            raise
         finally:
             if not task.done():
                 task.cancel()
@@ -390,6 +402,11 @@ class Api:
         """A browser names the page's origin on every cross-site request, also on the plain `text/plain` POST it
         makes without asking first (CORS only hides the answer from the page): refused here, as Ollama refuses it,
         so no web page the user visits can spend this machine's power on questions of its own."""
+        if self.host is not None and self.api_key is None:
+            named = request.headers.get("host", "")
+            if not re.fullmatch(LOOPBACK_HOSTS, named) and named.rsplit(":", 1)[0].strip("[]") != self.host:
+                raise ApiError(403, f"this server answers requests for this machine only, not for {named!r}",
+                               code="host_not_allowed")
         origin = request.headers.get("origin")
         if origin is None or re.fullmatch(LOOPBACK_ORIGINS, origin) or "*" in self.cors_origins \
                 or origin in self.cors_origins:
@@ -465,7 +482,8 @@ class Api:
         if self.stopping_since is not None:
             raise stopping_error(begun=False)
         try:
-            await self._until_disconnect(self.lane.acquire(), request, stop_grace=0)
+            await self._until_disconnect(self.lane.acquire(), request, stop_grace=0,
+                                         dropped=lambda _: self.lane.release(None))
         except ClientGone:
             await self._record(request, req.model, req.stream, CLOSED, "client disconnected while queued")
             return Response(status_code=CLOSED)
@@ -629,7 +647,7 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key_env: str
         print(f"localmoe: serving an OpenAI-compatible API at http://{shown}:{bound}/v1 "
               f"(models: {', '.join(backend.model_ids())}; key {'required' if key else 'not required'}); "
               "Ctrl-C stops", file=sys.stderr, flush=True)
-        api = Api(backend, api_key=key, queue=queue, cors_origins=origins)
+        api = Api(backend, api_key=key, queue=queue, cors_origins=origins, host=host if key is None else None)
         config = uvicorn.Config(api.app(), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=GRACEFUL_S)
         gc.freeze()  # the loaded model, web stack and their imports are permanent: keep the collector off them

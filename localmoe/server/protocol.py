@@ -80,7 +80,7 @@ LLAMA_CPP_NEUTRAL: dict[str, Any] = {
 }
 SUPPORTED_INSTEAD = {"n_predict": "max_tokens"}
 # (name, lowest, highest, integer, lowest excluded): llama.cpp's sampling fields that GenerationConfig has
-LLAMA_CPP_SAMPLING = (("top_k", 0, 1_000_000, True, False), ("min_p", 0, 1, False, False),
+LLAMA_CPP_SAMPLING = (("top_k", -1, 1_000_000, True, False), ("min_p", 0, 1, False, False),
                       ("repeat_penalty", 0, 10, False, True))
 
 
@@ -123,6 +123,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     overrides: dict[str, Any] = {}
+    for name in ("max_completion_tokens", "max_tokens"):
+        if body.get(name) == -1:  # llama.cpp's "no limit" (its web UI sends it): the model's own budget, as unset
+            body = {k: v for k, v in body.items() if k != name}
     max_tokens = _number(body, "max_completion_tokens", 1, 1_000_000, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", 1, 1_000_000, integer=True)
@@ -134,8 +137,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
             overrides[name] = float(value)
     for name, lo, hi, integer, lo_open in LLAMA_CPP_SAMPLING:
         value = _number(body, name, lo, hi, integer=integer, lo_open=lo_open)
-        if value is not None:
-            overrides[name] = value if integer else float(value)
+        if value is not None:  # top_k -1 (vLLM's "off") is llama.cpp's 0
+            overrides[name] = max(0, int(value)) if integer else float(value)
     seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
     if seed is not None:
         overrides["seed"] = seed
