@@ -121,3 +121,20 @@ def test_a_word_inside_unspaced_text_is_found(home):
         exchange(rec, "ไปไหนมา", "ตลาด")
         assert substring_words("ที่นี่") == ["ที่นี่"]
         assert [r["conversation_id"] for r in rec.search_messages("ที่นี่")] == [th]
+
+
+def test_an_api_clients_history_is_context_not_the_users_chat(home):
+    """A request's history is stored as context: `logs` does not list it as questions asked, and a conversation
+    left with only that (the request then failed) is not taken for the user's latest chat by `ask -c`."""
+    with Recorder() as rec:
+        mine = exchange(rec, "What is 2+2?", "Four.")
+        sent = rec.add_context("m", "What is my name?", "chat", [
+            {"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "My name is Zed."},
+            {"role": "assistant", "content": "Arr, Zed."}])
+        rows = rec.conversation_messages(sent)
+        assert [(r["role"], r["status"]) for r in rows] == [("system", "context"), ("user", "context"),
+                                                           ("assistant", "context")]
+        assert rows[2]["reply_to"] == rows[1]["id"]
+        assert rec.latest_conversation_id() == mine
+        assert [x["prompt"] for x in rec.recent_exchanges()] == ["What is 2+2?"]
+        assert [r["conversation_id"] for r in rec.search_messages("Zed")] == [sent, sent]
