@@ -320,7 +320,9 @@ def test_ctrl_c_under_json_prints_what_was_finished(home):
     # long enough (120 questions of up to 96 tokens, about a minute) that the signal always finds it running
     proc = subprocess.Popen([sys.executable, "-m", "localmoe", "bench", "--suite", "mixed", "--max-tokens", "96",
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "LOCALMOE_HOME": str(home)})
+                            text=True, env={**os.environ, "LOCALMOE_HOME": str(home)},
+                            # a suite run in the background inherits Ctrl-C ignored; a user's terminal does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
