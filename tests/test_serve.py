@@ -229,6 +229,7 @@ def test_disconnect_mid_stream_stops_decoding(server):
     assert 3 <= row["completion_tokens"] < 40  # of 400 allowed: the engine stopped soon after the client left
     [req] = server.rows("select * from api_requests order by id desc limit 1")
     assert req["error"] == "client disconnected" and req["stream"] == 1
+    assert req["http_status"] == 200  # its stream had begun
 
     # a client that gives up on a plain (non-streamed) answer stops it too
     host, port = server.url.split("//")[1].split("/")[0].split(":")
@@ -250,6 +251,14 @@ def test_disconnect_mid_stream_stops_decoding(server):
             break
         time.sleep(0.05)
     assert row["status"] == "cancelled" and row["completion_tokens"] < 100
+    # nothing was sent to it: recorded as nginx's 499, not as a 200 it never got (the row follows the answer's)
+    deadline = time.monotonic() + 10
+    while not (reqs := server.rows(
+            "select r.http_status, r.error from api_requests r join messages m on m.id = r.message_id join "
+            "messages q on q.id = m.reply_to where q.content = 'Write a long story about a cat and a violin.'")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(r["http_status"], r["error"]) for r in reqs] == [(499, "client disconnected")]
 
 
 def test_eight_clients_none_lost_all_recorded_and_the_queue_limit_answers_429(server):

@@ -269,7 +269,9 @@ class Backend:
             job.emit("error", api)
             return
         gone = job.cancel.is_set() and not job.stopped and out.get("status") == "cancelled"
-        self._record(job, out.get("message_id"), 200, "client disconnected" if gone else None)
+        # nothing reached a client that left before its first streamed text (or its whole answer): no 200 was sent
+        self._record(job, out.get("message_id"), CLOSED if gone and not sent else 200,
+                     "client disconnected" if gone else None)
         job.emit("done", (out, routed.text))
 
     def _record_history(self, a: Assistant, model: str, req: ChatRequest) -> None:
