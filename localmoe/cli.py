@@ -237,8 +237,12 @@ def cmd_route(args: argparse.Namespace) -> int:
         decision = assistant.route(prompt, tier=None, load=False)
     finally:
         assistant.close()
+    # what the assistant found while loading (a misspelt setting, a missing tier) that the decision does not carry
+    extra = [n for n in assistant.notices if n not in decision.notices]
     if args.json:
         out = decision.to_dict()
+        if extra:
+            out["notice"] = "; ".join([*extra, *filter(None, [out.get("notice")])])
         if decision.strategy in ("features", "learned", "probe", "cascade"):
             # what each named preference would set the threshold to, so a user can see what they choose between
             out["preferences"] = assistant.router.preferences(decision.strategy)
@@ -254,8 +258,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     print(f"{decision.tier} ({decision.model}) · {decision.strategy} · score {decision.score:.2f} vs threshold "
           f"{decision.threshold:.2f} · {decision.latency_ms:.1f} ms")
     print(decision.reason)
-    if decision.notice:
-        print(f"notice: {decision.notice}")
+    for notice in [*extra, *decision.notices]:
+        print(f"notice: {notice}")
     return 0
 
 

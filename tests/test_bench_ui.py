@@ -207,3 +207,22 @@ def test_the_comparison_shows_each_delta():
         ("", "tok/s", "50.00", "60.00", "+10.00"),
         ("big / large", "accuracy", "", "75.0%", "only in run 2"),
     ]
+
+
+def test_no_model_ticked_for_the_direct_policy_is_refused(home):
+    """With every model unticked, Ctrl+S ran the default model anyway (a run nobody picked)."""
+
+    async def run() -> list[str]:
+        app = LocalmoeApp()
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = await open_bench(pilot, app)
+            screen.query_one("#bench-models", SelectionList).deselect_all()
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert not screen.running
+            return [n.message for n in app._notifications]
+
+    shown = asyncio.run(run())
+    assert "Pick at least one model for the direct policy." in shown, shown
+    assert not (home / "localmoe.db").exists() or not sqlite3.connect(home / "localmoe.db").execute(
+        "select count(*) from bench_runs").fetchone()[0]

@@ -138,3 +138,13 @@ def test_an_api_clients_history_is_context_not_the_users_chat(home):
         assert rec.latest_conversation_id() == mine
         assert [x["prompt"] for x in rec.recent_exchanges()] == ["What is 2+2?"]
         assert [r["conversation_id"] for r in rec.search_messages("Zed")] == [sent, sent]
+
+
+def test_the_latest_conversation_is_the_one_written_to_last(home):
+    """`ask -c` continued the conversation made last, not the older one the user had resumed and asked in since."""
+    with Recorder() as rec:
+        first = exchange(rec, "What is the capital of Japan?", "Tokyo.")
+        newest = exchange(rec, "What is the capital of Spain?", "Madrid.")
+        assert rec.latest_conversation_id() == newest
+        exchange(rec, "And of China?", "Beijing.", cid=first)  # F2: resumed, then asked in
+        assert rec.latest_conversation_id() == first

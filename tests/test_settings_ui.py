@@ -339,6 +339,10 @@ def test_a_misspelt_setting_is_named_not_silently_ignored(home):
     assert r.returncode == 0, r.stderr
     [note] = [line for line in r.stderr.splitlines() if "not settings" in line]
     assert note.endswith("settings.toml: [router] prefrence, tierz are not settings (ignored; a typo?)"), note
+    routed = run_cli("route", "What is 2+2?")  # where a misspelt preference matters most
+    assert routed.returncode == 0 and "[router] prefrence, tierz are not settings" in routed.stdout, routed.stdout
+    routed = run_cli("route", "What is 2+2?", "--json")
+    assert "[router] prefrence, tierz are not settings" in json.loads(routed.stdout)["notice"]
     write_settings(home, '[router]\npreference = "quality"\n')
     assert settings.load().unknown == () and "not a setting" not in run_cli("ask", "Hi.", "--max-tokens", "2").stderr
 

@@ -293,6 +293,9 @@ class BenchScreen(Screen[None]):
         if not policies:
             self.notify("Pick at least one policy.", severity="error")
             return None
+        if "direct" in policies and not names:  # else the default model would answer a run nobody picked
+            self.notify("Pick at least one model for the direct policy.", severity="error")
+            return None
         limit_text = self.query_one("#bench-limit", Input).value.strip()
         tokens_text = self.query_one("#bench-max-tokens", Input).value.strip() or "128"
         try:

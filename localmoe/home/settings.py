@@ -114,7 +114,7 @@ def load(path: Path | None = None) -> Settings:
     try:
         preference = parse_preference(router.get("preference", "balanced"))
     except LocalmoeError as exc:  # the file is at fault, not the command line: exit 1, naming the file
-        raise LocalmoeError(f"settings {p}: [router] {exc}") from None
+        raise LocalmoeError(f"settings {p}: {exc}") from None  # the message names [router] preference itself
     return Settings(
         small=tiers.get("small") or None,
         large=tiers.get("large") or None,

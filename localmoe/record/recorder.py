@@ -589,12 +589,13 @@ class Recorder:
                 )
 
     def latest_conversation_id(self) -> int | None:
-        """The most recent chat conversation of this user's own (benchmark ones are not chats; one a `serve`
-        client's request made is that program's), or None before the first question."""
+        """The chat conversation of this user's own written to last (a resumed old one counts; benchmark ones are
+        not chats; one a `serve` client's request made is that program's), or None before the first question."""
         rows = self._rows(
             "select c.id from conversations c where c.kind = 'chat' and not exists (select 1 from messages m join "
             "api_requests r on r.message_id = m.id where m.conversation_id = c.id) and not exists (select 1 from "
-            "messages m where m.conversation_id = c.id and m.status = 'context') order by c.id desc limit 1")
+            "messages m where m.conversation_id = c.id and m.status = 'context') order by (select max(m.id) from "
+            "messages m where m.conversation_id = c.id) desc nulls last, c.id desc limit 1")
         return rows[0]["id"] if rows else None
 
     def conversation_messages(self, conversation_id: int) -> list[dict[str, Any]]:

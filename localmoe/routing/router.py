@@ -615,7 +615,7 @@ def _signal_text(name: str, tier: str, raw: dict[str, float]) -> str:
     if name == "similar":
         return "similar questions it got wrong" if tier == "large" else "similar questions it got right"
     if name == "probe":
-        return "the small model unsure how to begin" if tier == "large" else "the small model sure how to begin"
+        return "a hesitant start by the small model" if tier == "large" else "a confident start by the small model"
     return _SIGNAL_TEXT[name].format(n=int(raw.get(name, 0)))
 
 
@@ -631,6 +631,6 @@ def _reason(tier: str, p: float, threshold: float, pulls: dict[str, float], raw:
             continue  # a signal the question lacks (no code, no dates) is no reason a reader would recognise
         named.append(_signal_text(name, tier, raw))
     why = " and ".join(named) if named else ("no sign of multi-step work" if tier == "small"
-                                              else "no single sign, but its wording taken together")
+                                              else "its wording as a whole (no single sign)")
     cmp = "≥" if tier == "large" else "<"
     return f"{tier} model: {why} (estimated {p:.0%} chance the small model is wrong, {cmp} threshold {threshold:.0%})"
