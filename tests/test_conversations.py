@@ -148,3 +148,21 @@ def test_the_latest_conversation_is_the_one_written_to_last(home):
         assert rec.latest_conversation_id() == newest
         exchange(rec, "And of China?", "Beijing.", cid=first)  # F2: resumed, then asked in
         assert rec.latest_conversation_id() == first
+
+
+def test_an_answer_cut_off_says_so_when_resumed_and_exported(home, tmp_path):
+    """The live stats line says "(cut off at 96 tokens)"; the resumed chat's line and the Markdown export said
+    nothing of it."""
+    from localmoe.ui.chat import recorded_note
+
+    with Recorder() as rec:
+        cid = rec.new_conversation("m", title="sky")
+        q = rec.add_message(cid, "user", "What color is the sky?")
+        a = rec.add_message(cid, "assistant", "", model="m", status="pending", reply_to=q)
+        rec.finish_message(a, "In modern times, the sky has been", "complete",
+                           {"completion_tokens": 96, "stop_reason": "length"})
+        facts = rec.answer_facts(cid)[a]
+        [answer] = [m for m in rec.conversation_messages(cid) if m["id"] == a]
+        assert "(cut off at 96 tokens)" in recorded_note(answer, facts)
+        md = rec.export_conversation(cid, tmp_path, "md").read_text()
+        assert "## m (cut off at 96 tokens)" in md, md

@@ -21,7 +21,7 @@ from textual.screen import Screen
 from textual.widgets import Header, Input, Markdown, Static
 
 from localmoe.chat.assistant import Assistant
-from localmoe.chat.display import SEPARATOR, joules_text, stats_parts, wrap_figures
+from localmoe.chat.display import SEPARATOR, ending_note, joules_text, stats_parts, wrap_figures
 from localmoe.engine import GenerationConfig, GenerationStats
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths, settings
@@ -75,6 +75,9 @@ def recorded_note(message: dict[str, Any], facts: dict[str, Any]) -> str:
         parts.append(message["status"])
     if facts.get("completion_tokens"):
         parts.append(f"{facts['completion_tokens']} tokens")
+    if message["status"] == "complete" and (note := ending_note(facts.get("stop_reason"),
+                                                                 facts.get("completion_tokens"))):
+        parts.append(note)
     if facts.get("joules") is not None:
         parts.append(joules_text(facts["joules"], bool(facts.get("measured"))))
     return " · ".join([*parts, "recorded"])

@@ -62,6 +62,15 @@ def stats_line(model: str, stats: GenerationStats | None, status: str = "complet
 SEPARATOR = " · "
 
 
+def ending_note(stop_reason: str | None, completion_tokens: int | None) -> str | None:
+    """How a complete answer ended when the model did not end it: said live, in a resumed chat and in an export."""
+    if stop_reason == "length":
+        return f"(cut off at {completion_tokens} tokens)"
+    if stop_reason == "repetition":
+        return "(stopped: it was repeating itself)"
+    return None
+
+
 def stats_parts(model: str, stats: GenerationStats | None, status: str = "complete", energy: Any = None,
                 experts: dict[str, Any] | None = None, route: Any = None) -> list[str]:
     """The figures of stats_line, one string each."""
@@ -79,10 +88,8 @@ def stats_parts(model: str, stats: GenerationStats | None, status: str = "comple
         parts.append(joules_text(energy.joules, energy.measured))
     if status != "complete":
         parts.append({"cancelled": "stopped"}.get(status, status))
-    elif stats.stop_reason == "length":
-        parts.append(f"(cut off at {stats.completion_tokens} tokens)")
-    elif stats.stop_reason == "repetition":
-        parts.append("(stopped: it was repeating itself)")
+    elif note := ending_note(stats.stop_reason, stats.completion_tokens):
+        parts.append(note)
     if route is not None:
         parts.append(f"{route.tier} tier: {route.reason}")
     return parts

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from localmoe.chat.display import ending_note
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths
 
@@ -781,9 +782,14 @@ class Recorder:
             lines = [f"# {conv['title'] or 'Conversation ' + str(conversation_id)}", "",
                      f"*{conv['model']} · started {conv['created_at'][:19].replace('T', ' ')} UTC · "
                      f"{len(messages)} messages*", ""]
+            facts = self.answer_facts(conversation_id)
             for m in messages:
                 who = {"user": "You", "assistant": m["model"] or "assistant"}.get(m["role"], m["role"])
                 note = "" if m["status"] == "complete" else f" ({m['status']})"
+                f = facts.get(m["id"], {})
+                if m["role"] == "assistant" and not note and (ending := ending_note(f.get("stop_reason"),
+                                                                                   f.get("completion_tokens"))):
+                    note = f" {ending}"
                 lines += [f"## {who}{note}", "", m["content"] or "*(no text)*", ""]
             text = "\n".join(lines)
         try:
@@ -858,11 +864,11 @@ class Recorder:
                                               "small_wrong": int(small_wrong), "source": source, "created_at": now()})
 
     def answer_facts(self, conversation_id: int) -> dict[int, dict[str, Any]]:
-        """Per answer of a conversation, what its stats line showed: completion_tokens, joules, measured, the tier
-        that answered ('pinned' for a model the user chose), and the user's rating (True good, False bad, None) —
-        for a resumed chat."""
+        """Per answer of a conversation, what its stats line showed: completion_tokens, stop_reason, joules,
+        measured, the tier that answered ('pinned' for a model the user chose), and the user's rating (True good,
+        False bad, None) — for a resumed chat."""
         rows = self._rows(
-            "select m.id, g.completion_tokens, e.joules, e.measured, "
+            "select m.id, g.completion_tokens, g.stop_reason, e.joules, e.measured, "
             # a model the user pinned is recorded as the small tier, but its answers say nothing about the router's
             "case when d.strategy = 'pinned' then 'pinned' else d.tier end as tier, "
             "(select l.small_wrong from route_labels l where l.message_id = m.id and l.source = 'thumbs' "
