@@ -264,8 +264,10 @@ def tier_model(tier: str) -> ModelRef:
         if layout.is_moe and choose_engine(layout, budget).fits and (best is None or size > best[0]):
             best = (size, ref)
     if best is None:
-        raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found); "
-                            "pass --models instead")
+        # said by the CLI and the screens alike: no flag of one of them in it
+        raise LocalmoeError("the large tier needs an installed MoE model that fits here (none found): add one "
+                            "(`localmoe models --available` lists those that fit), or benchmark a model by name "
+                            "with the direct policy")
     return best[1]
 
 
