@@ -166,3 +166,34 @@ def test_resumed_answers_are_rated_in_the_database_and_a_pinned_models_teach_not
     asyncio.run(run())
     with Recorder() as rec:
         assert [(r["prompt"], r["small_wrong"]) for r in rec.route_labels()] == [("question features", 1)]
+
+
+def test_the_list_refits_when_the_terminal_narrows(home):
+    """Opened at 120 columns and narrowed to 80, the titles were still cut for 120: the message count and joules
+    went off the screen."""
+    with Recorder() as rec:
+        for n in range(2):
+            cid = rec.new_conversation("smollm2-135m-instruct", title=f"a rather long title about question {n} " * 3)
+            rec.add_message(cid, "user", f"Question {n}?")
+    second = rec_id = None
+
+    async def run() -> None:
+        nonlocal second, rec_id
+        app = LocalmoeApp(config=GenerationConfig(max_tokens=8, temperature=0.0))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen) and app.screen.rows)
+            screen = app.screen
+            table = screen.query_one(DataTable)
+            table.move_cursor(row=1)
+            rec_id = screen.rows[1]["id"]
+            await pilot.resize_terminal(80, 24)
+            await wait_for(pilot, lambda: screen.size.width == 80)
+            await pilot.pause()
+            widths = sum(c.get_render_width(table) for c in table.columns.values())
+            assert widths <= 80, [c.get_render_width(table) for c in table.columns.values()]
+            assert str(table.get_cell_at((0, 0))).endswith("…")
+            second = screen.selected()["id"]  # the highlighted conversation stays highlighted
+
+    asyncio.run(run())
+    assert second == rec_id

@@ -66,8 +66,6 @@ class ConversationsScreen(Screen[dict[str, Any]]):
 
     def on_mount(self) -> None:
         self.title, self.sub_title = "localmoe", "conversations"
-        table = self.query_one(DataTable)
-        table.add_columns("Title", "Model", "Last message", "Msgs", "Joules")
         try:
             self.rec = Recorder()
         except LocalmoeError as exc:
@@ -99,7 +97,11 @@ class ConversationsScreen(Screen[dict[str, Any]]):
             self.notify(str(exc), severity="error", markup=False)
             return
         table = self.query_one(DataTable)
-        table.clear()
+        # the columns afresh: a column keeps the widest cell it ever held, so titles cut for a wider terminal
+        # would push the other columns off a narrower one
+        table.clear(columns=True)
+        table.add_columns("Title", "Model", "Last message", "Msgs", "Joules")
+        self._fitted = self.size.width
         width = max(12, self.size.width - FIXED_COLUMNS)
         for r in self.rows:
             title = r["title"] or f"conversation {r['id']}"
@@ -113,6 +115,11 @@ class ConversationsScreen(Screen[dict[str, Any]]):
         if not self.rows:
             self.query_one("#match", Static).update(
                 f"No conversation has a message matching {query!r}." if query else "No conversations recorded yet.")
+
+    def on_resize(self) -> None:
+        if self.size.width != getattr(self, "_fitted", None):  # titles are cut to the width: cut them anew
+            row = self.selected()
+            self.refresh_list(keep=row["id"] if row else None)
 
     def selected(self) -> dict[str, Any] | None:
         table = self.query_one(DataTable)
