@@ -827,8 +827,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if given:  # a run answered half one way and half another would compare nothing
                 raise UsageError(f"--resume {args.resume} asks the rest as the run was started; drop "
                                  f"{', '.join(given)}")
-        if args.idle is not None and args.idle < 0:
-            raise UsageError(f"--idle must be 0 or more seconds, not {args.idle:g}")
         if args.report:
             report.check_report_path(args.report)
         try:

@@ -251,10 +251,10 @@ def compare(recorder: Recorder, a: int, b: int) -> dict[str, Any]:
 
 def _unlike(ra: dict[str, Any], rb: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """What makes two runs' figures other than like for like: their differences would measure that too."""
-    notes = []
     def asked(r: dict[str, Any]) -> str:  # a file by its absolute path, however it was named
         return r["source"] if r["source"] and Path(r["source"]).is_absolute() else r["suite"]
 
+    notes = []
     if asked(ra) != asked(rb):
         notes.append(f"the runs asked different suites ({ra['suite']}, {rb['suite']})")
     counts = [f"{r['model']}/{r['policy']} {r['a']['n']} → {r['b']['n']}" for r in rows

@@ -6,7 +6,7 @@ import textwrap
 from typing import Any
 from urllib.parse import urlsplit
 
-from localmoe.engine.base import GenerationStats
+from localmoe.engine.base import GenerationStats, ending_note
 from localmoe.units import human_bytes
 
 # A remote model's id names the model, not the machine it runs on; where the answer came from is what the user
@@ -60,15 +60,6 @@ def stats_line(model: str, stats: GenerationStats | None, status: str = "complet
 
 
 SEPARATOR = " · "
-
-
-def ending_note(stop_reason: str | None, completion_tokens: int | None) -> str | None:
-    """How a complete answer ended when the model did not end it: said live, in a resumed chat and in an export."""
-    if stop_reason == "length":
-        return f"(cut off at {completion_tokens} tokens)"
-    if stop_reason == "repetition":
-        return "(stopped: it was repeating itself)"
-    return None
 
 
 def stats_parts(model: str, stats: GenerationStats | None, status: str = "complete", energy: Any = None,

@@ -54,6 +54,15 @@ class GenerationConfig:
                 "repeat_penalty": self.repeat_penalty, "max_tokens": self.max_tokens}
 
 
+def ending_note(stop_reason: str | None, completion_tokens: int | None) -> str | None:
+    """How a complete answer ended when the model did not end it: said live, in a resumed chat and in an export."""
+    if stop_reason == "length":
+        return f"(cut off at {completion_tokens} tokens)"
+    if stop_reason == "repetition":
+        return "(stopped: it was repeating itself)"
+    return None
+
+
 REPEAT_LAST_N = 64  # llama.cpp's default window for the repeat penalty
 
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from localmoe.chat.display import ending_note
+from localmoe.engine.base import ending_note
 from localmoe.errors import LocalmoeError
 from localmoe.home import paths
 
@@ -228,11 +228,14 @@ def _unspaced(ch: str) -> bool:
 def substring_words(text: str) -> list[str] | None:
     """The query's words when it has any character of an unspaced script (searched as substrings instead of
     index tokens), else None."""
-    # a combining mark (Thai vowels and tone marks, Devanagari's) belongs to its word: split there, one Thai word
-    # became single letters that match almost anything
-    words = [w for w in "".join(c if c.isalnum() or unicodedata.category(c).startswith("M") else " "
-                                for c in text).split() if w]
+    words = _query_words(text)
     return words if any(_unspaced(c) for w in words for c in w) else None
+
+
+def _query_words(text: str) -> list[str]:
+    """What a person typed, as words: letters, digits and combining marks (Thai vowels and tone marks belong to
+    their word: split there, one Thai word became letters matching almost anything); the rest separates."""
+    return "".join(c if c.isalnum() or unicodedata.category(c).startswith("M") else " " for c in text).split()
 
 
 def _like(word: str) -> str:
@@ -253,8 +256,7 @@ def _substring_snippet(content: str, words: list[str], width: int = 30) -> str:
 def fts_query(text: str) -> str:
     """What a person types, as an FTS5 query: every word must occur, each as a prefix (search as you type), and
     no character of theirs is FTS5 syntax (quotes, `-`, `:`, `*`, AND/OR/NOT are words here)."""
-    words = [w for w in "".join(c if c.isalnum() else " " for c in text).split() if w]
-    return " ".join(f'"{w}"*' for w in words)
+    return " ".join(f'"{w}"*' for w in _query_words(text))
 
 
 def now() -> str:

@@ -400,15 +400,24 @@ class Api:
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         return self._error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
+    def _admit(self, request: Request) -> None:
+        """Every check a request to the API passes first: the host it names, the page it comes from, its key."""
+        self._check_host(request)
+        self._check_origin(request)
+        self._check_key(request)
+
+    def _check_host(self, request: Request) -> None:
+        if self.host is None:  # a server with a key: the key is the check
+            return
+        named = request.headers.get("host", "")
+        if not re.fullmatch(LOOPBACK_HOSTS, named) and named.rsplit(":", 1)[0].strip("[]") != self.host:
+            raise ApiError(403, f"this server answers requests for this machine only, not for {named!r}",
+                           code="host_not_allowed")
+
     def _check_origin(self, request: Request) -> None:
         """A browser names the page's origin on every cross-site request, also on the plain `text/plain` POST it
         makes without asking first (CORS only hides the answer from the page): refused here, as Ollama refuses it,
         so no web page the user visits can spend this machine's power on questions of its own."""
-        if self.host is not None and self.api_key is None:
-            named = request.headers.get("host", "")
-            if not re.fullmatch(LOOPBACK_HOSTS, named) and named.rsplit(":", 1)[0].strip("[]") != self.host:
-                raise ApiError(403, f"this server answers requests for this machine only, not for {named!r}",
-                               code="host_not_allowed")
         origin = request.headers.get("origin")
         if origin is None or re.fullmatch(LOOPBACK_ORIGINS, origin) or "*" in self.cors_origins \
                 or origin in self.cors_origins:
@@ -417,7 +426,6 @@ class Api:
                        "`localmoe serve --cors-origin ORIGIN` allows another)", code="origin_not_allowed")
 
     def _check_key(self, request: Request) -> None:
-        self._check_origin(request)
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -459,7 +467,7 @@ class Api:
 
     async def list_models(self, request: Request) -> Response:
         try:
-            self._check_key(request)
+            self._admit(request)
         except ApiError as err:
             return self._error(err)
         return JSONResponse(model_list(await asyncio.to_thread(self.backend.model_ids)))
@@ -467,7 +475,7 @@ class Api:
     async def chat_completions(self, request: Request) -> Response:
         req: ChatRequest | None = None
         try:
-            self._check_key(request)
+            self._admit(request)
             req = parse_chat_request(await self._json(request))
             if req.model not in await asyncio.to_thread(self.backend.model_ids):
                 raise ApiError(404, f"the model {req.model!r} does not exist here (see /v1/models)", param="model",
